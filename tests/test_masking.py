@@ -1,0 +1,173 @@
+"""mask_heads / export_masked_model against an independent reference: a deep copy whose o_proj input columns
+of the masked heads are zeroed by hand (the paper's ablation)."""
+
+import copy
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from tests.tiny import TINY_ARCHS, make_tiny_model
+from trl_retmask import export_masked_model, head_layout, mask_heads, validate_heads
+from trl_retmask.masking import attention_modules
+
+HEADS = [(0, 1), (1, 0), (1, 3), (2, 2)]  # 4 query heads per layer over 2 KV heads: masks both heads of a KV group
+
+
+def zeroed_copy(model, heads):
+    ref = copy.deepcopy(model)
+    _, _, head_dim = head_layout(ref)
+    with torch.no_grad():
+        for layer, head in heads:
+            ref.model.layers[layer].self_attn.o_proj.weight[:, head * head_dim:(head + 1) * head_dim] = 0
+    return ref
+
+
+def ids(batch=2, length=12, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, 120, (batch, length), generator=g)
+
+
+@pytest.mark.parametrize("arch", TINY_ARCHS)
+def test_mask_matches_zeroed_columns_and_restores(arch, tmp_path):
+    model = make_tiny_model(arch)
+    ref = zeroed_copy(model, HEADS)
+    x = ids()
+    with torch.no_grad():
+        before = model(x).logits
+        with mask_heads(model, HEADS):
+            masked = model(x).logits
+        after = model(x).logits
+        expected = ref(x).logits
+    assert (masked - expected).abs().max().item() <= 1e-5
+    assert (masked - before).abs().max().item() > 1e-3  # the mask does something
+    assert torch.equal(after, before)
+
+    export_masked_model(model, HEADS, tmp_path / "masked")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "masked", dtype=torch.float32).eval()
+    with torch.no_grad():
+        assert (reloaded(x).logits - expected).abs().max().item() <= 1e-5
+        assert torch.equal(model(x).logits, before)  # export restored the live weights
+
+
+@pytest.mark.parametrize("arch", TINY_ARCHS)
+def test_greedy_generate_with_kv_cache(arch):
+    model = make_tiny_model(arch)
+    ref = zeroed_copy(model, HEADS)
+    x = ids(batch=1, length=8)
+    kw = dict(max_new_tokens=12, do_sample=False, use_cache=True, pad_token_id=0)
+    plain = copy.deepcopy(model).generate(x, **kw)
+    with mask_heads(model, HEADS):
+        out = model.generate(x, **kw)
+    assert torch.equal(out, ref.generate(x, **kw))
+    assert torch.equal(model.generate(x, **kw), plain)  # unmasked again after exit
+
+
+def test_eager_and_sdpa_agree():
+    x = ids()
+    outs = []
+    for impl in ("eager", "sdpa"):
+        model = make_tiny_model("llama", attn_implementation=impl)
+        with torch.no_grad(), mask_heads(model, HEADS):
+            outs.append(model(x).logits)
+    assert (outs[0] - outs[1]).abs().max().item() <= 1e-5
+
+
+def test_kv_heads_untouched_and_other_heads_unchanged():
+    """Masking query head h leaves every other head's output (the o_proj input slices) bit-identical."""
+    model = make_tiny_model("qwen3")
+    _, num_heads, head_dim = head_layout(model)
+    seen = {}
+    o_proj = attention_modules(model)[1].o_proj
+    handle = o_proj.register_forward_hook(lambda m, a, o: seen.__setitem__(len(seen), a[0].detach().clone()))
+    with torch.no_grad():
+        model(ids())
+        with mask_heads(model, [(1, 2)]):
+            model(ids())
+    handle.remove()
+    plain, masked = seen[0], seen[1]
+    for h in range(num_heads):
+        sl = slice(h * head_dim, (h + 1) * head_dim)
+        if h == 2:
+            assert masked[..., sl].abs().max() == 0 and plain[..., sl].abs().max() > 0
+        else:
+            assert torch.equal(masked[..., sl], plain[..., sl])
+
+
+def test_restores_on_exception_and_adds_no_parameters():
+    model = make_tiny_model("llama")
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    n_params, n_buffers = sum(p.numel() for p in model.parameters()), sum(b.numel() for b in model.buffers())
+    x = ids()
+    with torch.no_grad():
+        before = model(x).logits
+    with pytest.raises(RuntimeError, match="boom"):
+        with mask_heads(model, HEADS):
+            assert sum(p.numel() for p in model.parameters()) == n_params
+            assert sum(b.numel() for b in model.buffers()) == n_buffers
+            raise RuntimeError("boom")
+    assert all(not m._forward_pre_hooks for m in model.modules())
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    with torch.no_grad():
+        assert torch.equal(model(x).logits, before)
+
+
+def test_gradients_flow_and_match_zeroed_copy():
+    model = make_tiny_model("mistral").train()
+    ref = zeroed_copy(model, HEADS).train()
+    x = ids()
+    with mask_heads(model, HEADS):
+        model(x, labels=x).loss.backward()
+    ref(x, labels=x).loss.backward()
+    q = model.model.layers[1].self_attn.q_proj.weight.grad
+    assert (q - ref.model.layers[1].self_attn.q_proj.weight.grad).abs().max() <= 1e-5
+    # the masked heads receive no gradient through o_proj: their q rows get exactly zero
+    _, _, d = head_layout(model)
+    assert q[0:d].abs().max() == 0 and q[3 * d:4 * d].abs().max() == 0 and q[d:2 * d].abs().max() > 0
+
+
+@pytest.mark.parametrize("target_modules", [["o_proj"], ["q_proj", "v_proj"]])
+def test_peft_lora(target_modules):
+    from peft import LoraConfig, get_peft_model
+
+    base = make_tiny_model("llama")
+    peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=target_modules, init_lora_weights=False))
+    x = ids()
+    # reference: merge the (non-trivial) adapter into a copy, then zero the columns of the merged o_proj
+    merged = copy.deepcopy(peft_model).merge_and_unload()
+    ref = zeroed_copy(merged, HEADS)
+    with torch.no_grad():
+        before = peft_model(x).logits
+        with mask_heads(peft_model, HEADS):
+            masked = peft_model(x).logits
+        assert (masked - ref(x).logits).abs().max().item() <= 1e-5
+        assert torch.equal(peft_model(x).logits, before)
+    # with gradients: adapter weights get gradients under the mask
+    peft_model.train()
+    with mask_heads(peft_model, HEADS):
+        peft_model(x, labels=x).loss.backward()
+    grads = [p.grad for n, p in peft_model.named_parameters() if "lora_" in n]
+    assert grads and all(g is not None for g in grads)
+    with pytest.raises(ValueError, match="merge the adapter"):
+        export_masked_model(peft_model, HEADS, "/nonexistent")
+
+
+def test_bad_heads_raise_before_model_work():
+    model = make_tiny_model("llama")
+    with pytest.raises(ValueError, match="out of range"):
+        with mask_heads(model, [(3, 0)]):
+            pass
+    with pytest.raises(ValueError, match="out of range"):
+        validate_heads(model, [(0, 4)])
+    with pytest.raises(ValueError, match="Malformed head key"):
+        validate_heads(model, ["zero-one"])
+    assert validate_heads(model, ["2-1", (0, 3), [0, 3]]) == [(0, 3), (2, 1)]
+
+
+def test_unsupported_architecture_is_a_clear_error():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=2, n_embd=16, vocab_size=50))
+    with pytest.raises(ValueError, match="Cannot mask heads of GPT2LMHeadModel"):
+        with mask_heads(gpt2, [(0, 0)]):
+            pass

@@ -1,0 +1,157 @@
+"""Masking retrieval heads: a switch on the policy itself, not a second model.
+
+A query head's output enters the attention output projection (`o_proj`) as one contiguous slice of
+`head_dim` input features. Zeroing that slice is exactly what zeroing the head's input columns of `o_proj`
+does (the paper's ablation), so `mask_heads` registers a forward pre-hook on each affected `o_proj` that zeroes
+those features. See docs/design.md for why hooks rather than a custom attention function.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+SUPPORTED = "Llama, Qwen2, Qwen3, Mistral, OLMo2/OLMo3, Gemma/Gemma2/Gemma3, Phi3 and other decoders whose attention " \
+            "modules have an `o_proj` output projection and a `layer_idx`"
+
+
+def _config_of(model_or_config):
+    config = getattr(model_or_config, "config", model_or_config)
+    get_text = getattr(config, "get_text_config", None)
+    return get_text(decoder=True) if callable(get_text) else config
+
+
+def head_layout(model_or_config) -> tuple[int, int, int]:
+    """(num_layers, num_query_heads, head_dim) of a model or config."""
+    config = _config_of(model_or_config)
+    try:
+        num_layers, num_heads = int(config.num_hidden_layers), int(config.num_attention_heads)
+    except AttributeError as e:
+        raise ValueError(f"{type(config).__name__} has no num_hidden_layers/num_attention_heads: cannot locate "
+                         f"attention heads. Supported: {SUPPORTED}.") from e
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // num_heads
+    return num_layers, num_heads, int(head_dim)
+
+
+def validate_heads(model_or_config, heads: Iterable) -> list[tuple[int, int]]:
+    """Normalise heads to a sorted list of (layer, head) ints; ValueError if any lies outside the model."""
+    from .scores import _parse_key
+
+    num_layers, num_heads, _ = head_layout(model_or_config)
+    out = sorted({_parse_key(tuple(h) if isinstance(h, list) else h) for h in heads})
+    bad = [(l, h) for l, h in out if not (0 <= l < num_layers and 0 <= h < num_heads)]
+    if bad:
+        raise ValueError(f"Heads {bad[:8]} are out of range: the model has layers 0..{num_layers - 1} and query heads "
+                         f"0..{num_heads - 1}. Check that the head scores belong to this model.")
+    return out
+
+
+def attention_modules(model: nn.Module) -> dict[int, nn.Module]:
+    """Decoder attention modules by layer index (PEFT wrappers included); ValueError if none can be masked."""
+    found: dict[int, nn.Module] = {}
+    for module in model.modules():
+        o_proj, layer_idx = getattr(module, "o_proj", None), getattr(module, "layer_idx", None)
+        if isinstance(o_proj, nn.Module) and isinstance(layer_idx, int):
+            found.setdefault(layer_idx, module)
+    if not found:
+        raise ValueError(f"Cannot mask heads of {type(model).__name__}: it has no attention module with an `o_proj` "
+                         f"output projection and a `layer_idx`. Supported: {SUPPORTED}.")
+    return found
+
+
+def _in_features(o_proj: nn.Module) -> int:
+    for m in (o_proj, getattr(o_proj, "base_layer", None)):
+        if m is not None and isinstance(getattr(m, "in_features", None), int):
+            return m.in_features
+    weight = getattr(o_proj, "weight", None)
+    if weight is None:
+        raise ValueError(f"Cannot read the input width of {type(o_proj).__name__}; supported: {SUPPORTED}.")
+    return weight.shape[1]
+
+
+def _targets(model: nn.Module, heads) -> dict[nn.Module, torch.Tensor]:
+    """For each affected o_proj, a boolean vector over its input features: True where a masked head writes."""
+    heads = validate_heads(model, heads)
+    num_layers, num_heads, head_dim = head_layout(model)
+    modules = attention_modules(model)
+    targets = {}
+    for layer in sorted({l for l, _ in heads}):
+        if layer not in modules:
+            raise ValueError(f"Layer {layer} has no maskable attention module (found layers {sorted(modules)[:5]}...).")
+        o_proj = modules[layer].o_proj
+        width = _in_features(o_proj)
+        if width != num_heads * head_dim:
+            raise ValueError(f"{type(modules[layer]).__name__}.o_proj takes {width} features, not num_heads x head_dim "
+                             f"= {num_heads} x {head_dim}: its heads cannot be masked by slicing.")
+        drop = torch.zeros(width, dtype=torch.bool)
+        for l, h in heads:
+            if l == layer:
+                drop[h * head_dim:(h + 1) * head_dim] = True
+        targets[o_proj] = drop
+    return targets
+
+
+@contextlib.contextmanager
+def mask_heads(model: nn.Module, heads: Iterable):
+    """Zero the outputs of `heads` ((layer, head) pairs) before the attention output projection, inside the block.
+
+    Adds no parameters and touches no weights: forward pre-hooks on `o_proj` zero the heads' input slices, and
+    are removed on exit (also on an exception). Works with any attention implementation, GQA/MQA (query heads are
+    masked; shared KV heads are untouched), generate() and the KV cache, gradients, and PEFT (a hook on a LoRA
+    `o_proj` zeroes the input of both the base and the adapter branch, i.e. of the merged projection).
+    """
+    targets = _targets(model, heads)
+    handles = []
+
+    def make_hook(drop: torch.Tensor):
+        cache: dict = {}
+
+        def hook(module, args):
+            x = args[0]
+            mask = cache.get(x.device)
+            if mask is None:
+                mask = cache[x.device] = drop.to(x.device)
+            return (x.masked_fill(mask, 0),) + tuple(args[1:])
+
+        return hook
+
+    try:
+        for o_proj, drop in targets.items():
+            handles.append(o_proj.register_forward_pre_hook(make_hook(drop)))
+        yield model
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@torch.no_grad()
+def export_masked_model(model: nn.Module, heads: Iterable, save_dir, tokenizer=None, **save_kwargs) -> Path:
+    """Write a standard checkpoint with `heads`' input columns of `o_proj` zeroed, for weight-only tools (vLLM...).
+
+    The columns are zeroed in place, saved, and restored, so no second copy of the model is made.
+    """
+    if hasattr(model, "peft_config"):
+        raise ValueError("export_masked_model needs plain weights: merge the adapter first "
+                         "(model = model.merge_and_unload()).")
+    targets = _targets(model, heads)
+    save_dir = Path(save_dir)
+    saved = []
+    try:
+        for o_proj, drop in targets.items():
+            cols = drop.nonzero().squeeze(1).to(o_proj.weight.device)
+            saved.append((o_proj.weight, cols, o_proj.weight[:, cols].clone()))
+            o_proj.weight[:, cols] = 0
+        model.save_pretrained(save_dir, **save_kwargs)
+    finally:
+        for weight, cols, values in saved:
+            weight[:, cols] = values
+    if tokenizer is not None:
+        tokenizer.save_pretrained(save_dir)
+    (save_dir / "retmask_masked_heads.json").write_text(
+        json.dumps({"masked_heads": [f"{l}-{h}" for l, h in validate_heads(model, heads)]}, indent=1))
+    return save_dir
