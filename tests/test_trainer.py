@@ -1,0 +1,274 @@
+"""RetMaskTrainer: pairs from prompts, ordinary DPO on them, reference = initial policy, PEFT, cache, saving."""
+
+import copy
+import json
+import math
+import warnings
+
+import pytest
+import torch
+from datasets import Dataset
+
+from tests.test_pairs import HEADS, CountingGenerate, independent
+from tests.tiny import make_tiny_model
+from trl_retmask import HeadScores
+from trl_retmask.config import RetMaskConfig
+from trl_retmask.trainer import RetMaskTrainer
+
+PROMPTS = ["the secret number is", "tell me a story about the sea", "how many boys went to school ?", "the man said"]
+SCORES = HeadScores({"0-1": [0.9, 0.7], "1-2": [0.5], "2-0": [0.3], "0-0": [0.01], "2-3": [0.02]},
+                    num_layers=3, num_heads=4)
+
+
+def config(tmp_path, **kw):
+    base = dict(max_steps=4, per_device_train_batch_size=2, temperature=0.0, max_new_tokens=6, report_to="none",
+                logging_steps=1, learning_rate=2e-3, save_strategy="no", disable_tqdm=True, bf16=False,
+                activation_checkpointing=False, seed=0)
+    return RetMaskConfig(str(tmp_path / "out"), **{**base, **kw})
+
+
+def prompts(items=PROMPTS):
+    return Dataset.from_dict({"prompt": list(items)})
+
+
+def test_training_lowers_loss_reference_is_initial_policy_and_card(tiny_tokenizer, tmp_path):
+    model = make_tiny_model("llama")
+    initial = {k: v.clone() for k, v in model.state_dict().items()}
+    trainer = RetMaskTrainer(model=model, args=config(tmp_path), train_dataset=prompts(),
+                             processing_class=tiny_tokenizer, head_scores=SCORES)
+    assert trainer.masked_heads == SCORES.select(threshold=0.1) == HEADS
+    trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert len(losses) == 4 and losses[0] == pytest.approx(math.log(2), abs=1e-4)  # policy == reference at step 0
+    assert losses[-1] < losses[0] - 0.05
+
+    # Reference: a separate, unmasked model holding the initial weights; the policy moved away from them.
+    ref = trainer.ref_model
+    assert ref is not None and ref is not trainer.model
+    for k, v in ref.state_dict().items():
+        torch.testing.assert_close(v, initial[k], rtol=0, atol=0)
+    assert not any(m._forward_pre_hooks for m in ref.modules())
+    assert any(not torch.equal(v, initial[k]) for k, v in trainer.model.state_dict().items())
+
+    # Pair statistics reached the loggers (log history is what every reporting callback receives).
+    pair_logs = next(h for h in trainer.state.log_history if "pairs/train/kept" in h)
+    stats = trainer.pair_stats["train"]
+    assert pair_logs["pairs/train/kept"] == stats.kept == len(trainer.train_dataset)
+    assert pair_logs["pairs/train/dropped_identical"] == stats.dropped_identical
+
+    # Saving writes TRL's card plus the RetMask section, the head-score file and retmask.json.
+    save_dir = tmp_path / "saved"
+    trainer.save_model(str(save_dir))
+    card = (save_dir / "README.md").read_text()
+    assert "## RetMask" in card and "TRL" in card and "2601.11020" in card
+    for (layer, head), score in zip(HEADS, (0.8, 0.5, 0.3)):
+        assert f"| {layer} | {head} | {score:.4f} |" in card
+    assert f"| kept | {stats.kept} |" in card and f"| dropped_identical | {stats.dropped_identical} |" in card
+    assert HeadScores.load(save_dir / "retmask_head_scores.json").scores == SCORES.scores
+    info = json.loads((save_dir / "retmask.json").read_text())
+    assert info["masked_heads"] == [list(h) for h in HEADS]
+    assert info["pair_stats"]["train"]["kept"] == stats.kept
+    assert (tmp_path / "out" / "README.md").read_text().count("## RetMask") == 1
+
+
+def test_peft_trains_adapter_and_keeps_base_weights(tiny_tokenizer, tmp_path):
+    from peft import LoraConfig
+
+    model = make_tiny_model("llama")
+    initial = {k: v.clone() for k, v in model.state_dict().items()}
+    trainer = RetMaskTrainer(model=model, args=config(tmp_path, max_steps=3), train_dataset=prompts(),
+                             processing_class=tiny_tokenizer, head_scores=SCORES,
+                             peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "o_proj"]))
+    assert trainer.ref_model is None  # the adapter-disabled base is the reference, no copy
+    lora_before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if "lora_" in n}
+    trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert losses[-1] < losses[0]
+    base = trainer.model.get_base_model()
+    for name, param in base.named_parameters():
+        if "lora_" not in name:
+            key = name.replace(".base_layer", "")
+            torch.testing.assert_close(param.detach(), initial[key], rtol=0, atol=0)
+    after = dict(trainer.model.named_parameters())
+    assert any(not torch.equal(after[n], v) for n, v in lora_before.items())
+
+
+def test_second_trainer_reuses_cached_pairs_and_heads_change_regenerates(tiny_tokenizer, tmp_path):
+    def build(**kw):
+        model = make_tiny_model("llama")
+        counter = CountingGenerate(model)
+        trainer = RetMaskTrainer(model=model, args=config(tmp_path, **kw), train_dataset=prompts(),
+                                 processing_class=tiny_tokenizer, head_scores=SCORES)
+        return trainer, counter.calls
+
+    first, calls = build()
+    assert calls == 2  # one batch: chosen + rejected
+    second, calls = build()
+    assert calls == 0, "same weights, heads, settings and prompts: no generation"
+    assert second.train_dataset["chosen"] == first.train_dataset["chosen"]
+    assert second.pair_stats["train"].batches_from_cache == 1
+    _, calls = build(mask_top_k=1)
+    assert calls == 2, "other heads must regenerate"
+    _, calls = build(max_new_tokens=5)
+    assert calls == 2, "other generation settings must regenerate"
+
+
+def test_conversational_prompts_and_eval_dataset(tiny_tokenizer, tmp_path):
+    model = make_tiny_model("llama")
+    chats = Dataset.from_dict({"prompt": [[{"role": "user", "content": p}] for p in PROMPTS]})
+    expected = {p: (independent(model, tiny_tokenizer, [{"role": "user", "content": p}]),
+                    independent(model, tiny_tokenizer, [{"role": "user", "content": p}], HEADS)) for p in PROMPTS}
+    trainer = RetMaskTrainer(model=model, args=config(tmp_path, max_steps=1, per_device_eval_batch_size=2),
+                             train_dataset=chats, eval_dataset=prompts(PROMPTS[::-1]),
+                             processing_class=tiny_tokenizer, head_scores=SCORES)
+    assert set(trainer.pair_stats) == {"train", "eval"}
+    for row in trainer.train_dataset:
+        assert row["chosen"] == [{"role": "assistant", "content": expected[row["prompt"][0]["content"]][0]}]
+        assert row["rejected"] == [{"role": "assistant", "content": expected[row["prompt"][0]["content"]][1]}]
+    eval_rows = trainer.eval_dataset
+    assert len(eval_rows) == trainer.pair_stats["eval"].kept > 0
+    for row in eval_rows:
+        assert row["chosen"] == independent(model, tiny_tokenizer, row["prompt"]) + tiny_tokenizer.eos_token
+    metrics = trainer.evaluate()
+    assert math.isfinite(metrics["eval_loss"])
+
+
+def test_preference_dataset_passes_through_unchanged(tiny_tokenizer, tmp_path):
+    from trl import DPOConfig, DPOTrainer
+
+    prefs = Dataset.from_dict({"prompt": ["the man said", "where is the water"], "chosen": ["yes .", "here"],
+                               "rejected": ["no", "sea sea"]})
+    model = make_tiny_model("llama")
+    counter = CountingGenerate(model)
+    trainer = RetMaskTrainer(model=model, args=config(tmp_path), train_dataset=prefs,
+                             processing_class=tiny_tokenizer, head_scores=SCORES)
+    assert counter.calls == 0 and trainer.pair_stats == {}
+    plain = DPOTrainer(model=make_tiny_model("llama"), ref_model=make_tiny_model("llama"),
+                       args=DPOConfig(str(tmp_path / "plain"), report_to="none", bf16=False), train_dataset=prefs,
+                       processing_class=tiny_tokenizer)
+    assert trainer.train_dataset.to_dict() == plain.train_dataset.to_dict()
+
+
+def test_head_sources_and_strategies(tiny_tokenizer, tmp_path):
+    path = SCORES.save(tmp_path / "scores.json")
+    prefs = Dataset.from_dict({"prompt": ["a"], "chosen": ["the"], "rejected": ["sea"]})
+    t = RetMaskTrainer(model=make_tiny_model("llama"), args=config(tmp_path, head_scores=str(path), mask_top_k=2),
+                       train_dataset=prefs, processing_class=tiny_tokenizer)
+    assert t.masked_heads == [(0, 1), (1, 2)]
+    t = RetMaskTrainer(model=make_tiny_model("llama"), args=config(tmp_path, mask_strategy="random_non_retrieval"),
+                       train_dataset=prefs, processing_class=tiny_tokenizer, head_scores=SCORES)
+    assert len(t.masked_heads) == 3 and not set(t.masked_heads) & set(HEADS)
+    assert t.masked_heads == SCORES.select(threshold=0.1, strategy="random_non_retrieval", seed=0)
+
+
+def test_model_given_as_path(tiny_tokenizer, tmp_path):
+    model = make_tiny_model("llama")
+    model.save_pretrained(tmp_path / "m")
+    tiny_tokenizer.save_pretrained(tmp_path / "m")
+    t = RetMaskTrainer(model=str(tmp_path / "m"), args=config(tmp_path, max_new_tokens=4), train_dataset=prompts(),
+                       head_scores=SCORES)
+    for k, v in t.ref_model.state_dict().items():
+        torch.testing.assert_close(v, model.state_dict()[k], rtol=0, atol=0)
+    row = t.train_dataset[0]
+    assert row["rejected"] == independent(model, tiny_tokenizer, row["prompt"], HEADS, max_new_tokens=4) + "</s>"
+
+
+def test_clear_errors_before_generation(tiny_tokenizer, tmp_path):
+    model = make_tiny_model("llama")
+    counter = CountingGenerate(model)
+    wrong = HeadScores({"5-1": [0.9]}, num_layers=30, num_heads=9)
+    with pytest.raises(ValueError, match="another model"):
+        RetMaskTrainer(model=model, args=config(tmp_path), train_dataset=prompts(), processing_class=tiny_tokenizer,
+                       head_scores=wrong)
+    with pytest.raises(ValueError, match="twice"):
+        RetMaskTrainer(model=model, args=config(tmp_path, head_scores="x.json"), train_dataset=prompts(),
+                       processing_class=tiny_tokenizer, head_scores=SCORES)
+    with pytest.raises(ValueError, match="No head scores given"):
+        RetMaskTrainer(model=model, args=config(tmp_path), train_dataset=prompts(), processing_class=tiny_tokenizer)
+    with pytest.raises(TypeError, match="RetMaskConfig"):
+        from trl import DPOConfig
+
+        RetMaskTrainer(model=model, args=DPOConfig(str(tmp_path), bf16=False), train_dataset=prompts(),
+                       processing_class=tiny_tokenizer, head_scores=SCORES)
+    assert counter.calls == 0
+    with pytest.raises(ValueError, match="mask_strategy"):
+        config(tmp_path, mask_strategy="best")
+    with pytest.raises(ValueError, match="temperature"):
+        config(tmp_path, temperature=-1.0)
+
+
+def test_all_pairs_dropped_is_an_error(tiny_tokenizer, tmp_path):
+    model = make_tiny_model("llama")
+    # With one new token, masking these heads leaves this model's answer unchanged: every pair is identical.
+    one = independent(model, tiny_tokenizer, "the man said", max_new_tokens=1)
+    assert one == independent(model, tiny_tokenizer, "the man said", [(2, 3)], max_new_tokens=1)
+    scores = HeadScores({"2-3": [0.9]}, num_layers=3, num_heads=4)
+    with pytest.raises(ValueError, match="dropped"):
+        RetMaskTrainer(model=model, args=config(tmp_path, max_new_tokens=1), train_dataset=prompts(["the man said"]),
+                       processing_class=tiny_tokenizer, head_scores=scores)
+
+
+def test_cpu_defaults_and_liger(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("CPU policy")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        args = RetMaskConfig(str(tmp_path), report_to="none")
+    assert args.bf16 is False and args.gradient_checkpointing is False
+    assert any("No GPU found" in str(w.message) for w in caught)
+    with pytest.warns(UserWarning, match="10x slower"):
+        args = RetMaskConfig(str(tmp_path), report_to="none", activation_checkpointing=True)
+    assert args.gradient_checkpointing is True and args.bf16 is False
+    with pytest.raises(ValueError, match="use_liger_kernel"):
+        RetMaskConfig(str(tmp_path), report_to="none", use_liger_kernel=True)
+
+
+@pytest.mark.real_model
+def test_real_model_one_step_with_bundled_scores(smollm2, tmp_path):
+    """No head scores passed: the file bundled for the policy's own name (SmolLM2-135M-Instruct) is used."""
+    model, tokenizer = smollm2
+    model = copy.deepcopy(model)
+    chats = Dataset.from_dict({"prompt": [[{"role": "user", "content": "What is the capital of France?"}],
+                                          [{"role": "user", "content": "Name a colour of the sky."}]]})
+    args = config(tmp_path, max_steps=1, max_new_tokens=4, temperature=0.6, mask_top_k=20, learning_rate=1e-6,
+                  cache_pairs=False, max_length=64)
+    trainer = RetMaskTrainer(model=model, args=args, train_dataset=chats, processing_class=tokenizer)
+    assert trainer.masked_heads == HeadScores.from_pretrained("SmolLM2-135M-Instruct").select(top_k=20)
+    trainer.train()
+    assert math.isfinite(next(h["loss"] for h in trainer.state.log_history if "loss" in h))
+
+
+def test_online_mode_regenerates_pairs_from_the_current_policy(tiny_tokenizer, tmp_path):
+    from transformers import TrainerCallback
+
+    snapshots = {}
+
+    class Snapshot(TrainerCallback):  # runs before the trainer's own regeneration callback
+        def on_step_end(self, args, state, control, model=None, **kw):
+            snapshots[state.global_step] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    model = make_tiny_model("llama")
+    counter = CountingGenerate(model)
+    trainer = RetMaskTrainer(model=model, args=config(tmp_path, regenerate_pairs_steps=2, learning_rate=2e-2),
+                             train_dataset=prompts(), processing_class=tiny_tokenizer, head_scores=SCORES,
+                             callbacks=[Snapshot()])
+    initial_chosen = list(trainer.train_dataset.current["chosen"])
+    assert counter.calls == 2
+    trainer.train()
+    assert counter.calls == 4, "one regeneration, at step 2 (none after the last step)"
+    assert [h["step"] for h in trainer.pair_stats_history] == [2]
+
+    # The regenerated pairs are exactly what the policy at step 2 generates, with and without the mask.
+    policy = make_tiny_model("llama")
+    policy.load_state_dict(snapshots[2])
+    current = trainer.train_dataset.current
+    assert len(current) == trainer.pair_stats["train"].kept
+    for row in current:
+        assert row["chosen"] == independent(policy, tiny_tokenizer, row["prompt"]) + "</s>"
+        assert row["rejected"] == independent(policy, tiny_tokenizer, row["prompt"], HEADS) + "</s>"
+    assert list(current["chosen"]) != initial_chosen, "the policy moved, so its answers (and the pairs) changed"
+    assert any("pairs/train/kept" in h and h.get("step") == 2 for h in trainer.state.log_history)
+    with pytest.raises(ValueError, match="prompt-only"):
+        RetMaskTrainer(model=make_tiny_model("llama"), args=config(tmp_path, regenerate_pairs_each_epoch=True),
+                       train_dataset=Dataset.from_dict({"prompt": ["a"], "chosen": ["b"], "rejected": ["c"]}),
+                       processing_class=tiny_tokenizer, head_scores=SCORES)

@@ -1,0 +1,100 @@
+"""The RetMask part of a trained model's card, and the files saved beside the weights, so a pushed model says how
+it was made: which heads were masked (with their scores), how they were selected, and what the pairs looked like."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+from pathlib import Path
+
+HEAD_SCORES_FILE = "retmask_head_scores.json"
+"""Retrieval scores of the policy, saved beside the weights (the `{"LAYER-HEAD": [...]}` format)."""
+RETMASK_FILE = "retmask.json"
+"""Masked heads, selection settings, generation settings and pair statistics, machine-readable."""
+SECTION_START = "<!-- retmask:start -->"
+SECTION_END = "<!-- retmask:end -->"
+
+PAPER = {
+    "title": "From Interpretability to Performance: Optimizing Retrieval Heads for Long-Context Language Models",
+    "id": "2601.11020",
+    "citation": textwrap.dedent("""\
+        @inproceedings{ma2026retmask,
+            title         = {{From Interpretability to Performance: Optimizing Retrieval Heads for Long-Context Language Models}},
+            author        = {Ma and Okazaki},
+            year          = 2026,
+            booktitle     = {Findings of the Association for Computational Linguistics: ACL 2026},
+            eprint        = {2601.11020},
+            archivePrefix = {arXiv},
+        }"""),
+}
+DPO_CITATION = textwrap.dedent("""\
+    @inproceedings{rafailov2023direct,
+        title        = {{Direct Preference Optimization: Your Language Model is Secretly a Reward Model}},
+        author       = {Rafael Rafailov and Archit Sharma and Eric Mitchell and Christopher D. Manning and Stefano Ermon and Chelsea Finn},
+        year         = 2023,
+        booktitle    = {Advances in Neural Information Processing Systems 36},
+    }""")
+
+
+def _fmt(v) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def retmask_section(info: dict) -> str:
+    """Markdown for the card from the `retmask.json` content (see `RetMaskTrainer.retmask_info`)."""
+    lines = [SECTION_START, "## RetMask", ""]
+    lines.append(
+        "This model was trained with RetMask: DPO that prefers the model's own responses (chosen) over those of the "
+        "same model with its retrieval heads masked (rejected; the heads' outputs are zeroed before `o_proj`)."
+    )
+    lines += ["", "### Masked heads", ""]
+    sel = info.get("selection", {})
+    lines.append(
+        f"{len(info['masked_heads'])} heads, selected with strategy `{sel.get('strategy')}`, threshold "
+        f"`{sel.get('threshold')}`, top-k `{sel.get('top_k')}`, seed `{sel.get('seed')}`"
+        f"{' from `' + str(sel['source']) + '`' if sel.get('source') else ''}. Scores are mean retrieval scores; "
+        f"the full score file is `{HEAD_SCORES_FILE}`."
+    )
+    lines += ["", "| layer | head | retrieval score |", "|---:|---:|---:|"]
+    scores = info.get("head_scores", {})
+    for layer, head in info["masked_heads"]:
+        s = scores.get(f"{layer}-{head}")
+        lines.append(f"| {layer} | {head} | {'' if s is None else f'{s:.4f}'} |")
+    if info.get("sparsity"):
+        lines += ["", "### Sparsity of the retrieval scores", "", "| statistic | value |", "|---|---:|"]
+        lines += [f"| {k} | {_fmt(v)} |" for k, v in info["sparsity"].items()]
+    if info.get("generation"):
+        lines += ["", "### Pair generation", "", "| setting | value |", "|---|---:|"]
+        lines += [f"| {k} | {_fmt(v)} |" for k, v in info["generation"].items()]
+    for split, stats in (info.get("pair_stats") or {}).items():
+        lines += ["", f"### Pair statistics ({split})", "", "| statistic | value |", "|---|---:|"]
+        lines += [f"| {k} | {_fmt(v)} |" for k, v in stats.items()]
+    lines += ["", "### Citation", "",
+              f"RetMask: [{PAPER['title']}](https://arxiv.org/abs/{PAPER['id']}) (Ma & Okazaki, ACL 2026 Findings; "
+              "BibTeX under Citations). It trains with DPO; cite DPO as:", "", "```bibtex", DPO_CITATION, "```",
+              SECTION_END, ""]
+    return "\n".join(lines)
+
+
+def add_retmask_section(card_text: str, info: dict) -> str:
+    """Insert (or replace) the RetMask section before the card's `## Citations`, else at the end."""
+    section = retmask_section(info)
+    if SECTION_START in card_text and SECTION_END in card_text:
+        head, rest = card_text.split(SECTION_START, 1)
+        return head + section + rest.split(SECTION_END, 1)[1].lstrip("\n")
+    if "\n## Citations" in card_text:
+        head, rest = card_text.split("\n## Citations", 1)
+        return head + "\n" + section + "\n## Citations" + rest
+    return card_text.rstrip("\n") + "\n\n" + section
+
+
+def write_retmask_files(save_dir, info: dict, head_scores=None) -> None:
+    """Write `retmask.json`, the head-score file, and the RetMask section into `README.md` of `save_dir`."""
+    save_dir = Path(save_dir)
+    save_dir.mkdir(parents=True, exist_ok=True)
+    (save_dir / RETMASK_FILE).write_text(json.dumps(info, indent=2, default=str))
+    if head_scores is not None:
+        head_scores.save(save_dir / HEAD_SCORES_FILE)
+    readme = save_dir / "README.md"
+    card = readme.read_text() if readme.is_file() else ""
+    readme.write_text(add_retmask_section(card, info))
