@@ -1,0 +1,64 @@
+"""Run recipes/smollm2.py under `accelerate launch` and record, per process, what it generated and trained on.
+
+Used by tests/test_distributed.py: `accelerate launch --num_processes 2 --cpu tests/distributed_driver.py REPORT_DIR
+<recipe arguments>`. Each rank writes REPORT_DIR/rank<k>.json with the prompts its own `generate` calls received,
+the full preference dataset it trains on, and its training results.
+"""
+
+import json
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import transformers  # noqa: E402
+
+import trl_retmask.recipe as recipe  # noqa: E402
+from tests.recipe_utils import load_recipe  # noqa: E402
+
+report_dir = Path(sys.argv[1])
+argv = sys.argv[2:]
+rank = int(os.environ.get("RANK", "0"))
+record = {"rank": rank, "world_size": int(os.environ.get("WORLD_SIZE", "1")), "generated_prompts": []}
+
+_generate = transformers.GenerationMixin.generate
+
+
+def counting_generate(self, *args, **kwargs):
+    """Record the (unpadded) prompts of every generate call made by this process."""
+    input_ids, mask = kwargs["input_ids"], kwargs.get("attention_mask")
+    tokenizer = counting_generate.tokenizer
+    for i in range(input_ids.shape[0]):
+        ids = input_ids[i][mask[i].bool()] if mask is not None else input_ids[i]
+        record["generated_prompts"].append(tokenizer.decode(ids, skip_special_tokens=False))
+    return _generate(self, *args, **kwargs)
+
+
+transformers.GenerationMixin.generate = counting_generate
+_build_trainer = recipe.build_trainer
+
+
+def recording_build_trainer(script_args, training_args, model_args, model=None, tokenizer=None, **kwargs):
+    counting_generate.tokenizer = tokenizer
+    trainer = _build_trainer(script_args, training_args, model_args, model=model, tokenizer=tokenizer, **kwargs)
+    ds = trainer.train_dataset
+    record["pairs"] = [{"prompt": p, "chosen": c, "rejected": r}
+                       for p, c, r in zip(ds["prompt"], ds["chosen"], ds["rejected"])]
+    record["pair_stats"] = trainer.pair_stats["train"].to_dict()
+    record["masked_heads"] = [list(h) for h in trainer.masked_heads]
+    recording_build_trainer.trainer = trainer
+    return trainer
+
+
+recipe.build_trainer = recording_build_trainer
+summary = recipe.main(load_recipe("smollm2").DEFAULTS, argv)
+trainer = recording_build_trainer.trainer
+record["global_step"] = trainer.state.global_step
+record["losses"] = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+record["num_processes"] = trainer.accelerator.num_processes
+record["backend"] = trainer.accelerator.state.backend
+record["device"] = str(trainer.accelerator.device)
+record["summary_heads"] = summary["masked_heads"]
+report_dir.mkdir(parents=True, exist_ok=True)
+(report_dir / f"rank{rank}.json").write_text(json.dumps(record))

@@ -1,0 +1,79 @@
+"""A real two-process CPU run (gloo) of the smollm2 recipe on a tiny model, through `accelerate launch`.
+
+`accelerate launch --cpu --num_processes 2` hands multi-process CPU runs to `mpirun` (absent here), so the test
+launches through torchrun the way accelerate does for GPUs (`--multi_gpu`) with `ACCELERATE_USE_CPU` set: two
+processes on the gloo backend.
+"""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from collections import Counter
+
+import pytest
+import torch
+
+from tests.recipe_utils import (
+    PROMPT_TEXTS,
+    REPO,
+    SELECTED,
+    save_tiny_model,
+    tiny_overrides,
+    write_chat_log,
+    write_head_scores,
+)
+
+
+@pytest.mark.slow
+def test_two_process_recipe_run_shares_pairs_and_trains(tmp_path):
+    model_dir = save_tiny_model(tmp_path / "model")
+    data = write_chat_log(tmp_path / "prompts.jsonl", n=len(PROMPT_TEXTS))
+    scores = write_head_scores(tmp_path / "scores.json")
+    out, reports = tmp_path / "out", tmp_path / "reports"
+    recipe_args = tiny_overrides(model_dir, data, scores, out, "--mask_top_k", "2", "--niah_eval", "False",
+                                 "--detect_heads", "False", "--generation_batch_size", "2", "--max_steps", "2",
+                                 "--temperature", "0.6", "--learning_rate", "1e-3", "--use_cpu", "True")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+           "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(REPO),
+           "ACCELERATE_USE_CPU": "true", "CUDA_VISIBLE_DEVICES": ""}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
+           str(REPO / "tests" / "distributed_driver.py"), str(reports), *recipe_args]
+    proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=170)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+
+    ranks = [json.loads((reports / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["rank"] for r in ranks] == [0, 1]
+    assert all(r["world_size"] == 2 and r["num_processes"] == 2 for r in ranks)
+    assert all(r["backend"] == "gloo" and r["device"].startswith("cpu") for r in ranks)
+
+    # Shares: each process generated its own prompts (chosen + rejected call each), none twice, together all of them.
+    shares = [Counter(r["generated_prompts"]) for r in ranks]
+    assert all(share and set(share.values()) == {2} for share in shares), shares
+    assert not set(shares[0]) & set(shares[1])
+    assert len(shares[0]) + len(shares[1]) == len(PROMPT_TEXTS)
+    generated = {p for share in shares for p in share}
+    assert {next(t for t in PROMPT_TEXTS if t in p) for p in generated} == set(PROMPT_TEXTS)
+
+    # All pairs reach both processes: the same full, ordered preference dataset on each rank.
+    assert ranks[0]["pairs"] == ranks[1]["pairs"]
+    assert ranks[0]["pair_stats"] == ranks[1]["pair_stats"]
+    assert ranks[0]["pair_stats"]["prompts"] == len(PROMPT_TEXTS)
+    assert len(ranks[0]["pairs"]) == ranks[0]["pair_stats"]["kept"] > 0
+    assert {p["prompt"][0]["content"] for p in ranks[0]["pairs"]} <= set(PROMPT_TEXTS)
+    assert all(r["masked_heads"] == [list(h) for h in SELECTED] for r in ranks)
+
+    # Training ran in lock-step, and the saved model loads and differs from the initial one.
+    assert [r["global_step"] for r in ranks] == [2, 2]
+    assert ranks[0]["losses"] and all(math.isfinite(x) for x in ranks[0]["losses"])
+    from transformers import AutoModelForCausalLM
+
+    trained = AutoModelForCausalLM.from_pretrained(out)
+    initial = AutoModelForCausalLM.from_pretrained(model_dir)
+    diffs = [(a - b).abs().max().item() for a, b in zip(trained.state_dict().values(), initial.state_dict().values())]
+    assert max(diffs) > 0
+    ids = torch.tensor([[1, 10, 20, 30]])
+    assert torch.isfinite(trained(ids).logits).all()
+    assert (out / "README.md").is_file() and (out / "retmask_recipe_summary.json").is_file()
