@@ -179,7 +179,14 @@ _forced_detect(make_tiny_model("qwen2"), tok, Path(sys.argv[2]), Path(sys.argv[1
 
 
 def test_two_processes_match_one(tiny_tokenizer, hay_dir, monkeypatch, tmp_path):
-    single = _forced_detect(make_tiny_model("qwen2"), tiny_tokenizer, hay_dir, tmp_path / "one", monkeypatch)
+    # Same thread count as the shards (OMP_NUM_THREADS=1 below): float reduction order, hence argmax near-ties,
+    # depends on it, and exact equality of scores is the point of the test.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        single = _forced_detect(make_tiny_model("qwen2"), tiny_tokenizer, hay_dir, tmp_path / "one", monkeypatch)
+    finally:
+        torch.set_num_threads(threads)
     script = tmp_path / "shard.py"
     script.write_text(SHARD_SCRIPT.format(repo=str(REPO)))
     # `--cpu --num_processes 2` would need mpirun; torchrun through `--multi_gpu` with ACCELERATE_USE_CPU gives gloo.
