@@ -9,7 +9,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
 
-from tests.tiny import TINY_ARCHS, make_tiny_model, make_tiny_tokenizer  # noqa: E402,F401
+from tests.tiny import HAYSTACK, TINY_ARCHS, make_tiny_model, make_tiny_tokenizer  # noqa: E402,F401
 
 
 @pytest.fixture(params=TINY_ARCHS)
@@ -37,3 +37,12 @@ def smollm2():
         return load_model_and_tokenizer(DEFAULT_MODEL)
     except ImportError as e:  # pragma: no cover - the README's set-up installs it
         pytest.skip(str(e))
+
+
+@pytest.fixture
+def hay_dir(tmp_path):
+    """A haystack directory with one small text file of tiny-vocabulary words."""
+    d = tmp_path / "hay"
+    d.mkdir()
+    (d / "a.txt").write_text(HAYSTACK)
+    return d

@@ -10,22 +10,14 @@ import pytest
 import torch
 
 import trl_retmask.detection as detection
-from tests.tiny import make_tiny_model
+from tests.tiny import NEEDLE, make_tiny_model
+from tests.tiny import OTHER_NEEDLE as OTHER
 from trl_retmask.detection import copy_scores, detect_retrieval_heads, record_attention_argmax
 from trl_retmask.niah import NIAHSample, build_niah_samples, generate_answer, greedy_generation_config
 
 REPO = Path(__file__).resolve().parents[1]
-HAYSTACK = ("the man went home . " "she said that it was a long day . " "they found the old house near the sea . ") * 4
-NEEDLE = {"needle": "the secret number is five .", "question": "what is the secret number ?", "real_needle": "five"}
-OTHER = {"needle": "the magic word is water .", "question": "what is the magic word ?", "real_needle": "water"}
 
 
-@pytest.fixture
-def hay_dir(tmp_path):
-    d = tmp_path / "hay"
-    d.mkdir()
-    (d / "a.txt").write_text(HAYSTACK)
-    return d
 
 
 def forced_generation(tokenizer, answers: dict, calls: list | None = None, fail_after: int | None = None,

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from tests.tiny import make_tiny_model
+from tests.tiny import HAYSTACK, NEEDLE, make_tiny_model
 from trl_retmask.masking import mask_heads
 from trl_retmask.niah import (
     _locate_needle,
@@ -21,17 +21,6 @@ from trl_retmask.niah import (
     rouge1_recall,
     run_samples,
 )
-
-HAYSTACK = ("the man went home . " "she said that it was a long day . " "they found the old house near the sea . ") * 4
-NEEDLE = {"needle": "the secret number is five .", "question": "what is the secret number ?", "real_needle": "five"}
-
-
-@pytest.fixture
-def hay_dir(tmp_path):
-    d = tmp_path / "hay"
-    d.mkdir()
-    (d / "a.txt").write_text(HAYSTACK)
-    return d
 
 
 def test_bundled_data():

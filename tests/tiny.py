@@ -92,3 +92,9 @@ def make_tiny_tokenizer(save_dir):
     )
     fast.save_pretrained(save_dir)
     return PreTrainedTokenizerFast.from_pretrained(save_dir)
+
+
+# A haystack and needles inside the tiny tokenizer's vocabulary, for NIAH and detection tests.
+HAYSTACK = ("the man went home . " "she said that it was a long day . " "they found the old house near the sea . ") * 4
+NEEDLE = {"needle": "the secret number is five .", "question": "what is the secret number ?", "real_needle": "five"}
+OTHER_NEEDLE = {"needle": "the magic word is water .", "question": "what is the magic word ?", "real_needle": "water"}
