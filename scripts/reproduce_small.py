@@ -30,7 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--output-dir", default="reproduce_small")
+    p.add_argument("--output-dir", default="outputs/reproduce_small")
     p.add_argument("--model", default="smollm2-135m-instruct")
     p.add_argument("--head-scores", default=None, help="score file; default: detect on the model")
     p.add_argument("--detect-lengths", type=int, nargs="+", default=[512, 1024])
