@@ -344,18 +344,16 @@ def accuracy_grid(records: Iterable[dict]) -> dict[tuple[int, float], float]:
 
 def plot_accuracy_grid(grid: dict[tuple[int, float], float], path, title: str | None = None) -> None:
     """Heatmap of NIAH accuracy: depth (rows) x context length (columns)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import numpy as np
+
+    from trl_retmask.plotting import new_figure, save_figure
 
     lengths = sorted({k[0] for k in grid})
     depths = sorted({k[1] for k in grid})
     values = np.full((len(depths), len(lengths)), np.nan)
     for (length, depth), acc in grid.items():
         values[depths.index(depth), lengths.index(length)] = acc
-    fig, ax = plt.subplots(figsize=(1.2 * len(lengths) + 2.5, 0.5 * len(depths) + 2))
+    fig, ax = new_figure(figsize=(1.2 * len(lengths) + 2.5, 0.5 * len(depths) + 2))
     im = ax.imshow(values, cmap="RdYlGn", vmin=0, vmax=1, aspect="auto")
     ax.set_xticks(range(len(lengths)), [str(n) for n in lengths])
     ax.set_yticks(range(len(depths)), [f"{d:g}%" for d in depths])
@@ -367,9 +365,7 @@ def plot_accuracy_grid(grid: dict[tuple[int, float], float], path, title: str | 
                 ax.text(j, i, f"{values[i, j]:.2f}", ha="center", va="center", fontsize=8)
     fig.colorbar(im, ax=ax, label="accuracy")
     ax.set_title(title or "Needle-in-a-haystack accuracy")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def evaluate_niah(model, tokenizer, heads=None, context_lengths: Iterable[int] = (1024,),

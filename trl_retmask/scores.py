@@ -193,14 +193,12 @@ class HeadScores:
     # -------------------------------------------------------------------------------------------- plotting
     def plot(self, path, heads=None, title: str | None = None):
         """Save a layers x heads heatmap of mean scores as PNG, with `heads` (e.g. the selection) boxed."""
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
         from matplotlib.patches import Rectangle
 
+        from .plotting import new_figure, save_figure
+
         arr = self.to_array()
-        fig, ax = plt.subplots(figsize=(max(4.0, 0.28 * self.num_heads + 2), max(3.0, 0.22 * self.num_layers + 1.5)))
+        fig, ax = new_figure(figsize=(max(4.0, 0.28 * self.num_heads + 2), max(3.0, 0.22 * self.num_layers + 1.5)))
         im = ax.imshow(arr, aspect="auto", cmap="viridis", origin="lower", interpolation="nearest")
         fig.colorbar(im, ax=ax, label="mean retrieval score")
         for l, h in heads or []:
@@ -210,12 +208,7 @@ class HeadScores:
         ax.set_ylabel("layer")
         ax.set_title(title or f"Retrieval scores (gini {s['gini']:.2f}, {s['n_above_0.1']} heads >= 0.1"
                      + (f", {len(heads)} selected" if heads else "") + ")", fontsize=9)
-        fig.tight_layout()
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        return path
+        return save_figure(fig, path)
 
 
 def bundled_path(model_id_or_path) -> Path | None:

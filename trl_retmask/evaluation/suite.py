@@ -167,13 +167,10 @@ def format_table(results: dict[str, dict]) -> str:
 
 def plot_results(results: dict[str, dict], path, title: str = "Long-context suite") -> Path:
     """Grouped bar chart: one panel per category, bars per model, x = context length."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from trl_retmask.plotting import new_figure, save_figure
 
     cats = [c for c in CATEGORIES if any(c in r["scores"] for r in results.values())]
-    fig, axes = plt.subplots(1, max(len(cats), 1), figsize=(4.2 * max(len(cats), 1), 3.4), squeeze=False)
+    fig, axes = new_figure(1, max(len(cats), 1), figsize=(4.2 * max(len(cats), 1), 3.4), squeeze=False)
     width = 0.8 / max(len(results), 1)
     for ax, cat in zip(axes[0], cats):
         lengths = sorted({n for r in results.values() for n in r["scores"].get(cat, {})}, key=int)
@@ -187,9 +184,4 @@ def plot_results(results: dict[str, dict], path, title: str = "Long-context suit
     axes[0][0].set_ylabel("score (%)")
     axes[0][-1].legend(fontsize=8)
     fig.suptitle(title)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

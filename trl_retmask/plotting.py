@@ -1,0 +1,27 @@
+"""Figures for the PNG outputs (head heatmap, NIAH grid, suite chart).
+
+Built on `matplotlib.figure.Figure` rather than pyplot, so plotting neither switches the user's backend (e.g. in a
+notebook) nor leaks figures into pyplot's global state.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def new_figure(nrows: int = 1, ncols: int = 1, **subplots_kwargs):
+    """(figure, axes) like `plt.subplots`, without pyplot."""
+    from matplotlib.figure import Figure
+
+    figsize = subplots_kwargs.pop("figsize", None)
+    fig = Figure(figsize=figsize)
+    return fig, fig.subplots(nrows, ncols, **subplots_kwargs)
+
+
+def save_figure(fig, path) -> Path:
+    """Lay out and write `fig` as a PNG at `path` (parent directories created)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return path
