@@ -98,14 +98,18 @@ class NIAHSample:
         return self.needle_start, self.needle_end
 
 
-def format_prompt(tokenizer, context: str, question: str) -> str:
-    """The prompt text: through the tokenizer's chat template when it has one, else plain text."""
-    content = PROMPT_TEMPLATE.format(context=context, question=question)
+def render_user_prompt(tokenizer, content: str, plain_suffix: str = "") -> str:
+    """One user turn as the model sees it: the chat template when the tokenizer has one, else the plain text."""
     if getattr(tokenizer, "chat_template", None):
         return tokenizer.apply_chat_template(
             [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
         )
-    return content + "\nAnswer:"
+    return content + plain_suffix
+
+
+def format_prompt(tokenizer, context: str, question: str) -> str:
+    """The NIAH prompt text (plain-text models get an `Answer:` cue)."""
+    return render_user_prompt(tokenizer, PROMPT_TEMPLATE.format(context=context, question=question), "\nAnswer:")
 
 
 def _encode(tokenizer, text: str, offsets: bool = False):

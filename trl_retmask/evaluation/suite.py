@@ -11,19 +11,12 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from ..niah import greedy_generation_config, render_user_prompt
 from .metrics import load_metric
 from .tasks import CATEGORIES, build_suite
 
 PRIMARY = {"recall": "recall", "rerank": "ndcg", "cite": "cite_avg"}
 """The one number per category: substring recall, NDCG@10, mean of correctness and citation recall/precision."""
-
-
-def render(tokenizer, prompt: str) -> str:
-    """The prompt as the model sees it: the chat template when the tokenizer has one, else the raw text."""
-    if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                             add_generation_prompt=True)
-    return prompt
 
 
 @contextlib.contextmanager
@@ -51,10 +44,10 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_si
     device = next(model.parameters()).device
     with _generation_mode(model, tokenizer):
         for i in tqdm(range(0, len(prompts), batch_size), desc="generate", disable=not progress):
-            texts = [render(tokenizer, p) for p in prompts[i:i + batch_size]]
+            texts = [render_user_prompt(tokenizer, p) for p in prompts[i:i + batch_size]]
             enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-            ids = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
-                                 temperature=None, top_p=None, top_k=None, pad_token_id=tokenizer.pad_token_id)
+            ids = model.generate(**enc, generation_config=greedy_generation_config(model, max_new_tokens),
+                                 use_cache=True, pad_token_id=tokenizer.pad_token_id)
             out += tokenizer.batch_decode(ids[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
     return out
 

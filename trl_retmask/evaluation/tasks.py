@@ -15,6 +15,8 @@ import re
 import uuid
 import weakref
 
+from ..niah import render_user_prompt
+
 CATEGORIES = {
     "recall": ("niah_single", "niah_multikey", "niah_multivalue", "json_kv"),
     "rerank": ("rerank",),
@@ -85,10 +87,9 @@ def _haystack(tokenizer) -> _Haystack:
 
 def n_tokens(tokenizer, prompt: str) -> int:
     """Prompt length as the model will see it (chat template applied when the tokenizer has one)."""
-    if getattr(tokenizer, "chat_template", None):
-        return len(tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                                 tokenize=True, return_dict=True)["input_ids"])
-    return len(tokenizer(prompt)["input_ids"])
+    # Chat-rendered text already holds its special tokens; plain text gets the tokenizer's own (as niah does).
+    return len(tokenizer(render_user_prompt(tokenizer, prompt),
+                         add_special_tokens=not getattr(tokenizer, "chat_template", None))["input_ids"])
 
 
 def _budget(tokenizer, template: str, length: int, minimum: int = 64, **fields) -> int:
