@@ -97,11 +97,10 @@ def _add_detect(subparsers) -> None:
 
 # ----------------------------------------------------------------------------------------------------------- niah
 def _run_niah(args) -> int:
+    from trl_retmask.cli_stages import selected_heads
     from trl_retmask.niah import evaluate_niah
 
-    heads = None
-    if args.heads or args.head_scores:
-        heads = _select_heads(args)
+    heads = selected_heads(args)
     model, tokenizer = _load(args)
     result = evaluate_niah(
         model, tokenizer, heads=heads, context_lengths=args.context_lengths, depths=args.depths,
@@ -115,15 +114,6 @@ def _run_niah(args) -> int:
     return 0
 
 
-def _select_heads(args) -> list[tuple[int, int]]:
-    if args.heads:
-        return [tuple(int(v) for v in item.split("-")) for item in args.heads.replace(",", " ").split()]
-    from trl_retmask.scores import HeadScores
-
-    scores = HeadScores.from_pretrained(args.head_scores)
-    return scores.select(threshold=args.threshold, top_k=args.top_k, strategy=args.strategy, seed=args.seed)
-
-
 def _add_niah(subparsers) -> None:
     p = subparsers.add_parser(
         "niah", help="Needle-in-a-haystack accuracy (context length x depth), optionally with heads masked.",
@@ -132,13 +122,10 @@ def _add_niah(subparsers) -> None:
     )
     _add_model_argument(p)
     _add_niah_arguments(p, lengths="1024", depths="10,30,50,70,90")
-    p.add_argument("--heads", default=None, help="Heads to mask, e.g. '3-1,14-6' (LAYER-HEAD).")
-    p.add_argument("--head-scores", default=None, help="Score JSON or model id whose heads to mask (see --top-k).")
-    p.add_argument("--top-k", type=int, default=None, help="Mask the k best heads of --head-scores.")
-    p.add_argument("--threshold", type=float, default=None, help="Mask heads of --head-scores with mean >= this.")
-    p.add_argument("--strategy", default="retrieval", choices=["retrieval", "random_non_retrieval", "random"],
-                   help="Mask the selected heads, or as many random non-retrieval / random heads (controls).")
-    p.add_argument("--seed", type=int, default=0, help="Seed of the random strategies.")
+    from trl_retmask.cli_stages import _add_selection_arguments
+
+    _add_selection_arguments(p, scores_default_help="default: the model's bundled scores; no mask without a "
+                             "selection argument")
     p.set_defaults(func=_run_niah)
 
 

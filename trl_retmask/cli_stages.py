@@ -43,6 +43,13 @@ def _selection(args, default_source) -> tuple[list[tuple[int, int]], object]:
     return scores.select(threshold=args.threshold, top_k=args.top_k, strategy=args.strategy, seed=args.seed), scores
 
 
+def selected_heads(args) -> list[tuple[int, int]] | None:
+    """Heads to mask for evaluation commands: None (no mask) unless a selection argument was given."""
+    if args.heads or args.head_scores or args.top_k is not None or args.threshold is not None:
+        return _selection(args, default_source=args.model)[0]
+    return None
+
+
 def _fmt_heads(heads) -> str:
     return ",".join(f"{layer}-{head}" for layer, head in heads)
 
@@ -196,9 +203,7 @@ def _run_eval(args) -> int:
     from trl_retmask.cli import _load
     from trl_retmask.evaluation import evaluate_long_context, format_table
 
-    heads = None
-    if args.heads or args.head_scores or args.top_k is not None or args.threshold is not None:
-        heads, _ = _selection(args, default_source=args.model)
+    heads = selected_heads(args)
     model, tokenizer = _load(args)
     name = args.name or str(args.model).rstrip("/").split("/")[-1]
     result = evaluate_long_context(model, tokenizer, lengths=args.lengths, categories=args.categories,
