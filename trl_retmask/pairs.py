@@ -2,8 +2,10 @@
 
 Generation is batched (left padding, KV cache), sharded over accelerate processes by batch and gathered, and cached
 on disk batch by batch under a fingerprint of (weights, heads, settings, prompts), so reruns skip it and interrupted
-runs resume. Every batch is seeded from (seed, batch index) alone, so the pairs do not depend on the process count
-or on where a run was interrupted.
+runs resume. Every batch is seeded from (seed, batch index, role) alone, so the pairs do not depend on the process
+count or on where a run was interrupted, and the chosen responses do not depend on the heads: they are cached apart
+(fingerprint without heads), so runs that differ only in the masked heads (RetMask and its random-head control, a
+sweep over k) share them when they share a cache directory.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import json
 import logging
 import os
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -213,15 +216,20 @@ def generate_pairs(
     settings = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "top_k": top_k,
                 "seed": seed, "batch_size": batch_size, "generation_kwargs": generation_kwargs or {}}
     fingerprint = ""
-    batch_dir = None
+    batch_dir = chosen_dir = None
     if cache_dir is not None:
-        fp = [pairs_fingerprint(hash_weights(model), heads, settings, prompt_ids, prompts)
-              if state.is_main_process else None]
+        fp = [None, None]
+        if state.is_main_process:
+            weights = hash_weights(model)
+            fp = [pairs_fingerprint(weights, heads, settings, prompt_ids, prompts),
+                  pairs_fingerprint(weights, [], settings, prompt_ids, prompts)]
         if state.num_processes > 1:
             broadcast_object_list(fp, from_process=0)
         fingerprint = fp[0]
         batch_dir = Path(cache_dir) / fingerprint[:20]
+        chosen_dir = Path(cache_dir) / f"chosen-{fp[1][:20]}"
         batch_dir.mkdir(parents=True, exist_ok=True)
+        chosen_dir.mkdir(parents=True, exist_ok=True)
         if state.is_main_process:
             _write_json_atomic(batch_dir / "meta.json", {"fingerprint": fingerprint, "heads": heads,
                                                          "settings": settings, "num_prompts": len(prompts)})
@@ -253,22 +261,28 @@ def generate_pairs(
             idx = batches[b]
             enc = tokenizer.pad({"input_ids": [prompt_ids[i] for i in idx]}, padding=True, padding_side="left",
                                 return_tensors="pt").to(device)
-            out = {"batch": b, "indices": idx}
-            start = time.perf_counter()
+            out = {"batch": b, "indices": idx, "seconds": 0.0}
+            chosen_path = chosen_dir / f"chosen_{b:06d}.json" if chosen_dir is not None else None
+            if chosen_path is not None and chosen_path.is_file():  # same prompts and settings, other heads
+                out.update(json.loads(chosen_path.read_text()))
             for role, ctx_heads in (("chosen", None), ("rejected", heads)):
+                if role in out:
+                    continue
+                start = time.perf_counter()
                 with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
                     torch.manual_seed(seed * 1_000_003 + b * 2 + (role == "rejected"))
-                    if ctx_heads is None:
+                    with mask_heads(model, ctx_heads or []):
                         seq = model.generate(**enc, **gen_kwargs)
-                    else:
-                        with mask_heads(model, ctx_heads):
-                            seq = model.generate(**enc, **gen_kwargs)
                 new = seq[:, enc["input_ids"].shape[1]:].cpu()
-                out[role] = _decode_completions(tokenizer, [prompts[i] for i in idx], [prompt_ids[i] for i in idx], new)
-                out[f"{role}_tokens"] = _response_lengths(new, eos_ids) if new.numel() else [0] * len(idx)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            out["seconds"] = time.perf_counter() - start
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                part = {role: _decode_completions(tokenizer, [prompts[i] for i in idx], [prompt_ids[i] for i in idx],
+                                                  new),
+                        f"{role}_tokens": _response_lengths(new, eos_ids) if new.numel() else [0] * len(idx),
+                        "seconds": time.perf_counter() - start}
+                if role == "chosen" and chosen_path is not None:
+                    _write_json_atomic(chosen_path, {"batch": b, "indices": idx, **part})
+                out.update(part, seconds=out["seconds"] + part["seconds"])
             if path is not None:
                 _write_json_atomic(path, out)
             results.append({**out, "cached": False})
@@ -314,6 +328,31 @@ def _assemble(prompts: list, results: list[dict], fingerprint: str) -> Generated
                           extra={"chosen_tokens": c_tok, "rejected_tokens": r_tok})
 
 
+def _warn_untemplated_prompts(tokenizer, prompts: list, name: str) -> None:
+    """A chat model given plain-string prompts answers them as raw text continuations (an instruct model often
+    with an immediate EOS): almost always a data mistake, so say so. Strings already rendered through the chat
+    template (e.g. Qwen3 with `enable_thinking`) are recognised by the template's assistant header."""
+    if not getattr(tokenizer, "chat_template", None):
+        return
+    strings = [p for p in prompts if isinstance(p, str)]
+    if not strings:
+        return
+    try:
+        rendered = tokenizer.apply_chat_template([{"role": "user", "content": "\x00"}], add_generation_prompt=True,
+                                                 tokenize=False)
+    except Exception:  # a template that needs more than one user message: nothing to compare with
+        return
+    header = rendered.split("\x00", 1)[-1].strip()
+    untemplated = sum(header not in p for p in strings)
+    if header and untemplated:
+        warnings.warn(
+            f"{untemplated} of {len(prompts)} prompts of the {name} dataset are plain strings although the tokenizer "
+            "has a chat template: pairs are generated (and DPO trains) on raw text continuations, not chat answers. "
+            'Pass conversational prompts ({"prompt": [{"role": "user", "content": ...}]}) or render them with '
+            "`tokenizer.apply_chat_template(..., add_generation_prompt=True, tokenize=False)`.",
+            UserWarning, stacklevel=3)
+
+
 def complete_prompt_dataset(
     dataset: Dataset, model, tokenizer, heads, *, name: str = "train", **kwargs
 ) -> tuple[Dataset, PairStats]:
@@ -326,6 +365,7 @@ def complete_prompt_dataset(
     if isinstance(dataset, IterableDataset):
         raise ValueError(f"The {name} dataset is a prompt-only IterableDataset; pair generation needs a map-style "
                          "`datasets.Dataset` (e.g. load it without `streaming=True`).")
+    _warn_untemplated_prompts(tokenizer, dataset["prompt"], name)
     pairs = generate_pairs(model, tokenizer, dataset["prompt"], heads, desc=f"RetMask pairs ({name})", **kwargs)
     s = pairs.stats
     if s.kept == 0:

@@ -42,12 +42,13 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_si
     """Greedy completions of raw prompts (chat template applied here), batched with left padding."""
     out = []
     device = next(model.parameters()).device
+    config = greedy_generation_config(model, max_new_tokens)
+    config.update(use_cache=True, pad_token_id=tokenizer.pad_token_id)  # in the config: extra kwargs are deprecated
     with _generation_mode(model, tokenizer):
         for i in tqdm(range(0, len(prompts), batch_size), desc="generate", disable=not progress):
             texts = [render_user_prompt(tokenizer, p) for p in prompts[i:i + batch_size]]
             enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-            ids = model.generate(**enc, generation_config=greedy_generation_config(model, max_new_tokens),
-                                 use_cache=True, pad_token_id=tokenizer.pad_token_id)
+            ids = model.generate(**enc, generation_config=config)
             out += tokenizer.batch_decode(ids[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
     return out
 
