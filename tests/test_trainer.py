@@ -328,3 +328,10 @@ def test_group_by_length_sorts_by_prompt_plus_longer_completion(tiny_tokenizer, 
         assert chunk == sorted(chunk, reverse=True)
     assert lengths[order[0]] == max(lengths)
     trainer.train()  # the grouped order feeds a real step
+
+
+def test_online_mode_refuses_length_grouping(tmp_path):
+    """Regenerated pairs replace the rows in place, so lengths measured at the start would be stale: refused early."""
+    with pytest.raises(ValueError, match="group_by_length|lengths measured at the start"):
+        config(tmp_path, regenerate_pairs_steps=2, train_sampling_strategy="group_by_length")
+    assert config(tmp_path, regenerate_pairs_steps=2).online

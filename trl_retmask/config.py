@@ -175,6 +175,9 @@ class RetMaskConfig(DPOConfig):
             raise ValueError("Online RetMask (`regenerate_pairs_steps` / `regenerate_pairs_each_epoch`) regenerates "
                              "the pairs, so precomputed reference log-probs would go stale: set "
                              "`precompute_ref_log_probs=False`.")
+        if self.online and self.train_sampling_strategy == "group_by_length":
+            raise ValueError("Online RetMask swaps the training pairs in place, so lengths measured at the start would "
+                             "go stale: use `train_sampling_strategy=\"random\"` with `regenerate_pairs_*`.")
         if self.online and self.dataloader_num_workers:
             raise ValueError("Online RetMask swaps the training pairs in place, which dataloader worker processes "
                              "would not see: set `dataloader_num_workers=0`.")
