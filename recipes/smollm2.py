@@ -17,11 +17,12 @@ recipes/smollm2.py`.
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # runs from a checkout too
 
-from trl_retmask.recipe import RECIPE_DEFAULTS, main  # noqa: E402
+from trl_retmask.scripts.train import cli_main, recipe_defaults  # noqa: E402
 
-DEFAULTS = RECIPE_DEFAULTS["smollm2"]  # trl_retmask/recipe.py; override any of them on the command line
+RECIPE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "smollm2.yaml")  # the defaults; override any
+DEFAULTS = recipe_defaults(RECIPE)
 
 if __name__ == "__main__":
-    main(DEFAULTS, prog="recipes/smollm2.py", description=__doc__)
+    sys.exit(cli_main(prog="recipes/smollm2.py", recipe=RECIPE))

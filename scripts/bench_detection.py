@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-NEW_TOKENS = 32
+NEW_TOKENS = 50  # the authors' budget
 
 
 def _setup(model_name: str, length: int, attn: str | None = None):
@@ -36,13 +36,12 @@ def _setup(model_name: str, length: int, attn: str | None = None):
 
 
 def _fixed_length_generate(model, tok, sample, n: int):
-    """Greedy generation of exactly n tokens (no early EOS), so both sides do the same work."""
+    """Greedy generation of exactly n tokens (no EOS stop, as detection decodes), so both sides do the same work."""
     import torch
 
-    from trl_retmask.niah import greedy_generation_config
+    from trl_retmask.niah import niah_generation_config
 
-    config = greedy_generation_config(model, n)
-    config.min_new_tokens = n
+    config = niah_generation_config(model, n, stop_at_eos=False)
     ids = torch.tensor([sample.input_ids])
     with torch.inference_mode():
         return model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=config)[0,
@@ -59,7 +58,7 @@ def _detect_one(model, tok, sample, n: int):
         new = _fixed_length_generate(model, tok, sample, n)
         positions = recorder.positions(len(sample.input_ids) - 1, len(new))
     seq = torch.tensor(sample.input_ids + new.tolist())
-    return positions, copy_scores(positions, new, seq, sample.needle_span)
+    return positions, copy_scores(positions, new, seq, sample.answer_span)
 
 
 def _reference_one(model, sample, n: int):
@@ -67,7 +66,7 @@ def _reference_one(model, sample, n: int):
     import torch
 
     ids = torch.tensor([sample.input_ids])
-    start, end = sample.needle_span
+    start, end = sample.answer_span
     layers, heads = model.config.num_hidden_layers, model.config.num_attention_heads
     score = [[0.0] * heads for _ in range(layers)]
     positions = []

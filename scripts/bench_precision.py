@@ -25,13 +25,14 @@ def run(args):
     from datasets import Dataset
 
     from trl_retmask import RetMaskConfig, RetMaskTrainer, load_model_and_tokenizer
-    from trl_retmask.recipe import RetMaskScriptArguments, load_prompts
+    from trl_retmask.data import load_prompts
+    from trl_retmask.scripts.train import TrainScriptArguments
 
     warnings.filterwarnings("ignore")
     model, tokenizer = load_model_and_tokenizer(args.model)
     batch_size = 2 if args.quick else 4
     reps = 2 if args.quick else 4
-    prompts = load_prompts(RetMaskScriptArguments()).shuffle(seed=0).select(range(batch_size))
+    prompts = load_prompts(TrainScriptArguments()).shuffle(seed=0).select(range(batch_size))
     prefs = Dataset.from_list([{"prompt": p["prompt"], "chosen": [{"role": "assistant", "content": RESPONSE}],
                                 "rejected": [{"role": "assistant", "content": RESPONSE[::-1]}]} for p in prompts])
     variants = {"fp32": dict(bf16=False, gradient_checkpointing=False),

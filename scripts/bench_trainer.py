@@ -3,7 +3,9 @@
 1. A RetMaskTrainer training step / a plain TRL DPOTrainer step on the same batch of pairs, same settings.
 2. A DPO step / its floor: one policy forward+backward plus one reference forward (no grad) on the same batch.
    Steps are `training_step` (forward, backward, reference forward, loss); the equal optimizer update is left out.
-3. Pair-generation throughput / bare `model.generate` throughput on the same batches (fixed-length responses).
+3. Pair-generation throughput / bare `model.generate` throughput on the same batches (fixed-length responses), and
+   the static backend (one decode loop for chosen + rejected, static KV cache) / the `generate` backend on the CPU
+   (informative: the static backend is meant for CUDA, where it compiles).
 """
 
 from __future__ import annotations
@@ -58,6 +60,7 @@ def run(args):
     from trl import DPOConfig, DPOTrainer
 
     from trl_retmask import RetMaskConfig, RetMaskTrainer, load_model_and_tokenizer
+    from trl_retmask.fast_generation import StaticCacheBackend
     from trl_retmask.pairs import generate_pairs
 
     warnings.filterwarnings("ignore")
@@ -79,17 +82,22 @@ def run(args):
     gen_kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=True, temperature=0.6,
                       top_p=1.0, top_k=0, pad_token_id=tokenizer.pad_token_id)
     _bare_generate(model, tokenizer, chats[:batch_size], batch_size, {**gen_kwargs, "max_new_tokens": 2})  # warm-up
-    bare_tps, pair_tps = [], []
-    for rep in range(reps):  # interleaved
-        tokens, seconds = _bare_generate(model, tokenizer, chats, batch_size, gen_kwargs)
-        bare_tps.append(tokens / seconds)
-        pairs = generate_pairs(model, tokenizer, chats, heads, seed=rep, **gen)
-        pair_tps.append(pairs.stats.tokens_per_second)
+    bare_tps, pair_tps, static_tps = [], [], []
+    with StaticCacheBackend() as static:
+        for rep in range(reps):  # interleaved
+            tokens, seconds = _bare_generate(model, tokenizer, chats, batch_size, gen_kwargs)
+            bare_tps.append(tokens / seconds)
+            pairs = generate_pairs(model, tokenizer, chats, heads, seed=rep, backend="generate", **gen)
+            pair_tps.append(pairs.stats.tokens_per_second)
+            static_pairs = generate_pairs(model, tokenizer, chats, heads, seed=rep, backend=static, **gen)
+            static_tps.append(static_pairs.stats.tokens_per_second)
     rows.append({"name": f"pair generation / bare generate tok/s (batch {batch_size}, {new_tokens} new tok)",
                  "value": statistics.median(p / b for p, b in zip(pair_tps, bare_tps)), "unit": "x",
                  "goal": ">= 0.9"})
     rows.append({"name": "bare generate throughput (median)", "value": statistics.median(bare_tps),
                  "unit": "tok/s", "goal": ""})
+    rows.append({"name": "pair generation tok/s, backend static / generate (CPU, informative)",
+                 "value": statistics.median(s / p for s, p in zip(static_tps, pair_tps)), "unit": "x", "goal": ""})
 
     # 1 + 2. Step time: RetMaskTrainer vs DPOTrainer vs the floor, on one batch of the same pairs (generated above),
     # same settings, interleaved rep by rep (order reversed every other rep) so machine noise hits all alike. A step is

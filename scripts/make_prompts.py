@@ -1,22 +1,39 @@
 """Build the shipped prompt set trl_retmask/data/prompts/prompts.jsonl (deterministic; no downloads).
 
-Two halves, as the RetMask issue asks: general instructions (templates x topics, the paper's setting is general
-chat) and instructions over short documents (excerpts of pg19_part1/part2 only: pg19_part3's tail is the held-out
-perplexity text of `trl_retmask.evaluation.general`, so training never sees it).
+Two halves: general instructions (templates x topics; the paper's setting is general chat) and instructions over
+short documents. The documents come from text that nothing else uses, so training never sees evaluation text:
 
-    python scripts/make_prompts.py
+- `data/haystack/pg19_part{1,2,3}.txt`: detection / NIAH haystack (The Last of the Mohicans; the opening of
+  Dracula as part3 -- the beginning is all the authors' detector reads of their part3, the same book);
+- `data/eval/suite/pg19_part3_suite.txt`: the evaluation suite's text (Dracula, middle);
+- `data/prompts/sources/pg19_part3_train.txt`: the document prompts' text (Dracula, after the suite's part);
+- `data/eval/heldout_pg19.txt`: the general check's held-out perplexity text (Dracula, tail).
+
+`--split-from PG19_PART3` rewrites those Dracula files from the full PG-19 excerpt (shared/data/haystack/pg19_part3.txt)
+at fixed paragraph boundaries. Any excerpt sharing a 50-character window with evaluation text is skipped.
+
+    python scripts/make_prompts.py [--split-from ../shared/data/haystack/pg19_part3.txt]
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import random
 import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-HAYSTACK = ROOT / "trl_retmask" / "data" / "haystack"
-OUT = ROOT / "trl_retmask" / "data" / "prompts" / "prompts.jsonl"
+DATA = ROOT / "trl_retmask" / "data"
+HAYSTACK = DATA / "haystack"
+SUITE_TEXT = DATA / "eval" / "suite" / "pg19_part3_suite.txt"
+HELDOUT_TEXT = DATA / "eval" / "heldout_pg19.txt"
+TRAIN_TEXT = DATA / "prompts" / "sources" / "pg19_part3_train.txt"
+OUT = DATA / "prompts" / "prompts.jsonl"
+WINDOW = 50
+# Paragraphs of pg19_part3 that open the suite's part, the training part and the held-out tail.
+SUITE_START = "\"I don't see where the joke comes in there either!\" I said;"
+TRAIN_START = "\"Perhaps a body-snatcher,\" I suggested."
 
 GENERAL_TEMPLATES = [
     "Explain {topic} to a ten-year-old in a short paragraph.",
@@ -68,21 +85,57 @@ DOC_TEMPLATES = [
 ]
 
 
+def normalise(text: str) -> str:
+    return " ".join(text.split())
+
+
+def split_part3(source: Path) -> None:
+    """Cut the full pg19_part3 into detection head, suite text, training text and held-out tail (file by file)."""
+    text = source.read_text(encoding="utf-8")
+    heldout = HELDOUT_TEXT.read_text(encoding="utf-8")
+    suite_at, train_at, heldout_at = text.index(SUITE_START), text.index(TRAIN_START), text.index(heldout[:200])
+    if not suite_at < train_at < heldout_at:
+        raise ValueError(f"{source}: split markers out of order; is it PG-19 part3 (Dracula)?")
+    for path, part in ((HAYSTACK / "pg19_part3.txt", text[:suite_at]), (SUITE_TEXT, text[suite_at:train_at]),
+                       (TRAIN_TEXT, text[train_at:heldout_at])):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(part.rstrip() + "\n", encoding="utf-8")
+        print(f"wrote {path.relative_to(ROOT)} ({len(part)} characters)")
+
+
+def evaluation_windows() -> set[str]:
+    """Every 50-character window of the texts evaluation and detection draw from (whitespace-normalised)."""
+    texts = [p.read_text(encoding="utf-8") for p in sorted(HAYSTACK.glob("*.txt"))]
+    texts += [SUITE_TEXT.read_text(encoding="utf-8"), HELDOUT_TEXT.read_text(encoding="utf-8")]
+    windows = set()
+    for t in map(normalise, texts):
+        windows.update(t[i:i + WINDOW] for i in range(len(t) - WINDOW + 1))
+    return windows
+
+
 def excerpts(rng: random.Random, n: int, words: int = 120) -> list[str]:
-    """`n` excerpts of about `words` words, starting at sentence beginnings, from pg19_part1 and pg19_part2."""
-    text = " ".join(" ".join((HAYSTACK / f).read_text().split()) for f in ("pg19_part1.txt", "pg19_part2.txt"))
-    sentences = [s for s in re.split(r"(?<=[.!?])\s+", text) if "Chapter:" not in s]
-    out = []
-    for start in rng.sample(range(len(sentences) - 50), n):
+    """`n` excerpts of about `words` words, starting at sentence beginnings, from the training text only."""
+    sentences = [s for s in re.split(r"(?<=[.!?])\s+", normalise(TRAIN_TEXT.read_text(encoding="utf-8")))
+                 if "Chapter:" not in s]
+    banned = evaluation_windows()
+    out, starts = [], list(range(len(sentences) - 50))
+    rng.shuffle(starts)
+    for start in starts:
         chunk, i = [], start
         while sum(len(s.split()) for s in chunk) < words:
             chunk.append(sentences[i])
             i += 1
-        out.append(" ".join(chunk))
-    return out
+        doc = " ".join(chunk)
+        if not any(doc[j:j + WINDOW] in banned for j in range(len(doc) - WINDOW + 1)):
+            out.append(doc)
+        if len(out) == n:
+            return out
+    raise ValueError(f"Only {len(out)} of {n} excerpts of {TRAIN_TEXT} avoid the evaluation text.")
 
 
-def main(seed: int = 0) -> None:
+def main(seed: int = 0, split_from: str | None = None) -> None:
+    if split_from:
+        split_part3(Path(split_from))
     rng = random.Random(seed)
     general = [t.format(topic=topic) for topic in TOPICS for t in rng.sample(GENERAL_TEMPLATES, 5)] + STANDALONE
     docs = [DOC_TEMPLATES[i % len(DOC_TEMPLATES)].format(doc=d) for i, d in enumerate(excerpts(rng, 104))]
@@ -96,4 +149,8 @@ def main(seed: int = 0) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--split-from", default=None, help="full PG-19 part3 text to re-split (Dracula).")
+    args = parser.parse_args()
+    main(args.seed, args.split_from)

@@ -1,26 +1,28 @@
-"""Small-scale RetMask reproduction on the embedded SmolLM2-135M-Instruct, CPU only (issue 6).
+"""Small-scale RetMask reproduction with the power to see an effect, on the embedded SmolLM2-135M-Instruct, CPU.
 
-    python scripts/reproduce_small.py                       # one seed, all 224 shipped prompts (~1 h on 2 idle cores)
-    python scripts/reproduce_small.py --seeds 0 1 2         # three seeds (seed 0 is reused from the run above)
-    python scripts/reproduce_small.py --max-prompts 32 --n-per-task 2   # a reduced run
+    python scripts/reproduce_small.py            # default size (~2.5 h on 2 idle cores: docs/evaluation.md)
+    python scripts/reproduce_small.py --quick    # smoke run of every stage (minutes)
 
-1. evaluate the base model on the long-context suite and the general check,
-2. detect the retrieval heads (NIAH copy scores; `--head-scores FILE` skips it) and, with `--eval-masked`, evaluate
-   the base model with its top-k retrieval heads masked (and, last, k random non-retrieval heads masked): does the
-   suite see the heads?
-3. for each seed, train RetMask (top-k retrieval heads masked for the rejected responses) and the paper's control
-   (the same training with k random non-retrieval heads masked) from the shipped prompt set (as chat messages, like
-   the recipes); both share one pair cache, so the control reuses RetMask's chosen responses (same seed, same
-   sampling) and generates only its rejected ones: a paired comparison,
-4. evaluate every trained model the same way; write `results.json`, `results.md` and `suite.png` to `--output-dir`.
+1. the base model, and the base model with the top-k retrieval heads masked and with k random non-retrieval heads
+   masked, on the long-context suite and the general check (does the suite see the heads?);
+2. for each seed, RetMask (top-k retrieval heads masked for the rejected responses) and the paper's control (the
+   same training with k random non-retrieval heads masked) from the same shipped prompts: they share one pair cache,
+   so the control reuses RetMask's chosen responses and differs only in the rejected ones;
+3. every trained model on the same suite samples; seeds are averaged per sample, then RetMask vs base, RetMask vs
+   control and control vs base are compared pairwise (`trl_retmask.evaluation.stats`): mean difference, 95%
+   paired-bootstrap interval and sign-flip p-value, at every task, category and length; 95% bootstrap intervals on
+   every number. Written to `results.json`, `results.md` and `suite.png` in `--output-dir`.
 
-Every finished piece is saved at once and skipped on a rerun, so an interrupted run resumes.
+Every finished piece (each evaluation, each batch of suite generations, each batch of pairs, each trained model)
+is stored under a fingerprint of its inputs and reused by a rerun, so an interrupted run resumes; a piece made
+with other settings is refused (`--overwrite` recomputes it). `--report-only` tabulates the pieces finished so far.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import gc
 import json
 import os
@@ -30,160 +32,220 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+DEFAULTS = dict(output_dir="outputs/reproduce_small", seeds=[0, 1, 2], max_prompts=None, max_new_tokens=64,
+                lengths=[1024], categories=["recall"], n_per_task=24, ppl_tokens=4096, short_answer=50)
+"""The default size: 24 samples per recall task (96 per model), 3 seeds, all 224 shipped prompts; sized to fit
+3 hours on 2 idle cores (a second length, 2048, would add ~1.9 h: docs/evaluation.md)."""
+QUICK = dict(output_dir="outputs/reproduce_small_quick", seeds=[0], max_prompts=16, max_new_tokens=32,
+             lengths=[1024, 2048], categories=["recall"], n_per_task=1, ppl_tokens=1024, short_answer=10)
+"""`--quick` runs every stage at the smallest size that still times each kind of piece."""
+
+MODELS = {"base": "base", "base_masked_retrieval": "base, top-k retrieval heads masked",
+          "base_masked_random": "base, k random non-retrieval heads masked",
+          "retrieval": "RetMask", "random_non_retrieval": "control"}
+COMPARISONS = [("RetMask", "base"), ("RetMask", "control"), ("control", "base"),
+               ("base, top-k retrieval heads masked", "base"), ("base, k random non-retrieval heads masked", "base")]
+
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--output-dir", default="outputs/reproduce_small")
+    p.add_argument("--quick", action="store_true", help="smoke-run size (minutes); its own default --output-dir")
+    p.add_argument("--output-dir")
     p.add_argument("--model", default="smollm2-135m-instruct")
-    p.add_argument("--head-scores", default=None, help="score file; default: detect on the model")
-    p.add_argument("--detect-lengths", type=int, nargs="+", default=[512, 1024])
+    p.add_argument("--head-scores", default="smollm2-135m-instruct",
+                   help="bundled name, file or directory of head scores (default: the bundled SmolLM2 scores)")
     p.add_argument("--mask-top-k", type=int, default=10)
-    p.add_argument("--seeds", type=int, nargs="+", default=[0])
-    p.add_argument("--max-prompts", type=int, default=None, help="default: the whole shipped prompt set (224)")
-    p.add_argument("--max-new-tokens", type=int, default=64, help="pair response length")
+    p.add_argument("--seeds", type=int, nargs="+")
+    p.add_argument("--dataset-name", default=None, help="prompt dataset (default: the shipped prompt set)")
+    p.add_argument("--max-prompts", type=int, help="default: every shipped prompt (224)")
+    p.add_argument("--max-new-tokens", type=int, help="pair response length")
     p.add_argument("--generation-batch-size", type=int, default=16)
     p.add_argument("--epochs", type=float, default=1.0)
     p.add_argument("--learning-rate", type=float, default=1e-5)
-    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True,
-                   help="bf16 autocast for DPO (the paper's precision; faster than fp32 on CPUs with avx512_bf16/AMX)")
-    p.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048], help="suite context lengths")
-    p.add_argument("--categories", nargs="+", default=None, help="suite categories or tasks (default: all)")
-    p.add_argument("--n-per-task", type=int, default=4)
+    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True, help="bf16 autocast for DPO")
+    p.add_argument("--lengths", type=int, nargs="+", help="suite context lengths")
+    p.add_argument("--categories", nargs="+", help="suite categories or tasks")
+    p.add_argument("--n-per-task", type=int, help="suite samples per task and length")
     p.add_argument("--eval-seed", type=int, default=1000, help="seed of the suite samples (same for all models)")
-    p.add_argument("--ppl-tokens", type=int, default=4096)
-    p.add_argument("--eval-masked", action="store_true", help="also evaluate the base model with heads masked")
+    p.add_argument("--eval-batch-size", type=int, default=4)
+    p.add_argument("--ppl-tokens", type=int, help="held-out tokens for perplexity")
+    p.add_argument("--short-answer", type=int, help="short-answer questions (of 50)")
+    p.add_argument("--n-resamples", type=int, default=10_000, help="bootstrap / permutation resamples")
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--train-only", action="store_true", help="only train and save the models (run beside an eval run)")
-    p.add_argument("--strategies", nargs="+", default=["retrieval", "random_non_retrieval"],
-                   help="RetMask (retrieval) and/or the control (random_non_retrieval)")
-    p.add_argument("--summarize-only", action="store_true", help="tabulate the evaluations finished so far")
-    return p.parse_args(argv)
+    p.add_argument("--report-only", action="store_true", help="tabulate the pieces finished so far")
+    p.add_argument("--overwrite", action="store_true",
+                   help="recompute pieces made with other inputs (e.g. after the head scores changed)")
+    args = p.parse_args(argv)
+    for key, value in (QUICK if args.quick else DEFAULTS).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    for name in ("mask_top_k", "n_per_task", "max_new_tokens", "ppl_tokens", "short_answer", "n_resamples",
+                 "eval_batch_size", "generation_batch_size"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}.")
+    return args
 
 
-def _cached(path: Path, fn):
-    """Load a JSON result if a previous run saved it, else compute and save it."""
-    if path.is_file():
-        print(f"[cached] {path}")
-        return json.loads(path.read_text())
-    t = time.time()
-    result = fn()
-    result["seconds"] = time.time() - t
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2))
-    print(f"[done {result['seconds']:.0f}s] {path}")
+# ------------------------------------------------------------------------------------------------ pieces
+def evaluate(model, tokenizer, args, out: Path, name: str, heads=None) -> dict:
+    """Suite + general check of one model, cached in `out/eval/<name>.json` (its generations in `out/suite`)."""
+    from trl_retmask.evaluation import evaluate_long_context, general_ability
+    from trl_retmask.evaluation.general import load_short_answer
+    from trl_retmask.runtime import cached_json, fingerprint, model_fingerprint
+
+    def run():
+        t, cpu = time.time(), time.process_time()
+        suite = evaluate_long_context(model, tokenizer, lengths=args.lengths, categories=args.categories,
+                                      n_per_task=args.n_per_task, heads=heads, seed=args.eval_seed,
+                                      batch_size=args.eval_batch_size, output_dir=out / "suite", name=name,
+                                      keep_generations=True, overwrite=args.overwrite)
+        t_suite, cpu_suite = time.time() - t, time.process_time() - cpu
+        general = general_ability(model, tokenizer, heads=heads, max_tokens=args.ppl_tokens,
+                                  questions=load_short_answer()[:args.short_answer])
+        return {"suite": suite, "general": general,
+                "seconds": {"suite": t_suite, "general": time.time() - t - t_suite},
+                "cpu_seconds": {"suite": cpu_suite, "general": time.process_time() - cpu - cpu_suite}}
+
+    fp = fingerprint(model=model_fingerprint(model), heads=[list(h) for h in heads or []], lengths=args.lengths,
+                     categories=args.categories, n_per_task=args.n_per_task, eval_seed=args.eval_seed,
+                     ppl_tokens=args.ppl_tokens, short_answer=args.short_answer)
+    result = cached_json(out / "eval" / f"{name}.json", fp, run, overwrite=args.overwrite)
+    print(f"[{sum(result['seconds'].values()):.0f}s] evaluated {name}", flush=True)
     return result
 
 
-def evaluate_model(model, tokenizer, args, out: Path, name: str, heads=None) -> dict:
-    from trl_retmask.evaluation import evaluate_long_context, general_ability
-
-    def run():
-        suite = evaluate_long_context(model, tokenizer, lengths=args.lengths, categories=args.categories,
-                                      n_per_task=args.n_per_task, heads=heads, seed=args.eval_seed,
-                                      keep_generations=True, progress=True)
-        return {"suite": suite, "general": general_ability(model, tokenizer, heads=heads, max_tokens=args.ppl_tokens)}
-
-    return _cached(out / "eval" / f"{name}.json", run)
-
-
 def train(args, out: Path, scores, strategy: str, seed: int) -> Path:
-    """One RetMask training run, saved to `out/models/<strategy>-seed<seed>` with its log (`retmask_run.json`)."""
+    """One RetMask run (strategy `retrieval`) or control run, saved to `out/models/<strategy>-seed<seed>`."""
     import torch
 
     from trl_retmask import load_model_and_tokenizer
     from trl_retmask.config import RetMaskConfig
-    from trl_retmask.recipe import RECIPE_DEFAULTS, RetMaskScriptArguments, load_prompts
+    from trl_retmask.data import load_prompts
+    from trl_retmask.runtime import cached_json, fingerprint
+    from trl_retmask.scripts.train import TrainScriptArguments, recipe_defaults
     from trl_retmask.trainer import RetMaskTrainer
 
     save_dir = out / "models" / f"{strategy}-seed{seed}"
-    if (save_dir / "retmask_run.json").is_file():
-        return save_dir
-    marker = save_dir.with_suffix(".training")
-    if marker.exists():  # another process (--train-only) is training it: wait for it
-        print(f"waiting for {save_dir} (remove {marker} if that process died)")
-        while marker.exists() and not (save_dir / "retmask_run.json").is_file():
-            time.sleep(20)
-        if (save_dir / "retmask_run.json").is_file():
-            return save_dir
-    marker.parent.mkdir(parents=True, exist_ok=True)
-    marker.touch()
-    try:
-        t = time.time()
+    fields = {f.name for f in dataclasses.fields(RetMaskConfig)}
+    config = {k: v for k, v in recipe_defaults("smollm2").items() if k in fields}
+    config.update(output_dir=str(out / "runs" / f"{strategy}-seed{seed}"), mask_threshold=None, mask_top_k=args.mask_top_k, mask_strategy=strategy, mask_seed=seed, seed=seed,
+                  max_new_tokens=args.max_new_tokens, generation_batch_size=args.generation_batch_size,
+                  pairs_cache_dir=str(out / "pairs"), num_train_epochs=args.epochs, learning_rate=args.learning_rate,
+                  bf16=args.bf16, gradient_checkpointing=False, train_sampling_strategy="group_by_length",
+                  save_strategy="no", report_to="none", use_cpu=True)
+
+    def run():
+        t, cpu = time.time(), time.process_time()
         torch.manual_seed(seed)
         model, tokenizer = load_model_and_tokenizer(args.model)
-        fields = {f.name for f in dataclasses.fields(RetMaskConfig)}
-        config = {k: v for k, v in RECIPE_DEFAULTS["smollm2"].items() if k in fields}
-        config.update(output_dir=str(out / "runs" / f"{strategy}-seed{seed}"), mask_top_k=args.mask_top_k,
-                      mask_strategy=strategy, mask_seed=seed, seed=seed, max_new_tokens=args.max_new_tokens,
-                      generation_batch_size=args.generation_batch_size, pairs_cache_dir=str(out / "pairs"),
-                      num_train_epochs=args.epochs, learning_rate=args.learning_rate, bf16=args.bf16,
-                      gradient_checkpointing=False, train_sampling_strategy="group_by_length",
-                      save_strategy="no", report_to="none", use_cpu=True)
-        prompts = load_prompts(RetMaskScriptArguments())  # the shipped set as chat messages, like the recipes
+        prompts = load_prompts(TrainScriptArguments(dataset_name=args.dataset_name))
         prompts = prompts.shuffle(seed=0).select(range(min(args.max_prompts or len(prompts), len(prompts))))
         trainer = RetMaskTrainer(model=model, args=RetMaskConfig(**config), train_dataset=prompts,
                                  processing_class=tokenizer, head_scores=scores)
         trainer.train()
-        policy = trainer.accelerator.unwrap_model(trainer.model)
-        policy.save_pretrained(save_dir)
+        trainer.accelerator.unwrap_model(trainer.model).save_pretrained(save_dir)
         tokenizer.save_pretrained(save_dir)
-        info = {"masked_heads": [list(h) for h in trainer.masked_heads], "config": {k: str(v) for k, v in config.items()},
-                "log": [h for h in trainer.state.log_history if "loss" in h or "train_runtime" in h],
-                "pair_stats": {k: v.to_dict() for k, v in trainer.pair_stats.items()}, "seconds": time.time() - t}
-        (save_dir / "retmask_run.json").write_text(json.dumps(info, indent=2))
-        print(f"[done {info['seconds']:.0f}s] trained {save_dir}")
-    finally:
-        marker.unlink(missing_ok=True)
+        log = trainer.state.log_history
+        return {"masked_heads": [list(h) for h in trainer.masked_heads], "num_prompts": len(prompts),
+                "steps": trainer.state.global_step, "log": [h for h in log if "loss" in h or "train_runtime" in h],
+                "pair_stats": {k: v.to_dict() for k, v in trainer.pair_stats.items()},
+                "seconds": {"train": time.time() - t,
+                            "dpo": next((h["train_runtime"] for h in log if "train_runtime" in h), None)},
+                "cpu_seconds": {"train": time.process_time() - cpu}}
+
+    fp = fingerprint(model=args.model, dataset=args.dataset_name, max_prompts=args.max_prompts,
+                     heads=scores.select(top_k=args.mask_top_k, strategy=strategy, seed=seed),
+                     config={k: str(v) for k, v in sorted(config.items())})
+    info = cached_json(save_dir / "retmask_run.json", fp, run, overwrite=args.overwrite)
+    print(f"[{info['seconds']['train']:.0f}s] trained {save_dir}", flush=True)
     return save_dir
 
 
-def summarize(results: dict[str, dict], out: Path, args, scores_info: dict) -> None:
-    from trl_retmask.evaluation import format_table, plot_results
-
-    suites = {name: r["suite"] for name, r in results.items()}
-    plot_results(suites, out / "suite.png", title="SmolLM2-135M-Instruct: long-context suite (%)")
-    lines = [f"## Long-context suite (score x 100; n = {args.n_per_task} per task and length)", "",
-             format_table(suites), "", "## General check", "",
-             "| model | held-out perplexity | short-answer accuracy (%) | suite answers that differ from base |",
-             "|---|---|---|---|"]
-    base = {(g["task"], g["length"], g["seed"]): g["output"] for g in results.get("base", {}).get("suite", {})
-            .get("generations", [])}
-    for name, r in results.items():
-        g = r["general"]
-        gens = r["suite"].get("generations", [])
-        changed = sum(base.get((x["task"], x["length"], x["seed"])) != x["output"] for x in gens)
-        lines.append(f"| {name} | {g['heldout_ppl']:.2f} | {100 * g['short_answer']:.1f} | {changed} / {len(gens)} |")
-    lines += ["", "## Per task", "", "| model | task | length | metrics |", "|---|---|---|---|"]
-    for name, r in results.items():
-        for task, by_len in r["suite"]["tasks"].items():
-            for n, m in by_len.items():
-                cells = ", ".join(f"{k}={v:.3f}" for k, v in m.items() if k != "n")
-                lines.append(f"| {name} | {task} | {n} | {cells} |")
-    (out / "results.md").write_text("\n".join(lines) + "\n")
-    (out / "results.json").write_text(json.dumps({"args": vars(args), "heads": scores_info, "results": results},
-                                                 indent=2))
-    print("\n".join(lines[:len(lines)]))
+# ------------------------------------------------------------------------------------------------ report
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}"
 
 
-NAMES = {"base": "base", "base_masked_retrieval": "base, top-k retrieval masked",
-         "base_masked_random": "base, k random non-retrieval masked"}
+def _cell(s: dict) -> str:
+    return f"{_pct(s['mean'])} [{_pct(s['ci'][0])}, {_pct(s['ci'][1])}]"
 
 
-def summarize_finished(args, out: Path) -> None:
-    """Tables and chart from whatever evaluations are saved (an interrupted or partial run)."""
-    from trl_retmask import HeadScores
+def _diff(c: dict) -> str:
+    return f"{100 * c['difference']:+.1f} [{100 * c['ci'][0]:+.1f}, {100 * c['ci'][1]:+.1f}] p={c['p_value']:.3f}"
 
-    results = {}
-    for path in sorted((out / "eval").glob("*.json"), key=lambda p: (p.stem != "base", p.stem.startswith("base"), p.stem)):
-        name = NAMES.get(path.stem) or path.stem.replace("retrieval-", "RetMask ").replace("random_non_retrieval-", "control ")
-        results[name] = json.loads(path.read_text())
-        run = out / "models" / path.stem / "retmask_run.json"
-        if run.is_file():
-            results[name]["train"] = json.loads(run.read_text())
-    scores = HeadScores.load(args.head_scores or out / "detection" / "head_scores.json")
-    summarize(results, out, args, {"source": str(args.head_scores), "top_k": args.mask_top_k,
-                                   "retrieval_heads": scores.select(top_k=args.mask_top_k),
-                                   "sparsity": scores.sparsity()})
+
+def report(evals: dict[str, list[dict]], args, out: Path, heads: dict, timings: dict) -> dict:
+    """Intervals for every number, paired comparisons (seeds averaged per sample); results.json / .md, suite.png."""
+    import numpy as np
+
+    from trl_retmask.evaluation import paired_comparison, perplexity_ci, plot_results, suite_comparison, suite_summary
+    from trl_retmask.evaluation.stats import summarize
+
+    kw = dict(n_resamples=args.n_resamples)
+    models, general = {}, {}
+    for label, runs in evals.items():
+        chunks = np.mean([r["general"]["heldout_chunks"] for r in runs], axis=0)  # per chunk, mean over seeds
+        correct = np.mean([r["general"]["short_answer_correct"] for r in runs], axis=0)
+        general[label] = correct
+        models[label] = {"runs": len(runs), "suite": suite_summary([r["suite"]["per_sample"] for r in runs], **kw),
+                         "heldout_ppl": {"mean": float(np.exp(chunks[:, 0].sum() / chunks[:, 1].sum())),
+                                         "ci": perplexity_ci(chunks, **kw)},
+                         "short_answer": summarize(correct, **kw)}
+    comparisons = {f"{a} vs {b}": {"suite": suite_comparison([r["suite"]["per_sample"] for r in evals[a]],
+                                                             [r["suite"]["per_sample"] for r in evals[b]], **kw),
+                                   "short_answer": paired_comparison(general[a], general[b], **kw)}
+                   for a, b in COMPARISONS if a in evals and b in evals}
+    result = {"args": vars(args), "heads": heads, "models": models, "comparisons": comparisons, "seconds": timings}
+    (out / "results.json").write_text(json.dumps(result, indent=2))
+    plot_results({label: {"scores": {c: {n: v["mean"] for n, v in by_len.items()}
+                                     for c, by_len in m["suite"]["category"].items()}}
+                  for label, m in models.items()}, out / "suite.png",
+                 title=f"{Path(args.model).name}: long-context suite (%), seed means")
+    (out / "results.md").write_text(format_report(result))
+    return result
+
+
+def format_report(result: dict) -> str:
+    args, models = result["args"], result["models"]
+    cols = [(c, n) for m in models.values() for c, by_len in m["suite"]["category"].items() for n in by_len]
+    cols = sorted(set(cols), key=lambda x: (x[0], int(x[1])))
+    lines = [f"## Scores (x 100, mean [95% bootstrap interval]; n = {args['n_per_task']} per task and length; "
+             f"trained models: mean of seeds {args['seeds']} per sample)", "",
+             "| model | " + " | ".join(f"{c} @{n}" for c, n in cols) + " | overall | held-out ppl | short answer |",
+             "|---|" + "---|" * (len(cols) + 3)]
+    for label, m in models.items():
+        cells = [_cell(m["suite"]["category"][c][n]) if n in m["suite"]["category"].get(c, {}) else "" for c, n in cols]
+        ppl = m["heldout_ppl"]
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {_cell(m['suite']['overall'])} | {ppl['mean']:.2f} "
+                     f"[{ppl['ci'][0]:.2f}, {ppl['ci'][1]:.2f}] | {_cell(m['short_answer'])} |")
+    lines += ["", "## Paired comparisons (difference x 100 [95% paired-bootstrap interval], two-sided sign-flip p)",
+              "", "| comparison | " + " | ".join(f"{c} @{n}" for c, n in cols) + " | overall | short answer |",
+              "|---|" + "---|" * (len(cols) + 2)]
+    for name, comp in result["comparisons"].items():
+        cells = [_diff(comp["suite"]["category"][c][n]) for c, n in cols]
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {_diff(comp['suite']['overall'])} | "
+                     f"{_diff(comp['short_answer'])} |")
+    tasks = sorted({(t, n) for m in models.values() for t, by_len in m["suite"]["task"].items() for n in by_len},
+                   key=lambda x: (x[0], int(x[1])))
+    lines += ["", "## Per task", "", "| task @ length | " + " | ".join(models) + " | "
+              + " | ".join(result["comparisons"]) + " |", "|---|" + "---|" * (len(models) + len(result["comparisons"]))]
+    for t, n in tasks:
+        cells = [_cell(m["suite"]["task"][t][n]) for m in models.values()]
+        cells += [_diff(c["suite"]["task"][t][n]) for c in result["comparisons"].values()]
+        lines.append(f"| {t} @{n} | " + " | ".join(cells) + " |")
+    lines += ["", f"Masked heads: {result['heads']}", "", "## Seconds per piece", "",
+              "| piece | wall clock | process CPU time |", "|---|---|---|"]
+    lines += [f"| {k} | {wall:.0f} | {'' if cpu is None else f'{cpu:.0f}'} |"
+              for k, (wall, cpu) in result["seconds"].items()]
+    return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------------------------------------ main
+def _timings(name: str, result: dict) -> dict:
+    """`{"<name>: <stage>": [wall seconds, process CPU seconds]}`. CPU time depends less on other jobs than the wall
+    clock does, but with several threads on a busy machine it also counts the threads' spin-waiting."""
+    cpu = result.get("cpu_seconds", {})
+    return {f"{name}: {k}": [v, cpu.get(k)] for k, v in result["seconds"].items() if v is not None}
 
 
 def main(argv=None):
@@ -192,65 +254,57 @@ def main(argv=None):
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    from trl_retmask import HeadScores, load_model_and_tokenizer
+    from trl_retmask import load_model_and_tokenizer
+    from trl_retmask.scores import resolve_head_scores
 
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    if args.summarize_only:
-        return summarize_finished(args, out)
     t0 = time.time()
     model, tokenizer = load_model_and_tokenizer(args.model)
-    max_len = max(args.lengths)
-    if max_len > model.config.max_position_embeddings:
-        raise ValueError(f"--lengths up to {max_len} exceed the model's {model.config.max_position_embeddings}.")
+    if max(args.lengths) > model.config.max_position_embeddings:
+        raise SystemExit(f"--lengths up to {max(args.lengths)} exceed the model's "
+                         f"{model.config.max_position_embeddings} positions; pass shorter --lengths.")
+    scores = resolve_head_scores(args.head_scores, model)
+    heads = {"retrieval": scores.select(top_k=args.mask_top_k),
+             "random_non_retrieval": scores.select(top_k=args.mask_top_k, strategy="random_non_retrieval",
+                                                   seed=args.seeds[0])}
+    evals: dict[str, list[dict]] = {}
+    timings: dict[str, list] = {}
 
-    # 1. base model (needs no heads)
-    results = {} if args.train_only else {"base": evaluate_model(model, tokenizer, args, out, "base")}
-    # 2. heads
-    score_path = Path(args.head_scores) if args.head_scores else out / "detection" / "head_scores.json"
-    if not score_path.is_file():
-        from trl_retmask.detection import detect_retrieval_heads
+    def piece(label: str, name: str, compute):
+        path = out / "eval" / f"{name}.json"
+        if args.report_only and not path.is_file():
+            return
+        result = compute()
+        evals.setdefault(label, []).append(result)
+        timings.update(_timings(name, result))
 
-        t = time.time()
-        detect_retrieval_heads(model, tokenizer, context_lengths=args.detect_lengths, output_dir=str(out / "detection"))
-        print(f"[done {time.time() - t:.0f}s] detection")
-    scores = HeadScores.load(score_path)
-    retrieval = scores.select(top_k=args.mask_top_k, strategy="retrieval")
-    scores_info = {"source": str(score_path), "top_k": args.mask_top_k, "retrieval_heads": retrieval,
-                   "sparsity": scores.sparsity()}
-
+    for name, masked in (("base", None), ("base_masked_retrieval", heads["retrieval"]),
+                         ("base_masked_random", heads["random_non_retrieval"])):
+        piece(MODELS[name], name, functools.partial(evaluate, model, tokenizer, args, out, name, heads=masked))
     del model
     gc.collect()
+    for seed in args.seeds:
+        for strategy in ("retrieval", "random_non_retrieval"):
+            name = f"{strategy}-seed{seed}"
 
-    if args.eval_masked and not args.train_only:  # does the suite see the heads? (while the models train)
-        model, tokenizer = load_model_and_tokenizer(args.model)
-        results["base, top-k retrieval masked"] = evaluate_model(model, tokenizer, args, out,
-                                                                 "base_masked_retrieval", heads=retrieval)
-        del model
-        gc.collect()
+            def trained(strategy=strategy, seed=seed, name=name):
+                save_dir = train(args, out, scores, strategy, seed)
+                timings.update(_timings(name, json.loads((save_dir / "retmask_run.json").read_text())))
+                policy, tok = load_model_and_tokenizer(str(save_dir))
+                try:
+                    return evaluate(policy, tok, args, out, name)
+                finally:
+                    del policy
+                    gc.collect()
 
-    # 3-4. trained models
-    runs = [(seed, strategy, label) for seed in args.seeds
-            for strategy, label in (("retrieval", "RetMask"), ("random_non_retrieval", "control"))
-            if strategy in args.strategies]
-    for seed, strategy, _ in runs if args.train_only else []:
-        train(args, out, scores, strategy, seed)
-    if args.train_only:
-        return
-    for seed, strategy, label in runs:
-        save_dir = train(args, out, scores, strategy, seed)
-        policy, tok = load_model_and_tokenizer(str(save_dir))
-        results[f"{label} seed{seed}"] = dict(evaluate_model(policy, tok, args, out, f"{strategy}-seed{seed}"),
-                                              train=json.loads((save_dir / "retmask_run.json").read_text()))
-        del policy
-        gc.collect()
-    if args.eval_masked:  # last: the comparison above matters most when time is short
-        model, tokenizer = load_model_and_tokenizer(args.model)
-        control = scores.select(top_k=args.mask_top_k, strategy="random_non_retrieval", seed=args.seeds[0])
-        results["base, k random non-retrieval masked"] = evaluate_model(model, tokenizer, args, out,
-                                                                        "base_masked_random", heads=control)
-    summarize(results, out, args, scores_info)
+            piece(MODELS[strategy], name, trained)
+    if not evals:
+        raise SystemExit(f"No finished evaluation in {out}; run without --report-only first.")
+    result = report(evals, args, out, {k: [list(h) for h in v] for k, v in heads.items()}, timings)
+    print((out / "results.md").read_text())
     print(f"total {time.time() - t0:.0f}s")
+    return result
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Shared test fixtures: offline mode and tiny randomly initialised models of every supported family."""
+"""Shared test fixtures: offline mode, tiny randomly initialised models of every supported family, and the markers'
+behaviour (`gpu` tests skip without CUDA; in CI a missing embedded model fails instead of skipping)."""
 
 import os
 
@@ -8,8 +9,33 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
 
 from tests.tiny import HAYSTACK, TINY_ARCHS, make_tiny_model, make_tiny_tokenizer  # noqa: E402,F401
+
+pytest_plugins = ["pytester"]  # tests/test_infra.py runs these hooks in an inner session
+
+
+def in_ci() -> bool:
+    """CI sets `CI=true` (GitHub Actions, GitLab, ...): there a skipped real-model test would hide a broken wheel."""
+    return os.environ.get("CI", "").strip().lower() in ("true", "1", "yes")
+
+
+def skip_unless_ci(reason: str):
+    """Skip locally, fail in CI: for tests whose only reason to skip is a missing embedded model."""
+    if in_ci():
+        pytest.fail(f"CI=true but {reason}", pytrace=False)
+    pytest.skip(reason)
+
+
+def pytest_collection_modifyitems(config, items):
+    """`@pytest.mark.gpu` tests skip cleanly where CUDA is not available, whatever else they are marked with."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA (marked gpu)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
 
 
 @pytest.fixture(params=TINY_ARCHS)
@@ -30,13 +56,15 @@ def tiny_llama():
 
 @pytest.fixture(scope="session")
 def smollm2():
-    """The real embedded model (SmolLM2-135M-Instruct), converted once; skipped if the wheel is absent."""
+    """The real embedded model (SmolLM2-135M-Instruct), converted once.
+
+    Without the wheel its tests skip locally; in CI (`CI=true`) they fail, so a broken wheel cannot turn CI green."""
     from trl_retmask.models import DEFAULT_MODEL, load_model_and_tokenizer
 
     try:
         return load_model_and_tokenizer(DEFAULT_MODEL)
     except ImportError as e:  # pragma: no cover - the README's set-up installs it
-        pytest.skip(str(e))
+        skip_unless_ci(f"the embedded model cannot be loaded: {e}")
 
 
 @pytest.fixture

@@ -14,8 +14,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import transformers  # noqa: E402
 
-import trl_retmask.recipe as recipe  # noqa: E402
-from tests.recipe_utils import load_recipe  # noqa: E402
+import trl_retmask.scripts.train as train  # noqa: E402
+from tests.recipe_utils import RECIPES  # noqa: E402
 
 report_dir = Path(sys.argv[1])
 argv = sys.argv[2:]
@@ -36,7 +36,7 @@ def counting_generate(self, *args, **kwargs):
 
 
 transformers.GenerationMixin.generate = counting_generate
-_build_trainer = recipe.build_trainer
+_build_trainer = train.build_trainer
 
 
 def recording_build_trainer(script_args, training_args, model_args, model=None, tokenizer=None, **kwargs):
@@ -51,8 +51,8 @@ def recording_build_trainer(script_args, training_args, model_args, model=None, 
     return trainer
 
 
-recipe.build_trainer = recording_build_trainer
-summary = recipe.main(load_recipe("smollm2").DEFAULTS, argv)
+train.build_trainer = recording_build_trainer  # `train.main` looks it up in its module at call time
+summary = train.main(*train.parse_args(argv, recipe=str(RECIPES / "smollm2.yaml")))
 trainer = recording_build_trainer.trainer
 record["global_step"] = trainer.state.global_step
 record["losses"] = [h["loss"] for h in trainer.state.log_history if "loss" in h]

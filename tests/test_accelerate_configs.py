@@ -16,6 +16,8 @@ EXPECTED = {
     "multi_gpu.yaml": (DistributedType.MULTI_GPU, 8, {}),
     "zero1.yaml": (DistributedType.DEEPSPEED, 4, {"ACCELERATE_USE_DEEPSPEED": "true",
                                                   "ACCELERATE_DEEPSPEED_ZERO_STAGE": "1"}),
+    "zero2.yaml": (DistributedType.DEEPSPEED, 4, {"ACCELERATE_USE_DEEPSPEED": "true",
+                                                  "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2"}),
     "zero3.yaml": (DistributedType.DEEPSPEED, 8, {"ACCELERATE_USE_DEEPSPEED": "true",
                                                   "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3",
                                                   "ACCELERATE_DEEPSPEED_ZERO3_INIT": "true",
@@ -64,7 +66,7 @@ def test_yaml_loads_with_accelerate(name):
     assert "ACCELERATE_GRADIENT_ACCUMULATION_STEPS" not in env
 
 
-@pytest.mark.parametrize("name", ["zero1.yaml", "zero3.yaml"])
+@pytest.mark.parametrize("name", ["zero1.yaml", "zero2.yaml", "zero3.yaml"])
 def test_deepspeed_plugin_builds_from_yaml(name, monkeypatch):
     """The plugin the training processes would build from the launcher's environment (no deepspeed needed)."""
     from accelerate.utils import DeepSpeedPlugin

@@ -1,30 +1,41 @@
-"""Retrieval-head detection: argmax recording against eager attention, hand-computed scores, resume, sharding."""
+"""Retrieval-head detection: the authors' scoring loop re-implemented independently, argmax recording against eager
+attention, hand-computed scores, span boundaries, resume, sharding."""
 
+import inspect
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 import trl_retmask.detection as detection
+from tests.test_niah import LEADIN_NEEDLE, make_book_tokenizer
+from tests.test_runtime import launch_two_cpu_processes
 from tests.tiny import NEEDLE, make_tiny_model
 from tests.tiny import OTHER_NEEDLE as OTHER
-from trl_retmask.detection import copy_scores, detect_retrieval_heads, record_attention_argmax
-from trl_retmask.niah import NIAHSample, build_niah_samples, generate_answer, greedy_generation_config
+from trl_retmask.detection import (
+    DETECTION_PRESETS,
+    copy_scores,
+    detect_retrieval_heads,
+    record_attention_argmax,
+)
+from trl_retmask.niah import NIAHSample, build_niah_samples, generate_answer
+from trl_retmask.runtime import make_generation_config
 
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(scope="module")
+def tiny_tokenizer(tmp_path_factory):
+    return make_book_tokenizer(tmp_path_factory.mktemp("book_tok"))
 
 
 def forced_generation(tokenizer, answers: dict, calls: list | None = None, fail_after: int | None = None,
                       on_sample=None):
     """A `generate_answer` that runs the real model forward passes but emits the given answer text per needle."""
 
-    def generate(model, tok, sample, max_new_tokens):
+    def generate(model, tok, sample, max_new_tokens, heads=None, *, stop_at_eos=True):
         if calls is not None:
             calls.append(sample.key)
             if fail_after is not None and len(calls) > fail_after:
@@ -35,7 +46,7 @@ def forced_generation(tokenizer, answers: dict, calls: list | None = None, fail_
         ids = torch.tensor([sample.input_ids])
         p = ids.shape[1]
         out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
-                             generation_config=greedy_generation_config(model, len(target)),
+                             generation_config=make_generation_config(model, len(target)),
                              prefix_allowed_tokens_fn=lambda _, x: [target[len(x) - p]])
         return out[0, p:].tolist()
 
@@ -53,6 +64,111 @@ def test_copy_scores_by_hand():
     ])
     expected = torch.tensor([[2 / 3, 0.0, 1 / 3, 1 / 3]])
     assert torch.allclose(copy_scores(positions, generated, sequence, span), expected)
+
+
+def test_copy_span_boundaries():
+    """`start <= pos < end`: a hit at start and at end-1 counts, at end and at start-1 does not."""
+    sequence = torch.tensor([7, 7, 7, 7, 7, 0, 7])  # every prompt position holds the generated token 7
+    generated = torch.tensor([7])
+    positions = torch.tensor([[[1, 2, 3, 4]]])  # heads point at start-1, start, end-1, end
+    scores = copy_scores(positions, generated, sequence, (2, 4))
+    assert scores.tolist() == [[0.0, 0.5, 0.5, 0.0]]  # worth 1/(end - start) each
+
+
+# ------------------------------------------------------------------------ the authors' loop, independently
+def authors_scores(model, tokenizer, prompt_ids: list[int], real_needle: str, output_ids: list[int],
+                   span: tuple[int, int] | None = None) -> list[list[float]]:
+    """Their `find_needle_idx` + `decode` + `retrieval_calculate` (YoumiMa/RetMask, retrieval_head_detection.py):
+    eager attention with `output_attentions`, prefill all but the last prompt token, then one step per output token
+    feeding the previous one, and per layer and head `attn[layer][0][head][-1].topk(1)`. `output_ids` are the tokens
+    the detector generated (their loop takes the argmax; here the answers are forced). `span` overrides the span
+    search (to score the old whole-needle span)."""
+    if span is None:
+        needle_ids = tokenizer(real_needle, add_special_tokens=False)["input_ids"]
+        span = (-1, -1)
+        for i in range(len(prompt_ids)):
+            overlap = len(set(prompt_ids[i:i + len(needle_ids)]) & set(needle_ids)) / len(set(needle_ids))
+            if overlap > 0.9:
+                span = (i, i + len(needle_ids))
+                break
+    start, end = span
+    layers, heads = model.config.num_hidden_layers, model.config.num_attention_heads
+    score = [[0.0] * heads for _ in range(layers)]
+    ids = torch.tensor([prompt_ids])
+    with torch.no_grad():
+        out = model(input_ids=ids[:, :-1], use_cache=True)
+        past, inp = out.past_key_values, ids[:, -1]
+        for token in output_ids:
+            out = model(input_ids=inp.view(1, 1), past_key_values=past, use_cache=True, output_attentions=True)
+            past, inp = out.past_key_values, torch.tensor(token)
+            for layer in range(layers):
+                for head in range(heads):
+                    values, idx = out.attentions[layer][0][head][-1].topk(1)
+                    for _, i in zip(values, idx):
+                        if start <= i < end and inp.item() == prompt_ids[i]:
+                            score[layer][head] += 1 / (end - start)
+                            break
+    return score
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "mistral", "olmo3", "phi3", "gemma2"])
+def test_scores_equal_the_authors_loop(arch, tiny_tokenizer, hay_dir, monkeypatch):
+    """Per-head, per-sample scores of `detect_retrieval_heads` (defaults: 200-token buffer, real_needle span) equal
+    the reference loop's. The answers copy the whole needle, lead-in included, and the lead-in copies that the old
+    whole-needle span counted are there and are not counted."""
+    overrides = {"sliding_window": 512} if arch == "gemma2" else {}  # reference indices assume an uncropped cache
+    model = make_tiny_model(arch, attn_implementation="eager", **overrides)
+    needles = [LEADIN_NEEDLE, OTHER]
+    answers = {i: n["needle"] for i, n in enumerate(needles)}  # correct (ROUGE recall 1), lead-in copied
+    monkeypatch.setattr(detection, "generate_answer", forced_generation(tiny_tokenizer, answers))
+    grid = dict(context_lengths=[0, 230, 260], depths=[0, 50, 100], haystack_dir=hay_dir)
+    scores = detect_retrieval_heads(model, tiny_tokenizer, needles=needles, max_new_tokens=20, **grid)
+    samples = build_niah_samples(tiny_tokenizer, needles=needles, length_buffer=200, **grid)
+    assert len(scores.scores[(0, 0)]) == len(samples) == 18
+    ours = torch.tensor([scores.scores[(layer, head)] for layer in range(3) for head in range(4)]).T
+    lead_in_hits = 0
+    for k, s in enumerate(samples):
+        output = tiny_tokenizer(answers[s.needle_index], add_special_tokens=False)["input_ids"][:20]
+        reference = torch.tensor(authors_scores(model, tiny_tokenizer, s.input_ids, s.answer, output)).flatten()
+        assert torch.allclose(ours[k], reference, atol=1e-6), (s.key, ours[k], reference)
+        old = torch.tensor(authors_scores(model, tiny_tokenizer, s.input_ids, s.answer, output,
+                                          span=s.needle_span)).flatten()
+        needle_len, answer_len = s.needle_end - s.needle_start, s.answer_end - s.answer_start
+        lead_in_hits += (old * needle_len - reference * answer_len).round().sum().item()
+    assert ours.max() > 0 and lead_in_hits > 0  # both kinds of copying happened: the comparison means something
+
+
+def test_defaults_are_the_authors():
+    authors = DETECTION_PRESETS["authors"]
+    assert list(authors["context_lengths"]) == [0, 263, 526, 789, 1053, 1316, 1579, 1842, 2105, 2368, 2632, 2895,
+                                                3158, 3421, 3684, 3947, 4211, 4474, 4737, 5000]
+    assert list(authors["context_lengths"]) == np.round(np.linspace(0, 5000, 20)).astype(int).tolist()
+    assert list(authors["depths"]) == [0, 11, 22, 33, 44, 56, 67, 78, 89, 100]
+    assert authors["max_new_tokens"] == 50 and authors["length_buffer"] == 200
+    defaults = {k: p.default for k, p in inspect.signature(detect_retrieval_heads).parameters.items()}
+    assert {k: defaults[k] for k in authors} == authors and defaults["haystack_per_needle"] is None
+    cpu = DETECTION_PRESETS["cpu"]
+    assert set(cpu["context_lengths"]) <= set(authors["context_lengths"]) and set(cpu["depths"]) <= set(authors["depths"])
+    assert {k: cpu[k] for k in ("max_new_tokens", "length_buffer")} == {"max_new_tokens": 50, "length_buffer": 200}
+
+
+def test_detection_decodes_past_eos(tiny_tokenizer, hay_dir, tmp_path):
+    """50 greedy tokens whatever EOS does (their loop has no EOS stop); the response skips special tokens."""
+    model = make_tiny_model("llama")
+    with torch.no_grad():
+        model.lm_head.weight[2] += 5.0  # EOS is the greedy token
+    with pytest.raises(ValueError, match="none of the"):
+        detect_retrieval_heads(model, tiny_tokenizer, context_lengths=[0], depths=[0], needles=[NEEDLE],
+                               max_new_tokens=7, haystack_dir=hay_dir, output_dir=tmp_path)
+    record = json.loads((tmp_path / "detect.rank0.jsonl").read_text().splitlines()[0])
+    assert record["num_new_tokens"] == 7 and "</s>" not in record["response"]
+
+
+def test_real_needle_outside_the_needle_is_refused(tiny_tokenizer, hay_dir):
+    needle = {**NEEDLE, "real_needle": "water"}
+    with pytest.raises(ValueError, match=r"real_needle of needle\(s\) \[0\] does not occur"):
+        detect_retrieval_heads(make_tiny_model("llama"), tiny_tokenizer, context_lengths=[0], depths=[0],
+                               needles=[needle], haystack_dir=hay_dir)
 
 
 def _reference_argmax(model, prompt: list[int], new: list[int]) -> torch.Tensor:
@@ -108,22 +224,24 @@ def test_detect_scores_match_hand_computation(tiny_tokenizer, hay_dir, monkeypat
         s = current["sample"]
         t = key.shape[2] - len(s.input_ids)  # the step: 0 for the prefill, then one per generated token
         pos = torch.zeros(b, hq, dtype=torch.long)
-        pos[:, 0] = s.needle_start + t  # copies needle token t: a hit every step
+        pos[:, 0] = s.needle_start + t  # copies needle token t: a hit every step (lead-in and answer)
         pos[:, 1] = s.needle_start + t + 1  # one ahead: never the token being generated
         pos[:, 2] = s.needle_start + t if t % 2 == 0 else 0  # copies on even steps only
-        pos[:, 3] = len(s.input_ids) - 1 + t  # the latest token: outside the needle
+        pos[:, 3] = s.needle_start + t if s.needle_start + t < s.answer_start else 0  # copies the lead-in only
         return pos
 
     monkeypatch.setattr(detection, "last_row_argmax", stub_argmax)
-    # Needle 0 is answered with the needle itself (correct); needle 1 with a wrong answer (excluded).
+    # The lead-in needle is answered with the whole needle (correct); the other with a wrong answer (excluded).
     monkeypatch.setattr(detection, "generate_answer", forced_generation(
-        tiny_tokenizer, {0: NEEDLE["needle"], 1: "the man went home . it"},
+        tiny_tokenizer, {0: LEADIN_NEEDLE["needle"], 1: "the man went home . it"},
         on_sample=lambda s: current.update(sample=s)))
     model = make_tiny_model("llama")
-    scores = detect_retrieval_heads(model, tiny_tokenizer, context_lengths=[60], depths=[0, 50],
-                                    needles=[NEEDLE, OTHER], max_new_tokens=6, haystack_dir=hay_dir,
+    scores = detect_retrieval_heads(model, tiny_tokenizer, context_lengths=[260], depths=[0, 50],
+                                    needles=[LEADIN_NEEDLE, OTHER], max_new_tokens=17, haystack_dir=hay_dir,
                                     output_dir=tmp_path / "out")
-    # 6 needle tokens, 6 steps: head0 copies 6/6, head2 3/6 (steps 0, 2, 4), heads 1 and 3 never.
+    # 17 needle tokens generated: 11 of the lead-in ("the best ... is to"), then the 6 of the answer
+    # ("read a story with your mother"), the span. head0 copies 6/6 of it, head2 the even steps 12, 14, 16 (3/6),
+    # head3 only lead-in tokens: 0 (the whole-needle span gave it 11/17).
     for layer in range(3):
         assert scores.scores[(layer, 0)] == [1.0, 1.0]  # two correct samples (depths 0 and 50 of needle 0)
         assert scores.scores[(layer, 1)] == [0.0, 0.0]
@@ -136,11 +254,12 @@ def test_detect_scores_match_hand_computation(tiny_tokenizer, hay_dir, monkeypat
     assert json.loads((out / "sparsity.json").read_text())["num_correct"] == 2
 
 
-def _forced_detect(model, tok, hay_dir, out, monkeypatch, **kw):
+def _forced_detect(model, tok, hay_dir, out, monkeypatch, needles=(LEADIN_NEEDLE, OTHER), overwrite=False, **kw):
     monkeypatch.setattr(detection, "generate_answer",
-                        forced_generation(tok, {0: NEEDLE["needle"], 1: OTHER["needle"]}, **kw))
-    return detect_retrieval_heads(model, tok, context_lengths=[50, 80], depths=[0, 50, 100], needles=[NEEDLE, OTHER],
-                                  max_new_tokens=6, haystack_dir=hay_dir, output_dir=out)
+                        forced_generation(tok, {i: n["real_needle"] for i, n in enumerate(needles)}, **kw))
+    return detect_retrieval_heads(model, tok, context_lengths=[50, 80], depths=[0, 50, 100], needles=list(needles),
+                                  max_new_tokens=6, haystack_dir=hay_dir, output_dir=out, overwrite=overwrite,
+                                  length_buffer=0)
 
 
 def test_detect_resumes_after_kill(tiny_tokenizer, hay_dir, monkeypatch, tmp_path):
@@ -157,14 +276,45 @@ def test_detect_resumes_after_kill(tiny_tokenizer, hay_dir, monkeypatch, tmp_pat
     assert max(max(v) for v in full.scores.values()) > 0  # real copying happened, so the comparison means something
 
 
+def test_detect_refuses_a_directory_of_other_needles(tiny_tokenizer, hay_dir, monkeypatch, tmp_path):
+    """Issue 12.2: another needle set (or haystack, model...) must not reuse the records of a detection directory."""
+    model = make_tiny_model("qwen2")
+    _forced_detect(model, tiny_tokenizer, hay_dir, tmp_path / "d", monkeypatch)
+    calls = []
+    with pytest.raises(ValueError, match="needles.*differ.*overwrite=True"):
+        _forced_detect(model, tiny_tokenizer, hay_dir, tmp_path / "d", monkeypatch, needles=(OTHER,), calls=calls)
+    assert calls == []  # refused before any work
+    redone = _forced_detect(model, tiny_tokenizer, hay_dir, tmp_path / "d", monkeypatch, needles=(OTHER,),
+                            overwrite=True)
+    fresh = _forced_detect(model, tiny_tokenizer, hay_dir, tmp_path / "fresh", monkeypatch, needles=(OTHER,))
+    assert redone.scores == fresh.scores
+    assert json.loads((tmp_path / "d" / "head_scores.json").read_text()) == \
+        json.loads((tmp_path / "fresh" / "head_scores.json").read_text())
+
+
+def test_detect_redoes_a_record_of_the_wrong_layout(tiny_tokenizer, hay_dir, monkeypatch, tmp_path):
+    model = make_tiny_model("qwen2")
+    full = _forced_detect(model, tiny_tokenizer, hay_dir, tmp_path / "d", monkeypatch)
+    path = tmp_path / "d" / "detect.rank0.jsonl"
+    lines = path.read_text().splitlines(keepends=True)
+    record = json.loads(lines[0])
+    record["scores"] = record["scores"][:-1]  # an edited file: one head short
+    path.write_text(json.dumps(record) + "\n" + "".join(lines[1:]))
+    calls = []
+    with pytest.warns(UserWarning, match="detect.rank0.jsonl: 1 unusable record"):
+        again = _forced_detect(model, tiny_tokenizer, hay_dir, tmp_path / "d", monkeypatch, calls=calls)
+    assert calls == [record["key"]] and again.scores == full.scores
+
+
 SHARD_SCRIPT = """
 import sys
 sys.path.insert(0, {repo!r})
 import pytest
-from tests.tiny import make_tiny_model, make_tiny_tokenizer
+from tests.tiny import make_tiny_model
+from tests.test_niah import make_book_tokenizer
 from tests.test_detection import _forced_detect
 from pathlib import Path
-tok = make_tiny_tokenizer(Path(sys.argv[1]) / "tok")
+tok = make_book_tokenizer(Path(sys.argv[1]) / "tok")
 mp = pytest.MonkeyPatch()
 _forced_detect(make_tiny_model("qwen2"), tok, Path(sys.argv[2]), Path(sys.argv[1]) / "out", mp)
 """
@@ -181,14 +331,7 @@ def test_two_processes_match_one(tiny_tokenizer, hay_dir, monkeypatch, tmp_path)
         torch.set_num_threads(threads)
     script = tmp_path / "shard.py"
     script.write_text(SHARD_SCRIPT.format(repo=str(REPO)))
-    # `--cpu --num_processes 2` would need mpirun; torchrun through `--multi_gpu` with ACCELERATE_USE_CPU gives gloo.
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "ACCELERATE_USE_CPU": "true",
-           "CUDA_VISIBLE_DEVICES": ""}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
-           str(script), str(tmp_path), str(hay_dir)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    launch_two_cpu_processes(script, tmp_path, hay_dir)
     out = tmp_path / "out"
     assert sorted(p.name for p in out.glob("detect.rank*.jsonl")) == ["detect.rank0.jsonl", "detect.rank1.jsonl"]
     sharded = json.loads((out / "head_scores.json").read_text())
@@ -205,8 +348,8 @@ def test_zero_correct_samples_is_an_error(tiny_tokenizer, hay_dir):
 
 def test_bad_input_fails_before_work(tiny_tokenizer, hay_dir, tmp_path):
     model = make_tiny_model("llama")  # window 512
-    with pytest.raises(ValueError, match="window"):
-        detect_retrieval_heads(model, tiny_tokenizer, context_lengths=[500], depths=[50], needles=[NEEDLE],
+    with pytest.raises(ValueError, match="window"):  # 600 context tokens after the 200-token buffer
+        detect_retrieval_heads(model, tiny_tokenizer, context_lengths=[800], depths=[50], needles=[NEEDLE],
                                max_new_tokens=32, haystack_dir=hay_dir)
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="no text"):
@@ -216,14 +359,14 @@ def test_bad_input_fails_before_work(tiny_tokenizer, hay_dir, tmp_path):
 @pytest.mark.real_model
 def test_real_model_argmax_matches_eager(smollm2):
     model, tok = smollm2
-    sample = build_niah_samples(tok, [512], [50], None)[1]
+    sample = build_niah_samples(tok, [512], [50], None, length_buffer=200, haystack_per_needle=None)[1]
     with record_attention_argmax(model) as recorder:
-        new = generate_answer(model, tok, sample, 12)
+        new = generate_answer(model, tok, sample, 12, stop_at_eos=False)
         positions = recorder.positions(len(sample.input_ids) - 1, len(new))
     weights = _reference_argmax(model, sample.input_ids, new)
     picked = weights.gather(-1, positions[..., None]).squeeze(-1)
     assert torch.all(picked >= weights.max(-1).values - 1e-5)
     assert (positions == weights.argmax(-1)).float().mean() > 0.99
     # Some head copies the answer from the needle: the mechanism the score counts exists in this model.
-    scores = copy_scores(positions, torch.tensor(new), torch.tensor(sample.input_ids + new), sample.needle_span)
-    assert scores.max() >= 3 / (sample.needle_end - sample.needle_start)  # >= 3 copied needle tokens
+    scores = copy_scores(positions, torch.tensor(new), torch.tensor(sample.input_ids + new), sample.answer_span)
+    assert scores.max() >= 3 / (sample.answer_end - sample.answer_start)  # >= 3 copied answer tokens

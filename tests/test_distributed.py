@@ -26,6 +26,42 @@ from tests.recipe_utils import (
 )
 
 
+def worker_env(**overrides) -> dict[str, str]:
+    """The parent's environment for launched workers, with this interpreter's import path in front of PYTHONPATH.
+
+    Workers run `sys.executable` (torchrun's default) but start with a fresh `sys.path`: packages the parent reaches
+    through its own path (a `--target` install, a user site, an un-activated venv) would be missing, and a PYTHONPATH
+    replaced by the repository alone hides them too. Putting the repository and the parent's `sys.path` first keeps
+    `trl` and `trl_retmask` importable on any machine."""
+    paths = [str(REPO), *(p for p in sys.path if p and os.path.isdir(p))]
+    previous = os.environ.get("PYTHONPATH")
+    if previous:
+        paths.append(previous)
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(dict.fromkeys(paths)), **overrides}
+
+
+def test_worker_env_keeps_the_parents_import_path(tmp_path, monkeypatch):
+    """A worker started like the launcher's (same interpreter, inherited env, other cwd) imports what the parent does."""
+    extra = tmp_path / "site_extra"
+    (extra / "only_here_pkg").mkdir(parents=True)
+    (extra / "only_here_pkg" / "__init__.py").write_text("VALUE = 7\n")
+    monkeypatch.syspath_prepend(str(extra))  # reachable by the parent only through its sys.path
+    monkeypatch.setenv("PYTHONPATH", "/nonexistent/earlier/entry")
+    env = worker_env(CUDA_VISIBLE_DEVICES="")
+    code = "import only_here_pkg, trl, trl_retmask, os; print(only_here_pkg.VALUE, os.environ['CUDA_VISIBLE_DEVICES'] == '')"
+    proc = subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["7", "True"]
+    assert env["PYTHONPATH"].split(os.pathsep)[0] == str(REPO)
+    assert env["PYTHONPATH"].split(os.pathsep)[-1] == "/nonexistent/earlier/entry"  # kept, not replaced
+    # The replaced-PYTHONPATH environment the test used before could not import the parent-only package.
+    old = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-c", "import only_here_pkg"], env=old, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0 and "only_here_pkg" in proc.stderr
+
+
 @pytest.mark.slow
 def test_two_process_recipe_run_shares_pairs_and_trains(tmp_path):
     model_dir = save_tiny_model(tmp_path / "model")
@@ -35,9 +71,8 @@ def test_two_process_recipe_run_shares_pairs_and_trains(tmp_path):
     recipe_args = tiny_overrides(model_dir, data, scores, out, "--mask_top_k", "2", "--niah_eval", "False",
                                  "--detect_heads", "False", "--generation_batch_size", "2", "--max_steps", "2",
                                  "--temperature", "0.6", "--learning_rate", "1e-3", "--use_cpu", "True")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-           "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(REPO),
-           "ACCELERATE_USE_CPU": "true", "CUDA_VISIBLE_DEVICES": ""}
+    env = worker_env(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+                     TOKENIZERS_PARALLELISM="false", ACCELERATE_USE_CPU="true", CUDA_VISIBLE_DEVICES="")
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
            str(REPO / "tests" / "distributed_driver.py"), str(reports), *recipe_args]

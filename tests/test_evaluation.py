@@ -7,6 +7,7 @@ import re
 import pytest
 import torch
 
+from tests.tiny import make_tiny_model
 from trl_retmask.evaluation import (
     CATEGORIES,
     LongContextEvalCallback,
@@ -167,6 +168,26 @@ def test_evaluate_long_context_tiny(tiny_llama, tiny_tokenizer, tmp_path):
         evaluate_long_context(tiny_llama, tiny_tokenizer, lengths=(1024,), n_per_task=1, progress=False)
 
 
+def test_suite_generations_resume_and_refuse_other_runs(tiny_tokenizer, tmp_path):
+    model = make_tiny_model("llama")
+    kw = dict(lengths=(256,), categories=["recall"], n_per_task=2, output_dir=tmp_path, name="m", progress=False,
+              max_new_tokens=4, batch_size=3)
+    first = evaluate_long_context(model, tiny_tokenizer, **kw)
+    assert sorted(p.name for p in tmp_path.glob("m.generations.*")) == ["m.generations.meta.json",
+                                                                         "m.generations.rank0.jsonl"]
+    inner, model.generate = model.generate, lambda *a, **k: pytest.fail("regenerated finished generations")
+    assert evaluate_long_context(model, tiny_tokenizer, **kw)["scores"] == first["scores"]
+    model.generate = inner
+    with pytest.raises(ValueError, match="another run.*heads.*overwrite=True"):
+        evaluate_long_context(model, tiny_tokenizer, heads=[(0, 1)], **kw)
+    masked = evaluate_long_context(model, tiny_tokenizer, heads=[(0, 1)], overwrite=True, keep_generations=True, **kw)
+    fresh = evaluate_long_context(model, tiny_tokenizer, heads=[(0, 1)], keep_generations=True,
+                                  **{**kw, "output_dir": None})
+    assert masked["generations"] == fresh["generations"]
+    with pytest.raises(ValueError, match="plain file name"):
+        evaluate_long_context(model, tiny_tokenizer, **{**kw, "name": "../x"})
+
+
 def test_heldout_perplexity_matches_model_loss(tiny_llama, tiny_tokenizer):
     text = "the man said that the water was very long and the day was good " * 8
     ids = torch.tensor([tiny_tokenizer(text, add_special_tokens=False)["input_ids"]])
@@ -180,6 +201,9 @@ def test_heldout_perplexity_matches_model_loss(tiny_llama, tiny_tokenizer):
     with torch.no_grad():
         l1, l2 = (tiny_llama(input_ids=x, labels=x).loss.item() for x in (first, second))
     assert chunked == pytest.approx(math.exp((l1 * 59 + l2 * (second.shape[1] - 1)) / (58 + second.shape[1])), rel=1e-4)
+    ppl, chunks = heldout_perplexity(tiny_llama, tiny_tokenizer, text=text, window=60, return_chunks=True)
+    assert ppl == chunked and [c[1] for c in chunks] == [59, second.shape[1] - 1]  # per-chunk units for intervals
+    assert [c[0] for c in chunks] == pytest.approx([l1 * 59, l2 * (second.shape[1] - 1)], rel=1e-4)
 
 
 def test_short_answer_accuracy_scores_outputs(tiny_llama, tiny_tokenizer):
@@ -225,3 +249,129 @@ def test_smollm2_solves_short_single_needle(smollm2):
     result = evaluate_long_context(model, tokenizer, lengths=(256,), categories=["niah_single"], n_per_task=2,
                                    seed=0, progress=False, keep_generations=True)
     assert result["tasks"]["niah_single"]["256"]["recall"] >= 0.5, result["generations"]
+
+
+# ------------------------------------------------------------------------------------------------ data split
+def test_suite_contexts_come_from_the_suite_text_not_the_detection_haystack(tiny_tokenizer):
+    from tests.test_data import DATA, SUMMARY_QUESTION, detection_texts, normalised, shared_windows, windows
+
+    samples = build_suite(tiny_tokenizer, lengths=(512,), n_per_task=2, seed=0)
+    prompts = [s["prompt"].replace(SUMMARY_QUESTION, "\n") for s in samples]
+    suite_text = windows([p.read_text(encoding="utf-8") for p in sorted((DATA / "eval" / "suite").glob("*.txt"))])
+    for s, prompt in zip(samples, map(normalised, prompts)):
+        if s["task"] == "json_kv":  # UUIDs only, no book text
+            continue
+        own = [prompt[i:i + 50] for i in range(len(prompt) - 49)]
+        assert sum(w in suite_text for w in own) > 0.5 * len(own), s["task"]  # mostly the suite's text
+    detection = windows([t.replace(SUMMARY_QUESTION, "\n") for t in detection_texts()])
+    assert not shared_windows(prompts, detection)
+
+
+# ------------------------------------------------------------------------------------------------ statistics
+def test_per_sample_scores_average_to_the_suite_tables(suite):
+    from trl_retmask.evaluation import sample_score, suite_summary
+
+    def answer(s):  # a mix of right, half-right and wrong answers
+        ref = s["reference"]
+        if s["task"] == "rerank":
+            return "Ranking: " + " > ".join(sorted(ref["ids"], key=lambda i: -ref["relevance"][ref["ids"].index(i)]))
+        if s["task"] == "cite":
+            return f"It is kept in {ref['answers'][0]} [{s['meta']['supporting'][0]}]."
+        return " ".join(ref[: max(1, len(ref) // 2)]) if s["seed"] % 2 == 0 else "no idea"
+
+    outputs = [answer(s) for s in suite]
+    tables = score_suite(suite, outputs)
+    records = [{**{k: s[k] for k in ("task", "length", "seed")}, "score": sample_score(s, o)}
+               for s, o in zip(suite, outputs)]
+    summary = suite_summary([records], n_resamples=200)
+    primary = {"recall": "recall", "rerank": "ndcg", "cite": "cite_avg"}
+    for task, by_len in tables["tasks"].items():
+        for n, metrics in by_len.items():
+            cat = next(c for c, ts in CATEGORIES.items() if task in ts)
+            assert summary["task"][task][n]["mean"] == pytest.approx(metrics[primary[cat]])
+    for cat, by_len in tables["scores"].items():
+        for n, value in by_len.items():
+            got = summary["category"][cat][n]
+            assert got["mean"] == pytest.approx(value) and got["ci"][0] <= value + 1e-12 <= got["ci"][1] + 2e-12
+    cells = [m[primary[c]] for c, ts in CATEGORIES.items() for t in ts for m in tables["tasks"][t].values()]
+    assert summary["overall"]["mean"] == pytest.approx(sum(cells) / len(cells))
+
+
+def test_sign_flip_p_value_enumerated_by_hand():
+    from trl_retmask.evaluation.stats import paired_comparison, sign_flip_p_value
+
+    # +-1 +-2 +-3: sums 6 4 2 0 0 -2 -4 -6; |sum| >= 6 in 2 of 8 patterns
+    assert sign_flip_p_value([1.0, 2.0, 3.0]) == (0.25, True)
+    assert sign_flip_p_value([1.0, 2.0, 3.0, 0.0, 0.0]) == (0.25, True)  # ties (zero differences) never move
+    assert sign_flip_p_value([0.0, 0.0]) == (1.0, True)
+    result = paired_comparison([1, 1, 1, 0], [0, 0, 0, 0])  # 3 wins of 3: 2 of 8 patterns as extreme
+    assert result["difference"] == 0.75 and result["p_value"] == 0.25 and result["exact"]
+    constant = paired_comparison([0.5] * 6, [0.5] * 6)
+    assert constant["difference"] == 0 and constant["ci"] == [0, 0] and constant["p_value"] == 1
+
+
+def test_stratified_sign_flip_matches_brute_force():
+    import itertools
+
+    from trl_retmask.evaluation.stats import sign_flip_p_value, stratified_mean
+
+    diffs, strata = [0.5, -0.25, 1.0, 0.75, 0.25], ["a", "a", "b", "b", "b"]
+    assert stratified_mean(diffs, strata) == pytest.approx((0.125 + 2 / 3) / 2)
+
+    def stat(d):  # mean of the group means, written out
+        return (sum(d[:2]) / 2 + sum(d[2:]) / 3) / 2
+
+    observed = abs(stat(diffs))
+    flips = [abs(stat([s * d for s, d in zip(signs, diffs)])) for signs in itertools.product((1, -1), repeat=5)]
+    p, exact = sign_flip_p_value(diffs, strata)
+    assert exact and p == pytest.approx(sum(f >= observed - 1e-12 for f in flips) / 32)
+
+
+def test_statistics_against_scipy():
+    scipy_stats = pytest.importorskip("scipy.stats")
+    import numpy as np
+
+    from trl_retmask.evaluation.stats import bootstrap_ci, paired_comparison
+
+    rng = np.random.default_rng(3)
+    a, b = rng.random(16), rng.random(16)
+
+    def mean_diff(x, y, axis=-1):
+        return np.mean(x - y, axis=axis)
+
+    exact = scipy_stats.permutation_test((a, b), mean_diff, permutation_type="samples", n_resamples=np.inf,
+                                         vectorized=True).pvalue  # all 2**16 sign patterns
+    ours = paired_comparison(a, b)  # 2**16 > 10,000: Monte Carlo
+    assert not ours["exact"] and ours["p_value"] == pytest.approx(exact, abs=0.015)
+    assert paired_comparison(a, b, n_resamples=2 ** 16)["p_value"] == pytest.approx(exact)
+    x = (rng.random(24) < 0.4).astype(float)  # 24 correct/incorrect answers
+    ref = scipy_stats.bootstrap((x,), np.mean, method="percentile", n_resamples=10_000, random_state=0)
+    low, high = bootstrap_ci(x)
+    assert low == pytest.approx(ref.confidence_interval.low, abs=0.03)
+    assert high == pytest.approx(ref.confidence_interval.high, abs=0.03)
+    assert bootstrap_ci([0.7] * 10) == [0.7, 0.7] and bootstrap_ci(x) == bootstrap_ci(x)  # point; seeded
+
+
+def test_perplexity_interval_and_bad_input():
+    import math
+
+    from trl_retmask.evaluation.stats import bootstrap_ci, combine_runs, paired_comparison, perplexity_ci
+
+    assert perplexity_ci([[20.0, 10]]) == pytest.approx([math.exp(2.0)] * 2)
+    low, high = perplexity_ci([[20.0, 10], [30.0, 10], [10.0, 10]])
+    assert math.exp(1.0) <= low < math.exp(2.0) < high <= math.exp(3.0)
+    with pytest.raises(ValueError, match="token count"):
+        perplexity_ci([[1.0, 0]])
+    with pytest.raises(ValueError, match="non-empty"):
+        bootstrap_ci([])
+    with pytest.raises(ValueError, match="NaN"):
+        bootstrap_ci([1.0, float("nan")])
+    with pytest.raises(ValueError, match="same items"):
+        paired_comparison([1, 0], [1])
+    with pytest.raises(ValueError, match="confidence"):
+        bootstrap_ci([1.0], confidence=95)
+    run = [{"task": "niah_single", "length": 512, "seed": i, "score": float(i % 2)} for i in range(4)]
+    keys, mean = combine_runs([run, [{**r, "score": 1.0} for r in run]])  # seeds averaged per sample
+    assert keys == [("niah_single", 512, i) for i in range(4)] and list(mean) == [0.5, 1.0, 0.5, 1.0]
+    with pytest.raises(ValueError, match="different suite samples"):
+        combine_runs([run, run[:3]])

@@ -1,89 +1,113 @@
-"""`--push_to_hub --hub_model_id ...` of a recipe, with the Hub API replaced at the boundary (no network).
-
-The fake records what `upload_folder` would send (every file under the folder, minus the ignore patterns) at the
-moment of the call, so the test checks the actual files and card a user would publish.
-"""
+"""Hub round trips with huggingface_hub replaced at its boundary only (no network): a trained model pushed by the
+trainer, and `HeadScores.push_to_hub` / `from_pretrained(repo_id)`, read back through a fake `hf_hub_download` that
+serves exactly the files that were uploaded."""
 
 import fnmatch
 import json
 from pathlib import Path
 from types import SimpleNamespace
 
+import huggingface_hub
 import pytest
+from datasets import Dataset
+from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 
-from tests.recipe_utils import (
-    HEAD_SCORES,
-    SELECTED,
-    load_recipe,
-    save_tiny_model,
-    tiny_overrides,
-    write_chat_log,
-    write_head_scores,
-)
+from tests.test_trainer import PROMPTS, SCORES, config
+from tests.tiny import make_tiny_model
+from trl_retmask import HeadScores
+from trl_retmask.trainer import RetMaskTrainer
+
+GRID = {f"{l}-{h}": [0.05 * (l * 4 + h) / 11] for l in range(3) for h in range(4)}
 
 
-class FakeHfApi:
-    def __init__(self):
-        self.created, self.uploads = [], []
+class FakeHub:
+    """Repos as {repo_id: {path: bytes}}; the HfApi methods the code under test calls, and hf_hub_download."""
 
-    def create_repo(self, repo_id, token=None, private=None, exist_ok=False, **kwargs):
-        self.created.append(repo_id)
-        return SimpleNamespace(repo_id=repo_id)
+    def __init__(self, tmp_path):
+        self.repos, self.created, self.tmp, self.online = {}, [], tmp_path, True
 
-    def upload_folder(self, repo_id, folder_path, commit_message=None, token=None, run_as_future=False,
-                      ignore_patterns=None, revision=None, **kwargs):
-        root = Path(folder_path)
-        files = {}
-        for f in sorted(root.rglob("*")):
-            rel = f.relative_to(root).as_posix()
-            if f.is_file() and not any(fnmatch.fnmatch(rel, p) or fnmatch.fnmatch(rel.split("/")[0], p)
-                                       for p in ignore_patterns or []):
-                files[rel] = f.read_bytes()
-        self.uploads.append({"repo_id": repo_id, "commit_message": commit_message, "files": files})
-        return SimpleNamespace(commit_url=f"https://huggingface.co/{repo_id}/commit/fake")
+    def api(self, token=None):
+        hub = self
+
+        class Api:
+            def create_repo(self, repo_id, token=None, private=None, exist_ok=False, repo_type=None, **kw):
+                hub.created.append(repo_id)
+                hub.repos.setdefault(repo_id, {})
+                return SimpleNamespace(repo_id=repo_id)
+
+            def upload_folder(self, repo_id, folder_path, ignore_patterns=None, **kw):
+                root = Path(folder_path)
+                for f in sorted(root.rglob("*")):
+                    rel = f.relative_to(root).as_posix()
+                    if f.is_file() and not any(fnmatch.fnmatch(rel, p) or fnmatch.fnmatch(rel.split("/")[0], p)
+                                               for p in ignore_patterns or []):
+                        hub.repos[repo_id][rel] = f.read_bytes()
+                return SimpleNamespace(commit_url=f"https://huggingface.co/{repo_id}/commit/fake")
+
+            def upload_file(self, *, path_or_fileobj, path_in_repo, repo_id, **kw):
+                hub.repos[repo_id][path_in_repo] = path_or_fileobj
+                return SimpleNamespace(commit_url=f"https://huggingface.co/{repo_id}/commit/fake")
+
+        return Api()
+
+    def download(self, repo_id, filename, *, revision=None, token=None, **kw):
+        if not self.online:
+            raise LocalEntryNotFoundError("offline and not cached")
+        if filename not in self.repos.get(repo_id, {}):
+            raise EntryNotFoundError(f"{repo_id}/{filename}")
+        path = self.tmp / "hub_cache" / repo_id / filename
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(self.repos[repo_id][filename])
+        return str(path)
 
 
 @pytest.fixture
-def fake_hub(monkeypatch):
+def hub(monkeypatch, tmp_path):
     import transformers.trainer
 
-    api = FakeHfApi()
-    monkeypatch.setattr(transformers.trainer, "hf_api", lambda: api)
-    return api
+    fake = FakeHub(tmp_path)
+    monkeypatch.setattr(transformers.trainer, "hf_api", fake.api)
+    monkeypatch.setattr(huggingface_hub, "HfApi", fake.api)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake.download)
+    return fake
 
 
-def test_recipe_push_uploads_model_card_and_head_scores(fake_hub, tmp_path):
-    from trl_retmask.recipe import main
+def test_pushed_model_gives_back_its_heads(hub, tiny_tokenizer, tmp_path):
+    prompts = Dataset.from_dict({"prompt": PROMPTS})
+    trainer = RetMaskTrainer(model=make_tiny_model("llama"),
+                             args=config(tmp_path, max_steps=1, mask_top_k=2, hub_model_id="me/tiny-retmask"),
+                             train_dataset=prompts, processing_class=tiny_tokenizer, head_scores=SCORES)
+    trainer.train()
+    trainer.push_to_hub()
 
-    model_dir = save_tiny_model(tmp_path / "tiny-llama")
-    data = write_chat_log(tmp_path / "prompts.jsonl")
-    scores = write_head_scores(tmp_path / "scores.json")
-    out = tmp_path / "out"
-    argv = tiny_overrides(model_dir, data, scores, out, "--mask_top_k", "2", "--niah_eval", "False",
-                          "--max_steps", "1", "--push_to_hub", "True", "--hub_model_id", "me/tiny-retmask")
-    summary = main(load_recipe("smollm2").DEFAULTS, argv)
-
-    assert fake_hub.created == ["me/tiny-retmask"]
-    assert fake_hub.uploads, "nothing was pushed"
-    assert all(u["repo_id"] == "me/tiny-retmask" for u in fake_hub.uploads)
-    files = fake_hub.uploads[-1]["files"]
-
-    # The model, its tokenizer and the training arguments: a loadable checkpoint.
-    for name in ("model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json", "training_args.bin"):
+    assert hub.created == ["me/tiny-retmask"]
+    files = hub.repos["me/tiny-retmask"]
+    for name in ("model.safetensors", "config.json", "tokenizer.json", "README.md", "retmask.json",
+                 "retmask_head_scores.json"):
         assert name in files, (name, sorted(files))
-    assert json.loads(files["config.json"])["model_type"] == "llama"
-
-    # The head scores as used, in the retrieval-head format, and the machine-readable record.
-    assert json.loads(files["retmask_head_scores.json"]) == HEAD_SCORES
-    record = json.loads(files["retmask.json"])
-    assert [tuple(h) for h in record["masked_heads"]] == SELECTED
-    assert record["pair_stats"]["train"]["prompts"] == 8
-    assert record["selection"]["top_k"] == 2
-
-    # The card: TRL's DPO card plus the RetMask section (masked heads with scores, pair statistics, citation).
+    assert not any(name.startswith("_") for name in files)  # the pair cache stays local
     card = files["README.md"].decode()
-    assert "RetMask" in card and "2601.11020" in card
-    assert "| 0 | 1 | 0.6000 |" in card and "| 2 | 3 | 0.3000 |" in card
-    assert "Pair statistics (train)" in card and "kept" in card
-    assert "DPO" in card and "retmask" in card  # TRL's card and the trainer's tags
-    assert summary["masked_heads"] == ["0-1", "2-3"]
+    assert 'model="me/tiny-retmask"' in card and "## RetMask" in card and "| 0 | 1 | 0.8000 |" in card
+    assert card.index("## Citations") < card.index("## RetMask")
+
+    back = HeadScores.from_pretrained("me/tiny-retmask")
+    assert back.masked_heads == trainer.masked_heads == SCORES.select(top_k=2)
+    assert back.mean_scores() == SCORES.mean_scores()
+    assert json.loads(files["retmask.json"])["selection"]["top_k"] == 2
+
+
+def test_head_scores_push_and_download(hub):
+    partial = HeadScores({"1-2": [0.4]}, num_layers=3, num_heads=4)
+    partial.push_to_hub("me/scores", private=True)
+    assert hub.created == ["me/scores"] and set(hub.repos["me/scores"]) == {"retmask_head_scores.json"}
+    back = HeadScores.from_pretrained("me/scores")
+    assert (back.num_layers, back.num_heads) == (3, 4) and back.mean_scores() == partial.mean_scores()
+    assert back.masked_heads is None  # a bare score repo records no training
+
+    hub.repos["me/empty"] = {}
+    with pytest.raises(ValueError, match="holds no retmask_head_scores.json"):
+        HeadScores.from_pretrained("me/empty")
+    hub.online = False
+    with pytest.raises(ValueError, match="not in the local cache.*offline mode"):
+        HeadScores.from_pretrained("me/scores")
+    assert HeadScores.from_pretrained("Qwen/Qwen3-8B").num_layers == 36  # bundled names never reach the Hub

@@ -2,6 +2,7 @@
 of the masked heads are zeroed by hand (the paper's ablation)."""
 
 import copy
+import json
 
 import pytest
 import torch
@@ -171,3 +172,131 @@ def test_unsupported_architecture_is_a_clear_error():
     with pytest.raises(ValueError, match="Cannot mask heads of GPT2LMHeadModel"):
         with mask_heads(gpt2, [(0, 0)]):
             pass
+
+
+def test_export_refuses_to_destroy_checkpoints(tmp_path):
+    model = make_tiny_model("llama")
+    source = tmp_path / "source"
+    model.save_pretrained(source)
+    original = (source / "model.safetensors").read_bytes()
+    loaded = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+    for overwrite in (False, True):  # its own source directory: never, even with overwrite
+        with pytest.raises(ValueError, match="loaded from there"):
+            export_masked_model(loaded, HEADS, str(source) + "/", overwrite=overwrite)
+    assert (source / "model.safetensors").read_bytes() == original
+
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "model.safetensors").write_bytes(b"other checkpoint")
+    with pytest.raises(ValueError, match="non-empty directory.*overwrite=True"):
+        export_masked_model(loaded, HEADS, busy)
+    assert (busy / "model.safetensors").read_bytes() == b"other checkpoint"
+    export_masked_model(loaded, HEADS, busy, overwrite=True)
+    assert json.loads((busy / "retmask_masked_heads.json").read_text())["masked_heads"] == ["0-1", "1-0", "1-3", "2-2"]
+
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match="is a file"):
+        export_masked_model(loaded, HEADS, tmp_path / "file", overwrite=True)
+    with pytest.raises(ValueError, match="'.*file' is a file"):  # was NotADirectoryError after loading, in save
+        export_masked_model(loaded, HEADS, tmp_path / "file" / "sub")
+    export_masked_model(loaded, HEADS, tmp_path / "new")  # a new (or empty) directory needs no flag
+    assert (tmp_path / "new" / "model.safetensors").is_file()
+
+
+# ------------------------------------------------------------------ mutation-tested edges (docs/testing.md)
+class _WrappedProj(torch.nn.Module):
+    """An o_proj wrapper without `in_features` of its own (as some adapter/quantisation wrappers): the width comes
+    from its `base_layer`."""
+
+    def __init__(self, base):
+        super().__init__()
+        self.base_layer = base
+
+    def forward(self, x):
+        return self.base_layer(x)
+
+
+class _BareProj(torch.nn.Module):
+    """An o_proj holding only a weight (no `in_features`, no `base_layer`): the width is the weight's columns."""
+
+    def __init__(self, linear):
+        super().__init__()
+        self.weight = linear.weight
+
+    def forward(self, x):
+        return torch.nn.functional.linear(x, self.weight)
+
+
+@pytest.mark.parametrize("wrap", [_WrappedProj, _BareProj])
+def test_o_proj_width_read_through_wrappers(wrap):
+    model = make_tiny_model("llama")
+    ref = zeroed_copy(model, HEADS)
+    for layer in model.model.layers:
+        layer.self_attn.o_proj = wrap(layer.self_attn.o_proj)
+    x = ids()
+    with torch.no_grad(), mask_heads(model, HEADS):
+        assert (model(x).logits - ref(x).logits).abs().max().item() <= 1e-5
+
+
+def test_unmaskable_o_proj_and_layers_are_clear_errors():
+    model = make_tiny_model("llama")
+    model.model.layers[0].self_attn.o_proj = torch.nn.Identity()
+    with pytest.raises(ValueError, match="Cannot read the input width of Identity; supported: Llama"):
+        with mask_heads(model, [(0, 0)]):
+            pass
+    model = make_tiny_model("llama")
+    model.model.layers[1].self_attn.o_proj = torch.nn.Linear(32, 64, bias=False)  # 4 heads x 16 = 64 expected
+    with pytest.raises(ValueError, match=r"o_proj takes 32 features, not num_heads x head_dim = 4 x 16"):
+        with mask_heads(model, [(1, 0)]):
+            pass
+    with mask_heads(model, [(0, 0), (2, 3)]):  # other layers still mask
+        pass
+    model = make_tiny_model("llama")
+    model.model.layers[2].self_attn.layer_idx = None  # not recognised as an attention module
+    with pytest.raises(ValueError, match=r"Layer 2 has no maskable attention module \(found layers \[0, 1\]"):
+        with mask_heads(model, [(2, 0)]):
+            pass
+
+
+def test_check_export_dir_messages_name_the_directory_and_the_fix(tmp_path):
+    from trl_retmask.masking import check_export_dir
+
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "x").write_text("x")
+    with pytest.raises(ValueError) as e:
+        check_export_dir(busy)  # overwrite defaults to False
+    assert str(e.value) == (f"Refusing to export into the non-empty directory {str(busy)!r}: its checkpoint files "
+                            "would be replaced. Choose a new directory, or pass overwrite=True (--overwrite True).")
+    assert check_export_dir(busy, overwrite=True) == busy
+    with pytest.raises(ValueError) as e:
+        check_export_dir(busy, overwrite=True, source=str(busy))
+    assert str(e.value) == (f"Refusing to export into {str(busy)!r}: the model was loaded from there, and the masked "
+                            "weights would replace its only unmasked copy. Export to another directory.")
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(ValueError) as e:
+        check_export_dir(tmp_path / "f" / "sub")
+    assert str(e.value) == (f"Cannot export into {str(tmp_path / 'f' / 'sub')!r}: {str(tmp_path / 'f')!r} is a file. "
+                            "Choose a directory.")
+    assert check_export_dir(tmp_path / "new" / "dir", source=str(busy)) == tmp_path / "new" / "dir"
+
+
+def test_head_layout_of_models_configs_and_composite_configs():
+    from types import SimpleNamespace
+
+    from transformers import LlavaConfig
+
+    from tests.tiny import tiny_config
+
+    model = make_tiny_model("llama")
+    assert head_layout(model) == head_layout(model.config) == (3, 4, 16)
+    assert head_layout(tiny_config("phi3")) == (3, 4, 16)  # no head_dim: hidden_size // heads
+    # A multimodal config: the language model's layout (its text config), not the vision tower's 24 layers.
+    llava = LlavaConfig(text_config={"model_type": "llama", "num_hidden_layers": 5, "num_attention_heads": 8,
+                                     "hidden_size": 64})
+    assert head_layout(llava) == (5, 8, 8)
+    # Any object with the fields will do (no get_text_config).
+    assert head_layout(SimpleNamespace(num_hidden_layers=2, num_attention_heads=3, head_dim=None, hidden_size=12)) \
+        == (2, 3, 4)
+    with pytest.raises(ValueError, match="SimpleNamespace has no num_hidden_layers/num_attention_heads: cannot locate"):
+        head_layout(SimpleNamespace(num_hidden_layers=2))

@@ -7,7 +7,8 @@ import torch
 
 from tests.tiny import make_tiny_model
 from trl_retmask import mask_heads
-from trl_retmask.pairs import PairStats, complete_prompt_dataset, generate_pairs, hash_weights
+from trl_retmask.pairs import PairStats, complete_prompt_dataset, encode_prompts, generate_pairs
+from trl_retmask.runtime import hash_weights
 
 HEADS = [(0, 1), (1, 2), (2, 0)]
 PROMPTS = [
@@ -43,11 +44,12 @@ class CountingGenerate:
     """Wraps `model.generate` to count calls and optionally fail on the n-th one (a simulated interruption)."""
 
     def __init__(self, model, fail_on=None):
-        self.model, self.inner, self.calls, self.fail_on = model, model.generate, 0, fail_on
+        self.model, self.inner, self.calls, self.fail_on, self.rows = model, model.generate, 0, fail_on, []
         model.generate = self
 
     def __call__(self, *args, **kwargs):
         self.calls += 1
+        self.rows.append(len(kwargs["input_ids"]))
         if self.fail_on is not None and self.calls == self.fail_on:
             raise KeyboardInterrupt("simulated interruption")
         return self.inner(*args, **kwargs)
@@ -99,14 +101,19 @@ def test_conversational_prompts_use_the_chat_template(model, tiny_tokenizer):
         assert isinstance(row["prompt"], list)
 
 
-def test_filtering_and_stats(greedy_pairs, tiny_tokenizer):
+def test_filtering_and_stats(model, greedy_pairs, tiny_tokenizer):
     p = greedy_pairs
-    empty = [not c.strip() or not r.strip() for c, r in zip(p.chosen, p.rejected)]
-    same = [not e and c.strip() == r.strip() for e, c, r in zip(empty, p.chosen, p.rejected)]
+    same = [c.strip() == r.strip() for c, r in zip(p.chosen, p.rejected)]  # the authors' rule: identical only
     s = p.stats
-    assert (s.prompts, s.dropped_empty, s.dropped_identical) == (len(PROMPTS), sum(empty), sum(same))
-    assert s.kept == len(PROMPTS) - sum(empty) - sum(same) == len(p.to_dataset())
-    assert p.keep == [not (e or d) for e, d in zip(empty, same)]
+    assert (s.prompts, s.dropped_empty, s.dropped_identical) == (len(PROMPTS), 0, sum(same))
+    assert s.kept == len(PROMPTS) - sum(same) == len(p.to_dataset())
+    assert p.keep == [not d for d in same]
+    strict = generate_pairs(model, tiny_tokenizer, PROMPTS, HEADS, temperature=0.0, max_new_tokens=6, batch_size=4,
+                            show_progress=False, drop_empty=True)
+    empty = [not c.strip() or not r.strip() for c, r in zip(p.chosen, p.rejected)]
+    assert strict.keep == [not (e or d) for e, d in zip(empty, same)]
+    assert (strict.stats.dropped_empty, strict.stats.dropped_identical) == \
+        (sum(empty), sum(d and not e for e, d in zip(empty, same)))
     # Token lengths: count the generated tokens up to the first EOS, independently of the module.
     kept = p.kept_indices
     lens = p.extra["chosen_tokens"]
@@ -156,6 +163,37 @@ def test_runs_with_other_heads_share_the_chosen_responses(model, tiny_tokenizer,
     assert control.stats.generated_tokens == uncached.stats.generated_tokens
 
 
+def test_static_backend_greedy_pairs_equal_generate_backend(model, tiny_tokenizer, greedy_pairs, tmp_path):
+    """The static backend decodes chosen + rejected rows of a batch in one call (rejected rows alone when the chosen
+    are cached) and gives the greedy pairs of the `generate` backend (itself checked against unbatched calls)."""
+    kw = dict(temperature=0.0, max_new_tokens=6, batch_size=4, show_progress=False, backend="static")
+    counter = CountingGenerate(model)
+    try:
+        static = generate_pairs(model, tiny_tokenizer, PROMPTS, HEADS, cache_dir=tmp_path, **kw)
+        assert counter.rows == [8, 4], "one call per batch, chosen and rejected rows together"
+        other = generate_pairs(model, tiny_tokenizer, PROMPTS, HEADS[:1], cache_dir=tmp_path, **kw)
+        assert counter.rows[2:] == [4, 2], "chosen from the cache: rejected rows only"
+    finally:
+        model.generate = counter.inner
+    assert (static.chosen, static.rejected) == (greedy_pairs.chosen, greedy_pairs.rejected)
+    assert static.stats.generated_tokens == greedy_pairs.stats.generated_tokens
+    plain = generate_pairs(model, tiny_tokenizer, PROMPTS, HEADS[:1], **{**kw, "backend": "generate"})
+    assert (other.chosen, other.rejected) == (plain.chosen, plain.rejected)
+    assert not any(m._forward_pre_hooks for m in model.modules())  # the backend made here released its hooks
+
+
+def test_backend_is_part_of_the_cache_fingerprint(model, tiny_tokenizer, tmp_path):
+    kw = dict(temperature=0.9, top_k=0, seed=3, max_new_tokens=4, batch_size=2, show_progress=False,
+              cache_dir=tmp_path)
+    plain = generate_pairs(model, tiny_tokenizer, PROMPTS[:4], HEADS, backend="generate", **kw)
+    static = generate_pairs(model, tiny_tokenizer, PROMPTS[:4], HEADS, backend="static", **kw)
+    assert static.fingerprint != plain.fingerprint and static.stats.batches_from_cache == 0
+    again = generate_pairs(model, tiny_tokenizer, PROMPTS[:4], HEADS, backend="static", **kw)
+    assert again.stats.batches_from_cache == 2 and (again.chosen, again.rejected) == (static.chosen, static.rejected)
+    assert generate_pairs(model, tiny_tokenizer, PROMPTS[:4], HEADS, backend="auto", **kw).fingerprint == \
+        plain.fingerprint  # auto is `generate` without CUDA
+
+
 def test_cache_fingerprint_tracks_weights(tiny_tokenizer, tmp_path):
     a, b = make_tiny_model("llama", seed=0), make_tiny_model("llama", seed=0)
     assert hash_weights(a) == hash_weights(b)
@@ -177,7 +215,8 @@ def test_interrupted_generation_resumes_to_identical_pairs(model, tiny_tokenizer
     try:
         with pytest.raises(KeyboardInterrupt):
             generate_pairs(model, tiny_tokenizer, prompts, HEADS, cache_dir=tmp_path / "b", **kw)
-        assert len(list((tmp_path / "b").glob("*/batch_*.json"))) == 1, "the finished batch must be on disk"
+        [records] = (tmp_path / "b").glob("*/pairs.rank0.jsonl")
+        assert len(records.read_text().splitlines()) == 1, "the finished batch must be on disk"
         counter.fail_on = None
         resumed = generate_pairs(model, tiny_tokenizer, prompts, HEADS, cache_dir=tmp_path / "b", **kw)
         assert counter.calls == 3 + 2, "only the unfinished batch is generated again"
@@ -188,8 +227,117 @@ def test_interrupted_generation_resumes_to_identical_pairs(model, tiny_tokenizer
     # Sampling really happened (another seed gives other text), so the equality above is meaningful.
     other = generate_pairs(model, tiny_tokenizer, prompts, HEADS, **{**kw, "seed": 8})
     assert (other.chosen, other.rejected) != (reference.chosen, reference.rejected)
-    meta = json.loads(next((tmp_path / "b").glob("*/meta.json")).read_text())
-    assert meta["heads"] == [list(h) for h in HEADS] and meta["num_prompts"] == len(prompts)
+    meta = json.loads(next((tmp_path / "b").glob("*/pairs.meta.json")).read_text())
+    assert meta["info"]["heads"] == [list(h) for h in HEADS] and meta["info"]["num_prompts"] == len(prompts)
+
+
+def test_model_generation_config_is_part_of_the_fingerprint(tiny_tokenizer, tmp_path):
+    """Changing the model's own generation defaults (repetition_penalty, eos_token_id) changes the pairs: the cache
+    must not serve the old ones (issue 12.2)."""
+    model = make_tiny_model("llama")
+    kw = dict(temperature=0.0, max_new_tokens=3, batch_size=4, cache_dir=tmp_path, show_progress=False)
+    counter = CountingGenerate(model)
+    try:
+        generate_pairs(model, tiny_tokenizer, PROMPTS[:2], HEADS, **kw)
+        assert counter.calls == 2
+        generate_pairs(model, tiny_tokenizer, PROMPTS[:2], HEADS, **kw)
+        assert counter.calls == 2
+        model.generation_config.repetition_penalty = 1.3
+        generate_pairs(model, tiny_tokenizer, PROMPTS[:2], HEADS, **kw)
+        assert counter.calls == 4
+        model.generation_config.eos_token_id = 5
+        generate_pairs(model, tiny_tokenizer, PROMPTS[:2], HEADS, **kw)
+        assert counter.calls == 6
+    finally:
+        model.generate = counter.inner
+
+
+def _batch_files(root):
+    return sorted(root.glob("*/pairs.rank*.jsonl")) + sorted(root.glob("chosen-*/chosen.rank*.jsonl"))
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "edited"])
+def test_damaged_cache_files_are_named_and_regenerated(model, tiny_tokenizer, tmp_path, damage):
+    kw = dict(temperature=0.8, top_k=0, seed=2, max_new_tokens=4, batch_size=2, show_progress=False)
+    reference = generate_pairs(model, tiny_tokenizer, PROMPTS[:4], HEADS, cache_dir=tmp_path, **kw)
+    [path] = sorted(tmp_path.glob("*/pairs.rank0.jsonl"))
+    lines = path.read_text().splitlines(keepends=True)
+    if damage == "truncate":  # killed mid-write: the last line is cut short
+        path.write_text(lines[0] + lines[1][:25])
+    elif damage == "garbage":
+        path.write_bytes(b"\x00\xffnot json at all\n" + lines[1].encode())
+    else:  # valid JSON, but the record no longer fits its batch (one response too few)
+        record = json.loads(lines[0])
+        record["rejected"] = record["rejected"][:1]
+        path.write_text(json.dumps(record) + "\n" + lines[1])
+    counter = CountingGenerate(model)
+    try:
+        if damage == "truncate":
+            again = generate_pairs(model, tiny_tokenizer, PROMPTS[:4], HEADS, cache_dir=tmp_path, **kw)
+        else:
+            with pytest.warns(UserWarning, match=str(path.name)):
+                again = generate_pairs(model, tiny_tokenizer, PROMPTS[:4], HEADS, cache_dir=tmp_path, **kw)
+    finally:
+        model.generate = counter.inner
+    assert counter.calls == 1, "only the damaged batch's rejected responses are generated again"
+    assert (again.chosen, again.rejected) == (reference.chosen, reference.rejected)
+    # The file was repaired: a third run reads it cleanly and generates nothing.
+    counter = CountingGenerate(model)
+    try:
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            third = generate_pairs(model, tiny_tokenizer, PROMPTS[:4], HEADS, cache_dir=tmp_path, **kw)
+    finally:
+        model.generate = counter.inner
+    assert counter.calls == 0 and third.rejected == reference.rejected
+
+
+def _snapshot(root):
+    """Every path under `root` with its modification time and bytes: any write shows."""
+    return {p: (p.stat().st_mtime_ns, None if p.is_dir() else p.read_bytes()) for p in sorted(root.rglob("*"))}
+
+
+def test_read_only_complete_cache_is_read_without_writing(model, tiny_tokenizer, tmp_path):
+    kw = dict(temperature=0.0, max_new_tokens=3, batch_size=2, cache_dir=tmp_path, show_progress=False)
+    first = generate_pairs(model, tiny_tokenizer, PROMPTS[:4], HEADS, **kw)
+    before = _snapshot(tmp_path)
+    for p in [tmp_path, *tmp_path.rglob("*")]:
+        p.chmod(0o555 if p.is_dir() else 0o444)
+    counter = CountingGenerate(model)
+    try:
+        again = generate_pairs(model, tiny_tokenizer, PROMPTS[:4], HEADS, **kw)
+    finally:
+        model.generate = counter.inner
+        for p in [tmp_path, *tmp_path.rglob("*")]:
+            p.chmod(0o755 if p.is_dir() else 0o644)
+    assert counter.calls == 0 and (again.chosen, again.rejected) == (first.chosen, first.rejected)
+    assert _snapshot(tmp_path) == before  # also as root, whom chmod does not stop: nothing was written
+
+
+@pytest.mark.parametrize("bad", ["", "   ", [{"role": "user", "content": " "}], []])
+@pytest.mark.parametrize("alone", [True, False])
+def test_empty_prompts_are_refused_before_generation(model, tiny_tokenizer, bad, alone):
+    """Alone in a batch or among others, an empty prompt is named by its index before anything is generated."""
+    prompts = [bad] if alone else [CHATS[0] if isinstance(bad, list) else PROMPTS[0], bad, PROMPTS[1]]
+    counter = CountingGenerate(model)
+    try:
+        with pytest.raises(ValueError, match=f"Prompt {0 if alone else 1} is empty"):
+            generate_pairs(model, tiny_tokenizer, prompts, HEADS, temperature=0.0, max_new_tokens=2, batch_size=4,
+                           show_progress=False)
+    finally:
+        model.generate = counter.inner
+    assert counter.calls == 0
+
+
+def test_prompts_are_encoded_as_dpo_trainer_encodes_them(tiny_tokenizer):
+    """TRL 1.16's DPOTrainer tokenizes a chat prompt with `apply_chat_template(..., add_generation_prompt=True,
+    tokenize=True)` and a string prompt with `tokenizer(text=...)`; pair generation must see the same ids."""
+    expected = [tiny_tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=True,
+                                                   return_dict=True)["input_ids"] for c in CHATS]
+    expected += [tiny_tokenizer(text=p)["input_ids"] for p in PROMPTS]
+    assert encode_prompts(tiny_tokenizer, CHATS + PROMPTS) == [list(x) for x in expected]
 
 
 @pytest.mark.filterwarnings("ignore:.*plain strings")  # string prompts on purpose
@@ -217,6 +365,8 @@ def test_errors_before_generation(model, tiny_tokenizer):
         generate_pairs(model, tiny_tokenizer, [], HEADS)
     with pytest.raises(ValueError, match="No heads"):
         generate_pairs(model, tiny_tokenizer, PROMPTS, [])
+    with pytest.raises(ValueError, match="`backend` must be one of auto, generate, static"):
+        generate_pairs(model, tiny_tokenizer, PROMPTS, HEADS, backend="vllm")
 
 
 @pytest.mark.real_model
@@ -254,3 +404,108 @@ def test_plain_string_prompts_for_a_chat_model_warn(model, tiny_tokenizer):
         warnings.simplefilter("error")
         complete_prompt_dataset(Dataset.from_dict({"prompt": CHATS[:2]}), model, tiny_tokenizer, HEADS, **kw)
         complete_prompt_dataset(Dataset.from_dict({"prompt": rendered}), model, tiny_tokenizer, HEADS, **kw)
+
+
+# ------------------------------------------------------------------ mutation-tested edges (docs/testing.md)
+def _record(indices, chosen, rejected, chosen_tokens, rejected_tokens, seconds):
+    return {"indices": indices, "chosen": chosen, "rejected": rejected, "chosen_tokens": chosen_tokens,
+            "rejected_tokens": rejected_tokens, "seconds": seconds}
+
+
+RECORDS = [  # two batches, out of input order, as the runner returns them
+    _record([3, 0], ["a", " b "], ["a ", "c"], [2, 4], [3, 5], 1.5),
+    _record([1, 2, 4], ["", "x", " "], ["", "", "y"], [0, 1, 1], [0, 0, 2], 0.5),
+]
+
+
+def test_assemble_places_responses_and_applies_the_drop_rules():
+    from trl_retmask.pairs import _assemble
+
+    prompts = [f"p{i}" for i in range(5)]
+    p = _assemble(prompts, RECORDS, "fp", 1, drop_empty=False)
+    assert (p.chosen, p.rejected) == ([" b ", "", "x", "a", " "], ["c", "", "", "a ", "y"])
+    assert p.keep == [True, False, True, False, True]  # identical after stripping (two empty ones too): dropped
+    assert p.extra == {"chosen_tokens": [4, 0, 1, 2, 1], "rejected_tokens": [5, 0, 0, 3, 2]}
+    s = p.stats
+    assert (s.prompts, s.kept, s.dropped_identical, s.dropped_empty) == (5, 3, 2, 0)
+    assert (s.batches_generated, s.batches_from_cache, p.fingerprint) == (1, 1, "fp")
+    assert (s.mean_chosen_tokens, s.mean_rejected_tokens) == (pytest.approx(6 / 3), pytest.approx(7 / 3))
+    assert (s.generated_tokens, s.generation_seconds, s.tokens_per_second) == (18, 2.0, 9.0)
+    assert p.to_dataset().to_dict() == {"prompt": ["p0", "p2", "p4"], "chosen": [" b ", "x", " "],
+                                        "rejected": ["c", "", "y"]}
+
+    strict = _assemble(prompts, RECORDS, "", 2, drop_empty=True)  # an empty side is dropped before identity
+    assert strict.keep == [True, False, False, False, False]
+    assert (strict.stats.dropped_empty, strict.stats.dropped_identical, strict.stats.kept) == (3, 1, 1)
+    assert (strict.stats.mean_chosen_tokens, strict.stats.mean_rejected_tokens) == (4.0, 5.0)
+    assert (strict.stats.batches_generated, strict.stats.batches_from_cache) == (2, 0)
+
+
+def test_assemble_without_time_or_kept_pairs():
+    from trl_retmask.pairs import _assemble
+
+    p = _assemble(["q"], [_record([0], ["same"], [" same"], [3], [4], 0)], "", 0, drop_empty=False)
+    s = p.stats
+    assert (s.kept, s.mean_chosen_tokens, s.mean_rejected_tokens, s.tokens_per_second) == (0, 0.0, 0.0, 0.0)
+    assert (s.generated_tokens, s.batches_from_cache) == (7, 1)
+    assert s.to_logs(prefix="x/")["x/generated_tokens"] == 7.0 and p.kept_indices == []
+
+
+def test_stored_batch_records_are_checked_field_by_field():
+    from trl_retmask.pairs import _batch_key, _valid_part
+
+    good = _record([4, 7], ["a", "b"], ["c", "d"], [1, 2], [3, 4], 0.25)
+    assert _valid_part(good, "chosen", [4, 7]) and _valid_part(good, "rejected", [4, 7])
+    assert _valid_part({**good, "seconds": 1}, "chosen", [4, 7])  # an int time is a time
+    assert not _valid_part(good, "chosen", None)  # a batch the run does not have
+    assert not _valid_part(good, "chosen", [7, 4])
+    for damage in ({"chosen": "ab"}, {"chosen_tokens": (1, 2)}, {"chosen": ["a"]}, {"chosen_tokens": [1]},
+                   {"chosen": ["a", 2]}, {"chosen_tokens": [1, 2.0]}):
+        assert not _valid_part({**good, **damage}, "chosen", [4, 7]), damage
+        assert _valid_part({**good, **damage}, "rejected", [4, 7])  # the other role is untouched
+    for damage in ({"seconds": "0.25"}, {"seconds": None}, {"indices": None}):
+        assert not _valid_part({**good, **damage}, "chosen", [4, 7]), damage
+    assert _batch_key((12, [0])) == "batch_000012"
+
+
+def test_prompt_forms(tiny_tokenizer):
+    from datasets import Dataset, IterableDataset
+
+    from trl_retmask.pairs import as_completion, is_conversational_prompt, is_prompt_only
+
+    chat = [{"role": "user", "content": "hi"}]
+    assert is_conversational_prompt(chat) and not is_conversational_prompt([]) and not is_conversational_prompt("hi")
+    assert as_completion(chat, "yes") == [{"role": "assistant", "content": "yes"}] and as_completion("q", "a") == "a"
+    assert is_prompt_only(Dataset.from_dict({"prompt": ["a"]}))
+    assert not is_prompt_only(Dataset.from_dict({"prompt": ["a"], "chosen": ["b"]}))
+    assert not is_prompt_only(Dataset.from_dict({"prompt": ["a"], "rejected": ["b"]}))
+    assert not is_prompt_only(Dataset.from_dict({"question": ["a"]}))
+    streamed = IterableDataset.from_generator(lambda: iter([{"prompt": "a"}]))
+    assert is_prompt_only(streamed)  # columns read from the first row when unknown
+    with pytest.raises(ValueError, match="prompt-only IterableDataset; pair generation needs a map-style"):
+        complete_prompt_dataset(streamed, None, tiny_tokenizer, HEADS)
+    with pytest.raises(ValueError, match="A prompt must be a string or a list of chat messages, got int: 3"):
+        encode_prompts(tiny_tokenizer, [3])
+
+
+def test_batch_size_edge(model, tiny_tokenizer):
+    with pytest.raises(ValueError, match="batch_size must be >= 1, got 0"):
+        generate_pairs(model, tiny_tokenizer, PROMPTS, HEADS, batch_size=0)
+    one = generate_pairs(model, tiny_tokenizer, PROMPTS[:2], HEADS, temperature=0.0, max_new_tokens=3, batch_size=1,
+                         show_progress=False)
+    assert one.chosen == [independent(model, tiny_tokenizer, p, max_new_tokens=3) for p in PROMPTS[:2]]
+    assert one.stats.batches_generated == 2
+
+
+@pytest.mark.filterwarnings("ignore:.*plain strings")
+def test_all_pairs_dropped_is_an_error(model, tiny_tokenizer, monkeypatch):
+    from datasets import Dataset
+
+    import trl_retmask.pairs
+
+    monkeypatch.setattr(trl_retmask.pairs, "generate_batch", lambda m, t, ids, *a, **k: [[5, 6]] * len(ids))
+    ds = Dataset.from_dict({"prompt": PROMPTS[:2]})
+    with pytest.raises(ValueError, match=r"All 2 generated pairs of the train dataset were dropped \(2 identical, 0 "
+                                         r"empty\): masking these heads does not change the model's answers"):
+        complete_prompt_dataset(ds, model, tiny_tokenizer, HEADS, temperature=0.0, max_new_tokens=2,
+                                show_progress=False)

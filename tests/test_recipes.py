@@ -1,11 +1,20 @@
-"""Each recipe parses its arguments and builds its trainer on local tiny stand-ins of its Hub model and dataset."""
+"""Each recipe's YAML defaults parse with TRL's parser and hold the authors' settings, and each recipe builds its
+trainer on local tiny stand-ins of its Hub model and dataset (sampling, Qwen3 thinking and the prompt filter
+included)."""
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
+import yaml
+from datasets import Dataset
+from transformers import AutoModelForCausalLM, GenerationConfig
 
 from tests.recipe_utils import (
     PROMPT_TEXTS,
+    RECIPES,
     SELECTED,
     THINKING_TEMPLATE,
     load_recipe,
@@ -14,11 +23,33 @@ from tests.recipe_utils import (
     write_chat_log,
     write_head_scores,
 )
-from trl_retmask.recipe import RetMaskScriptArguments, first_user_turn, load_prompts, parse_args
+from tests.tiny import make_tiny_model
+from trl_retmask import pairs as pairs_module
+from trl_retmask import runtime
+from trl_retmask.config import RetMaskConfig
+from trl_retmask.data import MISSING_USER_TURNS
+from trl_retmask.scores import resolve_head_scores
+from trl_retmask.scripts.train import build_trainer, parse_args, recipe_defaults, recipe_names, recipe_path
 
-PAPER = dict(learning_rate=5e-7, weight_decay=0.1, num_train_epochs=2, warmup_steps=0.1, adam_beta2=0.95, bf16=True,
-             gradient_checkpointing=True, per_device_train_batch_size=2, gradient_accumulation_steps=64,
-             temperature=0.6, top_p=1.0)
+# The authors' settings, transcribed from their scripts (YoumiMa/RetMask; docs/fidelity.md), not from our YAMLs.
+# DPO: run_dpo_{llama,olmo,olmo_inst,qwen}.sh on TRL 0.24, whose DPOConfig defaults give beta, loss and truncation.
+AUTHORS_DPO = dict(learning_rate=5e-7, weight_decay=0.1, num_train_epochs=2, warmup_steps=0.1, adam_beta2=0.95,
+                   optim="adamw_torch", bf16=True, gradient_checkpointing=True, max_prompt_length=512,
+                   max_length=1024, truncation_mode="keep_end", beta=0.1, loss_type=["sigmoid"])
+# Pairs: exec_synthesize_assistant_response_using_*.sh (the vLLM request sets temperature, top_p and max_tokens; vLLM
+# takes the rest from the model's generation_config.json, so top_k / min_p / repetition_penalty stay unset here).
+AUTHORS_SAMPLING = dict(temperature=0.6, top_p=1.0, top_k=None, min_p=None, repetition_penalty=None)
+# recipe -> (model, max new tokens, per-device batch, grad-accum, heads >= 0.1 in the published scores, or None when
+# the authors published none and the recipe detects them)
+AUTHORS_MODELS = {
+    "llama31": ("meta-llama/Llama-3.1-8B-Instruct", 2048, 2, 64, 33),
+    "qwen3": ("Qwen/Qwen3-8B", 4096, 1, 128, 57),
+    "olmo3_think": ("allenai/Olmo-3-7B-Think", 2048, 2, 64, 46),
+    "olmo3": ("allenai/Olmo-3-7B-Instruct", 2048, 2, 64, None),
+}
+QWEN3_TEMPLATE = (Path(__file__).parent / "data" / "qwen3_chat_template.jinja").read_text()
+# Qwen3-8B's generation_config.json sampling fields (vLLM kept top_k 20; the request's T and top_p won).
+QWEN3_GENERATION = dict(do_sample=True, temperature=0.6, top_k=20, top_p=0.95)
 
 
 @pytest.fixture(scope="module")
@@ -33,72 +64,98 @@ def stand_ins(tmp_path_factory):
     }
 
 
-@pytest.mark.parametrize("name,model_id", [("llama31", "meta-llama/Llama-3.1-8B-Instruct"), ("qwen3", "Qwen/Qwen3-8B"),
-                                           ("olmo3", "allenai/Olmo-3-7B-Instruct")])
-def test_8b_recipes_default_to_the_paper(name, model_id, tmp_path):
-    recipe = load_recipe(name)
-    script_args, args, model_args = parse_args(recipe.DEFAULTS, ["--use_cpu", "True", "--output_dir", str(tmp_path)])
+def test_every_recipe_has_its_yaml_beside_it():
+    scripts = sorted(p.stem for p in RECIPES.glob("*.py"))
+    assert scripts == recipe_names() == ["llama31", "olmo3", "olmo3_think", "qwen3", "smollm2"]
+    for name in scripts:
+        assert recipe_path(name) == RECIPES / f"{name}.yaml"
+        assert load_recipe(name).DEFAULTS == yaml.safe_load((RECIPES / f"{name}.yaml").read_text())
+
+
+@pytest.mark.parametrize("name", ["smollm2", "llama31", "qwen3", "olmo3", "olmo3_think"])
+def test_every_yaml_value_reaches_the_parsed_arguments(name, tmp_path):
+    """Each key of the YAML lands, unchanged, in one of the three parsed dataclasses."""
+    script_args, args, model_args = parse_args(["--use_cpu", "True"], recipe=name)
+    for key, value in recipe_defaults(name).items():
+        owner = next(o for o in (script_args, args, model_args) if hasattr(o, key))
+        expected = [] if (key, value) == ("report_to", "none") else value  # TrainingArguments' normal form
+        assert getattr(owner, key) == expected, (key, getattr(owner, key), value)
+
+
+@pytest.mark.parametrize("name", sorted(AUTHORS_MODELS))
+def test_8b_recipes_default_to_the_authors_settings(name, tmp_path):
+    from trl_retmask.detection import AUTHORS_CONTEXT_LENGTHS, AUTHORS_DEPTHS
+
+    model_id, new_tokens, batch, accumulation, n_heads = AUTHORS_MODELS[name]
+    script_args, args, model_args = parse_args(["--use_cpu", "True", "--output_dir", str(tmp_path)], recipe=name)
     assert model_args.model_name_or_path == model_id
-    for key, value in PAPER.items():
+    assert model_args.dtype == "float32"  # their dpo_llm.py loads without a dtype: fp32 weights, bf16 autocast
+    for key, value in {**AUTHORS_DPO, **AUTHORS_SAMPLING}.items():
         assert getattr(args, key) == value, key
+    assert (args.max_new_tokens, args.per_device_train_batch_size, args.gradient_accumulation_steps) == (
+        new_tokens, batch, accumulation)
     assert args.lr_scheduler_type == "cosine_with_min_lr" and args.lr_scheduler_kwargs == {"min_lr": 5e-8}
-    assert script_args.dataset_name == "tokyotech-llm/lmsys-chat-1m-synth"
-    assert script_args.enable_thinking is (False if name == "qwen3" else None)
-    assert script_args.detect_heads is (name == "olmo3")
+    assert args.generation_settings["generation_kwargs"] == {}  # min_p / repetition_penalty: the model's own
+    assert script_args.dataset_name == "tokyotech-llm/lmsys-chat-1m-synth" and script_args.filter_prompts is True
+    assert script_args.enable_thinking is None  # Qwen3 thinks (its template's default); Olmo-3-Think always does
+    assert args.mask_threshold == 0.1 and args.mask_top_k is None and args.head_scores is None
+    assert script_args.detect_heads is (n_heads is None)
+    if n_heads is None:  # detected with the authors' protocol
+        assert list(script_args.detect_context_lengths) == list(AUTHORS_CONTEXT_LENGTHS)
+        assert list(script_args.detect_depths) == list(AUTHORS_DEPTHS)
+    else:  # the model's bundled published scores, at threshold 0.1
+        assert len(resolve_head_scores(None, model_id).select(threshold=0.1)) == n_heads
+
+
+def test_smollm2_recipe_says_where_it_departs_for_cpu_time():
+    assert "instead of the authors' 2048" in (RECIPES / "smollm2.yaml").read_text()
+    assert recipe_defaults("smollm2")["max_new_tokens"] == 64
 
 
 def test_command_line_and_config_file_override_recipe_defaults(tmp_path):
-    recipe = load_recipe("llama31")
     config = tmp_path / "run.yaml"
     config.write_text("learning_rate: 1.0e-6\nnum_train_epochs: 3\nmask_top_k: 16\n")
-    _, args, model_args = parse_args(recipe.DEFAULTS, [
+    _, args, model_args = parse_args(["--recipe", "llama31",
         "--config", str(config), "--num_train_epochs", "1", "--use_peft", "True", "--use_cpu", "True",
         "--output_dir", str(tmp_path)])
     assert args.learning_rate == 1e-6  # config file over the recipe
     assert args.num_train_epochs == 1  # command line over the config file
     assert args.mask_top_k == 16 and args.selection["top_k"] == 16 and args.selection["threshold"] is None
     assert model_args.use_peft is True
-    assert args.weight_decay == 0.1  # untouched defaults stay the paper's
+    assert args.weight_decay == 0.1  # untouched defaults stay the authors'
 
 
 def test_unknown_recipe_default_is_refused():
     with pytest.raises(ValueError, match="unknown arguments.*no_such_field"):
-        parse_args({"no_such_field": 1}, [])
+        parse_args([], defaults={"no_such_field": 1})
 
 
 def test_context_parallelism_is_refused_before_model_work(monkeypatch, tmp_path):
     monkeypatch.setenv("PARALLELISM_CONFIG_CP_SIZE", "2")
     with pytest.raises(ValueError, match="Context/sequence parallelism.*cp_size"):
-        parse_args(load_recipe("smollm2").DEFAULTS, ["--output_dir", str(tmp_path)])
+        parse_args(["--output_dir", str(tmp_path)], recipe="smollm2")
 
 
 @pytest.mark.parametrize("name,arch", [("llama31", "llama"), ("qwen3", "qwen3"), ("olmo3", "olmo3"),
-                                       ("smollm2", "llama")])
+                                       ("olmo3_think", "olmo3"), ("smollm2", "llama")])
 def test_recipe_builds_its_trainer(name, arch, stand_ins, tmp_path):
-    from trl_retmask.recipe import build_trainer
     from trl_retmask.trainer import RetMaskTrainer
 
-    recipe = load_recipe(name)
     extra = ["--mask_top_k", "2"] if name == "smollm2" else []  # its default k=10 would cover the tiny model
     script_args, args, model_args = parse_args(
-        recipe.DEFAULTS, tiny_overrides(stand_ins[arch], stand_ins["data"], stand_ins["scores"], tmp_path, *extra))
+        tiny_overrides(stand_ins[arch], stand_ins["data"], stand_ins["scores"], tmp_path, *extra), recipe=name)
     trainer = build_trainer(script_args, args, model_args)
 
     assert isinstance(trainer, RetMaskTrainer)
     assert trainer.masked_heads == SELECTED
     assert trainer.model.config.model_type == arch
     stats = trainer.pair_stats["train"]
-    assert stats.prompts == 8 and stats.kept == len(trainer.train_dataset) > 0
+    assert stats.prompts == 8 and stats.kept == len(trainer.train_dataset)  # (0 kept is refused by the trainer)
     row = trainer.train_dataset[0]
     prompts_seen = set()
-    for prompt in trainer.train_dataset["prompt"]:
-        if name == "qwen3":  # rendered through the chat template with enable_thinking=False
-            assert isinstance(prompt, str) and prompt.startswith("<|user|> ") and prompt.endswith(
-                "<|assistant|> no think ")
-            prompts_seen.add(prompt[len("<|user|> "):].split(" <|assistant|>")[0])
-        else:  # conversational, the first user turn of each conversation
-            assert [m["role"] for m in prompt] == ["user"]
-            prompts_seen.add(prompt[0]["content"])
+    for prompt in trainer.train_dataset["prompt"]:  # conversational: the first user turn of each conversation
+        assert [m["role"] for m in prompt] == ["user"]
+        prompts_seen.add(prompt[0]["content"])
     assert prompts_seen <= set(PROMPT_TEXTS)
     assert {"chosen", "rejected"} <= set(row)
     # the recipe's own settings survive next to the overrides
@@ -107,28 +164,178 @@ def test_recipe_builds_its_trainer(name, arch, stand_ins, tmp_path):
     assert not (tmp_path / "detection").exists()  # --head_scores given: no detection, even for olmo3
 
 
-def test_first_user_turn_formats():
-    assert first_user_turn("  hello ") == "hello"
-    assert first_user_turn([{"role": "system", "content": "be nice"}, {"role": "user", "content": "hi"},
-                            {"role": "user", "content": "later"}]) == "hi"
-    assert first_user_turn([{"from": "human", "value": "sharegpt"}, {"from": "gpt", "value": "x"}]) == "sharegpt"
-    assert first_user_turn([{"role": "assistant", "content": "only"}]) is None
-    assert first_user_turn("") is None and first_user_turn(None) is None
+def test_recipe_script_help_shows_its_yaml_defaults():
+    """`python recipes/qwen3.py --help` (a fresh interpreter, as a user runs it) lists the YAML's values."""
+    proc = subprocess.run([sys.executable, str(RECIPES / "qwen3.py"), "--help"], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "Qwen/Qwen3-8B" in proc.stdout and "--enable_thinking" in proc.stdout
 
 
-def test_load_prompts_columns_limits_and_errors(tmp_path):
-    data = tmp_path / "p.jsonl"
-    data.write_text("\n".join(json.dumps(r) for r in [
-        {"instruction": "first", "other": 1}, {"instruction": "", "other": 2}, {"instruction": "third", "other": 3},
-    ]))
-    prompts = load_prompts(RetMaskScriptArguments(dataset_name=str(data)))
-    assert prompts["prompt"] == [[{"role": "user", "content": "first"}], [{"role": "user", "content": "third"}]]
-    assert len(load_prompts(RetMaskScriptArguments(dataset_name=str(data), max_prompts=1))) == 1
-    with pytest.raises(ValueError, match="not a column"):
-        load_prompts(RetMaskScriptArguments(dataset_name=str(data), prompt_column="missing"))
-    bad = tmp_path / "bad.jsonl"
-    bad.write_text(json.dumps({"foo": "x"}))
-    with pytest.raises(ValueError, match="No prompt column.*--prompt_column"):
-        load_prompts(RetMaskScriptArguments(dataset_name=str(bad)))
-    with pytest.raises(ValueError, match="max_prompts"):
-        RetMaskScriptArguments(max_prompts=0)
+# ------------------------------------------------------------------------------------- sampling (vLLM's rule)
+def model_with_generation_config(path, **fields):
+    """A tiny model saved with `fields` in its generation_config.json and loaded back (vLLM reads that file)."""
+    model = make_tiny_model("qwen3")
+    model.generation_config = GenerationConfig(bos_token_id=1, eos_token_id=2, pad_token_id=0, **fields)
+    model.save_pretrained(path)
+    saved = json.loads((Path(path) / "generation_config.json").read_text())
+    assert {k: saved[k] for k in fields} == fields and ("top_k" in saved) == ("top_k" in fields)
+    return AutoModelForCausalLM.from_pretrained(path)
+
+
+def effective_sampling(model, args: RetMaskConfig) -> dict:
+    """The sampling `model.generate` applies for `args`: the pairs' generation config with transformers' global
+    defaults filled in for unset fields, as generate() does."""
+    settings = args.generation_settings
+    config = runtime.make_generation_config(model, 8, temperature=settings["temperature"], top_p=settings["top_p"],
+                                    top_k=settings["top_k"], **settings["generation_kwargs"])
+    config, _ = model._prepare_generation_config(config)
+    return {"do_sample": config.do_sample, "temperature": config.temperature, "top_p": config.top_p,
+            "top_k": config.top_k or 0, "min_p": config.min_p, "repetition_penalty": config.repetition_penalty}
+
+
+@pytest.mark.parametrize("file_fields,expected", [
+    # Qwen3-8B's file: vLLM kept its top_k 20; the request's temperature 0.6 / top_p 1.0 won over the file's
+    (QWEN3_GENERATION, dict(top_k=20, min_p=None, repetition_penalty=1.0)),
+    # Llama-3.1-8B-Instruct's file (temperature 0.6, top_p 0.9, no top_k): no top-k cut (vLLM's default; not 50)
+    (dict(do_sample=True, temperature=0.6, top_p=0.9), dict(top_k=0, min_p=None, repetition_penalty=1.0)),
+    # a file with min_p and a repetition penalty: vLLM takes both
+    (dict(do_sample=True, top_k=40, min_p=0.05, repetition_penalty=1.1),
+     dict(top_k=40, min_p=0.05, repetition_penalty=1.1)),
+    # no sampling fields at all (SmolLM2's file): plain temperature sampling
+    ({}, dict(top_k=0, min_p=None, repetition_penalty=1.0)),
+], ids=["qwen3", "llama31", "min_p_and_penalty", "none"])
+def test_sampling_defaults_follow_the_models_generation_config(file_fields, expected, tmp_path):
+    model = model_with_generation_config(tmp_path / "model", **file_fields)
+    args = RetMaskConfig(output_dir=str(tmp_path), use_cpu=True, report_to="none")
+    assert effective_sampling(model, args) == dict(do_sample=True, temperature=0.6, top_p=1.0, **expected)
+
+
+def test_explicit_sampling_settings_win_over_the_models_file(tmp_path):
+    model = model_with_generation_config(tmp_path / "model", **QWEN3_GENERATION, min_p=0.05, repetition_penalty=1.1)
+    args = RetMaskConfig(output_dir=str(tmp_path), use_cpu=True, report_to="none", top_k=0, min_p=0.0,
+                         repetition_penalty=1.0, temperature=0.7, top_p=0.8)
+    assert effective_sampling(model, args) == dict(do_sample=True, temperature=0.7, top_p=0.8, top_k=0, min_p=0.0,
+                                                   repetition_penalty=1.0)
+    with pytest.raises(ValueError, match="min_p"):
+        RetMaskConfig(output_dir=str(tmp_path), use_cpu=True, min_p=1.5)
+
+
+# -------------------------------------------------------------------------------------------- Qwen3 thinking
+def qwen3_tokenizer():
+    """A byte-level tokenizer with Qwen3's special tokens (`<think>`/`</think>` added but not special, as in Qwen3)
+    and Qwen3's real chat template (tests/data/qwen3_chat_template.jinja: the Qwen3 family's template, from
+    llama.cpp's vendored models/templates/Qwen-Qwen3-0.6B.jinja)."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    fast.add_special_tokens({"additional_special_tokens": ["<|im_start|>"]})
+    fast.add_tokens([AddedToken(t, special=False, normalized=False) for t in ("<think>", "</think>")])
+    fast.chat_template = QWEN3_TEMPLATE
+    return fast
+
+
+@pytest.fixture(scope="module")
+def qwen3_stand_in(tmp_path_factory):
+    """A tiny Qwen3 with Qwen3's tokenizer layout, chat template and generation_config sampling fields."""
+    path = tmp_path_factory.mktemp("qwen3_real_template")
+    tokenizer = qwen3_tokenizer()
+    tokenizer.save_pretrained(path)
+    ids = dict(pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    model = make_tiny_model("qwen3", vocab_size=len(tokenizer), bos_token_id=None, **ids)
+    model.generation_config = GenerationConfig(**ids, **QWEN3_GENERATION)
+    model.save_pretrained(path)
+    return path
+
+
+def test_qwen3_template_renders_our_inline_reasoning_as_the_authors_reasoning_content():
+    """The authors stored vLLM's reasoning-parser output as `reasoning_content`; we keep the raw `<think>` text in
+    `content`. Qwen3's template renders both the same, reasoning included."""
+    tokenizer = qwen3_tokenizer()
+    prompt = [{"role": "user", "content": "Which city?"}]
+    for reasoning, answer in [("The user asks.\nThink twice.", "Paris."), ("short", "A\n\nB")]:
+        ours = [{"role": "assistant", "content": f"<think>\n{reasoning}\n</think>\n\n{answer}"}]
+        authors = [{"role": "assistant", "content": answer, "reasoning_content": reasoning}]
+        rendered = tokenizer.apply_chat_template(prompt + ours, tokenize=False)
+        assert rendered == tokenizer.apply_chat_template(prompt + authors, tokenize=False)
+        assert rendered.endswith(f"<|im_start|>assistant\n<think>\n{reasoning}\n</think>\n\n{answer}<|im_end|>\n")
+
+
+def test_qwen3_recipe_trains_on_the_reasoning(qwen3_stand_in, stand_ins, tmp_path):
+    """TRL's DPO tokenization of a conversational completion holding `<think>...</think>` keeps every reasoning
+    token, after the thinking-mode generation prompt (no empty think block)."""
+    tokenizer = qwen3_tokenizer()
+    question, reasoning, answer = "Which city?", "The user asks about a city.", "Paris."
+    rows = Dataset.from_list([{
+        "prompt": [{"role": "user", "content": question}],
+        "chosen": [{"role": "assistant", "content": f"<think>\n{reasoning}\n</think>\n\n{answer}"}],
+        "rejected": [{"role": "assistant", "content": "<think>\nno\n</think>\n\nRome."}],
+    }])
+    script_args, args, model_args = parse_args(
+        tiny_overrides(qwen3_stand_in, stand_ins["data"], stand_ins["scores"], tmp_path), recipe="qwen3")
+    row = build_trainer(script_args, args, model_args, train_dataset=rows).train_dataset[0]
+
+    def encode(text):
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    assert row["prompt_ids"] == encode(f"<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n")
+    assert row["chosen_ids"] == encode(f"<think>\n{reasoning}\n</think>\n\n{answer}<|im_end|>\n")
+    assert row["rejected_ids"] == encode("<think>\nno\n</think>\n\nRome.<|im_end|>\n")
+
+
+@pytest.mark.parametrize("enable_thinking", [None, False], ids=["thinking", "no_thinking"])
+def test_qwen3_recipe_samples_pairs_as_the_authors_vllm(enable_thinking, qwen3_stand_in, stand_ins, tmp_path,
+                                                       monkeypatch):
+    """End to end through the recipe: pairs are sampled with Qwen3's top_k 20 (from its generation_config), T 0.6,
+    top_p 1.0, after the thinking-mode prompt (thinking off on request: prompts end with an empty think block)."""
+    used = []
+
+    def recording(*a, **kw):
+        used.append(runtime.make_generation_config(*a, **kw))
+        return used[-1]
+
+    monkeypatch.setattr(pairs_module, "make_generation_config", recording)
+    extra = [] if enable_thinking is None else ["--enable_thinking", str(enable_thinking)]
+    script_args, args, model_args = parse_args(
+        tiny_overrides(qwen3_stand_in, stand_ins["data"], stand_ins["scores"], tmp_path, *extra), recipe="qwen3")
+    trainer = build_trainer(script_args, args, model_args)
+    assert [(c.do_sample, c.temperature, c.top_p, c.top_k) for c in used] == [(True, 0.6, 1.0, 20)]
+    opening = "<|im_start|>assistant\n" + ("" if enable_thinking is None else "<think>\n\n</think>\n\n")
+    tokenizer = qwen3_tokenizer()
+    assert len(trainer.train_dataset) > 0
+    for ids in trainer.train_dataset["prompt_ids"]:
+        assert tokenizer.decode(ids).endswith(opening)
+
+
+# ------------------------------------------------------------------------------------------- prompt filter wiring
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_recipe_applies_the_authors_prompt_filter(stand_ins, tmp_path):
+    rows = [{"conversation": [{"role": "user", "content": text}], "redacted": i % 4 == 1,
+             "empty_user_instruction_ja": False, "duplicate_user_instruction_ja": "x" if i % 4 == 2 else None}
+            for i, text in enumerate(PROMPT_TEXTS)]
+    data = write_jsonl(tmp_path / "synth.jsonl", rows)
+    script_args, args, model_args = parse_args(
+        tiny_overrides(stand_ins["llama"], data, stand_ins["scores"], tmp_path / "out"), recipe="llama31")
+    trainer = build_trainer(script_args, args, model_args)
+    kept = [r for r in rows if not (r["redacted"] or r["duplicate_user_instruction_ja"] is not None)]
+    assert trainer.pair_stats["train"].prompts == len(kept) == 4
+
+
+def test_recipe_on_synth_without_user_turns_says_how_to_merge(stand_ins, tmp_path):
+    rows = [{"conversation_id": str(i), "synthesized_assistant_responses": [], "redacted": False,
+             "empty_user_instruction_ja": False, "duplicate_user_instruction_ja": None} for i in range(3)]
+    data = write_jsonl(tmp_path / "lmsys-chat-1m-synth.jsonl", rows)
+    script_args, args, model_args = parse_args(
+        tiny_overrides(stand_ins["llama"], data, stand_ins["scores"], tmp_path / "out"), recipe="llama31")
+    with pytest.raises(ValueError, match="No user turns") as error:
+        build_trainer(script_args, args, model_args)
+    assert MISSING_USER_TURNS in str(error.value)

@@ -33,8 +33,10 @@ def test_from_pretrained_by_id_basename_and_path(scores, raw):
     assert HeadScores.from_pretrained("/models/llama/Llama-3.1-8B-Instruct/").scores == scores.scores
     assert HeadScores.from_pretrained(LLAMA).scores == scores.scores
     assert HeadScores.from_pretrained("Qwen/Qwen3-8B").num_layers == 36
-    with pytest.raises(ValueError, match="No bundled head scores.*trl-retmask detect"):
-        HeadScores.from_pretrained("org/unknown-model")
+    with pytest.raises(ValueError, match="No bundled head scores for 'org/unknown-model'.*trl-retmask detect"):
+        HeadScores.from_pretrained("org/unknown-model")  # offline in the tests: the Hub lookup fails clearly
+    with pytest.raises(ValueError, match="not a score file.*trl-retmask detect"):
+        HeadScores.from_pretrained("/no/such/dir/unknown-model")
 
 
 def test_threshold_and_top_k_selection(scores, raw):
@@ -110,10 +112,16 @@ def test_missing_file_and_bad_selection(tmp_path, scores):
         scores.select()
     with pytest.raises(ValueError, match="exactly one"):
         scores.select(threshold=0.1, top_k=3)
-    with pytest.raises(ValueError, match="No head has a mean score >= 2"):
+    with pytest.raises(ValueError, match="No head has a mean score >= 1"):
+        scores.select(threshold=1.0)
+    with pytest.raises(ValueError, match="threshold` must be in"):
         scores.select(threshold=2.0)
-    with pytest.raises(ValueError, match="top_k must be"):
+    with pytest.raises(ValueError, match="top_k` must be >= 1"):
         scores.select(top_k=0)
+    with pytest.raises(ValueError, match="top_k must be at most 1024"):
+        scores.select(top_k=1025)
+    with pytest.raises(ValueError, match="top_k` must be an integer"):
+        scores.select(top_k=True)
     with pytest.raises(ValueError, match="Unknown mask strategy"):
         scores.select(top_k=3, strategy="best")
 
@@ -121,3 +129,247 @@ def test_missing_file_and_bad_selection(tmp_path, scores):
 def test_plot_writes_png(scores, tmp_path):
     path = scores.plot(tmp_path / "heat.png", heads=scores.select(top_k=10))
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5000
+
+
+# ---------------------------------------------------------------------------------------- hostile score files
+@pytest.mark.parametrize("content,match", [
+    ('{"30000-3000": [1.0]}', "beyond any model"),  # would be a 90M-cell dense grid
+    ('{"0-0": [1], "1-1": [1]}', "2 of 2 layers x 2 heads.*missing e.g. 0-1, 1-0"),
+    ('{"0-0": [1], "0-1": [1], "00-1": [1]}', "'0-1' and '00-1' both name layer 0 head 1"),
+    ('{"0-0": [1], "0-0": [2]}', "duplicate key '0-0'"),
+    ('{"0-0": [NaN]}', "Malformed scores"),
+    ('{"1²-0": [1]}', "Malformed head key"),
+    ("[" * 100_000 + "]" * 100_000, "nested too deeply"),  # was a RecursionError traceback
+])
+def test_hostile_files_refused_before_allocating(tmp_path, content, match):
+    path = tmp_path / "bad.json"
+    path.write_text(content)
+    with pytest.raises(ValueError, match=match):
+        HeadScores.load(path)
+
+
+def test_explicit_layout_partial_grid_round_trips(tmp_path):
+    partial = HeadScores({"0-1": [0.5, 0.7], "2-3": [0.3]}, num_layers=3, num_heads=4)
+    back = HeadScores.load(partial.save(tmp_path / "s.json"))
+    assert (back.num_layers, back.num_heads) == (3, 4) and len(back.scores) == 12
+    assert back.mean_scores() == pytest.approx(partial.mean_scores())
+    assert back.mean_scores()[(0, 1)] == pytest.approx(0.6) and back.mean_scores()[(1, 1)] == 0.0
+    with pytest.raises(ValueError, match="missing e.g. 0-0"):
+        HeadScores({"0-1": [0.5], "2-3": [0.3]})  # inferred layout: must be complete
+
+
+# ------------------------------------------------------------------------- local round trips (Hub: test_hub.py)
+GRID = {f"{l}-{h}": [0.05 * (l * 4 + h) / 11] for l in range(3) for h in range(4)}
+
+
+def test_save_pretrained_from_pretrained_directory(tmp_path):
+    scores = HeadScores(GRID)
+    path = scores.save_pretrained(tmp_path / "model")
+    assert path.name == "retmask_head_scores.json"
+    back = HeadScores.from_pretrained(tmp_path / "model")
+    assert back.scores == scores.scores and back.masked_heads is None
+    # A RetMask output dir also says which heads it was trained with.
+    (tmp_path / "model" / "retmask.json").write_text(json.dumps({"masked_heads": [[2, 3], [0, 1]]}))
+    assert HeadScores.from_pretrained(str(tmp_path / "model")).masked_heads == [(0, 1), (2, 3)]
+    (tmp_path / "model" / "retmask.json").write_text(json.dumps({"masked_heads": [[7, 0]]}))
+    with pytest.raises(ValueError, match="outside its score grid"):
+        HeadScores.from_pretrained(tmp_path / "model")
+
+
+# ------------------------------------------------------------------------------------------ selection arguments
+def test_selection_arguments_and_select_heads(tmp_path):
+    from tests.tiny import make_tiny_model
+    from trl_retmask.scores import HeadSelectionArguments, resolve_head_scores, select_heads
+
+    model = make_tiny_model("llama")  # 3 layers x 4 heads
+    path = HeadScores(GRID).save(tmp_path / "s.json")
+    means = {tuple(map(int, k.split("-"))): v[0] for k, v in GRID.items()}
+    heads, scores = select_heads(HeadSelectionArguments(head_scores=str(path), mask_top_k=3), model)
+    assert heads == sorted(sorted(means, key=means.get)[-3:]) and scores.num_layers == 3
+    heads, _ = select_heads(HeadSelectionArguments(mask_threshold=0.03), model, scores=path)
+    assert heads == sorted(k for k, m in means.items() if m >= 0.03)
+    with pytest.raises(ValueError, match="32 layers x 32 heads but the model has 3 layers x 4"):
+        select_heads(HeadSelectionArguments(), model, scores="Llama-3.1-8B-Instruct")
+    with pytest.raises(ValueError, match="no model name to find them by"):
+        resolve_head_scores(None, model)  # built in memory: no name
+    model.config._name_or_path = str(tmp_path)  # a local model directory without scores
+    with pytest.raises(ValueError, match="none found for the model"):
+        resolve_head_scores(None, model)
+    assert resolve_head_scores(None, "HuggingFaceTB/SmolLM2-135M-Instruct").num_layers == 30
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"mask_threshold": float("nan")}, "mask_threshold` must be a finite number"),
+    ({"mask_threshold": float("inf")}, "mask_threshold` must be a finite number"),
+    ({"mask_threshold": 0.0}, r"mask_threshold` must be in \(0, 1\]"),
+    ({"mask_threshold": -0.1}, r"mask_threshold` must be in \(0, 1\]"),
+    ({"mask_threshold": True}, "mask_threshold` must be a finite number"),
+    ({"mask_top_k": 2.5}, "mask_top_k` must be an integer"),
+    ({"mask_top_k": 2.0}, "mask_top_k` must be an integer"),
+    ({"mask_top_k": True}, "mask_top_k` must be an integer"),
+    ({"mask_top_k": 0}, "mask_top_k` must be >= 1"),
+    ({"mask_strategy": "best"}, "mask_strategy` must be one of retrieval"),
+    ({"mask_seed": 1.5}, "mask_seed` must be an integer"),
+    ({"mask_seed": None}, "mask_seed` must be an integer"),
+    ({"head_scores": ""}, "head_scores` must be a path"),
+    ({"head_scores": 3}, "head_scores` must be a path"),
+    ({"mask_threshold": None}, "Set `mask_threshold` or `mask_top_k`"),
+])
+def test_selection_arguments_refuse_bad_values(kwargs, match):
+    from trl_retmask.scores import HeadSelectionArguments
+
+    with pytest.raises(ValueError, match=match):
+        HeadSelectionArguments(**kwargs)
+
+
+# ------------------------------------------------------------------ mutation-tested edges (docs/testing.md)
+def test_single_numbers_and_empty_lists_are_scores():
+    s = HeadScores({"0-0": 0.25, "0-1": 1, "1-0": [], "1-1": [0.5, 1]})  # some tools store the mean only
+    assert s.scores == {(0, 0): [0.25], (0, 1): [1.0], (1, 0): [], (1, 1): [0.5, 1.0]}
+    assert all(type(v) is float for vals in s.scores.values() for v in vals)
+    assert s.mean_scores() == {(0, 0): 0.25, (0, 1): 1.0, (1, 0): 0.0, (1, 1): 0.75}
+    assert repr(s) == "HeadScores(2 layers x 2 heads, 4 scored)"
+    with pytest.raises(ValueError, match=r"Malformed scores for head '0-0': expected a list of finite numbers, got True"):
+        HeadScores({"0-0": True})
+    with pytest.raises(ValueError, match=r"got \[1, False\]"):
+        HeadScores({"0-0": [1, False]})
+    for bad in ({}, [("0-0", [1])], None):
+        with pytest.raises(ValueError, match=r"HeadScores needs a non-empty mapping \{'LAYER-HEAD': \[scores...\]\}"):
+            HeadScores(bad)
+
+
+def test_layout_boundaries():
+    assert (HeadScores({"2-3": [1]}, num_layers=3, num_heads=4).num_layers,) == (3,)
+    for key in ("3-0", "0-4"):  # one past the last layer / head
+        with pytest.raises(ValueError, match=r"Heads \[\(\d, \d\)\] lie outside 3 layers x 4 heads"):
+            HeadScores({key: [1]}, num_layers=3, num_heads=4)
+    for bad in ({"num_layers": 0, "num_heads": 4}, {"num_layers": 3, "num_heads": 0}):
+        with pytest.raises(ValueError, match="must be >= 1, got 0"):
+            HeadScores({"0-0": [1]}, **bad)
+    from trl_retmask.scores import MAX_HEADS
+
+    assert MAX_HEADS == 1024 * 1024
+    assert HeadScores({"0-0": [1]}, num_layers=1024, num_heads=1024).num_heads == 1024  # exactly the limit
+    with pytest.raises(ValueError, match="A grid of 1025 layers x 1024 heads is beyond any model"):
+        HeadScores({"0-0": [1]}, num_layers=1025, num_heads=1024)
+    with pytest.raises(ValueError, match=r"1 of 3 layers x 3 heads are given; missing e.g. 0-0, 0-1, 0-2, 1-0, 1-1\. "):
+        HeadScores({"2-2": [1]})  # 8 missing: the first five named
+
+
+def test_load_reads_the_first_line_and_nested_dirs(tmp_path):
+    path = tmp_path / "s.json"
+    path.write_text('{"0-0": [0.5]}\nnot json at all\n')  # the original tools read only the first line
+    assert HeadScores.load(path).scores == {(0, 0): [0.5]}
+    path.write_text('\n  {"0-0": [0.5]}  \n\n')
+    assert HeadScores.load(path).scores == {(0, 0): [0.5]}
+    path.write_text("[]")
+    with pytest.raises(ValueError, match=r"one non-empty JSON object \{\"LAYER-HEAD\": \[\.\.\.\]\}; got list \(empty\)\.$"):
+        HeadScores.load(path)
+    path.write_text("3")
+    with pytest.raises(ValueError, match=r"got int\.$"):
+        HeadScores.load(path)
+    saved = HeadScores({"0-0": [1]}).save(tmp_path / "a" / "b" / "s.json")  # parents created
+    assert saved.read_text() == '{"0-0": [1.0]}'
+    plain = tmp_path / "scores"  # a score file without the .json suffix
+    plain.write_text('{"0-0": [0.5]}')
+    assert HeadScores.from_pretrained(plain).scores == {(0, 0): [0.5]}
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        HeadScores.from_pretrained(tmp_path / "missing.json")  # a .json path is a file, never a Hub id
+    (tmp_path / "empty_dir").mkdir()
+    with pytest.raises(ValueError, match=r"The directory '.*empty_dir' holds no retmask_head_scores\.json\. Detect"):
+        HeadScores.from_pretrained(tmp_path / "empty_dir")
+
+
+def test_masked_heads_record(tmp_path):
+    d = tmp_path / "model"
+    HeadScores(GRID).save_pretrained(d)
+    (d / "retmask.json").write_text(json.dumps({"masked_heads": ["2-3", [0, 0]]}))
+    assert HeadScores.from_pretrained(d).masked_heads == [(0, 0), (2, 3)]  # last layer/head: inside
+    (d / "retmask.json").write_text(json.dumps({"masked_heads": []}))
+    assert HeadScores.from_pretrained(d).masked_heads is None
+    for bad in ([[3, 0]], [[0, 4]]):
+        (d / "retmask.json").write_text(json.dumps({"masked_heads": bad}))
+        with pytest.raises(ValueError, match="retmask.json lists masked heads .* outside its score grid"):
+            HeadScores.from_pretrained(d)
+    (d / "retmask.json").write_text("[1]")
+    with pytest.raises(ValueError, match=r"retmask.json is not a valid RetMask record \("):
+        HeadScores.from_pretrained(d)
+
+
+def test_selection_boundaries():
+    # means: 0-0: 0.5, 0-1: 0.25 (exactly on the threshold below), 1-0: 0.25, 1-1: 0.0
+    s = HeadScores({"0-0": [0.5], "0-1": [0.25], "1-0": [0.0, 0.5], "1-1": [0.0]})
+    assert s.ranked() == [((0, 0), 0.5), ((0, 1), 0.25), ((1, 0), 0.25), ((1, 1), 0.0)]  # ties by (layer, head)
+    assert s.select(threshold=0.25) == [(0, 0), (0, 1), (1, 0)]  # >=, not >
+    assert s.select(threshold=0.5) == [(0, 0)]
+    assert s.select(threshold=1e-9) == [(0, 0), (0, 1), (1, 0)]
+    assert s.select(top_k=2) == [(0, 0), (0, 1)]  # the tie is broken by (layer, head)
+    assert s.select(top_k=4) == [(0, 0), (0, 1), (1, 0), (1, 1)]  # every head is allowed
+    with pytest.raises(ValueError, match=r"top_k must be at most 4 \(the model's heads\); got 5"):
+        s.select(top_k=5)
+    with pytest.raises(ValueError, match=r"No head has a mean score >= 0.75 \(the highest is 0.5000\)\. Lower"):
+        s.select(threshold=0.75)
+    assert s.select(threshold=1.0 - 0.5) == [(0, 0)]
+    # random_non_retrieval needs as many non-retrieval heads as retrieval heads: 2 of 4 is exactly enough
+    assert sorted(s.select(top_k=2, strategy="random_non_retrieval", seed=1)) == [(1, 0), (1, 1)]
+    with pytest.raises(ValueError, match="Cannot draw 3 random_non_retrieval heads from 1 candidates"):
+        s.select(top_k=3, strategy="random_non_retrieval")
+    assert s.select(top_k=4, strategy="random") == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    assert s.select(top_k=1, strategy="random", seed=5) == [random.Random(5).sample(sorted(s.mean_scores()), 1)[0]]
+    assert s.select(top_k=1, strategy="random") == s.select(top_k=1, strategy="random", seed=0)  # seed defaults to 0
+
+
+def test_sparsity_edge_cases():
+    zero = HeadScores({"0-0": [0.0], "0-1": [0.0]}).sparsity()
+    assert zero["gini"] == 0.0 and zero["max"] == 0.0 and zero["n_heads"] == 2
+    assert all(math.isnan(zero[k]) for k in ("entropy", "top_1pct_mass", "top_5pct_mass"))
+    one = HeadScores({"0-0": [0.3]}).sparsity()
+    assert one["entropy"] == 0.0 and one["gini"] == 0.0 and one["top_1pct_mass"] == 1.0
+    on_edges = HeadScores({"0-0": [0.1], "0-1": [0.05], "0-2": [0.0499], "0-3": [-1.0]}).sparsity()  # >= edges
+    assert (on_edges["n_above_0.1"], on_edges["n_above_0.05"]) == (1, 2)
+    assert on_edges["top_1pct_mass"] == pytest.approx(0.1 / 0.1999)  # negative scores clip to 0; at least one head
+    assert on_edges["mean"] == pytest.approx(0.1999 / 4) and on_edges["max"] == 0.1
+    even = HeadScores({"0-0": [0.2], "0-1": [0.2]}).sparsity()
+    assert even["gini"] == pytest.approx(0.0) and even["entropy"] == pytest.approx(1.0)
+    assert even["top_5pct_mass"] == pytest.approx(0.5)
+
+
+def test_plot_boxes_the_given_heads(tmp_path, monkeypatch):
+    import trl_retmask.plotting as plotting
+
+    figures = []
+    save = plotting.save_figure
+    monkeypatch.setattr(plotting, "save_figure", lambda fig, path: figures.append(fig) or save(fig, path))
+    s = HeadScores(GRID)
+    s.plot(tmp_path / "a.png", heads=[(2, 1)])
+    s.plot(tmp_path / "b.png", title="mine")
+    ax, cbar = figures[0].axes
+    (box,) = ax.patches
+    assert box.get_xy() == (0.5, 1.5) and (box.get_width(), box.get_height()) == (1, 1)
+    assert box.get_edgecolor()[:3] == (1.0, 0.0, 0.0) and not box.get_fill()
+    assert (ax.get_xlabel(), ax.get_ylabel(), cbar.get_ylabel()) == ("head", "layer", "mean retrieval score")
+    assert ax.get_title() == f"Retrieval scores (gini {s.sparsity()['gini']:.2f}, 0 heads >= 0.1, 1 selected)"
+    assert figures[1].axes[0].get_title() == "mine" and not figures[1].axes[0].patches
+    image = ax.images[0]
+    assert np.array_equal(image.get_array(), s.to_array()) and image.origin == "lower"
+
+
+def test_selection_arguments_forms(tmp_path):
+    from trl_retmask.scores import HeadSelectionArguments, resolve_head_scores, select_heads
+
+    path = HeadScores(GRID).save(tmp_path / "s.json")
+    args = HeadSelectionArguments(head_scores=path, mask_top_k=2, mask_threshold=0.5, mask_strategy="random",
+                                  mask_seed=7)
+    assert args.head_scores == str(path)  # a PathLike becomes a string
+    assert args.selection == {"threshold": None, "top_k": 2, "strategy": "random", "seed": 7}  # top-k replaces it
+    assert HeadSelectionArguments().selection == {"threshold": 0.1, "top_k": None, "strategy": "retrieval", "seed": 0}
+    assert HeadSelectionArguments(mask_threshold=1).mask_threshold == 1  # the upper end is allowed
+    with pytest.raises(ValueError, match=r"`head_scores` must be a path, model id or Hub repo id, got '  '\."):
+        HeadSelectionArguments(head_scores="  ")
+    scores = HeadScores(GRID)
+    assert resolve_head_scores(scores) is scores
+    assert resolve_head_scores(scores, model=str(tmp_path)) is scores  # a name is not validated against
+    assert resolve_head_scores(None, tmp_path / "s.json").scores == scores.scores  # a PathLike model name
+    heads, used = select_heads(HeadSelectionArguments(head_scores="Llama-3.1-8B-Instruct", mask_top_k=1),
+                               tiny_config("llama"), scores=scores)  # explicit scores win over args.head_scores
+    assert used is scores and heads == [(2, 3)]

@@ -1,6 +1,7 @@
 """RetMaskTrainer: pairs from prompts, ordinary DPO on them, reference = initial policy, PEFT, cache, saving."""
 
 import copy
+import importlib.util
 import json
 import math
 import warnings
@@ -13,7 +14,8 @@ from tests.test_pairs import HEADS, CountingGenerate, independent
 from tests.tiny import make_tiny_model
 from trl_retmask import HeadScores
 from trl_retmask.config import RetMaskConfig
-from trl_retmask.trainer import RetMaskTrainer
+from trl_retmask.scores import select_heads
+from trl_retmask.trainer import RetMaskTrainer, truncate_prompt
 
 PROMPTS = ["the secret number is", "tell me a story about the sea", "how many boys went to school ?", "the man said"]
 SCORES = HeadScores({"0-1": [0.9, 0.7], "1-2": [0.5], "2-0": [0.3], "0-0": [0.01], "2-3": [0.02]},
@@ -46,9 +48,9 @@ def test_training_lowers_loss_reference_is_initial_policy_and_card(tiny_tokenize
     ref = trainer.ref_model
     assert ref is not None and ref is not trainer.model
     for k, v in ref.state_dict().items():
-        torch.testing.assert_close(v, initial[k], rtol=0, atol=0)
+        torch.testing.assert_close(v.cpu(), initial[k].cpu(), rtol=0, atol=0)
     assert not any(m._forward_pre_hooks for m in ref.modules())
-    assert any(not torch.equal(v, initial[k]) for k, v in trainer.model.state_dict().items())
+    assert any(not torch.equal(v.cpu(), initial[k].cpu()) for k, v in trainer.model.state_dict().items())
 
     # Pair statistics reached the loggers (log history is what every reporting callback receives).
     pair_logs = next(h for h in trainer.state.log_history if "pairs/train/kept" in h)
@@ -64,11 +66,20 @@ def test_training_lowers_loss_reference_is_initial_policy_and_card(tiny_tokenize
     for (layer, head), score in zip(HEADS, (0.8, 0.5, 0.3)):
         assert f"| {layer} | {head} | {score:.4f} |" in card
     assert f"| kept | {stats.kept} |" in card and f"| dropped_identical | {stats.dropped_identical} |" in card
-    assert HeadScores.load(save_dir / "retmask_head_scores.json").scores == SCORES.scores
     info = json.loads((save_dir / "retmask.json").read_text())
     assert info["masked_heads"] == [list(h) for h in HEADS]
     assert info["pair_stats"]["train"]["kept"] == stats.kept
+    trainer.create_model_card()
+    trainer.create_model_card()  # regenerated, never spliced twice
     assert (tmp_path / "out" / "README.md").read_text().count("## RetMask") == 1
+    assert card.index("## Citations") < card.index("## RetMask")  # TRL's card untouched, our section appended
+
+    # The saved directory gives back the scores (same layout, every head) and exactly the heads trained with.
+    back = HeadScores.from_pretrained(save_dir)
+    assert (back.num_layers, back.num_heads) == (3, 4) and back.mean_scores() == SCORES.mean_scores()
+    assert back.masked_heads == HEADS
+    heads, _ = select_heads(RetMaskConfig(str(tmp_path / "x"), report_to="none", bf16=False), model, save_dir)
+    assert heads == HEADS
 
 
 def test_card_of_the_embedded_checkpoint_names_its_hub_base_model(tiny_tokenizer, tmp_path, monkeypatch):
@@ -88,7 +99,8 @@ def test_card_of_the_embedded_checkpoint_names_its_hub_base_model(tiny_tokenizer
     assert "[HuggingFaceTB/SmolLM2-135M-Instruct](https://huggingface.co/HuggingFaceTB/SmolLM2-135M-Instruct)" in card
     assert "None" not in card.split("## RetMask")[0]
     assert f'pipeline("text-generation", model="{tmp_path / "saved"}"' in card
-    assert model.config._name_or_path == str(local)
+    assert model.config._name_or_path == str(local) and trainer.hub_model_id is None  # nothing rewritten
+    assert not hasattr(trainer, "_card_save_dir")
 
 
 def test_peft_trains_adapter_and_keeps_base_weights(tiny_tokenizer, tmp_path):
@@ -108,9 +120,9 @@ def test_peft_trains_adapter_and_keeps_base_weights(tiny_tokenizer, tmp_path):
     for name, param in base.named_parameters():
         if "lora_" not in name:
             key = name.replace(".base_layer", "")
-            torch.testing.assert_close(param.detach(), initial[key], rtol=0, atol=0)
+            torch.testing.assert_close(param.detach().cpu(), initial[key].cpu(), rtol=0, atol=0)
     after = dict(trainer.model.named_parameters())
-    assert any(not torch.equal(after[n], v) for n, v in lora_before.items())
+    assert any(not torch.equal(after[n].cpu(), v.cpu()) for n, v in lora_before.items())
 
 
 def test_second_trainer_reuses_cached_pairs_and_heads_change_regenerates(tiny_tokenizer, tmp_path):
@@ -135,6 +147,7 @@ def test_second_trainer_reuses_cached_pairs_and_heads_change_regenerates(tiny_to
 
 def test_conversational_prompts_and_eval_dataset(tiny_tokenizer, tmp_path):
     model = make_tiny_model("llama")
+    on_cpu = copy.deepcopy(model)  # the trainer moves `model` to the training device
     chats = Dataset.from_dict({"prompt": [[{"role": "user", "content": p}] for p in PROMPTS]})
     expected = {p: (independent(model, tiny_tokenizer, [{"role": "user", "content": p}]),
                     independent(model, tiny_tokenizer, [{"role": "user", "content": p}], HEADS)) for p in PROMPTS}
@@ -148,7 +161,7 @@ def test_conversational_prompts_and_eval_dataset(tiny_tokenizer, tmp_path):
     eval_rows = trainer.eval_dataset
     assert len(eval_rows) == trainer.pair_stats["eval"].kept > 0
     for row in eval_rows:
-        assert row["chosen"] == independent(model, tiny_tokenizer, row["prompt"]) + tiny_tokenizer.eos_token
+        assert row["chosen"] == independent(on_cpu, tiny_tokenizer, row["prompt"]) + tiny_tokenizer.eos_token
     metrics = trainer.evaluate()
     assert math.isfinite(metrics["eval_loss"])
 
@@ -188,7 +201,7 @@ def test_model_given_as_path(tiny_tokenizer, tmp_path):
     t = RetMaskTrainer(model=str(tmp_path / "m"), args=config(tmp_path, max_new_tokens=4), train_dataset=prompts(),
                        head_scores=SCORES)
     for k, v in t.ref_model.state_dict().items():
-        torch.testing.assert_close(v, model.state_dict()[k], rtol=0, atol=0)
+        torch.testing.assert_close(v.cpu(), model.state_dict()[k].cpu(), rtol=0, atol=0)
     row = t.train_dataset[0]
     assert row["rejected"] == independent(model, tiny_tokenizer, row["prompt"], HEADS, max_new_tokens=4) + "</s>"
 
@@ -211,10 +224,14 @@ def test_clear_errors_before_generation(tiny_tokenizer, tmp_path):
         RetMaskTrainer(model=model, args=DPOConfig(str(tmp_path), bf16=False), train_dataset=prompts(),
                        processing_class=tiny_tokenizer, head_scores=SCORES)
     assert counter.calls == 0
-    with pytest.raises(ValueError, match="mask_strategy"):
-        config(tmp_path, mask_strategy="best")
-    with pytest.raises(ValueError, match="temperature"):
-        config(tmp_path, temperature=-1.0)
+    with pytest.raises(ValueError, match="has columns \\['question'\\].*needs a `prompt` column"):
+        RetMaskTrainer(model=model, args=config(tmp_path), train_dataset=Dataset.from_dict({"question": ["a"]}),
+                       processing_class=tiny_tokenizer, head_scores=SCORES)
+    with pytest.raises(ValueError, match="eval_dataset` has columns"):
+        RetMaskTrainer(model=model, args=config(tmp_path), train_dataset=prompts(),
+                       eval_dataset=Dataset.from_dict({"text": ["a"]}), processing_class=tiny_tokenizer,
+                       head_scores=SCORES)
+    assert counter.calls == 0
 
 
 def test_all_pairs_dropped_is_an_error(tiny_tokenizer, tmp_path):
@@ -246,6 +263,29 @@ def test_cpu_defaults_and_liger(tmp_path):
     assert args.bf16 is True and args.gradient_checkpointing is False
     with pytest.raises(ValueError, match="use_liger_kernel"):
         RetMaskConfig(str(tmp_path), report_to="none", use_liger_kernel=True)
+
+
+def test_liger_without_the_package_names_the_extra(tmp_path, monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "liger_kernel" else real(name, *a))
+    with pytest.raises(ValueError, match=r"pip install 'trl_retmask\[liger\]'"):
+        RetMaskConfig(str(tmp_path), report_to="none", use_liger_kernel=True)
+
+
+def test_online_retmask_is_refused_under_fsdp(tmp_path, monkeypatch):
+    """Ranks generate different numbers of tokens; FSDP's all-gathers inside `generate` would hang."""
+    with pytest.raises(ValueError, match="cannot run under FSDP"):
+        RetMaskConfig(str(tmp_path), report_to="none", regenerate_pairs_steps=2, fsdp=True)
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what `accelerate launch` with an FSDP config sets
+    with pytest.raises(ValueError, match="cannot run under FSDP"):
+        RetMaskConfig(str(tmp_path), report_to="none", regenerate_pairs_each_epoch=True)
+    assert RetMaskConfig(str(tmp_path), report_to="none").regenerate_pairs_steps is None  # offline: fine
+
+
+def test_generation_kwargs_given_as_json_become_a_dict(tmp_path):
+    args = RetMaskConfig(str(tmp_path), report_to="none", generation_kwargs='{"repetition_penalty": 1.1}')
+    assert args.generation_kwargs == {"repetition_penalty": 1.1}
+    assert args.generation_settings["generation_kwargs"]["repetition_penalty"] == 1.1
 
 
 @pytest.mark.real_model
@@ -335,3 +375,208 @@ def test_online_mode_refuses_length_grouping(tmp_path):
     with pytest.raises(ValueError, match="group_by_length|lengths measured at the start"):
         config(tmp_path, regenerate_pairs_steps=2, train_sampling_strategy="group_by_length")
     assert config(tmp_path, regenerate_pairs_steps=2).online
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"mask_strategy": "best"}, "mask_strategy"),
+    ({"mask_threshold": 0.0}, "mask_threshold"),
+    ({"mask_threshold": float("nan")}, "mask_threshold"),
+    ({"mask_top_k": 2.5}, "mask_top_k"),
+    ({"mask_top_k": True}, "mask_top_k"),
+    ({"temperature": -1.0}, "temperature"),
+    ({"temperature": float("nan")}, "temperature"),
+    ({"temperature": float("inf")}, "temperature"),
+    ({"top_p": float("nan")}, "top_p"),
+    ({"top_p": 0.0}, "top_p"),
+    ({"top_k": -1}, "top_k"),
+    ({"top_k": 1.5}, "top_k"),
+    ({"max_new_tokens": 0}, "max_new_tokens"),
+    ({"max_new_tokens": 8.0}, "max_new_tokens"),
+    ({"generation_batch_size": 0}, "generation_batch_size"),
+    ({"generation_seed": 1.5}, "generation_seed"),
+    ({"regenerate_pairs_steps": 0}, "regenerate_pairs_steps"),
+    ({"max_prompt_length": 0}, "max_prompt_length"),
+    ({"max_length": 1}, "max_length"),
+    ({"cache_pairs": "yes"}, "cache_pairs"),
+    ({"generation_kwargs": ["top_k"]}, "generation_kwargs"),
+    ({"generation_kwargs": {"max_new_tokens": 5}}, "field of its own"),  # failed after loading ("multiple values")
+    ({"generation_kwargs": {"top_k": 5}}, "field of its own"),
+    ({"generation_kwargs": {"num_return_sequences": 2}}, "one sequence per prompt"),
+    ({"generation_kwargs": {"repetiton_penalty": 1.1}}, "not fields of transformers.GenerationConfig"),
+    ({"beta": float("nan")}, "`beta` must be a finite number"),  # DPOConfig's own floats: NaN trained to NaN
+    ({"learning_rate": float("inf")}, "`learning_rate` must be a finite number"),
+])
+def test_config_refuses_non_finite_and_wrong_types(tmp_path, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        config(tmp_path, **kwargs)
+
+
+def test_config_is_one_vocabulary_with_the_selection_arguments(tmp_path):
+    from trl import TrlParser
+
+    from trl_retmask.scores import HeadSelectionArguments
+
+    assert issubclass(RetMaskConfig, HeadSelectionArguments)
+    (args,) = TrlParser((RetMaskConfig,)).parse_args_and_config(
+        ["--output_dir", str(tmp_path), "--mask_top_k", "7", "--mask_strategy", "random", "--report_to", "none",
+         "--max_prompt_length", "512", "--loss_type", "sigmoid"])
+    assert args.selection == {"threshold": None, "top_k": 7, "strategy": "random", "seed": 0}
+    assert args.max_prompt_length == 512 and args.loss_type == ["sigmoid"]  # DPOConfig.__post_init__ ran
+    assert RetMaskConfig(str(tmp_path)).output_dir == str(tmp_path)  # positional output_dir, as in TRL
+    help_text = TrlParser((RetMaskConfig,)).format_help()
+    assert "Mask the k highest-scoring heads" in help_text and "{retrieval,random_non_retrieval,random}" in help_text
+
+
+# ------------------------------------------------------------------------------- DPO truncation (TRL 0.24 parity)
+def trl024_kept(prompt_ids, completion_ids, max_prompt_length, max_length):
+    """What TRL 0.24 trains on (independent of TRL 1.x): `tokenize_row` keeps the prompt's last max_prompt_length
+    tokens; `concatenated_forward` with truncation_mode="keep_end" keeps the sequence's last max_length tokens."""
+    prompt = prompt_ids[len(prompt_ids) - max_prompt_length:] if len(prompt_ids) > max_prompt_length else prompt_ids
+    sequence = prompt + completion_ids
+    loss_mask = [0] * len(prompt) + [1] * len(completion_ids)
+    start = max(0, len(sequence) - max_length)
+    return sequence[start:], loss_mask[start:]
+
+
+def test_truncation_reproduces_trl_024_keep_end(tiny_tokenizer, tmp_path):
+    words = "the man said tell me a story about the sea how many boys went to school".split()
+    rows = [(12, 2), (3, 9), (9, 7), (2, 2), (15, 1)]  # (prompt words, completion words): long and short of each
+    prefs = Dataset.from_dict({
+        "prompt": [" ".join(words[:p]) for p, _ in rows],
+        "chosen": [" " + " ".join(words[-c:]) for _, c in rows],
+        "rejected": [" " + " ".join(words[:c]) for _, c in rows],
+    })
+    max_prompt_length, max_length = 5, 8
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # TRL 1.x deprecates keep_end
+        args = config(tmp_path, max_prompt_length=max_prompt_length, max_length=max_length, truncation_mode="keep_end")
+    trainer = RetMaskTrainer(model=make_tiny_model("llama"), args=args, train_dataset=prefs,
+                             processing_class=tiny_tokenizer, head_scores=SCORES)
+    assert len(trainer.train_dataset) == len(rows), "no row dropped"
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(rows))])
+    eos = [tiny_tokenizer.eos_token_id]
+    for i, row in enumerate(prefs):
+        prompt_ids = tiny_tokenizer(row["prompt"])["input_ids"]
+        for half, role in enumerate(("chosen", "rejected")):
+            full = tiny_tokenizer(row["prompt"] + row[role])["input_ids"]
+            assert full[:len(prompt_ids)] == prompt_ids  # the tiny tokenizer splits on spaces: a clean boundary
+            expected_ids, expected_mask = trl024_kept(prompt_ids, full[len(prompt_ids):] + eos, max_prompt_length,
+                                                      max_length)
+            r = half * len(rows) + i
+            n = int(batch["attention_mask"][r].sum())
+            assert batch["input_ids"][r][:n].tolist() == expected_ids, (i, role)
+            assert batch["completion_mask"][r][:n].tolist() == expected_mask, (i, role)
+
+
+def test_long_prompts_are_truncated_not_dropped_under_keep_start(tiny_tokenizer, tmp_path):
+    long_prompt = " ".join(["the man said"] * 6)  # 18 words: fills max_length=10 alone
+    prefs = Dataset.from_dict({"prompt": [long_prompt, "the man"], "chosen": [" yes", " yes"],
+                               "rejected": [" no", " no"]})
+    trainer = RetMaskTrainer(model=make_tiny_model("llama"), args=config(tmp_path, max_length=10),
+                             train_dataset=prefs, processing_class=tiny_tokenizer, head_scores=SCORES)
+    assert len(trainer.train_dataset) == 2  # TRL alone drops the first row
+    prompt_ids = tiny_tokenizer(long_prompt)["input_ids"]
+    assert trainer.train_dataset[0]["prompt_ids"] == prompt_ids[-5:]  # its last max_length // 2 tokens
+    assert trainer.train_dataset[1]["prompt_ids"] == tiny_tokenizer("the man")["input_ids"]  # short: untouched
+    assert truncate_prompt(list(range(20)), 12, 10, "keep_start") == list(range(15, 20))
+    assert truncate_prompt(list(range(20)), 12, 10, "keep_end") == list(range(8, 20))
+    assert truncate_prompt(list(range(20)), None, None) == list(range(20))
+
+
+def test_pair_statistics_logged_once_at_info(tiny_tokenizer, tmp_path, caplog):
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="trl_retmask.trainer"):
+        RetMaskTrainer(model=make_tiny_model("llama"), args=config(tmp_path), train_dataset=prompts(),
+                       processing_class=tiny_tokenizer, head_scores=SCORES)
+    records = [r for r in caplog.records if r.name == "trl_retmask.trainer" and "RetMask train pairs" in r.message]
+    assert len(records) == 1 and records[0].levelno == logging.INFO
+
+
+# ------------------------------------------------------------------ mutation-tested edges (docs/testing.md)
+def test_truncate_prompt_boundaries():
+    ids = list(range(10))
+    assert truncate_prompt(ids, 10, None) == ids  # exactly max_prompt_length: kept whole
+    assert truncate_prompt(ids, 9, None) == ids[1:]
+    assert truncate_prompt(ids, None, 11, "keep_start") == ids  # one short of filling max_length: kept
+    assert truncate_prompt(ids, None, 10, "keep_start") == ids[5:]  # fills max_length: its last max_length // 2
+    assert truncate_prompt(ids, None, 7, "keep_start") == ids[7:]  # 7 // 2 = 3 tokens
+    assert truncate_prompt(ids, None, 10, "keep_end") == ids  # keep_end never drops a row in TRL
+    assert truncate_prompt(ids, 8, 8, "keep_start") == ids[6:]  # both limits apply, in order
+
+
+def test_online_regeneration_schedule():
+    from types import SimpleNamespace
+
+    from trl_retmask.trainer import _OnlineRegeneration
+
+    calls = []
+    trainer = SimpleNamespace(regenerate_train_pairs=calls.append)
+    every2 = SimpleNamespace(regenerate_pairs_steps=2, regenerate_pairs_each_epoch=False)
+    cb = _OnlineRegeneration(trainer)
+    for step in range(1, 7):
+        cb.on_step_end(every2, SimpleNamespace(global_step=step, max_steps=6), None)
+    assert calls == [2, 4]  # not at the last step: nothing would train on those pairs
+    calls.clear()
+    never = SimpleNamespace(regenerate_pairs_steps=None, regenerate_pairs_each_epoch=False)
+    cb.on_step_end(never, SimpleNamespace(global_step=2, max_steps=6), None)
+    epochs = SimpleNamespace(regenerate_pairs_steps=None, regenerate_pairs_each_epoch=True)
+    cb = _OnlineRegeneration(trainer)
+    for step in (0, 3, 6):  # epochs begin at steps 0, 3, 6: the first has fresh pairs already
+        cb.on_epoch_begin(epochs, SimpleNamespace(global_step=step), None)
+    assert calls == [3, 6]
+    calls.clear()
+    cb = _OnlineRegeneration(trainer)
+    for step in (0, 3):
+        cb.on_epoch_begin(never, SimpleNamespace(global_step=step), None)
+    assert calls == [] and cb.epochs_begun == 2
+
+
+def test_online_pairs_view_keeps_its_length():
+    from trl_retmask.trainer import _OnlinePairs
+
+    view = _OnlinePairs(["a", "b", "c"])
+    assert len(view) == 3 and [view[i] for i in range(3)] == ["a", "b", "c"]
+    view.current = ["x", "y"]  # a regeneration that kept fewer pairs
+    assert len(view) == 3 and [view[i] for i in range(3)] == ["x", "y", "x"]
+
+
+def test_pair_statistics_callback_logs_each_split_once():
+    from types import SimpleNamespace
+
+    from trl_retmask.pairs import PairStats
+    from trl_retmask.trainer import _LogPairStats
+
+    logged = []
+    trainer = SimpleNamespace(pair_stats={}, log=logged.append)
+    cb = _LogPairStats(trainer)
+    cb.on_train_begin(None, None, None)
+    assert logged == [] and not cb.logged  # nothing yet: a later call may still log
+    trainer.pair_stats = {"train": PairStats(kept=3), "eval": PairStats(kept=1)}
+    cb.on_train_begin(None, None, None)
+    cb.on_train_begin(None, None, None)
+    assert len(logged) == 1 and logged[0]["pairs/train/kept"] == 3.0 and logged[0]["pairs/eval/kept"] == 1.0
+    assert len(logged[0]) == 2 * len(PairStats().to_dict())
+
+
+def test_dataset_shapes_and_cache_location(tmp_path):
+    from types import SimpleNamespace
+
+    from datasets import IterableDataset
+
+    from trl_retmask.trainer import _check_columns, _eval_splits
+
+    ds = prompts()
+    assert _eval_splits(None) == {} and _eval_splits(ds) == {"eval_dataset": ds}
+    assert _eval_splits({"a": ds}) == {"a": ds}
+    _check_columns("x", ds)
+    _check_columns("x", Dataset.from_dict({"chosen": ["a"], "rejected": ["b"]}))
+    _check_columns("x", IterableDataset.from_generator(lambda: iter([{"prompt": "a"}])))
+    for columns in ({"chosen": ["a"]}, {"rejected": ["a"]}, {"question": ["a"]}):
+        with pytest.raises(ValueError, match=rf"`x` has columns \{list(columns)}, but RetMask needs a `prompt` column"):
+            _check_columns("x", Dataset.from_dict(columns))
+    cache_dir = RetMaskTrainer._cache_dir
+    args = SimpleNamespace(cache_pairs=True, pairs_cache_dir=None, output_dir=str(tmp_path))
+    assert cache_dir(None, args) == str(tmp_path / "_retmask_pairs")  # `_*` is skipped by push_to_hub
+    assert cache_dir(None, SimpleNamespace(**{**vars(args), "pairs_cache_dir": "/c"})) == "/c"
+    assert cache_dir(None, SimpleNamespace(**{**vars(args), "cache_pairs": False, "pairs_cache_dir": "/c"})) is None

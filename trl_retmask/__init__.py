@@ -5,12 +5,20 @@ from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
 
-# Light symbols import eagerly; the trainer (which pulls in TRL) and the stages import on first use.
-from .masking import export_masked_model, head_layout, mask_heads, validate_heads  # noqa: E402
-from .models import DEFAULT_MODEL, load_model_and_tokenizer  # noqa: E402
-from .scores import HeadScores  # noqa: E402
-
+# Every public name imports on first use: `import trl_retmask` (and so `trl-retmask --help`) loads neither torch nor
+# TRL; `from trl_retmask import RetMaskTrainer` imports only what that name needs.
 _LAZY = {
+    "DEFAULT_MODEL": "models",
+    "load_model_and_tokenizer": "models",
+    "export_masked_model": "masking",
+    "head_layout": "masking",
+    "mask_heads": "masking",
+    "validate_heads": "masking",
+    "STRATEGIES": "scores",
+    "HeadScores": "scores",
+    "HeadSelectionArguments": "scores",
+    "resolve_head_scores": "scores",
+    "select_heads": "scores",
     "RetMaskConfig": "config",
     "RetMaskTrainer": "trainer",
     "generate_pairs": "pairs",
@@ -20,20 +28,28 @@ _LAZY = {
     "LongContextEvalCallback": "evaluation",
 }
 
-__all__ = ["DEFAULT_MODEL", "HeadScores", "export_masked_model", "head_layout", "load_model_and_tokenizer",
-           "mask_heads", "validate_heads", *_LAZY]
+__all__ = sorted(_LAZY)
 
 
 def __getattr__(name):
     if name in _LAZY:
-        return getattr(import_module(f".{_LAZY[name]}", __name__), name)
+        value = getattr(import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value  # later look-ups skip __getattr__
+        return value
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted({*globals(), *_LAZY})
 
 
 if TYPE_CHECKING:  # pragma: no cover
     from .config import RetMaskConfig  # noqa: F401
     from .detection import detect_retrieval_heads  # noqa: F401
     from .evaluation import LongContextEvalCallback, evaluate_long_context  # noqa: F401
+    from .masking import export_masked_model, head_layout, mask_heads, validate_heads  # noqa: F401
+    from .models import DEFAULT_MODEL, load_model_and_tokenizer  # noqa: F401
     from .niah import evaluate_niah  # noqa: F401
     from .pairs import generate_pairs  # noqa: F401
+    from .scores import STRATEGIES, HeadScores, HeadSelectionArguments, resolve_head_scores, select_heads  # noqa: F401
     from .trainer import RetMaskTrainer  # noqa: F401

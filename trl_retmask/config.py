@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import copy
+import importlib.util
+import math
+import os
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
 from trl import DPOConfig
 
-MASK_STRATEGIES = ("retrieval", "random_non_retrieval", "random")
+from .fast_generation import GENERATION_BACKENDS
+from .scores import HeadSelectionArguments
+from .validation import check_bool, check_choice, check_int, check_number
 
 
 def accelerator_available() -> bool:
@@ -23,8 +29,41 @@ def accelerator_available() -> bool:
     return False
 
 
+GENERATION_FIELDS = ("max_new_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+"""Generation settings with a field of their own in `RetMaskConfig` (not to be repeated in `generation_kwargs`)."""
+ONE_SEQUENCE = ("do_sample", "num_beams", "num_return_sequences")
+"""Settings fixed by pair generation: one sequence per prompt, sampled iff `temperature > 0`."""
+
+
+def check_generation_kwargs(kwargs: dict, config=None) -> None:
+    """`generation_kwargs` may only add `GenerationConfig` fields that no `RetMaskConfig` field sets: a clash would
+    fail after the model is loaded ("multiple values for max_new_tokens") or silently override the field."""
+    from transformers import GenerationConfig
+
+    for key, value in kwargs.items():
+        own = getattr(config, key, None) if config is not None else None
+        if key in GENERATION_FIELDS[:4] or (key in GENERATION_FIELDS and own is not None and own != value):
+            raise ValueError(f"`generation_kwargs` sets {key!r}, which is a field of its own: set `{key}` "
+                             f"(--{key}) instead and remove it from `generation_kwargs`.")
+        if key in ONE_SEQUENCE:
+            raise ValueError(f"`generation_kwargs` sets {key!r}, but pair generation decodes one sequence per prompt, "
+                             "sampled when `temperature > 0` and greedy when `temperature=0`: remove it.")
+    unknown = GenerationConfig().update(**copy.deepcopy(kwargs))
+    if unknown:
+        raise ValueError(f"`generation_kwargs` has keys {sorted(unknown)} that are not fields of "
+                         "transformers.GenerationConfig; check their spelling.")
+
+
+def check_finite_fields(config) -> None:
+    """No float field may be NaN or infinite (a NaN learning rate or beta trains to NaN without an error)."""
+    for f in fields(config):
+        value = getattr(config, f.name, None)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"`{f.name}` must be a finite number, got {value!r}.")
+
+
 @dataclass
-class RetMaskConfig(DPOConfig):
+class RetMaskConfig(HeadSelectionArguments, DPOConfig):
     r"""
     Configuration class for the [`RetMaskTrainer`].
 
@@ -32,39 +71,51 @@ class RetMaskConfig(DPOConfig):
     contrastive pairs are generated (chosen = the policy, rejected = the same policy with those heads masked).
 
     Parameters:
-        > Parameters that choose the masked heads
+        > Parameters that choose the masked heads: those of [`HeadSelectionArguments`] (`head_scores`,
+        `mask_threshold`, `mask_top_k`, `mask_strategy`, `mask_seed`). With `head_scores=None` the trainer uses its
+        `head_scores` argument, and failing that the scores found for the policy's own name.
 
-        head_scores (`str`, *optional*):
-            Where the retrieval scores come from: a JSON file in the `{"LAYER-HEAD": [scores]}` format, or a model id
-            with bundled scores (see `HeadScores.from_pretrained`). If `None`, the trainer uses its `head_scores`
-            argument, and failing that the scores bundled for the policy's own name.
-        mask_threshold (`float`, *optional*, defaults to `0.1`):
-            Mask the heads whose mean retrieval score is at least this value (ignored when `mask_top_k` is set).
-        mask_top_k (`int`, *optional*):
-            Mask the `k` highest-scoring heads instead of thresholding.
-        mask_strategy (`str`, *optional*, defaults to `"retrieval"`):
-            `"retrieval"` masks the selected retrieval heads; `"random_non_retrieval"` masks as many random heads
-            outside them and `"random"` as many random heads of any kind (the paper's controls).
-        mask_seed (`int`, *optional*, defaults to `0`):
-            Seed of the random strategies.
+        > Parameters that control the DPO sequences (on top of `max_length` and `truncation_mode` of `DPOConfig`)
+
+        max_prompt_length (`int`, *optional*):
+            Keep only the last `max_prompt_length` tokens of each prompt (left truncation), as TRL < 1.0 did (its
+            default was 512, with `max_length=1024` and `truncation_mode="keep_end"`: the authors' setting). `None`
+            keeps whole prompts. Either way no row is dropped: where TRL would drop a row whose prompt alone fills
+            `max_length` (`truncation_mode="keep_start"`), its prompt keeps its last `max_length // 2` tokens (TRL <
+            1.0's default ratio) so the completion is trained.
 
         > Parameters that control pair generation
 
         max_new_tokens (`int`, *optional*, defaults to `256`):
-            Maximum number of tokens generated per response (chosen and rejected).
+            Maximum number of tokens generated per response (chosen and rejected). The authors used 2048 (Llama-3.1,
+            Olmo-3) and 4096 (Qwen3): the recipes set those.
         temperature (`float`, *optional*, defaults to `0.6`):
-            Sampling temperature (the paper's setting). `0.0` means greedy decoding.
+            Sampling temperature (the authors' request). `0.0` means greedy decoding.
         top_p (`float`, *optional*, defaults to `1.0`):
-            Nucleus sampling probability (the paper's setting: no nucleus cut).
-        top_k (`int`, *optional*, defaults to `0`):
-            Top-k cut; `0` disables it, as the paper's vLLM sampling does (transformers' own default is 50).
+            Nucleus sampling probability (the authors' request: no nucleus cut, whatever the model's file says).
+        top_k (`int`, *optional*):
+            Top-k cut; `0` disables it. `None` takes the model's `generation_config` value, and no cut when it has
+            none, as the authors' vLLM server did (Qwen3-8B: 20; Llama-3.1-8B-Instruct: none). transformers' own
+            fallback of 50 never applies.
+        min_p (`float`, *optional*):
+            Min-p cut. `None` keeps the model's `generation_config` value (none: no cut), as vLLM does.
+        repetition_penalty (`float`, *optional*):
+            Repetition penalty. `None` keeps the model's `generation_config` value (none: 1.0), as vLLM does.
         generation_batch_size (`int`, *optional*, defaults to `8`):
             Prompts generated together (left-padded, with the KV cache), per process.
+        generation_backend (`str`, *optional*, defaults to `"auto"`):
+            How pairs are decoded: `"generate"` (`model.generate`, the rejected rows in a second call under the head
+            mask; best on a CPU), `"static"` (chosen and rejected rows in one decode loop with a static KV cache,
+            compiled with CUDA graphs on CUDA), or `"auto"` (`"static"` on CUDA, else `"generate"`). Greedy pairs are
+            the same under both; sampled pairs differ, so the backend is part of the pair-cache fingerprint.
         generation_seed (`int`, *optional*):
             Seed of the sampling; each batch is seeded from it and its index, so a resumed or sharded generation
             yields the same pairs. Defaults to `seed`.
         generation_kwargs (`dict[str, Any]`, *optional*):
             Extra keyword arguments for `model.generate` (e.g. `{"repetition_penalty": 1.1}`).
+        drop_empty_responses (`bool`, *optional*, defaults to `False`):
+            Drop pairs with an empty chosen or rejected response. `False` (the authors): only pairs with identical
+            responses are dropped (two empty responses are identical).
         cache_pairs (`bool`, *optional*, defaults to `True`):
             Cache the generated pairs on disk, keyed by a fingerprint of (model weights, heads, generation settings,
             prompts), batch by batch: a rerun skips generation and an interrupted one resumes.
@@ -100,43 +151,43 @@ class RetMaskConfig(DPOConfig):
         },
     )
 
-    # Head selection
-    head_scores: str | None = field(
+    # DPO sequences
+    max_prompt_length: int | None = field(
         default=None,
-        metadata={
-            "help": "Retrieval-score JSON file or a model id with bundled scores. Defaults to the trainer's "
-            "`head_scores` argument, then to the scores bundled for the policy's name."
-        },
+        metadata={"help": "Keep only the last N tokens of each prompt (TRL < 1.0's left truncation; the authors used "
+                          "512). None keeps whole prompts; prompts are truncated, never dropped."},
     )
-    mask_threshold: float | None = field(
-        default=0.1,
-        metadata={"help": "Mask the heads whose mean retrieval score is at least this value (unless mask_top_k)."},
-    )
-    mask_top_k: int | None = field(
-        default=None,
-        metadata={"help": "Mask the k highest-scoring heads (replaces the threshold)."},
-    )
-    mask_strategy: str = field(
-        default="retrieval",
-        metadata={
-            "help": "Which heads to mask: the retrieval heads, or the same number of random non-retrieval / random "
-            "heads (controls).",
-            "choices": list(MASK_STRATEGIES),
-        },
-    )
-    mask_seed: int = field(default=0, metadata={"help": "Seed of the random masking strategies."})
 
     # Generation
     max_new_tokens: int = field(default=256, metadata={"help": "Maximum tokens generated per response."})
     temperature: float = field(default=0.6, metadata={"help": "Sampling temperature; 0 means greedy."})
     top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling probability."})
-    top_k: int = field(default=0, metadata={"help": "Top-k cut; 0 disables it (the paper's vLLM setting)."})
+    top_k: int | None = field(
+        default=None,
+        metadata={"help": "Top-k cut; 0 disables it. None: the model's generation_config value (no cut if it has "
+                          "none), as the authors' vLLM server did."},
+    )
+    min_p: float | None = field(
+        default=None, metadata={"help": "Min-p cut. None: the model's generation_config value (none: off), as vLLM."}
+    )
+    repetition_penalty: float | None = field(
+        default=None, metadata={"help": "Repetition penalty. None: the model's generation_config value (none: 1.0)."}
+    )
     generation_batch_size: int = field(default=8, metadata={"help": "Prompts generated together per process."})
+    generation_backend: str = field(
+        default="auto", metadata={"help": "Pair decoding: `generate`, `static` (static cache, compiled, chosen and "
+                                          "rejected in one batch) or `auto` (`static` on CUDA).",
+                                  "choices": list(GENERATION_BACKENDS)},
+    )
     generation_seed: int | None = field(
         default=None, metadata={"help": "Seed of the sampling (per batch). Defaults to `seed`."}
     )
     generation_kwargs: dict[str, Any] | str | None = field(
         default=None, metadata={"help": "Extra keyword arguments for `model.generate`."}
+    )
+    drop_empty_responses: bool = field(
+        default=False, metadata={"help": "Drop pairs with an empty chosen or rejected response. False (the authors): "
+                                         "only identical pairs are dropped."},
     )
     cache_pairs: bool = field(default=True, metadata={"help": "Cache generated pairs on disk (resumable)."})
     pairs_cache_dir: str | None = field(
@@ -154,23 +205,24 @@ class RetMaskConfig(DPOConfig):
     )
 
     def __post_init__(self):
-        # Cheap checks first: a bad value must fail here, not after minutes of generation.
-        if self.mask_strategy not in MASK_STRATEGIES:
-            raise ValueError(f"`mask_strategy` must be one of {MASK_STRATEGIES}, got {self.mask_strategy!r}.")
-        if self.mask_threshold is None and self.mask_top_k is None:
-            raise ValueError("Set `mask_threshold` or `mask_top_k` (or both) to choose the heads to mask.")
-        if self.mask_top_k is not None and self.mask_top_k < 1:
-            raise ValueError(f"`mask_top_k` must be >= 1, got {self.mask_top_k}.")
-        if self.max_new_tokens < 1:
-            raise ValueError(f"`max_new_tokens` must be >= 1, got {self.max_new_tokens}.")
-        if self.temperature < 0:
-            raise ValueError(f"`temperature` must be >= 0 (0 = greedy), got {self.temperature}.")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"`top_p` must be in (0, 1], got {self.top_p}.")
-        if self.generation_batch_size < 1:
-            raise ValueError(f"`generation_batch_size` must be >= 1, got {self.generation_batch_size}.")
-        if self.regenerate_pairs_steps is not None and self.regenerate_pairs_steps < 1:
-            raise ValueError(f"`regenerate_pairs_steps` must be >= 1, got {self.regenerate_pairs_steps}.")
+        # Cheap checks first: a bad value must fail here, not after minutes of generation. The selection fields are
+        # checked by HeadSelectionArguments.__post_init__, which then runs DPOConfig's.
+        check_int("max_new_tokens", self.max_new_tokens, minimum=1)
+        check_number("temperature", self.temperature, low=0)
+        check_number("top_p", self.top_p, low=0, high=1, low_open=True)
+        check_int("top_k", self.top_k, minimum=0, optional=True)
+        check_number("min_p", self.min_p, low=0, high=1, optional=True)
+        check_number("repetition_penalty", self.repetition_penalty, low=0, low_open=True, optional=True)
+        check_int("generation_batch_size", self.generation_batch_size, minimum=1)
+        check_choice("generation_backend", self.generation_backend, GENERATION_BACKENDS)
+        check_int("generation_seed", self.generation_seed, optional=True)
+        check_int("regenerate_pairs_steps", self.regenerate_pairs_steps, minimum=1, optional=True)
+        check_int("max_prompt_length", self.max_prompt_length, minimum=1, optional=True)
+        check_int("max_length", self.max_length, minimum=2, optional=True)
+        for name in ("cache_pairs", "drop_empty_responses", "regenerate_pairs_each_epoch"):
+            check_bool(name, getattr(self, name))
+        if self.pairs_cache_dir is not None and not isinstance(self.pairs_cache_dir, str):
+            self.pairs_cache_dir = str(self.pairs_cache_dir)
         if self.online and self.precompute_ref_log_probs:
             raise ValueError("Online RetMask (`regenerate_pairs_steps` / `regenerate_pairs_each_epoch`) regenerates "
                              "the pairs, so precomputed reference log-probs would go stale: set "
@@ -181,6 +233,9 @@ class RetMaskConfig(DPOConfig):
         if self.online and self.dataloader_num_workers:
             raise ValueError("Online RetMask swaps the training pairs in place, which dataloader worker processes "
                              "would not see: set `dataloader_num_workers=0`.")
+        if self.use_liger_kernel and importlib.util.find_spec("liger_kernel") is None:
+            raise ValueError("`use_liger_kernel=True` needs the `liger-kernel` package, which is not installed: "
+                             "pip install 'trl_retmask[liger]' (CUDA only), or set `use_liger_kernel=False`.")
         if self.use_liger_kernel and not torch.cuda.is_available():
             raise ValueError(
                 "`use_liger_kernel=True` needs CUDA: Liger's kernels are Triton GPU kernels and would crash when "
@@ -188,7 +243,18 @@ class RetMaskConfig(DPOConfig):
                 "TRL's chunked fused LM head, which runs on the CPU)."
             )
         self._resolve_device_defaults()
-        super().__post_init__()
+        super().__post_init__()  # HeadSelectionArguments' checks, then DPOConfig's
+        if isinstance(self.generation_kwargs, str):  # DPOConfig parsed it from JSON (CLI)
+            raise ValueError(f"`generation_kwargs` must be a JSON object, got {self.generation_kwargs!r}.")
+        if self.generation_kwargs is not None and not isinstance(self.generation_kwargs, dict):
+            raise ValueError(f"`generation_kwargs` must be a dict, got {type(self.generation_kwargs).__name__}.")
+        check_generation_kwargs(self.generation_kwargs or {}, self)
+        check_finite_fields(self)
+        if self.online and (self.fsdp or os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true")):
+            raise ValueError("Online RetMask (`regenerate_pairs_steps` / `regenerate_pairs_each_epoch`) cannot run "
+                             "under FSDP: each rank generates its own prompts, and FSDP's all-gathers inside "
+                             "`generate` would hang once ranks stop at different lengths. Use DDP or DeepSpeed ZeRO "
+                             "(`--accelerate_config zero3`), or offline RetMask.")
         if self.generation_seed is None:
             self.generation_seed = self.seed
 
@@ -221,13 +287,6 @@ class RetMaskConfig(DPOConfig):
         return self.regenerate_pairs_steps is not None or self.regenerate_pairs_each_epoch
 
     @property
-    def selection(self) -> dict[str, Any]:
-        """Keyword arguments of `HeadScores.select` (top-k, when set, replaces the threshold)."""
-        threshold = None if self.mask_top_k is not None else self.mask_threshold
-        return {"threshold": threshold, "top_k": self.mask_top_k, "strategy": self.mask_strategy,
-                "seed": self.mask_seed}
-
-    @property
     def generation_settings(self) -> dict[str, Any]:
         """The settings that decide the generated pairs (part of the cache fingerprint)."""
         return {
@@ -236,5 +295,9 @@ class RetMaskConfig(DPOConfig):
             "top_p": self.top_p,
             "top_k": self.top_k,
             "seed": self.generation_seed,
-            "generation_kwargs": dict(self.generation_kwargs or {}),
+            # min_p / repetition_penalty only when set: unset, the model's generation_config keeps its own (vLLM's rule)
+            "generation_kwargs": {**{name: getattr(self, name) for name in ("min_p", "repetition_penalty")
+                                     if getattr(self, name) is not None}, **(self.generation_kwargs or {})},
+            "backend": self.generation_backend,
+            "drop_empty": self.drop_empty_responses,
         }

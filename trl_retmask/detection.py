@@ -1,8 +1,10 @@
-"""Retrieval-head detection (Wu et al. 2025) without materialising an attention matrix.
+"""Retrieval-head detection (Wu et al. 2025) as the RetMask authors run it, without materialising attention.
 
-During greedy NIAH decoding, a head *copies* when its highest-attention context position lies inside the
-needle and holds the token being generated; each copy adds 1/len(needle) to the head's score for that
-sample. A head's retrieval score is the mean over correctly answered samples (ROUGE-1 recall > 0.5).
+During greedy NIAH decoding (50 tokens, no EOS stop), a head *copies* when its highest-attention position lies
+inside the needle's answer part (`real_needle`) and holds the token being generated; each copy adds
+1/len(real_needle tokens) to the head's score for that sample. A head's retrieval score is the mean over
+correctly answered samples (ROUGE-1 recall of `real_needle` > 0.5). Reference: YoumiMa/RetMask,
+`1_Retrieval_Head_Deactivation/retrieval_head_detection.py`; the deliberate differences are in docs/detection.md.
 
 The model keeps its own attention (sdpa, eager, ...) for its outputs. A wrapper registered with
 transformers' `AttentionInterface` additionally computes, for the *last query row only* of each forward
@@ -13,28 +15,45 @@ and tanh soft-capping are monotonic, so this argmax is the argmax of the attenti
 
 from __future__ import annotations
 
-import json
 import sys
 import warnings
 from collections.abc import Iterable
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import torch
 
+from trl_retmask.masking import attention_modules, head_layout
 from trl_retmask.niah import (
-    DEFAULT_CONTEXT_LENGTHS,
-    DEFAULT_DEPTHS,
     NIAHSample,
     accuracy_grid,
     build_niah_samples,
     generate_answer,
     model_max_length,
-    partial_state,
+    niah_generation_config,
     plot_accuracy_grid,
-    rouge1_recall,
-    run_samples,
+    run_niah_samples,
+    samples_fingerprint,
+    samples_info,
+    score_answer,
 )
+from trl_retmask.runtime import fingerprint, model_fingerprint, process_state, write_json
+from trl_retmask.scores import HeadScores
+
+AUTHORS_CONTEXT_LENGTHS = tuple(int(x) for x in np.round(np.linspace(0, 5000, 20)))
+"""`np.round(np.linspace(0, 5000, 20))`: the RetMask authors' lengths (`--s 0 --e 5000`), 0 to 5000 tokens."""
+AUTHORS_DEPTHS = tuple(int(x) for x in np.round(np.linspace(0, 100, 10)))
+"""`np.round(np.linspace(0, 100, 10))`: their needle depths in percent, 0 to 100."""
+
+DETECTION_PRESETS = {
+    "authors": {"context_lengths": AUTHORS_CONTEXT_LENGTHS, "depths": AUTHORS_DEPTHS, "max_new_tokens": 50,
+                "length_buffer": 200},
+    "cpu": {"context_lengths": (526, 1053), "depths": (0, 56, 100), "max_new_tokens": 50, "length_buffer": 200},
+}
+"""Keyword arguments of `detect_retrieval_heads`. "authors": their grid and budget (the defaults; 600 samples).
+"cpu": a subset of their grid, sized for the embedded SmolLM2-135M in the CPU recipe (18 samples, about 2 minutes
+on 2 cores); same prompt, buffer, decoding and scoring."""
 
 _IMPL_PREFIX = "retmask_argmax_"
 _RECORDER_ATTR = "_retmask_argmax_recorder"
@@ -132,8 +151,6 @@ class ArgmaxRecorder:
 @contextmanager
 def record_attention_argmax(model):
     """Within the block, every forward of `model` records its heads' attention argmax in the yielded recorder."""
-    from trl_retmask.masking import attention_modules
-
     base = model.config._attn_implementation or "sdpa"
     if base.startswith(_IMPL_PREFIX):
         raise ValueError("record_attention_argmax is already active on this model.")
@@ -154,13 +171,14 @@ def record_attention_argmax(model):
 
 # ------------------------------------------------------------------------------------------------------ scoring
 def copy_scores(positions: torch.Tensor, generated: torch.Tensor, sequence: torch.Tensor,
-                needle_span: tuple[int, int]) -> torch.Tensor:
+                span: tuple[int, int]) -> torch.Tensor:
     """`[layers, heads]` retrieval score of one sample (vectorised over steps, layers and heads).
 
     positions `[steps, layers, heads]` (argmax key position per generated token), generated `[steps]`,
-    sequence: the prompt + generated ids. A hit: position in the needle span and token there == generated.
+    sequence: the prompt + generated ids, span: `[start, end)` of the real_needle's tokens. A hit:
+    `start <= position < end` and the token there == the generated one; each is worth `1 / (end - start)`.
     """
-    start, end = needle_span
+    start, end = span
     tokens = sequence[positions.clamp(0, len(sequence) - 1)]
     hits = (positions >= start) & (positions < end) & (tokens == generated[:, None, None])
     return hits.sum(0).float() / (end - start)
@@ -169,55 +187,69 @@ def copy_scores(positions: torch.Tensor, generated: torch.Tensor, sequence: torc
 def _score_sample(model, tokenizer, recorder: ArgmaxRecorder, sample: NIAHSample, max_new_tokens: int,
                   num_heads_total: int) -> dict:
     recorder.reset()
-    new = generate_answer(model, tokenizer, sample, max_new_tokens)
+    new = generate_answer(model, tokenizer, sample, max_new_tokens, stop_at_eos=False)
     response = tokenizer.decode(new, skip_special_tokens=True)
-    recall = rouge1_recall(sample.answer, response)
-    prompt_len = len(sample.input_ids)
     if new:
-        positions = recorder.positions(prompt_len - 1, len(new))
-        generated = torch.tensor(new)
-        scores = copy_scores(positions, generated, torch.tensor(sample.input_ids + new), sample.needle_span)
+        positions = recorder.positions(len(sample.input_ids) - 1, len(new))
+        scores = copy_scores(positions, torch.tensor(new), torch.tensor(sample.input_ids + new), sample.answer_span)
     else:
         scores = torch.zeros(num_heads_total)
-    return {"response": response, "rouge1_recall": recall, "correct": recall > 0.5,
-            "num_new_tokens": len(new), "scores": [round(v, 6) for v in scores.flatten().tolist()]}
+    return {"response": response, **score_answer(sample.answer, response), "num_new_tokens": len(new),
+            "scores": [round(v, 6) for v in scores.flatten().tolist()]}
 
 
-def detect_retrieval_heads(model, tokenizer, context_lengths: Iterable[int] = DEFAULT_CONTEXT_LENGTHS,
-                           depths: Iterable[float] = DEFAULT_DEPTHS, needles=None, max_new_tokens: int = 48,
-                           output_dir=None, haystack_dir=None):
+def detect_retrieval_heads(model, tokenizer, context_lengths: Iterable[int] = AUTHORS_CONTEXT_LENGTHS,
+                           depths: Iterable[float] = AUTHORS_DEPTHS, needles=None, max_new_tokens: int = 50,
+                           output_dir=None, haystack_dir=None, overwrite: bool = False, *, length_buffer: int = 200,
+                           haystack_per_needle: bool | None = None):
     """Retrieval scores of every head from greedy NIAH decoding over context_lengths x depths x needles.
 
+    The defaults are the RetMask authors' (`DETECTION_PRESETS["authors"]`): lengths 0..5000 x 10 depths, 50 greedy
+    tokens that do not stop at EOS, `context_length` = context (haystack + needle) + `length_buffer` tokens, needle
+    i in haystack file i when the directory holds several (`haystack_per_needle=None`). A head scores a hit when its
+    attention argmax lies in the needle's answer part (`real_needle`) on the token being generated, worth
+    1/len(answer tokens); a sample counts when ROUGE-1 recall of `real_needle` in the response exceeds 0.5.
+
     `needles`: records or a JSONL path (default: bundled). With `output_dir`, each finished sample is appended
-    to `detect.rank<i>.jsonl` (an interrupted run resumes), and the outputs land there: `head_scores.json`,
+    to `detect.rank<i>.jsonl` (an interrupted run resumes; a directory made from another model, other samples or
+    settings is refused unless `overwrite=True`), and the outputs land there: `head_scores.json`,
     `head_scores.png`, `sparsity.json`, `niah_grid.png`. Runs sharded under `accelerate launch`.
     Returns a `HeadScores` whose lists hold one score per correctly answered sample.
     """
-    from trl_retmask.masking import head_layout
-    from trl_retmask.scores import HeadScores
-
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}.")
     num_layers, num_heads, _ = head_layout(model)
     samples = build_niah_samples(tokenizer, context_lengths, depths, needles, haystack_dir,
-                                 max_length=model_max_length(model), max_new_tokens=max_new_tokens)
-    settings = {"model": getattr(model, "name_or_path", ""), "max_new_tokens": max_new_tokens,
-                "layout": [num_layers, num_heads]}
-    model.eval()
+                                 max_length=model_max_length(model), max_new_tokens=max_new_tokens,
+                                 length_buffer=length_buffer, haystack_per_needle=haystack_per_needle)
+    missing = sorted({s.needle_index for s in samples if s.answer_span is None})
+    if missing:
+        raise ValueError(f"The real_needle of needle(s) {missing} does not occur in its needle (case-insensitive): "
+                         "detection scores copies of the real_needle's tokens, so it must be part of the needle.")
+    generation = niah_generation_config(model, max_new_tokens, stop_at_eos=False)
+    fp = ""
+    if output_dir is not None:  # before the recorder swaps the attention implementation
+        fp = fingerprint(kind="detect", model=model_fingerprint(model), samples=samples_fingerprint(samples),
+                         generation=generation)
+    info = {**samples_info(model, samples), "max_new_tokens": max_new_tokens, "length_buffer": length_buffer,
+            "layout": [num_layers, num_heads]}
     with record_attention_argmax(model) as recorder:
-        records = run_samples(samples, lambda s: _score_sample(model, tokenizer, recorder, s, max_new_tokens,
-                                                                      num_layers * num_heads),
-                              output_dir, name="detect", settings=settings, desc="Retrieval-head detection")
+        records = run_niah_samples(
+            samples, lambda s: _score_sample(model, tokenizer, recorder, s, max_new_tokens, num_layers * num_heads),
+            output_dir, name="detect", fingerprint=fp, info=info, overwrite=overwrite,
+            fields=("response", "rouge1_recall", "correct", "scores"),
+            verify=lambda s, r: isinstance(r["scores"], list) and len(r["scores"]) == num_layers * num_heads,
+            desc="Retrieval-head detection")
 
     correct = [r for r in records if r["correct"]]
-    state = partial_state()
+    is_main = process_state().is_main_process
     grid = accuracy_grid(records)
-    if output_dir is not None and state.is_main_process:
-        plot_accuracy_grid(grid, Path(output_dir) / "niah_grid.png", title="NIAH accuracy during detection")
     if not correct:
+        if output_dir is not None and is_main:
+            plot_accuracy_grid(grid, Path(output_dir) / "niah_grid.png", title="NIAH accuracy during detection")
         raise ValueError(
             f"The model answered none of the {len(records)} NIAH samples correctly (ROUGE-1 recall > 0.5), so no "
-            "retrieval score can be computed. Use shorter contexts (--context-lengths) or more new tokens."
+            "retrieval score can be computed. Use shorter contexts (context_lengths) or more new tokens."
         )
     if len(correct) < len(records) / 4:
         warnings.warn(f"Only {len(correct)}/{len(records)} NIAH samples were answered correctly; the scores rest "
@@ -226,13 +258,28 @@ def detect_retrieval_heads(model, tokenizer, context_lengths: Iterable[int] = DE
     scores = HeadScores({(layer, head): per_head[:, layer, head].tolist()
                          for layer in range(num_layers) for head in range(num_heads)},
                         num_layers=num_layers, num_heads=num_heads)
-    if output_dir is not None and state.is_main_process:
-        out = Path(output_dir)
-        scores.save(out / "head_scores.json")
-        scores.plot(out / "head_scores.png", title=f"Retrieval scores ({len(correct)}/{len(records)} samples)")
-        summary = {**scores.sparsity(), "num_samples": len(records), "num_correct": len(correct)}
-        (out / "sparsity.json").write_text(json.dumps(summary, indent=2))
+    if output_dir is not None and is_main:
+        _save_outputs(Path(output_dir), scores, grid, num_samples=len(records), num_correct=len(correct))
     return scores
 
 
-__all__ = ["ArgmaxRecorder", "copy_scores", "detect_retrieval_heads", "last_row_argmax", "record_attention_argmax"]
+def _save_outputs(out: Path, scores, grid, *, num_samples: int, num_correct: int) -> None:
+    """Scores, summary and plots; nothing is rewritten when they are unchanged (a finished read-only directory)."""
+    summary = {**scores.sparsity(), "num_samples": num_samples, "num_correct": num_correct}
+    path = out / "head_scores.json"
+    try:
+        unchanged = HeadScores.load(path).scores == scores.scores
+    except (OSError, ValueError):
+        unchanged = False
+    if not write_json(out / "sparsity.json", summary) and unchanged and (out / "head_scores.png").is_file() \
+            and (out / "niah_grid.png").is_file():
+        return
+    scores.save(path)
+    scores.plot(out / "head_scores.png", title=f"Retrieval scores ({num_correct}/{num_samples} samples)")
+    plot_accuracy_grid(grid, out / "niah_grid.png", title="NIAH accuracy during detection")
+
+
+__all__ = [
+    "AUTHORS_CONTEXT_LENGTHS", "AUTHORS_DEPTHS", "DETECTION_PRESETS", "ArgmaxRecorder", "copy_scores",
+    "detect_retrieval_heads", "last_row_argmax", "record_attention_argmax",
+]

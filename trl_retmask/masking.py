@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 from collections.abc import Iterable
+from numbers import Integral
 from pathlib import Path
 
 import torch
@@ -38,12 +40,23 @@ def head_layout(model_or_config) -> tuple[int, int, int]:
     return num_layers, num_heads, int(head_dim)
 
 
+def parse_head(key) -> tuple[int, int]:
+    """A head as `(layer, head)` from `"LAYER-HEAD"` (the score-file key, e.g. `"12-3"`) or a pair of ints."""
+    if isinstance(key, str):
+        if re.fullmatch(r"[0-9]+-[0-9]+", key.strip()):
+            layer, head = key.strip().split("-")
+            return int(layer), int(head)
+    elif isinstance(key, (tuple, list)) and len(key) == 2 and all(
+            isinstance(k, Integral) and not isinstance(k, bool) for k in key):
+        if key[0] >= 0 and key[1] >= 0:
+            return int(key[0]), int(key[1])
+    raise ValueError(f"Malformed head key {key!r}: expected 'LAYER-HEAD' (e.g. '12-3') or a (layer, head) pair.")
+
+
 def validate_heads(model_or_config, heads: Iterable) -> list[tuple[int, int]]:
     """Normalise heads to a sorted list of (layer, head) ints; ValueError if any lies outside the model."""
-    from .scores import _parse_key
-
     num_layers, num_heads, _ = head_layout(model_or_config)
-    out = sorted({_parse_key(tuple(h) if isinstance(h, list) else h) for h in heads})
+    out = sorted({parse_head(h) for h in heads})
     bad = [(l, h) for l, h in out if not (0 <= l < num_layers and 0 <= h < num_heads)]
     if bad:
         raise ValueError(f"Heads {bad[:8]} are out of range: the model has layers 0..{num_layers - 1} and query heads "
@@ -74,7 +87,7 @@ def _in_features(o_proj: nn.Module) -> int:
     return weight.shape[1]
 
 
-def _targets(model: nn.Module, heads) -> dict[nn.Module, torch.Tensor]:
+def head_feature_masks(model: nn.Module, heads) -> dict[nn.Module, torch.Tensor]:
     """For each affected o_proj, a boolean vector over its input features: True where a masked head writes."""
     heads = validate_heads(model, heads)
     num_layers, num_heads, head_dim = head_layout(model)
@@ -105,7 +118,7 @@ def mask_heads(model: nn.Module, heads: Iterable):
     masked; shared KV heads are untouched), generate() and the KV cache, gradients, and PEFT (a hook on a LoRA
     `o_proj` zeroes the input of both the base and the adapter branch, i.e. of the merged projection).
     """
-    targets = _targets(model, heads)
+    targets = head_feature_masks(model, heads)
     handles = []
 
     def make_hook(drop: torch.Tensor):
@@ -129,17 +142,37 @@ def mask_heads(model: nn.Module, heads: Iterable):
             handle.remove()
 
 
+def check_export_dir(save_dir, overwrite: bool = False, source=None) -> Path:
+    """Refuse writes that would destroy data, before any loading: `source` (the directory the weights come from;
+    always refused, since its unmasked checkpoint is the only copy and an export never means replacing it), a file,
+    and a non-empty directory unless `overwrite=True`. Returns the directory as a Path."""
+    save_dir = Path(save_dir).expanduser()
+    if source and Path(source).expanduser().is_dir() and Path(source).expanduser().resolve() == save_dir.resolve():
+        raise ValueError(f"Refusing to export into {str(save_dir)!r}: the model was loaded from there, and the masked "
+                         "weights would replace its only unmasked copy. Export to another directory.")
+    blocking = next((p for p in (save_dir, *save_dir.parents) if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise ValueError(f"Cannot export into {str(save_dir)!r}: {str(blocking)!r} is a file. Choose a directory.")
+    if save_dir.is_dir() and any(save_dir.iterdir()) and not overwrite:
+        raise ValueError(f"Refusing to export into the non-empty directory {str(save_dir)!r}: its checkpoint files "
+                         "would be replaced. Choose a new directory, or pass overwrite=True (--overwrite True).")
+    return save_dir
+
+
 @torch.no_grad()
-def export_masked_model(model: nn.Module, heads: Iterable, save_dir, tokenizer=None, **save_kwargs) -> Path:
+def export_masked_model(model: nn.Module, heads: Iterable, save_dir, tokenizer=None, *, overwrite: bool = False,
+                        **save_kwargs) -> Path:
     """Write a standard checkpoint with `heads`' input columns of `o_proj` zeroed, for weight-only tools (vLLM...).
 
-    The columns are zeroed in place, saved, and restored, so no second copy of the model is made.
+    The columns are zeroed in place, saved, and restored, so no second copy of the model is made. A non-empty
+    `save_dir` is refused unless `overwrite=True`; the directory the model was loaded from is always refused.
     """
     if hasattr(model, "peft_config"):
         raise ValueError("export_masked_model needs plain weights: merge the adapter first "
                          "(model = model.merge_and_unload()).")
-    targets = _targets(model, heads)
-    save_dir = Path(save_dir)
+    targets = head_feature_masks(model, heads)
+    source = getattr(getattr(model, "config", None), "_name_or_path", None)
+    save_dir = check_export_dir(save_dir, overwrite, source=source)
     saved = []
     try:
         for o_proj, drop in targets.items():

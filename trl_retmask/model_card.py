@@ -1,5 +1,6 @@
 """The RetMask part of a trained model's card, and the files saved beside the weights, so a pushed model says how
-it was made: which heads were masked (with their scores), how they were selected, and what the pairs looked like."""
+it was made: which heads were masked (with their scores), how they were selected, and what the pairs looked like.
+The card itself is TRL's (`generate_model_card`); `retmask_section` is appended to it."""
 
 from __future__ import annotations
 
@@ -7,12 +8,9 @@ import json
 import textwrap
 from pathlib import Path
 
-HEAD_SCORES_FILE = "retmask_head_scores.json"
-"""Retrieval scores of the policy, saved beside the weights (the `{"LAYER-HEAD": [...]}` format)."""
-RETMASK_FILE = "retmask.json"
-"""Masked heads, selection settings, generation settings and pair statistics, machine-readable."""
-SECTION_START = "<!-- retmask:start -->"
-SECTION_END = "<!-- retmask:end -->"
+from .scores import HEAD_SCORES_FILE, RETMASK_FILE
+
+__all__ = ["HEAD_SCORES_FILE", "PAPER", "RETMASK_FILE", "retmask_section", "write_retmask_files"]
 
 PAPER = {
     "title": "From Interpretability to Performance: Optimizing Retrieval Heads for Long-Context Language Models",
@@ -42,7 +40,7 @@ def _fmt(v) -> str:
 
 def retmask_section(info: dict) -> str:
     """Markdown for the card from the `retmask.json` content (see `RetMaskTrainer.retmask_info`)."""
-    lines = [SECTION_START, "## RetMask", ""]
+    lines = ["## RetMask", ""]
     lines.append(
         "This model was trained with RetMask: DPO that prefers the model's own responses (chosen) over those of the "
         "same model with its retrieval heads masked (rejected; the heads' outputs are zeroed before `o_proj`)."
@@ -71,30 +69,15 @@ def retmask_section(info: dict) -> str:
         lines += [f"| {k} | {_fmt(v)} |" for k, v in stats.items()]
     lines += ["", "### Citation", "",
               f"RetMask: [{PAPER['title']}](https://arxiv.org/abs/{PAPER['id']}) (Ma & Okazaki, ACL 2026 Findings; "
-              "BibTeX under Citations). It trains with DPO; cite DPO as:", "", "```bibtex", DPO_CITATION, "```",
-              SECTION_END, ""]
+              "BibTeX under Citations above). It trains with DPO; cite DPO as:", "", "```bibtex", DPO_CITATION,
+              "```", ""]
     return "\n".join(lines)
 
 
-def add_retmask_section(card_text: str, info: dict) -> str:
-    """Insert (or replace) the RetMask section before the card's `## Citations`, else at the end."""
-    section = retmask_section(info)
-    if SECTION_START in card_text and SECTION_END in card_text:
-        head, rest = card_text.split(SECTION_START, 1)
-        return head + section + rest.split(SECTION_END, 1)[1].lstrip("\n")
-    if "\n## Citations" in card_text:
-        head, rest = card_text.split("\n## Citations", 1)
-        return head + "\n" + section + "\n## Citations" + rest
-    return card_text.rstrip("\n") + "\n\n" + section
-
-
 def write_retmask_files(save_dir, info: dict, head_scores=None) -> None:
-    """Write `retmask.json`, the head-score file, and the RetMask section into `README.md` of `save_dir`."""
+    """Write `retmask.json` and the head-score file (`HeadScores.from_pretrained(save_dir)` reads both back)."""
     save_dir = Path(save_dir)
     save_dir.mkdir(parents=True, exist_ok=True)
     (save_dir / RETMASK_FILE).write_text(json.dumps(info, indent=2, default=str))
     if head_scores is not None:
-        head_scores.save(save_dir / HEAD_SCORES_FILE)
-    readme = save_dir / "README.md"
-    card = readme.read_text() if readme.is_file() else ""
-    readme.write_text(add_retmask_section(card, info))
+        head_scores.save_pretrained(save_dir)

@@ -1,17 +1,18 @@
 """Contrastive pair generation: chosen = the policy, rejected = the same policy with its retrieval heads masked.
 
-Generation is batched (left padding, KV cache), sharded over accelerate processes by batch and gathered, and cached
-on disk batch by batch under a fingerprint of (weights, heads, settings, prompts), so reruns skip it and interrupted
-runs resume. Every batch is seeded from (seed, batch index, role) alone, so the pairs do not depend on the process
-count or on where a run was interrupted, and the chosen responses do not depend on the heads: they are cached apart
-(fingerprint without heads), so runs that differ only in the masked heads (RetMask and its random-head control, a
-sweep over k) share them when they share a cache directory.
+Prompts are encoded as TRL's DPOTrainer encodes them, generated in batches (`runtime.generate_batch` through a
+backend: `model.generate` or, on CUDA, `fast_generation.StaticCacheBackend`, which decodes a batch's chosen and
+rejected rows in one loop), shared across accelerate processes batch by batch and gathered (`runtime.run_resumable`),
+and cached on disk under a fingerprint of everything the pairs depend on (model weights and generation config,
+generation settings, backend, prompts, heads), so reruns skip it and interrupted runs resume. Every decode is seeded
+from (seed, batch index, role) alone, so the pairs do not depend on the process count or on where a run was
+interrupted, and the chosen responses do not depend on the heads: they are cached apart (fingerprint without heads),
+so runs that differ only in the masked heads (RetMask and its random-head control, a sweep over k) share them when
+they share a cache directory; a batch whose chosen responses are cached decodes its rejected rows only.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
 import time
@@ -20,17 +21,30 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-from accelerate import PartialState
-from accelerate.utils import broadcast_object_list, gather_object
+from accelerate.utils import gather_object
 from datasets import Dataset, IterableDataset
-from tqdm.auto import tqdm
+from trl.data_utils import is_conversational, maybe_apply_chat_template
 
-from .masking import mask_heads, validate_heads
+from .fast_generation import make_backend
+from .masking import validate_heads
+from .runtime import (
+    GenerateBackend,
+    ResultStore,
+    check_prompt_ids,
+    check_prompts,
+    fingerprint,
+    from_main_process,
+    generate_batch,
+    make_generation_config,
+    model_fingerprint,
+    process_state,
+    run_resumable,
+)
 
 logger = logging.getLogger(__name__)
 
-CACHE_VERSION = 2
+CACHE_VERSION = 3
+ROLES = ("chosen", "rejected")
 
 
 @dataclass
@@ -83,7 +97,7 @@ class GeneratedPairs:
 
 
 def is_conversational_prompt(prompt) -> bool:
-    return isinstance(prompt, list) and len(prompt) > 0 and isinstance(prompt[0], dict) and "role" in prompt[0]
+    return isinstance(prompt, list) and len(prompt) > 0 and is_conversational({"prompt": prompt})
 
 
 def as_completion(prompt, text: str):
@@ -97,12 +111,15 @@ def is_prompt_only(dataset: Dataset | IterableDataset) -> bool:
 
 
 def encode_prompts(tokenizer, prompts: list) -> list[list[int]]:
-    """Token ids exactly as TRL's DPO preprocessing tokenizes the prompt (chat template with generation prompt)."""
+    """Token ids of each prompt as TRL's DPOTrainer tokenizes it: a chat prompt rendered by
+    `trl.data_utils.maybe_apply_chat_template` (generation prompt added after a user turn) and tokenized without
+    special tokens (the template holds them), a string tokenized as is. A chat prompt ending on an assistant turn is
+    continued (TRL's helper), where DPOTrainer would open a new turn."""
     out = []
     for p in prompts:
         if is_conversational_prompt(p):
-            out.append(list(tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=True,
-                                                          return_dict=True)["input_ids"]))
+            text = maybe_apply_chat_template({"prompt": p}, tokenizer)["prompt"]
+            out.append(list(tokenizer(text, add_special_tokens=False)["input_ids"]))
         elif isinstance(p, str):
             out.append(list(tokenizer(text=p)["input_ids"]))
         else:
@@ -110,47 +127,7 @@ def encode_prompts(tokenizer, prompts: list) -> list[list[int]]:
     return out
 
 
-def hash_weights(model: torch.nn.Module) -> str:
-    """SHA-256 of every tensor of the state dict (names, dtypes, shapes, bytes)."""
-    h = hashlib.sha256()
-    seen = {}  # tied weights (embeddings / LM head) are hashed once
-    for name, t in sorted(model.state_dict().items()):
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
-        key = (t.device, t.data_ptr(), t.dtype, tuple(t.shape), t.stride())
-        if t.numel() == 0 or key in seen:
-            h.update(f"={seen.get(key, '')}".encode())
-            continue
-        seen[key] = name
-        t = t.detach().contiguous().cpu()
-        h.update(t.view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
-def pairs_fingerprint(weights_hash: str, heads, settings: dict, prompt_ids: list[list[int]], prompts: list) -> str:
-    payload = json.dumps(
-        {"v": CACHE_VERSION, "weights": weights_hash, "heads": sorted([list(h) for h in heads]),
-         "settings": settings, "prompt_ids": prompt_ids, "prompts": prompts},
-        sort_keys=True, default=str,
-    )
-    return hashlib.sha256(payload.encode()).hexdigest()
-
-
-def _eos_ids(model, tokenizer) -> set[int]:
-    eos = model.generation_config.eos_token_id if model.generation_config is not None else None
-    eos = eos if eos is not None else tokenizer.eos_token_id
-    return set(eos if isinstance(eos, (list, tuple)) else [eos]) - {None}
-
-
-def _response_lengths(new_tokens: torch.Tensor, eos_ids: set[int]) -> list[int]:
-    """Generated tokens per row, up to and including the first EOS (the rest is padding)."""
-    is_eos = torch.zeros_like(new_tokens, dtype=torch.bool)
-    for e in eos_ids:
-        is_eos |= new_tokens == e
-    first = torch.where(is_eos.any(1), is_eos.float().argmax(1) + 1, torch.full_like(new_tokens[:, 0], new_tokens.size(1)))
-    return first.tolist()
-
-
-def _decode_completions(tokenizer, prompts: list, prompt_ids: list[list[int]], new: torch.Tensor) -> list[str]:
+def _decode_completions(tokenizer, prompts: list, prompt_ids: list[list[int]], new: list[list[int]]) -> list[str]:
     """Response texts. For a standard (string) prompt the text is what decoding prompt+response adds to decoding the
     prompt, so that DPO's `prompt + chosen` re-tokenizes to the generated tokens (a bare decode of the response
     drops the joining space with SentencePiece or word-level tokenizers). Chat responses are decoded bare: the
@@ -159,23 +136,10 @@ def _decode_completions(tokenizer, prompts: list, prompt_ids: list[list[int]], n
     for j, prompt in enumerate(prompts):
         if isinstance(prompt, str):
             head = tokenizer.decode(prompt_ids[j], skip_special_tokens=True)
-            full = tokenizer.decode(prompt_ids[j] + new[j].tolist(), skip_special_tokens=True)
+            full = tokenizer.decode(prompt_ids[j] + new[j], skip_special_tokens=True)
             if full.startswith(head):
                 texts[j] = full[len(head):]
     return texts
-
-
-def _write_json_atomic(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj))
-    os.replace(tmp, path)
-
-
-def _model_device(model) -> torch.device:
-    try:
-        return next(model.parameters()).device
-    except StopIteration:  # pragma: no cover
-        return torch.device("cpu")
 
 
 def generate_pairs(
@@ -187,129 +151,138 @@ def generate_pairs(
     max_new_tokens: int = 256,
     temperature: float = 0.6,
     top_p: float = 1.0,
-    top_k: int = 0,
+    top_k: int | None = None,
     seed: int = 0,
     generation_kwargs: dict | None = None,
     batch_size: int = 8,
     cache_dir: str | os.PathLike | None = None,
     show_progress: bool = True,
     desc: str = "RetMask pairs",
+    backend: str | GenerateBackend = "auto",
+    drop_empty: bool = False,
 ) -> GeneratedPairs:
     """Generate a (chosen, rejected) pair per prompt: the model as is, then the model under `mask_heads(heads)`.
 
-    `prompts` are strings or chat-message lists; `temperature=0` decodes greedily. Under `accelerate launch` each
-    process generates its share of the batches and every process returns the full, ordered set. With `cache_dir`,
-    finished batches are stored there and reused (see module docstring).
+    `prompts` are strings or chat-message lists; `temperature=0` decodes greedily; `top_k=None` takes the model's
+    generation config value (off when it has none, as vLLM does); `generation_kwargs` are further `GenerationConfig`
+    fields. Under `accelerate launch` each process generates its share of the batches and every
+    process returns the full, ordered set. With `cache_dir`, finished batches are stored there and reused (see module
+    docstring). Bad input (no or empty prompts, heads outside the model) is refused before any generation.
+
+    `backend`: one of `GENERATION_BACKENDS` or a `GenerateBackend`. `"generate"` decodes chosen and rejected rows in
+    two `model.generate` calls (the rejected under `mask_heads`); `"static"` decodes them in one loop with a static
+    KV cache, compiled on CUDA (`fast_generation`); `"auto"` is `"static"` on CUDA and `"generate"` elsewhere. Greedy
+    pairs are the same under both; sampled pairs differ (other random streams), so the backend is part of the cache
+    fingerprint. Under `"static"` a batch's rejected rows share the chosen rows' decode (seeded as the chosen), or
+    decode alone (seeded as the rejected) when its chosen responses come from the cache.
+
+    A pair is kept unless its responses are identical (whitespace stripped; two empty ones are identical), as the
+    authors filter; `drop_empty=True` also drops a pair with one empty response (applied after the cache: no
+    regeneration).
     """
     if len(prompts) == 0:
         raise ValueError("No prompts to generate pairs for: the prompt dataset is empty.")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+    decoder = make_backend(backend, model)  # checks the name; a static backend hooks the model on its first call
     heads = sorted({(int(layer), int(head)) for layer, head in heads})
     if not heads:
         raise ValueError("No heads to mask: the selection is empty. Lower `mask_threshold` or set `mask_top_k`.")
     validate_heads(model, heads)
-    if tokenizer.pad_token_id is None:
-        raise ValueError("The tokenizer has no pad token; set `tokenizer.pad_token = tokenizer.eos_token`.")
-    state = PartialState()
     prompts = list(prompts)
+    check_prompts(prompts)
     prompt_ids = encode_prompts(tokenizer, prompts)
-
-    settings = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "top_k": top_k,
-                "seed": seed, "batch_size": batch_size, "generation_kwargs": generation_kwargs or {}}
-    fingerprint = ""
-    batch_dir = chosen_dir = None
-    if cache_dir is not None:
-        fp = [None, None]
-        if state.is_main_process:
-            weights = hash_weights(model)
-            fp = [pairs_fingerprint(weights, heads, settings, prompt_ids, prompts),
-                  pairs_fingerprint(weights, [], settings, prompt_ids, prompts)]
-        if state.num_processes > 1:
-            broadcast_object_list(fp, from_process=0)
-        fingerprint = fp[0]
-        batch_dir = Path(cache_dir) / fingerprint[:20]
-        chosen_dir = Path(cache_dir) / f"chosen-{fp[1][:20]}"
-        batch_dir.mkdir(parents=True, exist_ok=True)
-        chosen_dir.mkdir(parents=True, exist_ok=True)
-        if state.is_main_process:
-            _write_json_atomic(batch_dir / "meta.json", {"fingerprint": fingerprint, "heads": heads,
-                                                         "settings": settings, "num_prompts": len(prompts)})
+    check_prompt_ids(prompt_ids)
+    config = make_generation_config(model, max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                                    **(generation_kwargs or {}))
 
     # Longest prompts first: little padding per batch, and an out-of-memory shows up at once.
     order = sorted(range(len(prompts)), key=lambda i: -len(prompt_ids[i]))
-    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-    my_batches = list(range(len(batches)))[state.process_index::state.num_processes]
+    batches = [(b, order[i:i + batch_size]) for b, i in enumerate(range(0, len(order), batch_size))]
 
-    gen_kwargs = dict(max_new_tokens=max_new_tokens, use_cache=True, pad_token_id=tokenizer.pad_token_id)
-    if temperature > 0:
-        gen_kwargs.update(do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k)
-    else:
-        gen_kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-    gen_kwargs.update(generation_kwargs or {})
-    eos_ids = _eos_ids(model, tokenizer)
-    device = _model_device(model)
-    was_training = model.training
-    model.eval()
+    fp = chosen_store = None
+    if cache_dir is not None:
+        inputs = fingerprint(v=CACHE_VERSION, model=model_fingerprint(model), generation=config, seed=seed,
+                             batch_size=batch_size, prompts=prompts, prompt_ids=prompt_ids, backend=decoder.name)
+        fp, chosen_fp = from_main_process((fingerprint(inputs=inputs, heads=heads), fingerprint(inputs=inputs)))
+        chosen_store = ResultStore(Path(cache_dir) / f"chosen-{chosen_fp[:20]}", "chosen", chosen_fp,
+                                   info={"num_prompts": len(prompts)})
+    expected = {_batch_key(batch): batch[1] for batch in batches}
+    chosen_done = chosen_store.open(lambda k, r: _valid_part(r, "chosen", expected.get(k))) if chosen_store else {}
 
-    results = []
-    n_generated = 0
+    def decode(b: int, idx: list[int], roles: tuple[str, ...]) -> dict[str, dict]:
+        """The `roles` responses for the prompts `idx` of batch `b`: one decode when the backend decodes masked and
+        plain rows together, else one per role; each seeded from (seed, batch, its first role)."""
+        parts = {}
+        for group in [roles] if decoder.joint else [(role,) for role in roles]:
+            start = time.perf_counter()
+            new = generate_batch(model, tokenizer, [prompt_ids[i] for i in idx] * len(group), config, heads=heads,
+                                 masked=[role == "rejected" for role in group for _ in idx],
+                                 seed=seed * 1_000_003 + b * 2 + (group[0] == "rejected"), backend=decoder)
+            seconds = (time.perf_counter() - start) / len(group)  # a joint decode's time is shared equally
+            for k, role in enumerate(group):
+                rows = new[k * len(idx):(k + 1) * len(idx)]
+                texts = _decode_completions(tokenizer, [prompts[i] for i in idx], [prompt_ids[i] for i in idx], rows)
+                parts[role] = {role: texts, f"{role}_tokens": [len(row) for row in rows], "seconds": seconds}
+        return parts
+
+    generated = 0
+
+    def pair(batch) -> dict:
+        nonlocal generated
+        b, idx = batch
+        chosen = chosen_done.get(_batch_key(batch))
+        parts = decode(b, idx, ROLES if chosen is None else ("rejected",))
+        if chosen is None:
+            chosen = {"indices": idx, **parts["chosen"]}
+            if chosen_store is not None:  # same prompts and settings, other heads: shared
+                chosen_store.append({"key": _batch_key(batch), **chosen})
+        rejected = parts["rejected"]
+        generated += 1
+        return {**chosen, **rejected, "seconds": chosen["seconds"] + rejected["seconds"]}
+
     try:
-        for b in tqdm(my_batches, desc=desc, disable=not (show_progress and state.is_local_main_process)):
-            path = batch_dir / f"batch_{b:06d}.json" if batch_dir is not None else None
-            if path is not None and path.is_file():
-                results.append({**json.loads(path.read_text()), "cached": True})
-                continue
-            idx = batches[b]
-            enc = tokenizer.pad({"input_ids": [prompt_ids[i] for i in idx]}, padding=True, padding_side="left",
-                                return_tensors="pt").to(device)
-            out = {"batch": b, "indices": idx, "seconds": 0.0}
-            chosen_path = chosen_dir / f"chosen_{b:06d}.json" if chosen_dir is not None else None
-            if chosen_path is not None and chosen_path.is_file():  # same prompts and settings, other heads
-                out.update(json.loads(chosen_path.read_text()))
-            for role, ctx_heads in (("chosen", None), ("rejected", heads)):
-                if role in out:
-                    continue
-                start = time.perf_counter()
-                with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
-                    torch.manual_seed(seed * 1_000_003 + b * 2 + (role == "rejected"))
-                    with mask_heads(model, ctx_heads or []):
-                        seq = model.generate(**enc, **gen_kwargs)
-                new = seq[:, enc["input_ids"].shape[1]:].cpu()
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                part = {role: _decode_completions(tokenizer, [prompts[i] for i in idx], [prompt_ids[i] for i in idx],
-                                                  new),
-                        f"{role}_tokens": _response_lengths(new, eos_ids) if new.numel() else [0] * len(idx),
-                        "seconds": time.perf_counter() - start}
-                if role == "chosen" and chosen_path is not None:
-                    _write_json_atomic(chosen_path, {"batch": b, "indices": idx, **part})
-                out.update(part, seconds=out["seconds"] + part["seconds"])
-            if path is not None:
-                _write_json_atomic(path, out)
-            results.append({**out, "cached": False})
-            n_generated += 1
+        results = run_resumable(batches, pair, Path(cache_dir) / fp[:20] if fp else None, name="pairs",
+                                fingerprint=fp or "", key=_batch_key,
+                                verify=lambda batch, r: all(_valid_part(r, role, batch[1]) for role in ROLES),
+                                info={"heads": heads, "num_prompts": len(prompts)}, desc=desc,
+                                show_progress=show_progress)
     finally:
-        model.train(was_training)
+        if chosen_store is not None:
+            chosen_store.close()
+        if decoder is not backend:  # made here: release its hooks
+            decoder.close()
+    if process_state().num_processes > 1:
+        generated = sum(gather_object([generated]))
+    return _assemble(prompts, results, fp or "", generated, drop_empty)
 
-    if state.num_processes > 1:
-        results = gather_object(results)
-    return _assemble(prompts, results, fingerprint)
+
+def _batch_key(batch) -> str:
+    return f"batch_{batch[0]:06d}"
 
 
-def _assemble(prompts: list, results: list[dict], fingerprint: str) -> GeneratedPairs:
+def _valid_part(record: dict, role: str, idx: list[int] | None) -> bool:
+    """A stored batch record is for the prompts `idx` and holds one `role` response and length per prompt."""
+    texts, lengths = record.get(role), record.get(f"{role}_tokens")
+    return (idx is not None and record.get("indices") == idx and isinstance(texts, list) and
+            isinstance(lengths, list) and len(texts) == len(lengths) == len(idx) and
+            all(isinstance(t, str) for t in texts) and all(isinstance(n, int) for n in lengths) and
+            isinstance(record.get("seconds"), (int, float)))
+
+
+def _assemble(prompts: list, results: list[dict], fp: str, generated: int, drop_empty: bool) -> GeneratedPairs:
     n = len(prompts)
     chosen, rejected, c_tok, r_tok = [""] * n, [""] * n, [0] * n, [0] * n
-    stats = PairStats(prompts=n)
+    stats = PairStats(prompts=n, batches_generated=generated, batches_from_cache=len(results) - generated)
     for r in results:
         for j, i in enumerate(r["indices"]):
             chosen[i], rejected[i] = r["chosen"][j], r["rejected"][j]
             c_tok[i], r_tok[i] = r["chosen_tokens"][j], r["rejected_tokens"][j]
         stats.generation_seconds += r["seconds"]
         stats.generated_tokens += sum(r["chosen_tokens"]) + sum(r["rejected_tokens"])
-        stats.batches_from_cache += int(r["cached"])
-        stats.batches_generated += int(not r["cached"])
     keep = []
     for c, rj in zip(chosen, rejected):
-        if not c.strip() or not rj.strip():
+        if drop_empty and (not c.strip() or not rj.strip()):
             stats.dropped_empty += 1
             keep.append(False)
         elif c.strip() == rj.strip():
@@ -324,7 +297,7 @@ def _assemble(prompts: list, results: list[dict], fingerprint: str) -> Generated
         stats.mean_rejected_tokens = sum(r_tok[i] for i in kept) / len(kept)
     if stats.generation_seconds > 0:
         stats.tokens_per_second = stats.generated_tokens / stats.generation_seconds
-    return GeneratedPairs(prompts, chosen, rejected, keep, stats, fingerprint,
+    return GeneratedPairs(prompts, chosen, rejected, keep, stats, fp,
                           extra={"chosen_tokens": c_tok, "rejected_tokens": r_tok})
 
 

@@ -6,25 +6,37 @@ model). Generation happens before DPOTrainer's dataset processing; everything af
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
-import shutil
+import os
 from pathlib import Path
 
 import torch
 from accelerate.utils import is_peft_model
 from datasets import Dataset
-from transformers import AutoTokenizer, PreTrainedTokenizerBase, TrainerCallback
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, TrainerCallback, is_wandb_available
 from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 from transformers.trainer_pt_utils import LengthGroupedSampler
 from trl import DPOTrainer
-from trl.trainer.utils import create_model_from_path, get_config_model_id
+from trl.models.utils import unwrap_model_for_generation
+from trl.trainer.utils import (
+    create_model_from_path,
+    generate_model_card,
+    get_comet_experiment_url,
+    get_config_model_id,
+    get_trackio_space_url,
+)
 
 from .config import RetMaskConfig
-from .model_card import PAPER, write_retmask_files
+from .model_card import PAPER, retmask_section, write_retmask_files
 from .models import hub_id_of, resolve_model_path
 from .pairs import PairStats, complete_prompt_dataset, is_prompt_only
-from .scores import HeadScores
+from .runtime import from_main_process, process_state
+from .scores import HeadScores, resolve_head_scores, select_heads
+
+if is_wandb_available():
+    import wandb
 
 logger = logging.getLogger(__name__)
 
@@ -79,9 +91,9 @@ class _OnlineRegeneration(TrainerCallback):
 class RetMaskTrainer(DPOTrainer):
     """DPO on (policy, retrieval-head-masked policy) pairs generated from a prompt-only dataset.
 
-    Arguments are those of [`~trl.DPOTrainer`], plus `head_scores`: a `HeadScores`, a score-file path or a model id
-    with bundled scores. It may instead come from `args.head_scores`; failing both, the scores bundled for the
-    policy's own name are used. Prompt-only datasets (`{"prompt": str}` or `{"prompt": [messages]}`), train and eval,
+    Arguments are those of [`~trl.DPOTrainer`], plus `head_scores`: a `HeadScores`, a score file, a directory or Hub
+    repo holding `retmask_head_scores.json`, or a model id with bundled scores (`HeadScores.from_pretrained`). It may
+    instead come from `args.head_scores`; failing both, the scores found for the policy's own name are used. Prompt-only datasets (`{"prompt": str}` or `{"prompt": [messages]}`), train and eval,
     are completed with generated pairs; preference datasets (with `chosen`/`rejected`) pass through untouched.
 
     Example:
@@ -122,18 +134,17 @@ class RetMaskTrainer(DPOTrainer):
                             f"{type(args).__name__}. Build it with RetMaskConfig(**your_dpo_config.to_dict()).")
         if train_dataset is None:
             raise ValueError("`train_dataset` is required: prompts (`{'prompt': ...}`) or preference pairs.")
+        for split, dataset in {"train_dataset": train_dataset, **_eval_splits(eval_dataset)}.items():
+            _check_columns(split, dataset)
         if args.online and not is_prompt_only(train_dataset):
             raise ValueError("Online RetMask regenerates pairs from prompts: `train_dataset` must be prompt-only "
                              "(`{'prompt': ...}` without chosen/rejected).")
-        if args.online and is_deepspeed_zero3_enabled():
-            raise ValueError("Online RetMask generates with the policy during training, which ZeRO-3's sharded "
-                             "parameters do not allow here; use ZeRO-1/2, DDP or FSDP, or turn online mode off.")
         if head_scores is not None and args.head_scores is not None:
             raise ValueError("Head scores were given twice (the `head_scores` argument and `args.head_scores`); "
                              "keep one.")
 
         # Head scores before any loading or generation: a wrong path or model id fails in a second, not minutes.
-        scores = self._resolve_head_scores(head_scores, args, model)
+        scores = resolve_head_scores(head_scores if head_scores is not None else args.head_scores, model)
 
         # The model is needed as an instance to generate the pairs before DPOTrainer processes the data.
         if isinstance(model, str):
@@ -155,26 +166,24 @@ class RetMaskTrainer(DPOTrainer):
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
 
-        # Heads (cheap, and every mistake here must surface before minutes of generation).
-        self.head_scores = scores
-        self.head_scores.validate(model)
-        self.masked_heads = self.head_scores.select(**args.selection)
+        # Heads: validated against the loaded model, before minutes of generation.
+        self.masked_heads, self.head_scores = select_heads(args, model, scores)
         self.pair_stats: dict[str, PairStats] = {}
         self.pair_stats_history: list[dict] = []
         self._train_prompts = train_dataset if args.online else None
 
         # Pairs (train, then eval) from the initial policy.
-        needs_pairs = is_prompt_only(train_dataset) or (
-            eval_dataset is not None and any(is_prompt_only(d) for d in _as_dict(eval_dataset).values()))
+        splits = {"train": train_dataset, **_eval_splits(eval_dataset)}
+        needs_pairs = any(is_prompt_only(d) for d in splits.values())
         if needs_pairs:
             if getattr(model, "hf_device_map", None) is None and not is_deepspeed_zero3_enabled():
                 model.to(args.device)  # where Trainer would put it anyway; generation is much faster there
-            train_dataset = self._complete(train_dataset, model, tokenizer, args, "train")
-            if eval_dataset is not None:
+            with _gathered_for_generation(model):
+                train_dataset = self._complete(train_dataset, model, tokenizer, args, "train")
                 if isinstance(eval_dataset, dict):
                     eval_dataset = {k: self._complete(d, model, tokenizer, args, f"eval_{k}")
                                     for k, d in eval_dataset.items()}
-                else:
+                elif eval_dataset is not None:
                     eval_dataset = self._complete(eval_dataset, model, tokenizer, args, "eval")
 
         # Reference = the initial, unmasked policy. TRL would reload it from `config._name_or_path`, which fails for a
@@ -196,6 +205,24 @@ class RetMaskTrainer(DPOTrainer):
             self.train_dataset = _OnlinePairs(self.train_dataset)
             self.add_callback(_OnlineRegeneration(self))
 
+    def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+        """TRL's tokenization, then `max_prompt_length` (left truncation of prompts, as TRL < 1.0 did).
+
+        TRL drops rows whose prompt alone fills `max_length` under `keep_start`; here such prompts keep their last
+        `max_length // 2` tokens instead, so no row is lost. TRL's tokenization is reached through this method (no
+        public hook), with `max_length=None` so its filter keeps every row; its collator still cuts each sequence to
+        `max_length` with `truncation_mode`.
+        """
+        tokenize_args = copy.copy(args)
+        tokenize_args.max_length = None
+        dataset = super()._prepare_dataset(dataset, processing_class, tokenize_args, dataset_name)
+        if args.max_prompt_length is None and (args.max_length is None or args.truncation_mode != "keep_start"):
+            return dataset
+        kwargs = {"num_proc": args.dataset_num_proc, "desc": f"Truncating prompts of {dataset_name} dataset"} \
+            if isinstance(dataset, Dataset) else {}
+        limits = (args.max_prompt_length, args.max_length, args.truncation_mode)
+        return dataset.map(lambda row: {"prompt_ids": truncate_prompt(row["prompt_ids"], *limits)}, **kwargs)
+
     def _get_train_sampler(self, train_dataset=None):
         """transformers' `train_sampling_strategy="group_by_length"` needs an `input_ids` column, which DPO rows do not
         have: here a row's length is its prompt plus its longer completion, what it costs in the padded batch of
@@ -209,24 +236,7 @@ class RetMaskTrainer(DPOTrainer):
                                         lengths=lengths)
         return super()._get_train_sampler(train_dataset)
 
-    # ------------------------------------------------------------------------------------------------ set-up
-    @staticmethod
-    def _resolve_head_scores(head_scores, args: RetMaskConfig, model) -> HeadScores:
-        source = head_scores if head_scores is not None else args.head_scores
-        if isinstance(source, HeadScores):
-            return source
-        if source is None:
-            name = model if isinstance(model, str) else get_config_model_id(model.config)
-            try:
-                return HeadScores.from_pretrained(name)
-            except (ValueError, FileNotFoundError) as e:
-                raise ValueError(
-                    f"No head scores given and none bundled for the policy {name!r}. Pass `head_scores=` (a "
-                    "HeadScores, a score file, or a model id with bundled scores) or set `RetMaskConfig.head_scores`; "
-                    "detect them with `trl-retmask detect`."
-                ) from e
-        return HeadScores.from_pretrained(str(source))
-
+    # ------------------------------------------------------------------------------------------------ pairs
     def _cache_dir(self, args: RetMaskConfig):
         if not args.cache_pairs:
             return None
@@ -239,23 +249,47 @@ class RetMaskTrainer(DPOTrainer):
         )
         if stats is not None:
             self.pair_stats[name] = stats
-            logger.warning(
-                "RetMask %s pairs: kept %d of %d (dropped %d identical, %d empty); mean chosen/rejected tokens "
-                "%.1f/%.1f; %.1f generated tokens/s%s", name, stats.kept, stats.prompts, stats.dropped_identical,
-                stats.dropped_empty, stats.mean_chosen_tokens, stats.mean_rejected_tokens, stats.tokens_per_second,
-                " (from cache)" if stats.batches_generated == 0 else "",
-            )
+            if process_state().is_main_process:
+                logger.info(
+                    "RetMask %s pairs: kept %d of %d (dropped %d identical, %d empty); mean chosen/rejected tokens "
+                    "%.1f/%.1f; %.1f generated tokens/s%s", name, stats.kept, stats.prompts, stats.dropped_identical,
+                    stats.dropped_empty, stats.mean_chosen_tokens, stats.mean_rejected_tokens,
+                    stats.tokens_per_second, " (from cache)" if stats.batches_generated == 0 else "",
+                )
+            if args.precompute_ref_log_probs:
+                dataset = self._on_shared_disk(dataset, args)
         return dataset
+
+    def _on_shared_disk(self, dataset: Dataset, args: RetMaskConfig) -> Dataset:
+        """The generated pairs as a dataset backed by a file that every process reads.
+
+        TRL 1.16 caches precomputed reference log-probs next to the dataset's own cache files, and rank 0 writes them;
+        an in-memory dataset has no cache files, so each process would look in its own temporary directory and the
+        other ranks fail with FileNotFoundError. Saved under the pair cache (shared like `output_dir`), all ranks
+        read rank 0's copy."""
+        from datasets import load_from_disk
+
+        state = process_state()
+        folder = Path(self._cache_dir(args) or Path(args.output_dir) / "_retmask_pairs")
+        path = folder / f"dataset-{from_main_process(dataset._fingerprint)}"
+        with state.main_process_first():
+            if state.is_main_process and not (path / "state.json").is_file():
+                dataset.save_to_disk(str(path))
+        return load_from_disk(str(path))
 
     def regenerate_train_pairs(self, step: int) -> None:
         """Online RetMask: new pairs from the current policy replace the training pairs (same row count)."""
-        model = self.accelerator.unwrap_model(self.model)
         settings = {**self.args.generation_settings, "seed": self.args.generation_seed + step}
+        tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)
         try:
-            dataset, stats = complete_prompt_dataset(
-                self._train_prompts, model, self._tokenizer, self.masked_heads, name=f"train@{step}",
-                batch_size=self.args.generation_batch_size, cache_dir=self._cache_dir(self.args), **settings,
-            )
+            with unwrap_model_for_generation(
+                self.model_wrapped, self.accelerator,
+                gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs,
+            ) as model:
+                dataset, stats = complete_prompt_dataset(
+                    self._train_prompts, model, tokenizer, self.masked_heads, name=f"train@{step}",
+                    batch_size=self.args.generation_batch_size, cache_dir=self._cache_dir(self.args), **settings,
+                )
         except ValueError as e:  # every new pair dropped: keep training on the previous ones
             logger.warning("Online RetMask at step %d kept the previous pairs: %s", step, e)
             return
@@ -273,8 +307,7 @@ class RetMaskTrainer(DPOTrainer):
         return {
             "masked_heads": [list(h) for h in self.masked_heads],
             "head_scores": {f"{layer}-{head}": means[(layer, head)] for layer, head in self.masked_heads},
-            "selection": {**args.selection,
-                          "source": args.head_scores if isinstance(args.head_scores, str) else None},
+            "selection": {**args.selection, "source": args.head_scores},
             "sparsity": self.head_scores.sparsity(),
             "generation": {**{k: v for k, v in args.generation_settings.items() if k != "generation_kwargs"},
                            **(args.generation_kwargs or {}), "batch_size": args.generation_batch_size},
@@ -284,40 +317,89 @@ class RetMaskTrainer(DPOTrainer):
                        "regenerations": self.pair_stats_history} if args.online else None,
         }
 
-    def create_model_card(self, model_name=None, dataset_name=None, tags=None):
-        """TRL's card plus the RetMask section; the head-score file and `retmask.json` go beside it.
+    @property
+    def base_model_id(self) -> str | None:
+        """The card's base model: the Hub id behind the embedded model's converted checkpoint, else TRL's rule (the
+        model's name or path unless it is a local directory, which the Hub could not link)."""
+        path = get_config_model_id(self.model.config)
+        if not path:
+            return None
+        return hub_id_of(path) or (None if os.path.isdir(path) else path)
 
-        Two gaps of TRL's card are filled for local work: the embedded model's converted checkpoint is a local
-        directory, which TRL drops as base model, so its Hub id is named; and without a Hub repository the quick
-        start loads the saved directory instead of `model="None"`."""
-        config = self.model.config
-        local_path = getattr(config, "_name_or_path", None)
-        hub_id = hub_id_of(local_path) if local_path else None
-        no_repo = self.hub_model_id is None
-        try:
-            if hub_id:
-                config._name_or_path = hub_id
-            if no_repo:
-                self.hub_model_id = str(getattr(self, "_card_save_dir", None) or self.args.output_dir)
-            super().create_model_card(model_name=model_name, dataset_name=dataset_name, tags=tags)
-        finally:
-            if hub_id:
-                config._name_or_path = local_path
-            if no_repo:
-                self.hub_model_id = None
+    def create_model_card(self, model_name=None, dataset_name=None, tags=None):
+        """TRL's card (`generate_model_card`, base model named explicitly) plus the RetMask section, in
+        `args.output_dir` as TRL writes it; `retmask.json` and the head-score file go beside it."""
         if self.is_world_process_zero():
-            write_retmask_files(self.args.output_dir, self.retmask_info, self.head_scores)
+            self._write_card(self.args.output_dir, model_name, dataset_name, tags)
+
+    def _write_card(self, save_dir, model_name=None, dataset_name=None, tags=None) -> None:
+        tags = {tags} if isinstance(tags, str) else set(tags or ())
+        card = generate_model_card(
+            base_model=self.base_model_id,
+            model_name=model_name or Path(save_dir).name,
+            hub_model_id=self.hub_model_id or str(save_dir),  # the quick start loads the saved directory
+            dataset_name=dataset_name,
+            tags=sorted(tags | set(self._tag_names)),
+            wandb_url=wandb.run.url if is_wandb_available() and wandb.run is not None else None,
+            trackio_url=get_trackio_space_url(),
+            comet_url=get_comet_experiment_url(),
+            trainer_name=self._name,
+            trainer_citation=self._paper["citation"],
+            template_file=self._template_file,
+            paper_title=self._paper["title"],
+            paper_id=self._paper["id"],
+        )
+        info = self.retmask_info
+        card.text = card.text.rstrip("\n") + "\n\n" + retmask_section(info)
+        write_retmask_files(save_dir, info, self.head_scores)
+        card.save(Path(save_dir) / "README.md")
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
         super().save_model(output_dir, _internal_call=_internal_call)
-        output_dir = output_dir or self.args.output_dir
-        if self.args.should_save:
-            self._card_save_dir = output_dir
-            self.create_model_card(model_name=Path(output_dir).name)
-            if self.is_world_process_zero() and Path(output_dir).resolve() != Path(self.args.output_dir).resolve():
-                shutil.copyfile(Path(self.args.output_dir) / "README.md", Path(output_dir) / "README.md")
-                write_retmask_files(output_dir, self.retmask_info, self.head_scores)
+        if self.args.should_save and self.is_world_process_zero():
+            output_dir = output_dir or self.args.output_dir
+            self._write_card(output_dir, model_name=Path(output_dir).name)
 
 
-def _as_dict(eval_dataset) -> dict:
-    return eval_dataset if isinstance(eval_dataset, dict) else {"eval": eval_dataset}
+def truncate_prompt(prompt_ids: list[int], max_prompt_length: int | None = None, max_length: int | None = None,
+                    truncation_mode: str = "keep_start") -> list[int]:
+    """The prompt tokens a row keeps: its last `max_prompt_length`; and where the prompt would still fill
+    `max_length` under `keep_start` (TRL would drop the row), its last `max_length // 2` (TRL < 1.0's default ratio)."""
+    if max_prompt_length is not None:
+        prompt_ids = prompt_ids[-max_prompt_length:]
+    if max_length is not None and truncation_mode == "keep_start" and len(prompt_ids) >= max_length:
+        prompt_ids = prompt_ids[-(max_length // 2):]
+    return prompt_ids
+
+
+@contextlib.contextmanager
+def _gathered_for_generation(model):
+    """Full parameters for generation before training starts. Under ZeRO-3 transformers partitions them at load
+    (`zero.Init`) and the DeepSpeed engine that would gather them does not exist yet, so they are gathered here, as
+    `unwrap_model_for_generation` does during training."""
+    if not is_deepspeed_zero3_enabled():
+        yield model
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(list(model.parameters())):
+        yield model
+
+
+def _eval_splits(eval_dataset) -> dict:
+    if eval_dataset is None:
+        return {}
+    return eval_dataset if isinstance(eval_dataset, dict) else {"eval_dataset": eval_dataset}
+
+
+def _check_columns(name: str, dataset) -> None:
+    """A prompt column (prompt-only data) or chosen/rejected (preference data; TRL extracts a shared prompt)."""
+    columns = getattr(dataset, "column_names", None)
+    if columns is None:
+        columns = list(next(iter(dataset)).keys())
+    if "prompt" not in columns and not {"chosen", "rejected"} <= set(columns):
+        raise ValueError(
+            f"`{name}` has columns {list(columns)}, but RetMask needs a `prompt` column (prompts to complete with "
+            "pairs) or `chosen`/`rejected` columns (preference pairs). Rename the prompt column, e.g. "
+            "`dataset.rename_column('question', 'prompt')`."
+        )

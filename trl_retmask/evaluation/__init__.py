@@ -4,9 +4,19 @@ general-ability check, for measuring what RetMask training gains and what it cos
 from .callback import LongContextEvalCallback
 from .general import general_ability, heldout_perplexity, short_answer_accuracy
 from .metrics import load_metric, metric_path
-from .suite import evaluate_long_context, format_table, generate_suite, plot_results, save_results, score_suite
+from .stats import bootstrap_ci, paired_comparison, perplexity_ci, suite_comparison, suite_summary
+from .suite import (
+    evaluate_long_context,
+    format_table,
+    generate_suite,
+    plot_results,
+    sample_score,
+    save_results,
+    score_suite,
+)
 from .tasks import CATEGORIES, TASKS, build_suite
 
-__all__ = ["CATEGORIES", "LongContextEvalCallback", "TASKS", "build_suite", "evaluate_long_context", "format_table",
-           "general_ability", "generate_suite", "heldout_perplexity", "load_metric", "metric_path", "plot_results",
-           "save_results", "score_suite", "short_answer_accuracy"]
+__all__ = ["CATEGORIES", "LongContextEvalCallback", "TASKS", "bootstrap_ci", "build_suite", "evaluate_long_context",
+           "format_table", "general_ability", "generate_suite", "heldout_perplexity", "load_metric", "metric_path",
+           "paired_comparison", "perplexity_ci", "plot_results", "sample_score", "save_results", "score_suite",
+           "short_answer_accuracy", "suite_comparison", "suite_summary"]

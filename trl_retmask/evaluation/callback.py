@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from transformers import TrainerCallback
+from trl.models.utils import unwrap_model_for_generation
 
 from .suite import generate_suite, score_suite
 from .tasks import CATEGORIES, build_suite
@@ -42,17 +43,11 @@ class LongContextEvalCallback(TrainerCallback):
         return self.every_n_steps or args.eval_steps or args.logging_steps or 1
 
     def evaluate(self, step: int) -> dict:
-        """Generate on this process's share of the samples, gather, score, and log on the trainer."""
-        from accelerate.utils import gather_object
-
-        accelerator = self.trainer.accelerator
-        model = accelerator.unwrap_model(self.trainer.model_wrapped)
-        idx = list(range(len(self.samples)))
-        with accelerator.split_between_processes(idx) as mine:
-            outputs = generate_suite(model, self.tokenizer, [self.samples[i] for i in mine], self.batch_size,
+        """Generate (each process its share of the samples, gathered), score, and log on the trainer."""
+        # TRL's unwrapping gathers ZeRO-3 / FSDP shards for the duration of generation.
+        with unwrap_model_for_generation(self.trainer.model_wrapped, self.trainer.accelerator) as model:
+            outputs = generate_suite(model, self.tokenizer, self.samples, self.batch_size,
                                      max_new_tokens=self.max_new_tokens)
-            pairs = gather_object(list(zip(mine, outputs)))
-        outputs = [o for _, o in sorted(pairs)]
         result = score_suite(self.samples, outputs)
         logs = {f"{self.prefix}/{cat}/{n}": v for cat, by_len in result["scores"].items() for n, v in by_len.items()}
         for task, by_len in result["tasks"].items():

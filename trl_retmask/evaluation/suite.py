@@ -1,75 +1,95 @@
-"""Run the long-context suite on a model: generate greedily (batched, left padding), score, tabulate, save, plot."""
+"""Run the long-context suite on a model: generate greedily (batched, resumable), score, tabulate, save, plot."""
 
 from __future__ import annotations
 
-import contextlib
-import json
 import re
 from collections import defaultdict
 from pathlib import Path
 
-import torch
 from tqdm.auto import tqdm
 
-from ..niah import greedy_generation_config, render_user_prompt
+from ..masking import validate_heads
+from ..runtime import (
+    check_prompts,
+    encode_rendered,
+    fingerprint,
+    generate_batch,
+    make_generation_config,
+    model_fingerprint,
+    process_state,
+    render_user_prompt,
+    run_resumable,
+    write_json,
+)
 from .metrics import load_metric
+from .metrics.citation.citation import citation_scores
+from .metrics.ndcg.ndcg import ndcg_at_k
+from .metrics.substring_match.substring_match import match_fraction
 from .tasks import CATEGORIES, build_suite
 
 PRIMARY = {"recall": "recall", "rerank": "ndcg", "cite": "cite_avg"}
 """The one number per category: substring recall, NDCG@10, mean of correctness and citation recall/precision."""
 
 
-@contextlib.contextmanager
-def _generation_mode(model, tokenizer):
-    """Eval mode, left padding and a pad token for batched generation; everything restored afterwards."""
-    was_training, side, pad = model.training, tokenizer.padding_side, tokenizer.pad_token
-    model.eval()
-    tokenizer.padding_side = "left"
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    try:
-        yield
-    finally:
-        model.train(was_training)
-        tokenizer.padding_side = side
-        if pad is None:
-            tokenizer.pad_token = None
+def _encode(tokenizer, prompts: list[str]) -> list[list[int]]:
+    """Each raw prompt as one user turn (chat template applied here), refused if empty."""
+    check_prompts(prompts)
+    return [encode_rendered(tokenizer, render_user_prompt(tokenizer, p))["input_ids"] for p in prompts]
 
 
-@torch.no_grad()
 def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int = 4,
-             progress: bool = False) -> list[str]:
-    """Greedy completions of raw prompts (chat template applied here), batched with left padding."""
+             progress: bool = False, heads=None) -> list[str]:
+    """Greedy completions of raw prompts, in batches (this process only; `generate_suite` shares the work)."""
+    ids = _encode(tokenizer, prompts)
+    config = make_generation_config(model, max_new_tokens)
     out = []
-    device = next(model.parameters()).device
-    config = greedy_generation_config(model, max_new_tokens)
-    config.update(use_cache=True, pad_token_id=tokenizer.pad_token_id)  # in the config: extra kwargs are deprecated
-    with _generation_mode(model, tokenizer):
-        for i in tqdm(range(0, len(prompts), batch_size), desc="generate", disable=not progress):
-            texts = [render_user_prompt(tokenizer, p) for p in prompts[i:i + batch_size]]
-            enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-            ids = model.generate(**enc, generation_config=config)
-            out += tokenizer.batch_decode(ids[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    for i in tqdm(range(0, len(ids), batch_size), desc="generate", disable=not progress):
+        new = generate_batch(model, tokenizer, ids[i:i + batch_size], config, heads=heads)
+        out += tokenizer.batch_decode(new, skip_special_tokens=True)
     return out
 
 
 def generate_suite(model, tokenizer, samples: list[dict], batch_size: int = 4, heads=None,
-                   progress: bool = False, max_new_tokens: int | None = None) -> list[str]:
+                   progress: bool = False, max_new_tokens: int | None = None, output_dir=None,
+                   name: str = "suite", overwrite: bool = False) -> list[str]:
     """Completions for suite samples, batched per (task, length) so each batch shares a generation budget.
 
-    `max_new_tokens` caps every task's budget (for quick slices; answers cut short score lower)."""
-    from ..masking import mask_heads
-
+    `max_new_tokens` caps every task's budget (for quick slices; answers cut short score lower). The batches are
+    shared across accelerate processes and gathered; with `output_dir` they are stored as they finish in
+    `<name>.rank<i>.jsonl` there, and a rerun (or an interrupted run) reuses them: the same model, samples and
+    settings only (another run's directory is refused unless `overwrite=True`).
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+    heads = validate_heads(model, heads) if heads else []
+    ids = _encode(tokenizer, [s["prompt"] for s in samples])
     groups = defaultdict(list)
     for i, s in enumerate(samples):
         groups[(s["task"], s["length"], s["max_new_tokens"])].append(i)
+    batches = [(f"{task}-{length}-{j // batch_size}", idx[j:j + batch_size],
+                min(budget, max_new_tokens) if max_new_tokens else budget)
+               for (task, length, budget), idx in groups.items() for j in range(0, len(idx), batch_size)]
+
+    def run(batch) -> dict:
+        _, idx, budget = batch
+        new = generate_batch(model, tokenizer, [ids[i] for i in idx], make_generation_config(model, budget),
+                             heads=heads)
+        return {"indices": idx, "outputs": tokenizer.batch_decode(new, skip_special_tokens=True)}
+
+    fp = ""
+    if output_dir is not None:
+        fp = fingerprint(kind="suite", model=model_fingerprint(model), generation=make_generation_config(model, 1),
+                         heads=heads, batches=[[b[1], b[2]] for b in batches], prompt_ids=ids)
+    records = run_resumable(batches, run, output_dir, name=name, fingerprint=fp, key=lambda b: b[0],
+                            verify=lambda b, r: r.get("indices") == b[1] and isinstance(r.get("outputs"), list)
+                            and len(r["outputs"]) == len(b[1]) and all(isinstance(o, str) for o in r["outputs"]),
+                            info={"model": getattr(model.config, "_name_or_path", ""), "heads": heads,
+                                  "num_samples": len(samples), "max_new_tokens": max_new_tokens},
+                            overwrite=overwrite, desc="long-context suite", show_progress=progress)
     outputs = [""] * len(samples)
-    with mask_heads(model, heads) if heads else contextlib.nullcontext():
-        for (_, _, budget), idx in tqdm(groups.items(), desc="long-context suite", disable=not progress):
-            budget = min(budget, max_new_tokens) if max_new_tokens else budget
-            for i, text in zip(idx, generate(model, tokenizer, [samples[i]["prompt"] for i in idx], budget,
-                                             batch_size)):
-                outputs[i] = text
+    for r in records:
+        for i, text in zip(r["indices"], r["outputs"]):
+            outputs[i] = text
     return outputs
 
 
@@ -80,6 +100,16 @@ def parse_ranking(text: str, ids: list[str]) -> list[str]:
         if token in known and token not in out:
             out.append(token)
     return out
+
+
+def sample_score(sample: dict, output: str) -> float:
+    """The primary score of one answer (its category's metric), the unit that `stats` resamples and pairs."""
+    ref = sample["reference"]
+    if sample["task"] == "rerank":
+        return ndcg_at_k(parse_ranking(output, ref["ids"]), dict(zip(ref["ids"], ref["relevance"])), 10)
+    if sample["task"] == "cite":
+        return sum(citation_scores(output, ref["answers"], ref["documents"]).values()) / 3
+    return match_fraction(output, ref)
 
 
 def score_suite(samples: list[dict], outputs: list[str]) -> dict:
@@ -115,19 +145,26 @@ def score_suite(samples: list[dict], outputs: list[str]) -> dict:
 def evaluate_long_context(model, tokenizer, lengths=(1024, 2048), categories=None, n_per_task: int = 4,
                           heads=None, seed: int = 0, batch_size: int = 4, output_dir=None, name: str = "model",
                           keep_generations: bool = False, progress: bool = True,
-                          max_new_tokens: int | None = None) -> dict:
+                          max_new_tokens: int | None = None, overwrite: bool = False) -> dict:
     """Evaluate a model (optionally with `heads` masked) on the suite; returns per-category and per-task tables.
 
-    `max_new_tokens` caps the tasks' answer budgets (quick looks only). The result is `{"scores": {category: {length: score}}, "tasks": {task: {length: metrics}}, "config": ...}`;
-    with `output_dir` it is also saved as `<name>.json` and `<name>.png` there.
+    `max_new_tokens` caps the tasks' answer budgets (quick looks only). The result is
+    `{"scores": {category: {length: score}}, "tasks": {task: {length: metrics}}, "per_sample": [...], "config": ...}`
+    (`per_sample`: each sample's task, length, seed and primary score, for `stats`); with `output_dir` it is also saved as `<name>.json` and `<name>.png` there, and the generations as they finish
+    in `<name>.generations.rank<i>.jsonl` (an interrupted run resumes; see `generate_suite`).
     """
+    if not name or Path(name).name != name or name in (".", ".."):
+        raise ValueError(f"name {name!r} must be a plain file name (it names <output_dir>/<name>.json).")
     samples = build_suite(tokenizer, lengths, categories, n_per_task, seed)
     max_len = getattr(model.config, "max_position_embeddings", None)
     if max_len and max(s["length"] for s in samples) > max_len:
         raise ValueError(f"Requested length {max(s['length'] for s in samples)} exceeds the model's "
                          f"max_position_embeddings={max_len}; pass shorter `lengths`.")
-    outputs = generate_suite(model, tokenizer, samples, batch_size, heads, progress, max_new_tokens)
+    outputs = generate_suite(model, tokenizer, samples, batch_size, heads, progress, max_new_tokens,
+                             output_dir=output_dir, name=f"{name}.generations", overwrite=overwrite)
     result = score_suite(samples, outputs)
+    result["per_sample"] = [{"task": s["task"], "length": s["length"], "seed": s["seed"], "score": sample_score(s, o)}
+                            for s, o in zip(samples, outputs)]
     result["config"] = {"lengths": sorted({s["length"] for s in samples}), "categories": categories,
                         "n_per_task": n_per_task, "seed": seed, "heads": [list(h) for h in heads or []],
                         "model": getattr(model.config, "_name_or_path", "")}
@@ -135,17 +172,17 @@ def evaluate_long_context(model, tokenizer, lengths=(1024, 2048), categories=Non
         result["generations"] = [{"task": s["task"], "length": s["length"], "seed": s["seed"], "output": o,
                                   "reference": s["reference"] if s["task"] != "cite" else s["reference"]["answers"]}
                                  for s, o in zip(samples, outputs)]
-    if output_dir is not None:
-        save_results(result, Path(output_dir) / f"{name}.json")
-        plot_results({name: result}, Path(output_dir) / f"{name}.png")
+    if output_dir is not None and process_state().is_main_process:
+        png = Path(output_dir) / f"{name}.png"
+        if write_json(Path(output_dir) / f"{name}.json", result) or not png.is_file():
+            plot_results({name: result}, png)
     return result
 
 
 def save_results(result: dict, path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2))
-    return path
+    """Write `result` as JSON (nothing is rewritten when the file already holds it)."""
+    write_json(path, result)
+    return Path(path)
 
 
 def format_table(results: dict[str, dict]) -> str:

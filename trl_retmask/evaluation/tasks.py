@@ -1,4 +1,7 @@
-"""Task generators of the long-context suite, in the spirit of HELMET, built offline from the shipped haystack.
+"""Task generators of the long-context suite, in the spirit of HELMET, built offline from the suite's own text.
+
+The filler is `data/eval/suite/` (a middle part of Dracula that neither detection's haystack nor the shipped
+training prompts contain), so the suite measures retrieval from text the model was neither scored nor trained on.
 
 Every sample is a plain dict (JSON-serialisable) with the user prompt, the reference its metric needs and the
 generation budget. Samples are a pure function of (task, tokenizer, length, seed): gold answers are planted by
@@ -14,8 +17,10 @@ import random
 import re
 import uuid
 import weakref
+from pathlib import Path
 
-from ..niah import render_user_prompt
+from ..niah import load_haystack
+from ..runtime import encode_rendered, render_user_prompt
 
 CATEGORIES = {
     "recall": ("niah_single", "niah_multikey", "niah_multivalue", "json_kv"),
@@ -23,6 +28,9 @@ CATEGORIES = {
     "cite": ("cite",),
 }
 """Suite categories and their tasks (HELMET's synthetic recall, passage re-ranking, generation with citations)."""
+
+SUITE_TEXT_DIR = Path(__file__).resolve().parent.parent / "data" / "eval" / "suite"
+"""The suite's filler text (disjoint from the detection haystack and from the training prompts)."""
 
 TASK_CATEGORY = {task: cat for cat, tasks in CATEGORIES.items() for task in tasks}
 
@@ -46,15 +54,30 @@ _MENTIONS = ("Many travellers had heard stories about the {obj}.", "Nobody in th
 
 # ---------------------------------------------------------------- haystack, counted in tokens of a tokenizer
 class _Haystack:
-    """The shipped haystack split into sentences, each with its token count for one tokenizer."""
+    """The suite's text split into sentences, each with its token count for one tokenizer.
+
+    Long sentences are cut at clause boundaries (`,;:`) into pieces of at most ~`MAX_WORDS` words, so that a
+    context stops close to its token budget (one 100-word sentence would otherwise leave a gap of 100 tokens).
+    """
+
+    MAX_WORDS = 24
 
     def __init__(self, tokenizer):
-        from ..niah import load_haystack
-
-        text = " ".join(load_haystack().split())
-        self.sentences = [s for s in re.split(r"(?<=[.!?])\s+", text) if len(s.split()) >= 3]
+        text = " ".join(load_haystack(SUITE_TEXT_DIR).split())
+        sentences = [s for s in re.split(r"(?<=[.!?])\s+", text) if len(s.split()) >= 3]
+        self.sentences = [piece for s in sentences for piece in self._pieces(s)]
         self.counts = [len(ids) for ids in tokenizer(self.sentences, add_special_tokens=False)["input_ids"]]
         self.index = {s: i for i, s in enumerate(self.sentences)}
+
+    @classmethod
+    def _pieces(cls, sentence: str) -> list[str]:
+        pieces = []
+        for clause in re.split(r"(?<=[,;:])\s+", sentence):
+            if pieces and len(pieces[-1].split()) + len(clause.split()) <= cls.MAX_WORDS:
+                pieces[-1] += " " + clause
+            else:
+                pieces.append(clause)
+        return pieces
 
     def take(self, n_tokens: int, rng: random.Random) -> list[str]:
         """Consecutive sentences from a random start, at most `n_tokens` tokens in all (at least one sentence)."""
@@ -87,9 +110,7 @@ def _haystack(tokenizer) -> _Haystack:
 
 def n_tokens(tokenizer, prompt: str) -> int:
     """Prompt length as the model will see it (chat template applied when the tokenizer has one)."""
-    # Chat-rendered text already holds its special tokens; plain text gets the tokenizer's own (as niah does).
-    return len(tokenizer(render_user_prompt(tokenizer, prompt),
-                         add_special_tokens=not getattr(tokenizer, "chat_template", None))["input_ids"])
+    return len(encode_rendered(tokenizer, render_user_prompt(tokenizer, prompt))["input_ids"])
 
 
 def _budget(tokenizer, template: str, length: int, minimum: int = 64, **fields) -> int:

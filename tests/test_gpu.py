@@ -1,0 +1,130 @@
+"""CUDA-only checks (`gpu` marker; skipped without CUDA): what the CPU suite cannot show.
+
+Liger's Triton kernels, bf16 end to end from prompts, detection on CUDA agreeing with the CPU, masking under the
+CUDA attention kernels equal to a zeroed-weights copy, and the static pair backend (compiled, CUDA graphs) equal to
+plain `generate`, also through `generate_pairs`.
+"""
+
+import math
+
+import pytest
+import torch
+from datasets import Dataset
+from transformers import GenerationConfig
+
+from tests.test_masking import zeroed_copy
+from tests.tiny import HAYSTACK, make_tiny_model
+from trl_retmask import HeadScores
+from trl_retmask.config import RetMaskConfig
+from trl_retmask.detection import record_attention_argmax
+from trl_retmask.fast_generation import StaticCacheBackend
+from trl_retmask.masking import mask_heads
+from trl_retmask.pairs import generate_pairs
+from trl_retmask.runtime import generate_batch
+from trl_retmask.trainer import RetMaskTrainer
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+
+PROMPTS = ["the secret number is", "tell me a story about the sea", "how many boys went to school ?", "the man said"]
+SCORES = HeadScores({"0-1": [0.9, 0.7], "1-2": [0.5], "2-0": [0.3], "0-0": [0.01], "2-3": [0.02]},
+                    num_layers=3, num_heads=4)
+HEADS = [(0, 1), (1, 2), (2, 0)]
+
+
+def train(tmp_path, tokenizer, **kw):
+    args = RetMaskConfig(str(tmp_path / "out"), **{
+        **dict(max_steps=2, per_device_train_batch_size=2, temperature=0.0, max_new_tokens=6, report_to="none",
+               logging_steps=1, learning_rate=2e-3, save_strategy="no", disable_tqdm=True, seed=0), **kw})
+    trainer = RetMaskTrainer(model=make_tiny_model("llama"), args=args, train_dataset=Dataset.from_dict(
+        {"prompt": PROMPTS}), processing_class=tokenizer, head_scores=SCORES)
+    trainer.train()
+    return trainer, [h["loss"] for h in trainer.state.log_history if "loss" in h]
+
+
+def test_liger_training_step(tiny_tokenizer, tmp_path):
+    pytest.importorskip("liger_kernel")
+    trainer, losses = train(tmp_path, tiny_tokenizer, use_liger_kernel=True, bf16=True)
+    assert next(trainer.model.parameters()).device.type == "cuda"
+    assert losses and all(math.isfinite(x) for x in losses)
+
+
+def test_bf16_end_to_end_from_prompts(tiny_tokenizer, tmp_path):
+    trainer, losses = train(tmp_path, tiny_tokenizer, bf16=True, activation_checkpointing=True)
+    assert len(losses) == 2 and losses[0] == pytest.approx(math.log(2), abs=1e-2)  # policy == reference at step 0
+    assert trainer.pair_stats["train"].kept > 0
+    trainer.save_model(str(tmp_path / "saved"))
+    assert (tmp_path / "saved" / "config.json").is_file()
+
+
+def _argmax_positions(model, ids):
+    config = GenerationConfig(max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0, eos_token_id=2)
+    with record_attention_argmax(model) as recorder, torch.no_grad():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=config)
+        return out[0, ids.shape[1]:].cpu(), recorder.positions(ids.shape[1] - 1, 6)
+
+
+def test_detection_on_cuda_agrees_with_cpu(tiny_tokenizer):
+    model = make_tiny_model("llama")
+    ids = torch.tensor([tiny_tokenizer(HAYSTACK)["input_ids"][:120]])
+    new_cpu, pos_cpu = _argmax_positions(model, ids)
+    new_gpu, pos_gpu = _argmax_positions(model.cuda(), ids.cuda())
+    assert torch.equal(new_cpu, new_gpu)
+    assert (pos_cpu == pos_gpu).float().mean() > 0.99  # fp32: only exact ties may differ
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "flash_attention_2"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_masking_on_cuda_equals_zeroed_weights(attn, dtype):
+    if attn == "flash_attention_2":
+        pytest.importorskip("flash_attn")
+        if dtype == torch.float32:
+            pytest.skip("flash attention runs in half precision only")
+    model = make_tiny_model("llama", attn_implementation=attn).to("cuda", dtype)
+    reference = zeroed_copy(model, HEADS)
+    x = torch.randint(3, 384, (2, 64), device="cuda")
+    with torch.no_grad(), mask_heads(model, HEADS):
+        masked = model(x).logits
+    with torch.no_grad():
+        expected = reference(x).logits
+        plain = model(x).logits
+    tol = dict(rtol=0, atol=0) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(masked, expected, **tol)
+    assert not torch.allclose(masked, plain, atol=1e-3)
+
+
+def test_static_backend_compiled_equals_plain_generate():
+    model = make_tiny_model("llama").cuda()
+    prompts = [[1, 10, 11, 12, 13, 14], [1, 20, 21], [1, 30, 31, 32, 33, 34, 35, 36, 37], [1, 40]]
+    config = GenerationConfig(max_new_tokens=12, do_sample=False, pad_token_id=0, eos_token_id=None)
+
+    def reference(heads):
+        rows = []
+        for p in prompts:
+            ids = torch.tensor([p], device="cuda")
+            with mask_heads(model, heads), torch.no_grad():
+                rows.append(model.generate(ids, attention_mask=torch.ones_like(ids),
+                                           generation_config=config)[0, len(p):].tolist())
+        return rows
+
+    tok = type("Tok", (), {"pad_token_id": 0})()
+    flags = [False] * 4 + [True] * 4
+    with StaticCacheBackend() as backend:  # compiled decode (CUDA graphs) by default on CUDA
+        first = generate_batch(model, tok, prompts * 2, config, heads=HEADS, masked=flags, backend=backend)
+        again = generate_batch(model, tok, prompts * 2, config, heads=HEADS, masked=flags, backend=backend)
+        assert backend.row_mask is not None and backend.batch_sizes == {8}
+    assert first == again == reference([]) + reference(HEADS)
+
+
+def test_generate_pairs_static_backend_on_cuda(tiny_tokenizer):
+    """What users get: greedy pairs of the compiled static backend equal the `generate` backend's, and sampled
+    pairs are reproducible from the seed."""
+    model = make_tiny_model("llama").cuda()
+    greedy = dict(temperature=0.0, max_new_tokens=8, batch_size=2, show_progress=False)
+    plain = generate_pairs(model, tiny_tokenizer, PROMPTS, HEADS, backend="generate", **greedy)
+    auto = generate_pairs(model, tiny_tokenizer, PROMPTS, HEADS, backend="auto", **greedy)  # static on CUDA
+    assert (auto.chosen, auto.rejected) == (plain.chosen, plain.rejected)
+    assert auto.fingerprint == plain.fingerprint == ""  # no cache dir
+    sampled = dict(temperature=1.0, max_new_tokens=8, batch_size=2, show_progress=False, seed=3)
+    a = generate_pairs(model, tiny_tokenizer, PROMPTS, HEADS, backend="static", **sampled)
+    b = generate_pairs(model, tiny_tokenizer, PROMPTS, HEADS, backend="static", **sampled)
+    assert (a.chosen, a.rejected) == (b.chosen, b.rejected)

@@ -1,0 +1,80 @@
+"""scripts/reproduce_small.py on a tiny model: every piece runs, an interrupted run resumes without redoing
+finished pieces, and the reported comparisons are the paired means of the saved per-sample scores."""
+
+import importlib.util
+import json
+
+import numpy as np
+import pytest
+
+from tests.recipe_utils import REPO, save_tiny_model, write_chat_log, write_head_scores
+
+
+@pytest.fixture(scope="module")
+def reproduce():
+    spec = importlib.util.spec_from_file_location("reproduce_small", REPO / "scripts" / "reproduce_small.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_reproduce_small_resumes_after_interruption(reproduce, tmp_path, monkeypatch):
+    import trl_retmask.evaluation.suite as suite
+    from trl_retmask.trainer import RetMaskTrainer
+
+    out = tmp_path / "out"
+    argv = ["--model", str(save_tiny_model(tmp_path / "model")), "--head-scores", str(write_head_scores(
+            tmp_path / "scores.json")), "--dataset-name", str(write_chat_log(tmp_path / "prompts.jsonl", 4)),
+            "--output-dir", str(out), "--mask-top-k", "2", "--seeds", "0", "--max-prompts", "4",
+            "--max-new-tokens", "4", "--generation-batch-size", "4", "--no-bf16", "--lengths", "256",
+            "--categories", "recall", "--n-per-task", "3", "--ppl-tokens", "128", "--short-answer", "3",
+            "--n-resamples", "200"]
+    calls = {"train": [], "generate": 0}
+    inner_train, inner_generate = RetMaskTrainer.train, suite.generate_batch
+
+    def train(self, *a, **k):
+        calls["train"].append(self.args.mask_strategy)
+        if calls.get("interrupt") == self.args.mask_strategy:
+            raise KeyboardInterrupt
+        return inner_train(self, *a, **k)
+
+    def generate(*a, **k):
+        calls["generate"] += 1
+        return inner_generate(*a, **k)
+
+    monkeypatch.setattr(RetMaskTrainer, "train", train)
+    monkeypatch.setattr(suite, "generate_batch", generate)
+
+    calls["interrupt"] = "random_non_retrieval"  # killed while training the control
+    with pytest.raises(KeyboardInterrupt):
+        reproduce.main(argv)
+    assert calls["train"] == ["retrieval", "random_non_retrieval"] and not (out / "results.json").exists()
+    assert sorted(p.stem for p in (out / "eval").glob("*.json")) == ["base", "base_masked_random",
+                                                                    "base_masked_retrieval", "retrieval-seed0"]
+
+    calls.update(train=[], generate=0, interrupt=None)  # resumed: only the control is trained and evaluated
+    first = reproduce.main(argv)
+    assert calls["train"] == ["random_non_retrieval"] and calls["generate"] == 5  # 4 suite batches (1 per task) + 1 short-answer
+
+    calls.update(train=[], generate=0)  # finished: nothing is computed again, the report is the same
+    assert reproduce.main(argv) == first == json.loads((out / "results.json").read_text())
+    assert calls == {"train": [], "generate": 0, "interrupt": None}
+
+    # the report's numbers are the saved per-sample scores, paired on the same samples
+    def per_sample(name):
+        rows = json.loads((out / "eval" / f"{name}.json").read_text())["suite"]["per_sample"]
+        return np.array([r["score"] for r in sorted(rows, key=lambda r: (r["task"], r["length"], r["seed"]))])
+
+    base, retmask, control = per_sample("base"), per_sample("retrieval-seed0"), per_sample("random_non_retrieval-seed0")
+    assert len(base) == 12
+    for name, diff in (("RetMask vs base", retmask - base), ("RetMask vs control", retmask - control)):
+        overall = first["comparisons"][name]["suite"]["overall"]
+        assert overall["difference"] == pytest.approx(diff.mean())
+        assert overall["ci"][0] <= diff.mean() + 1e-12 and diff.mean() <= overall["ci"][1] + 1e-12
+        assert 0 < overall["p_value"] <= 1
+    assert first["models"]["base"]["suite"]["overall"]["mean"] == pytest.approx(base.mean())
+    assert "| RetMask vs control |" in (out / "results.md").read_text()
+    assert (out / "suite.png").read_bytes()[:4] == b"\x89PNG"
+
+    with pytest.raises(ValueError, match="other inputs|another run"):  # other settings never reuse the pieces
+        reproduce.main([*argv[:-2], "--n-resamples", "200", "--eval-seed", "7"])

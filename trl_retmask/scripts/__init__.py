@@ -1,0 +1,119 @@
+"""One module per `trl-retmask` stage, shaped like `trl/scripts/*.py`: a `@dataclass` of script arguments,
+`make_parser(subparsers=None, prog=None)` returning a `TrlParser` (so `--config file.yaml` works), and `main(...)`.
+Each also runs as `python -m trl_retmask.scripts.<stage>`.
+
+This module stays light (no torch): `trl-retmask --help` imports only it."""
+
+import os
+import sys
+from pathlib import Path
+
+STAGES = {
+    "detect": "Detect retrieval heads with needle-in-a-haystack copying (Wu et al.).",
+    "heads": "Inspect head scores (sparsity, top heads, heatmap) and select heads to mask.",
+    "niah": "Needle-in-a-haystack accuracy (context length x depth), optionally with heads masked.",
+    "export": "Save a checkpoint with heads masked in the weights (for vLLM and other weight-only tools).",
+    "pairs": "Generate the contrastive pairs only (chosen = model, rejected = heads masked) as JSONL.",
+    "train": "Run a recipe end to end: scores (bundled or detected), NIAH before/after, pairs, DPO, save, push.",
+    "eval": "Long-context suite (recall, re-ranking, citation), optionally with heads masked.",
+}
+"""Stage name -> one-line help (the order of `trl-retmask --help`)."""
+
+TRACEBACK_ENV = "TRL_RETMASK_TRACEBACK"
+"""Set to 1 to see the traceback of a user error too (the CLI otherwise prints one line)."""
+
+
+# ------------------------------------------------------------------------------------------------ error path
+def is_user_error(error: BaseException) -> bool:
+    """Bad input, reported as one line: ValueError/FileNotFoundError raised for it, and ImportErrors that carry an
+    install hint. Everything else is a bug and keeps its traceback."""
+    if isinstance(error, ImportError):
+        return "pip install" in str(error)
+    return isinstance(error, (ValueError, FileNotFoundError))
+
+
+def run_stage(stage: str, fn, *args) -> int:
+    """Run `fn(*args)`; a user error prints `trl-retmask <stage>: error: <message>` and returns 2 (argparse's code)."""
+    try:
+        fn(*args)
+    except Exception as error:
+        if not is_user_error(error) or os.environ.get(TRACEBACK_ENV, "") in ("1", "true"):
+            raise
+        message = " ".join(str(error).split()) or type(error).__name__
+        print(f"trl-retmask {stage}: error: {message}", file=sys.stderr)
+        return 2
+    return 0
+
+
+# ------------------------------------------------------------------------------------------- parsing guards
+MAX_YAML_NODES = 100_000
+"""Most values a `--config` / recipe YAML may expand to: anchors and aliases (`*a`) let a 1 kB file expand to
+billions of values ("billion laughs"), which the parser would then walk until memory runs out."""
+
+
+def load_yaml(path, what: str = "Config file"):
+    """A YAML file's content, refused with one clear line when missing, malformed or expanding beyond
+    `MAX_YAML_NODES` values through aliases (counted on the node graph, without expanding it)."""
+    import yaml
+
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {str(path)!r} does not exist.")
+    try:
+        node = yaml.compose(path.read_text(encoding="utf-8"), Loader=yaml.SafeLoader)
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ValueError(f"{what} {str(path)!r} is not valid YAML: {' '.join(str(e).split())}") from None
+    sizes: dict[int, int] = {}
+
+    def size(n, active=()) -> int:
+        if id(n) in active:
+            raise ValueError(f"{what} {str(path)!r} holds a recursive YAML alias.")
+        if id(n) not in sizes:
+            children = n.value if isinstance(n.value, list) else []
+            items = [c for child in children for c in (child if isinstance(child, tuple) else (child,))]
+            sizes[id(n)] = 1 + sum(size(c, (*active, id(n))) for c in items)
+            if sizes[id(n)] > MAX_YAML_NODES:
+                raise ValueError(f"{what} {str(path)!r} expands to more than {MAX_YAML_NODES} values (YAML aliases); "
+                                 "write the values out.")
+        return sizes[id(n)]
+
+    if node is not None:
+        size(node)
+    return yaml.safe_load(path.read_text(encoding="utf-8"))
+
+
+def check_config_argv(argv) -> None:
+    """Check the file of `--config FILE` (TRL's parser reads it with no limits) before parsing."""
+    argv = list(argv)
+    for i, arg in enumerate(argv):
+        if arg == "--config" and i + 1 < len(argv):
+            load_yaml(argv[i + 1])
+        elif arg.startswith("--config="):
+            load_yaml(arg.split("=", 1)[1])
+
+
+def unknown_flag_hint(parser, message: str) -> str:
+    """TRL's "arguments are not used" error, with the nearest existing flag for each unknown one."""
+    import difflib
+    import re
+
+    flags = [f for f in parser._option_string_actions if f.startswith("--")]
+    hints = []
+    for flag in re.findall(r"'(--[^'=]+)", message):
+        close = difflib.get_close_matches("--" + flag[2:].replace("-", "_"), flags, n=1, cutoff=0.6)
+        hints.append(f"{flag} (did you mean {close[0]}?)" if close else flag)
+    where = " in the config file" if "config file" in message else ""
+    return f"unknown arguments{where}: {', '.join(hints)}. `--help` lists the flags." if hints else message
+
+
+def parse_stage_args(parser, argv=None):
+    """`parser.parse_args_and_config(argv)` with the `--config` file checked first and unknown flags answered with
+    the nearest existing one."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    check_config_argv(argv)
+    try:
+        return parser.parse_args_and_config(argv)
+    except ValueError as e:
+        if "not used by the HfArgumentParser" in str(e) or "Unknown arguments from config" in str(e):
+            raise ValueError(unknown_flag_hint(parser, str(e))) from None
+        raise

@@ -1,0 +1,286 @@
+"""What the stage scripts share: argument groups, model loading, the heads to mask, output checks."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..masking import parse_head, validate_heads
+from ..models import DEFAULT_MODEL, load_model_and_tokenizer
+from ..runtime import process_state
+from ..scores import HeadSelectionArguments, resolve_head_scores, select_heads
+from ..validation import check_int, check_number
+from . import STAGES
+
+
+# ---------------------------------------------------------------------------------------- argument groups
+def check_list(name: str, values, *, minimum: float | None = None, maximum: float | None = None,
+               integer: bool = False) -> None:
+    """A non-empty list whose items are integers / finite numbers within [minimum, maximum]."""
+    if not values:
+        raise ValueError(f"`{name}` needs at least one value.")
+    for value in values:
+        if integer:
+            check_int(name, value, minimum=minimum)
+        else:
+            check_number(name, value, low=minimum, high=maximum)
+
+
+@dataclass
+class OverwriteArguments:
+    r"""
+    Parameters:
+        overwrite (`bool`, *optional*, defaults to `False`):
+            Replace what is already there: existing output files, and records of another run in `output_dir`
+            (records of the same run are resumed either way).
+    """
+
+    overwrite: bool = field(
+        default=False, metadata={"help": "Replace existing output files and the records of another run in output_dir "
+                                         "(records of the same run are resumed either way)."}
+    )
+
+
+@dataclass
+class ModelStageArguments:
+    """Loading options that `ModelConfig` leaves to the training arguments in TRL."""
+
+    trust_remote_code: bool = field(
+        default=False, metadata={"help": "Allow the model's own modeling code from the Hub (off: safer)."}
+    )
+
+
+def parse_heads(text) -> list[tuple[int, int]] | None:
+    """`"3-1,14-6"` (or a list of heads) as `[(3, 1), (14, 6)]`; None stays None."""
+    if text is None:
+        return None
+    heads = [parse_head(h) for h in (text.replace(",", " ").split() if isinstance(text, str) else text)]
+    if not heads:
+        raise ValueError("`heads` is empty: give heads like '3-1,14-6' (LAYER-HEAD).")
+    repeated = sorted({h for h in heads if heads.count(h) > 1})
+    if repeated:  # likely a typo for another head: refuse rather than mask fewer heads than were listed
+        raise ValueError(f"`heads` lists {', '.join(f'{l}-{h}' for l, h in repeated)} more than once; give each head "
+                         "once.")
+    return heads
+
+
+@dataclass
+class ExplicitHeadsArguments:
+    r"""
+    Parameters:
+        heads (`str`, *optional*):
+            Explicit heads `"LAYER-HEAD,LAYER-HEAD"` (e.g. `"3-1,14-6"`) instead of a selection from scores.
+    """
+
+    heads: str | None = field(
+        default=None, metadata={"help": "Explicit heads 'LAYER-HEAD,...' (e.g. '3-1,14-6') instead of a selection."}
+    )
+
+    def __post_init__(self):
+        self.heads = parse_heads(self.heads)
+        parent = getattr(super(), "__post_init__", None)
+        if parent is not None:
+            parent()
+
+
+def check_heads_or_selection(heads, selection: HeadSelectionArguments) -> None:
+    if heads and (selection.head_scores is not None or selection.mask_top_k is not None):
+        raise ValueError("Give either `heads` or a selection from scores (`head_scores`/`mask_top_k`), not both.")
+
+
+@dataclass
+class HeadMaskArguments(ExplicitHeadsArguments, HeadSelectionArguments):
+    """The heads to mask: `heads` explicitly, or a selection from retrieval scores (`HeadSelectionArguments`)."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_heads_or_selection(self.heads, self)
+
+
+@dataclass
+class OptionalHeadMaskArguments(HeadMaskArguments):
+    """For evaluation stages: nothing is masked unless heads or a selection are given."""
+
+    mask_threshold: float | None = field(
+        default=None,
+        metadata={"help": "Mask the heads whose mean retrieval score is at least this value, in (0, 1]. Evaluation "
+                          "stages mask nothing unless this, `mask_top_k`, `head_scores` or `heads` is given."},
+    )
+
+    @property
+    def masks(self) -> bool:
+        return any(v is not None for v in (self.heads, self.head_scores, self.mask_top_k, self.mask_threshold))
+
+    def __post_init__(self):
+        if self.head_scores is None and self.mask_top_k is None and self.mask_threshold is None:
+            self.heads = parse_heads(self.heads)  # explicit heads or no mask: no selection to check
+            return
+        super().__post_init__()
+
+
+@dataclass
+class NiahGridArguments(OverwriteArguments):
+    r"""
+    The needle-in-a-haystack grid of `detect` and `niah`.
+
+    Parameters:
+        context_lengths (`list[int]`): Prompt lengths in tokens.
+        depths (`list[float]`): Needle depths in percent of the context, in [0, 100].
+        needles (`str`, *optional*): JSONL file of needle/question/real_needle (default: bundled).
+        num_needles (`int`, *optional*): Use only the first N needles.
+        haystack_dir (`str`, *optional*): Directory of .txt haystack files (default: bundled PG-19).
+        max_new_tokens (`int`, *optional*, defaults to `32`): Greedy answer length.
+        output_dir (`str`, *optional*): Where per-sample JSONL and results go (resumable).
+    """
+
+    context_lengths: list[int] = field(default_factory=lambda: [1024], metadata={"help": "Prompt lengths (tokens)."})
+    depths: list[float] = field(
+        default_factory=lambda: [10.0, 30.0, 50.0, 70.0, 90.0],
+        metadata={"help": "Needle depths in percent of the context, in [0, 100]."},
+    )
+    needles: str | None = field(default=None, metadata={"help": "JSONL of needle/question/real_needle (default: "
+                                                                "bundled)."})
+    num_needles: int | None = field(default=None, metadata={"help": "Use only the first N needles."})
+    haystack_dir: str | None = field(default=None, metadata={"help": "Directory of .txt haystack files (default: "
+                                                                     "bundled PG-19)."})
+    max_new_tokens: int = field(default=32, metadata={"help": "Greedy answer length."})
+    output_dir: str | None = field(default=None, metadata={"help": "Where per-sample JSONL and results go "
+                                                                   "(resumable)."})
+
+    def __post_init__(self):
+        check_list("context_lengths", self.context_lengths, minimum=1, integer=True)
+        check_list("depths", self.depths, minimum=0, maximum=100)
+        check_int("num_needles", self.num_needles, minimum=1, optional=True)
+        check_int("max_new_tokens", self.max_new_tokens, minimum=1)
+        parent = getattr(super(), "__post_init__", None)
+        if parent is not None:
+            parent()
+
+    def load_needles(self):
+        from ..niah import load_needles
+
+        needles = load_needles(self.needles)
+        return needles[: self.num_needles] if self.num_needles else needles
+
+
+@dataclass
+class PromptDataArguments:
+    r"""
+    Where the prompts come from (TRL's `ScriptArguments` dataset fields plus the prompt column).
+
+    Parameters:
+        dataset_name (`str`, *optional*):
+            A Hub id, a local directory (`save_to_disk` or data files) or a `.json`/`.jsonl`/`.jsonl.gz`/`.parquet`/
+            `.csv` file. `None` uses the prompt set shipped with the package.
+        dataset_config (`str`, *optional*): Dataset configuration name (`name` of `datasets.load_dataset`).
+        dataset_data_files (`str`, *optional*): `data_files` of `datasets.load_dataset`.
+        dataset_train_split (`str`, *optional*, defaults to `"train"`): Split the prompts come from.
+        dataset_test_split (`str`, *optional*, defaults to `"test"`): Split used for evaluation.
+        dataset_streaming (`bool`, *optional*, defaults to `False`): Stream the dataset.
+        prompt_column (`str`, *optional*): Column holding the prompt (string or chat messages; `None`: auto).
+        max_prompts (`int`, *optional*): Use only the first N prompts.
+        enable_thinking (`bool`, *optional*): Chat-template `enable_thinking` (Qwen3: `False` disables thinking).
+        filter_prompts (`bool`, *optional*): Apply the authors' filtering of chat logs (redacted, empty, duplicate
+            rows); `None`: on for chat-log columns (see `trl_retmask.data.load_prompts`).
+    """
+
+    dataset_name: str | None = field(default=None, metadata={"help": "Prompt dataset (Hub id, directory or file; "
+                                                                     "default: the shipped prompt set)."})
+    dataset_config: str | None = field(default=None, metadata={"help": "Dataset configuration name."})
+    dataset_data_files: str | None = field(default=None, metadata={"help": "`data_files` for `load_dataset`."})
+    dataset_train_split: str = field(default="train", metadata={"help": "Split of the training prompts."})
+    dataset_test_split: str = field(default="test", metadata={"help": "Split of the evaluation prompts."})
+    dataset_streaming: bool = field(default=False, metadata={"help": "Stream the dataset."})
+    prompt_column: str | None = field(default=None, metadata={"help": "Column holding the prompt (default: auto)."})
+    max_prompts: int | None = field(default=None, metadata={"help": "Use only the first N prompts."})
+    enable_thinking: bool | None = field(
+        default=None, metadata={"help": "Chat-template `enable_thinking` (False disables Qwen3 thinking)."}
+    )
+    filter_prompts: bool | None = field(
+        default=None, metadata={"help": "The authors' filtering of chat logs (redacted/empty/duplicate rows); "
+                                        "default: on for chat-log columns."}
+    )
+
+    def __post_init__(self):
+        check_int("max_prompts", self.max_prompts, minimum=1, optional=True)
+        parent = getattr(super(), "__post_init__", None)
+        if parent is not None:
+            parent()
+
+
+# --------------------------------------------------------------------------------------------- helpers
+def load_model(model_args, trust_remote_code: bool = False):
+    """(model, tokenizer) in eval mode on this process's device (a quantized model stays where it was loaded)."""
+    model, tokenizer = load_model_and_tokenizer(model_args, trust_remote_code=trust_remote_code)
+    if getattr(model, "hf_device_map", None) is None:
+        model.to(process_state().device)  # under `accelerate launch`: one device per process
+    return model.eval(), tokenizer
+
+
+def scores_before_loading(selection: HeadSelectionArguments, model_args, heads=None):
+    """The retrieval scores `selection` picks from, read before the model is loaded (a wrong path fails in a
+    second); None when explicit `heads` are given or nothing is masked."""
+    if heads or getattr(selection, "masks", True) is False:
+        return None
+    return resolve_head_scores(selection.head_scores, model_args.model_name_or_path)
+
+
+def heads_to_mask(selection: HeadSelectionArguments, model, scores=None, heads=None) -> list[tuple[int, int]] | None:
+    """The heads to mask, checked against `model`: explicit `heads` (default `selection.heads`), else the selection
+    from the scores (validated against the model by `select_heads`); None when an evaluation stage masks nothing."""
+    heads = heads if heads is not None else getattr(selection, "heads", None)
+    if heads:
+        return validate_heads(model, heads)
+    if getattr(selection, "masks", True) is False:
+        return None
+    return select_heads(selection, model, scores)[0]
+
+
+def format_heads(heads) -> str:
+    return ",".join(f"{layer}-{head}" for layer, head in heads or [])
+
+
+def print_json(obj) -> None:
+    """Print a stage's result on the main process only."""
+    if process_state().is_main_process:
+        print(json.dumps(obj, indent=2, default=str))
+
+
+def check_writable_file(name: str, path, overwrite: bool = False, example: str = "out.jsonl") -> Path:
+    """A file path we can create: not a directory, not an existing file unless `overwrite` (it may be a checkpoint's
+    own file), its parent writable; checked before any expensive work."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise ValueError(f"`{name}` {str(path)!r} is a directory; give a file path such as {str(path / example)!r}.")
+    if path.exists() and not overwrite:
+        raise ValueError(f"`{name}` {str(path)!r} already exists; choose another file, or pass --overwrite True to "
+                         "replace it.")
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise ValueError(f"`{name}` {str(path)!r} cannot be written: {str(parent)!r} is not a writable directory.")
+    return path
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The module docstring as written (its command examples), and every field's default."""
+
+
+def stage_parser(name: str, dataclass_types, subparsers=None, prog: str | None = None, description: str | None = None):
+    """A stage's `TrlParser` (standalone, or added to a `TrlParser`'s subparsers as `trl/scripts/*.py` do); stages
+    that load a model default to the embedded one."""
+    from trl import TrlParser
+
+    kwargs = {"description": description, "formatter_class": HelpFormatter}
+    if subparsers is not None:
+        parser = subparsers.add_parser(name, help=STAGES[name], dataclass_types=dataclass_types, **kwargs)
+    else:
+        parser = TrlParser(dataclass_types, prog=prog or f"trl-retmask {name}", **kwargs)
+    if any(getattr(t, "__name__", "") == "ModelConfig" for t in dataclass_types):
+        parser.set_defaults_with_config(model_name_or_path=DEFAULT_MODEL)
+    return parser
+

@@ -1,0 +1,84 @@
+"""`trl-retmask pairs`: generate the contrastive pairs only (chosen = the model, rejected = the same model with the
+selected heads masked) and write a TRL preference dataset (prompt/chosen/rejected JSONL).
+
+```bash
+trl-retmask pairs --model_name_or_path M --dataset_name prompts.jsonl --output pairs.jsonl --mask_top_k 10
+```
+
+Head selection and generation use `RetMaskConfig`'s fields and defaults (`--max_new_tokens`, `--temperature`,
+`--top_p`, `--top_k`, `--generation_batch_size`, `--generation_seed`, `--pairs_cache_dir`, ...), so pairs made here
+are the pairs the trainer would make. Under `accelerate launch` the prompts are split across processes.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+
+from ..runtime import process_state
+from . import parse_stage_args, run_stage
+from .common import (
+    ExplicitHeadsArguments,
+    OverwriteArguments,
+    PromptDataArguments,
+    check_heads_or_selection,
+    check_writable_file,
+    format_heads,
+    heads_to_mask,
+    load_model,
+    print_json,
+    scores_before_loading,
+    stage_parser,
+)
+
+
+@dataclass
+class PairsScriptArguments(PromptDataArguments, ExplicitHeadsArguments, OverwriteArguments):
+    r"""
+    Arguments of `trl-retmask pairs` besides `RetMaskConfig` (selection, generation) and `ModelConfig`.
+
+    Parameters:
+        output (`str`):
+            JSONL file of the kept pairs (checked before any generation).
+    """
+
+    output: str | None = field(default=None, metadata={"help": "JSONL file of the kept pairs (required)."})
+
+    def __post_init__(self):
+        if not self.output:
+            raise ValueError("`output` is required: the JSONL file of the pairs (--output pairs.jsonl).")
+        check_writable_file("output", self.output, self.overwrite, example="pairs.jsonl")
+        super().__post_init__()
+
+
+def main(script_args: PairsScriptArguments, training_args, model_args) -> dict:
+    from ..data import load_prompts
+    from ..pairs import generate_pairs
+
+    check_heads_or_selection(script_args.heads, training_args)
+    scores = scores_before_loading(training_args, model_args, script_args.heads)
+    model, tokenizer = load_model(model_args, training_args.trust_remote_code)
+    heads = heads_to_mask(training_args, model, scores, heads=script_args.heads)
+    prompts = load_prompts(script_args, tokenizer=tokenizer)
+    pairs = generate_pairs(  # the trainer's own settings (RetMaskConfig.generation_settings), nothing restated
+        model, tokenizer, prompts["prompt"], heads, **training_args.generation_settings,
+        batch_size=training_args.generation_batch_size,
+        cache_dir=training_args.pairs_cache_dir if training_args.cache_pairs else None,
+    )
+    result = {"output": script_args.output, "masked_heads": format_heads(heads), **pairs.stats.to_dict()}
+    if process_state().is_main_process:
+        pairs.to_dataset().to_json(script_args.output, lines=True)
+    print_json(result)
+    return result
+
+
+def make_parser(subparsers=None, prog: str | None = None):
+    from trl import ModelConfig
+
+    from ..config import RetMaskConfig
+
+    return stage_parser("pairs", (PairsScriptArguments, RetMaskConfig, ModelConfig), subparsers, prog, __doc__)
+
+
+if __name__ == "__main__":
+    sys.exit(run_stage("pairs", lambda: main(*parse_stage_args(make_parser()))))

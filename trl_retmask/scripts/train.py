@@ -1,0 +1,358 @@
+"""`trl-retmask train`: the RetMask recipe end to end, like TRL's `trl dpo` script.
+
+```bash
+trl-retmask train --recipe smollm2 --output_dir outputs/smollm2-retmask        # embedded model, CPU
+trl-retmask train --recipe llama31 --accelerate_config zero1 --dataset_name ./lmsys-chat-1m-synth.jsonl.gz
+python recipes/smollm2.py --max_prompts 16                                      # the same, from the checkout
+```
+
+1. loads the policy (`ModelConfig`: dtype, attention, revision, quantization), 2. reads the head scores
+(`--head_scores`, the model's bundled ones) or detects them (`--detect_heads`), 3. measures NIAH accuracy with and
+without the heads masked (`--niah_eval`), 4. generates the pairs and trains (`RetMaskTrainer`), 5. saves, measures
+NIAH again, writes `retmask_recipe_summary.json` and pushes (`--push_to_hub`).
+
+Defaults: `RetMaskConfig`/`ModelConfig` < the recipe's YAML (`recipes/<name>.yaml`) < `--config file.yaml` < the
+command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..detection import AUTHORS_CONTEXT_LENGTHS, AUTHORS_DEPTHS
+from ..models import load_model_and_tokenizer, model_init_kwargs
+from ..runtime import limit_cpu_training_memory, process_state
+from ..scores import select_heads
+from ..validation import check_int
+from . import check_config_argv, load_yaml, run_stage
+from .common import PromptDataArguments, check_list, stage_parser
+
+RECIPE_DIRS = (Path(__file__).resolve().parents[1] / "recipes", Path(__file__).resolve().parents[2] / "recipes")
+"""Where recipe YAMLs are found: inside the installed package (the wheel maps `recipes/` there), then the checkout."""
+
+
+def recipe_path(name_or_path) -> Path:
+    """The YAML of a recipe name (`smollm2`, `llama31`, `qwen3`, `olmo3`, `olmo3_think`) or a YAML file path."""
+    path = Path(str(name_or_path)).expanduser()
+    if path.suffix in (".yaml", ".yml"):
+        if not path.is_file():
+            raise FileNotFoundError(f"Recipe file {str(path)!r} does not exist.")
+        return path
+    for folder in RECIPE_DIRS:
+        if (folder / f"{name_or_path}.yaml").is_file():
+            return folder / f"{name_or_path}.yaml"
+    raise ValueError(f"Unknown recipe {str(name_or_path)!r}; choose one of {', '.join(recipe_names())} or give a "
+                     "YAML file of defaults.")
+
+
+def accelerate_config_path(name) -> Path | None:
+    """A shipped accelerate config (`recipes/accelerate/<name>.yaml`: single_gpu, multi_gpu, zero1, zero2, zero3, fsdp2)."""
+    for folder in RECIPE_DIRS:
+        if (folder / "accelerate" / f"{name}.yaml").is_file():
+            return folder / "accelerate" / f"{name}.yaml"
+    return None
+
+
+def recipe_names() -> list[str]:
+    folder = next((d for d in RECIPE_DIRS if d.is_dir()), None)
+    return sorted(p.stem for p in folder.glob("*.yaml")) if folder else []
+
+
+def recipe_defaults(name_or_path) -> dict[str, Any]:
+    """The defaults a recipe sets (its YAML mapping)."""
+    path = recipe_path(name_or_path)
+    defaults = load_yaml(path, "Recipe file") or {}
+    if not isinstance(defaults, dict):
+        raise ValueError(f"Recipe file {path} must hold a YAML mapping of argument names to values.")
+    return defaults
+
+
+@dataclass
+class TrainScriptArguments(PromptDataArguments):
+    r"""
+    Script arguments of `trl-retmask train` and the recipes (besides `RetMaskConfig` and `ModelConfig`).
+
+    Parameters:
+        recipe (`str`, *optional*):
+            Recipe whose YAML defaults apply (`smollm2`, `llama31`, `qwen3`, `olmo3`, `olmo3_think`, or a YAML file).
+        detect_heads (`bool`, *optional*, defaults to `False`):
+            Detect the retrieval heads with NIAH before training instead of reading `head_scores`/bundled scores.
+        detect_context_lengths (`list[int]`, *optional*, defaults to the authors' 20 lengths from 0 to 5000):
+            Context lengths (tokens, a 200-token buffer included, as in the authors' detector) of the detection
+            samples (`trl_retmask.detection.AUTHORS_CONTEXT_LENGTHS`).
+        detect_depths (`list[float]`, *optional*, defaults to the authors' 10 depths from 0 to 100):
+            Needle depths (percent) of the detection samples (`trl_retmask.detection.AUTHORS_DEPTHS`).
+        detect_max_new_tokens (`int`, *optional*, defaults to `50`):
+            Greedy tokens decoded per detection sample, without stopping at EOS (the authors' budget).
+        niah_eval (`bool`, *optional*, defaults to `False`):
+            Evaluate NIAH accuracy before and after training (on depths not used for detection).
+        niah_context_lengths (`list[int]`, *optional*, defaults to `[1024]`):
+            Context lengths of the NIAH evaluation.
+        niah_depths (`list[float]`, *optional*, defaults to `[10, 30, 50, 70, 90]`):
+            Needle depths of the NIAH evaluation.
+        niah_max_new_tokens (`int`, *optional*, defaults to `32`):
+            Greedy answer length in the NIAH evaluation.
+        ignore_bias_buffers (`bool`, *optional*, defaults to `False`):
+            DDP work-around for boolean buffers (as in TRL's scripts).
+    """
+
+    recipe: str | None = field(default=None, metadata={"help": "Recipe whose YAML defaults apply (smollm2, "
+                                                               "llama31, qwen3, olmo3, olmo3_think, or a YAML file)."})
+    detect_heads: bool = field(default=False, metadata={"help": "Detect retrieval heads (NIAH) before training."})
+    detect_context_lengths: list[int] = field(
+        default_factory=lambda: list(AUTHORS_CONTEXT_LENGTHS),
+        metadata={"help": "Context lengths of the detection samples (default: the authors' 0..5000 grid)."},
+    )
+    detect_depths: list[float] = field(
+        default_factory=lambda: [float(d) for d in AUTHORS_DEPTHS],
+        metadata={"help": "Needle depths for detection (default: the authors' 10 depths)."},
+    )
+    detect_max_new_tokens: int = field(
+        default=50, metadata={"help": "Greedy tokens per detection sample, no EOS stop (the authors' 50)."}
+    )
+    niah_eval: bool = field(default=False, metadata={"help": "NIAH accuracy before and after training."})
+    niah_context_lengths: list[int] = field(
+        default_factory=lambda: [1024], metadata={"help": "Context lengths of the NIAH evaluation."}
+    )
+    niah_depths: list[float] = field(
+        default_factory=lambda: [10.0, 30.0, 50.0, 70.0, 90.0], metadata={"help": "Needle depths of NIAH evaluation."}
+    )
+    niah_max_new_tokens: int = field(default=32, metadata={"help": "Greedy answer length in NIAH."})
+    ignore_bias_buffers: bool = field(default=False, metadata={"help": "DDP work-around for boolean buffers."})
+
+    def __post_init__(self):
+        check_list("detect_context_lengths", self.detect_context_lengths, minimum=0, integer=True)
+        check_list("niah_context_lengths", self.niah_context_lengths, minimum=1, integer=True)
+        check_list("detect_depths", self.detect_depths, minimum=0, maximum=100)
+        check_list("niah_depths", self.niah_depths, minimum=0, maximum=100)
+        check_int("niah_max_new_tokens", self.niah_max_new_tokens, minimum=1)
+        check_int("detect_max_new_tokens", self.detect_max_new_tokens, minimum=1)
+        super().__post_init__()
+
+
+# ------------------------------------------------------------------------------------------------- parsing
+def make_parser(subparsers=None, prog: str | None = None, recipe: str | None = None,
+                defaults: dict[str, Any] | None = None):
+    """TRL's parser over (script, RetMask, model) arguments, with a recipe's YAML defaults (or `defaults`) set."""
+    from trl import ModelConfig
+
+    from ..config import RetMaskConfig
+
+    parser = stage_parser("train", (TrainScriptArguments, RetMaskConfig, ModelConfig), subparsers, prog, __doc__)
+    defaults = {**(recipe_defaults(recipe) if recipe else {}), **(defaults or {})}
+    if recipe:
+        defaults.setdefault("recipe", str(recipe))
+    if defaults:
+        unknown = parser.set_defaults_with_config(**defaults)
+        if unknown:
+            raise ValueError(f"Recipe defaults name unknown arguments: {unknown[::2]}. Fix the recipe's YAML.")
+    return parser
+
+
+def recipe_in(argv: list[str]) -> str | None:
+    """The `--recipe` value of a command line (read before parsing, since it sets the parser's defaults)."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--recipe", default=None)
+    return pre.parse_known_args(argv)[0].recipe
+
+
+def parse_args(argv: list[str] | None = None, prog: str | None = None, recipe: str | None = None,
+               defaults: dict[str, Any] | None = None):
+    """(script_args, training_args, model_args): defaults < recipe YAML < `--config` < command line."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    check_config_argv(argv)
+    parser = make_parser(prog=prog, recipe=recipe_in(argv) or recipe, defaults=defaults)
+    parsed = parser.parse_args_and_config(args=argv)
+    check_args(*parsed)
+    return parsed
+
+
+def check_args(script_args, training_args, model_args) -> None:
+    """What the dataclasses cannot check alone, before any model work."""
+    check_parallelism(training_args)
+    check_quantized_training(training_args, model_args)
+
+
+def check_parallelism(training_args) -> None:
+    """Refuse context/sequence parallelism before any model work: TRL's DPO loss does not support it.
+
+    `DPOTrainer` (TRL 1.16) sums each sequence's log-probs on one rank; with the sequence sharded across ranks
+    (accelerate's `cp_size`/`sp_size`) the per-sequence sums would be partial and `completion_mask` is not sharded,
+    so the loss would be wrong or crash. Long sequences use gradient checkpointing + ZeRO-3/FSDP2 instead.
+    """
+    sizes = {}
+    pc = getattr(training_args, "parallelism_config", None)
+    for name in ("cp_size", "sp_size"):
+        env = os.environ.get(f"PARALLELISM_CONFIG_{name.upper()}")
+        value = getattr(pc, name, None) if pc is not None else None
+        sizes[name] = value if value is not None else (int(env) if env and env.isdigit() else 1)
+    if sizes["cp_size"] > 1 or sizes["sp_size"] > 1:
+        raise ValueError(
+            f"Context/sequence parallelism is configured ({sizes}) but TRL's DPO loss, which RetMaskTrainer uses, "
+            "does not support it: each rank would sum only its shard of a sequence's log-probs. Remove "
+            "`parallelism_config` (cp_size/sp_size) from the accelerate config and fit long sequences with "
+            "gradient checkpointing and ZeRO-3/FSDP2 (see docs/distributed.md)."
+        )
+
+
+def check_quantized_training(training_args, model_args) -> None:
+    """A 4/8-bit model trains only through an adapter (TRL: "Works only with LoRA"); unusable quantization is
+    refused by `model_init_kwargs` before anything loads."""
+    model_init_kwargs(model_args)
+    if (model_args.load_in_4bit or model_args.load_in_8bit) and not model_args.use_peft:
+        raise ValueError("A quantized model (--load_in_4bit/--load_in_8bit) trains only with an adapter: add "
+                         "--use_peft True (LoRA).")
+
+
+# ------------------------------------------------------------------------------------------------ pipeline
+def load_model(model_args, training_args):
+    """Policy and tokenizer with every `ModelConfig` loading option (plus `model_init_kwargs`), on the training
+    device: detection, NIAH and pair generation run before the Trainer would move it."""
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    extra = training_args.model_init_kwargs if isinstance(training_args.model_init_kwargs, dict) else {}
+    model, tokenizer = load_model_and_tokenizer(model_args, trust_remote_code=training_args.trust_remote_code,
+                                                **extra)
+    if getattr(model, "hf_device_map", None) is None and not is_deepspeed_zero3_enabled():
+        model.to(training_args.device)
+    return model, tokenizer
+
+
+def detect_heads(script_args, training_args, model, tokenizer):
+    """NIAH detection on the loaded policy (split across processes under accelerate); scores saved in
+    `<output_dir>/detection`."""
+    from ..detection import detect_retrieval_heads
+
+    out = Path(training_args.output_dir) / "detection"
+    scores = detect_retrieval_heads(
+        model, tokenizer, context_lengths=script_args.detect_context_lengths, depths=script_args.detect_depths,
+        max_new_tokens=script_args.detect_max_new_tokens, output_dir=str(out),
+    )
+    if process_state().is_main_process:
+        scores.save_pretrained(out)
+    return scores
+
+
+def resolve_scores(script_args, training_args, model, tokenizer):
+    """(heads, scores): `--head_scores`, else detection when `--detect_heads`, else the model's bundled scores;
+    validated against the model and selected by `select_heads` (the trainer's own path)."""
+    detected = None
+    if script_args.detect_heads and not training_args.head_scores:
+        detected = detect_heads(script_args, training_args, model, tokenizer)
+    return select_heads(training_args, model, detected)
+
+
+def niah_accuracy(script_args, model, tokenizer, heads=None, output_dir=None) -> dict:
+    """NIAH accuracy of `model` (optionally with `heads` masked) on the evaluation grid, in a fresh `output_dir`."""
+    from ..niah import evaluate_niah
+
+    state = process_state()
+    if output_dir is not None:  # fresh: the per-sample files would otherwise resume a previous run's answers
+        if state.is_main_process:
+            shutil.rmtree(output_dir, ignore_errors=True)
+        state.wait_for_everyone()
+    was_training = model.training
+    model.eval()
+    result = evaluate_niah(model, tokenizer, heads=heads, context_lengths=script_args.niah_context_lengths,
+                           depths=script_args.niah_depths, max_new_tokens=script_args.niah_max_new_tokens,
+                           output_dir=output_dir)
+    model.train(was_training)
+    return {"accuracy": result["accuracy"], "num_samples": result["num_samples"],
+            "grid": {f"{length}@{depth:g}": acc for (length, depth), acc in result["grid"].items()}}
+
+
+def build_trainer(script_args, training_args, model_args, model=None, tokenizer=None, head_scores=None,
+                  train_dataset=None, eval_dataset=None):
+    """A `RetMaskTrainer` ready to `train()`: loads what is not given (model, prompts, scores)."""
+    from trl import get_peft_config
+
+    from ..data import load_prompts
+    from ..trainer import RetMaskTrainer
+
+    if model is None:
+        model, tokenizer = load_model(model_args, training_args)
+    if head_scores is None:
+        head_scores = resolve_scores(script_args, training_args, model, tokenizer)[1]
+    if train_dataset is None:
+        train_dataset = load_prompts(script_args, tokenizer=tokenizer)
+    if eval_dataset is None and training_args.eval_strategy != "no":
+        eval_dataset = load_prompts(script_args, split=script_args.dataset_test_split, tokenizer=tokenizer)
+    trainer = RetMaskTrainer(
+        model=model, args=training_args, train_dataset=train_dataset, eval_dataset=eval_dataset,
+        processing_class=tokenizer, peft_config=get_peft_config(model_args),
+        head_scores=None if training_args.head_scores else head_scores,  # the trainer refuses them twice
+    )
+    if script_args.ignore_bias_buffers:
+        import torch
+
+        trainer.model._ddp_params_and_buffers_to_ignore = [
+            name for name, buffer in trainer.model.named_buffers() if buffer.dtype == torch.bool
+        ]
+    return trainer
+
+
+def main(script_args: TrainScriptArguments, training_args, model_args) -> dict:
+    """The whole recipe: scores (bundled or detected), NIAH before, RetMask training, save, NIAH after, push."""
+    from ..data import load_prompts
+
+    t0 = time.time()
+    limit_cpu_training_memory(training_args.device)  # freed activations go back to the OS
+    model, tokenizer = load_model(model_args, training_args)
+    # Prompts before detection and NIAH: a dataset without usable user turns must fail in seconds, not hours.
+    train_dataset = load_prompts(script_args, tokenizer=tokenizer)
+    heads, head_scores = resolve_scores(script_args, training_args, model, tokenizer)
+    summary: dict[str, Any] = {"model": model_args.model_name_or_path, "masked_heads": [f"{l}-{h}" for l, h in heads],
+                               "sparsity": head_scores.sparsity(), "timings_s": {"load_and_scores": time.time() - t0}}
+    out = Path(training_args.output_dir)
+    if script_args.niah_eval:
+        t = time.time()
+        summary["niah_before"] = niah_accuracy(script_args, model, tokenizer, output_dir=out / "niah_before")
+        summary["niah_before_masked"] = niah_accuracy(script_args, model, tokenizer, heads=heads,
+                                                      output_dir=out / "niah_before_masked")
+        summary["timings_s"]["niah_before"] = time.time() - t
+
+    t = time.time()
+    trainer = build_trainer(script_args, training_args, model_args, model=model, tokenizer=tokenizer,
+                            head_scores=head_scores, train_dataset=train_dataset)
+    summary["timings_s"]["pairs_and_setup"] = time.time() - t
+    t = time.time()
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    summary["timings_s"]["train"] = time.time() - t
+    trainer.save_model(training_args.output_dir)
+    trainer.accelerator.print(f"Model saved to {training_args.output_dir}.")
+
+    if script_args.niah_eval:
+        t = time.time()
+        policy = trainer.accelerator.unwrap_model(trainer.model)
+        summary["niah_after"] = niah_accuracy(script_args, policy, tokenizer, output_dir=out / "niah_after")
+        summary["timings_s"]["niah_after"] = time.time() - t
+    summary["pair_stats"] = {split: stats.to_dict() for split, stats in trainer.pair_stats.items()}
+    summary["timings_s"]["total"] = time.time() - t0
+    if trainer.accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "retmask_recipe_summary.json").write_text(json.dumps(summary, indent=2, default=str))
+        trainer.accelerator.print(json.dumps({k: v for k, v in summary.items() if k != "sparsity"}, indent=2,
+                                             default=str))
+    if training_args.push_to_hub:
+        trainer.push_to_hub(dataset_name=script_args.dataset_name)
+        trainer.accelerator.print(f"Pushed to https://huggingface.co/{trainer.hub_model_id}.")
+    if hasattr(trainer, "end"):
+        trainer.end()
+    return summary
+
+
+def cli_main(argv: list[str] | None = None, prog: str = "trl-retmask train", recipe: str | None = None) -> int:
+    """Parse (recipe YAML < `--config` < command line) and run, with the CLI's one error path."""
+    return run_stage("train", lambda: main(*parse_args(argv, prog=prog, recipe=recipe)))
+
+
+if __name__ == "__main__":
+    sys.exit(cli_main())
