@@ -373,3 +373,21 @@ def test_selection_arguments_forms(tmp_path):
     heads, used = select_heads(HeadSelectionArguments(head_scores="Llama-3.1-8B-Instruct", mask_top_k=1),
                                tiny_config("llama"), scores=scores)  # explicit scores win over args.head_scores
     assert used is scores and heads == [(2, 3)]
+
+
+def test_models_without_a_name_and_long_error_lists(tmp_path):
+    from types import SimpleNamespace
+
+    from trl_retmask.scores import resolve_head_scores
+
+    for nameless in (object(), SimpleNamespace(config=SimpleNamespace()), SimpleNamespace(config=None)):
+        with pytest.raises(ValueError) as e:
+            resolve_head_scores(None, nameless)
+        assert str(e.value).startswith("No head scores given and no model name to find them by: pass `head_scores`")
+    d = tmp_path / "model"
+    HeadScores(GRID).save_pretrained(d)
+    (d / "retmask.json").write_text(json.dumps({"masked_heads": [[3, h] for h in range(4)] + [[4, 0], [5, 0]]}))
+    with pytest.raises(ValueError, match=r"masked heads \[\(3, 0\), \(3, 1\), \(3, 2\), \(3, 3\), \(4, 0\)\] outside"):
+        HeadScores.from_pretrained(d)  # the first five of six
+    with pytest.raises(ValueError, match=r"Heads \[\(0, 3\), \(1, 3\), \(2, 0\), \(2, 1\), \(2, 2\)\] lie outside 2"):
+        HeadScores({f"{l}-{h}": [1] for l in range(4) for h in range(4)}, num_layers=2, num_heads=3)
