@@ -240,7 +240,7 @@ class RetMaskTrainer(DPOTrainer):
     def _cache_dir(self, args: RetMaskConfig):
         if not args.cache_pairs:
             return None
-        return args.pairs_cache_dir or str(Path(args.output_dir) / "_retmask_pairs")  # push_to_hub skips "_*"
+        return pairs_dir(args)
 
     def _complete(self, dataset, model, tokenizer, args: RetMaskConfig, name: str):
         dataset, stats = complete_prompt_dataset(
@@ -270,7 +270,7 @@ class RetMaskTrainer(DPOTrainer):
         from datasets import load_from_disk
 
         state = process_state()
-        folder = Path(self._cache_dir(args) or Path(args.output_dir) / "_retmask_pairs")
+        folder = Path(pairs_dir(args))
         path = folder / f"dataset-{from_main_process(dataset._fingerprint)}"
         with state.main_process_first():
             if state.is_main_process and not (path / "state.json").is_file():
@@ -384,6 +384,12 @@ def _gathered_for_generation(model):
 
     with deepspeed.zero.GatheredParameters(list(model.parameters())):
         yield model
+
+
+def pairs_dir(args: RetMaskConfig) -> str:
+    """Where generated pairs live on disk: `pairs_cache_dir`, else `<output_dir>/_retmask_pairs` (push_to_hub skips
+    `_*` paths)."""
+    return args.pairs_cache_dir or str(Path(args.output_dir) / "_retmask_pairs")
 
 
 def _eval_splits(eval_dataset) -> dict:
