@@ -12,6 +12,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import torch  # noqa: E402
 import transformers  # noqa: E402
 
 import trl_retmask.scripts.train as train  # noqa: E402
@@ -52,7 +53,20 @@ def recording_build_trainer(script_args, training_args, model_args, model=None, 
 
 
 train.build_trainer = recording_build_trainer  # `train.main` looks it up in its module at call time
-summary = train.main(*train.parse_args(argv, recipe=str(RECIPES / "smollm2.yaml")))
+_main = train.main
+
+
+def recording_main(*args):
+    recording_main.summary = _main(*args)
+    return recording_main.summary
+
+
+train.main = recording_main
+# The CLI entry, as `recipes/smollm2.py` runs it: it ends the process group after the stage (see `end_processes`).
+code = train.cli_main(argv, prog="distributed_driver", recipe=str(RECIPES / "smollm2.yaml"))
+if code != 0:
+    sys.exit(code)
+summary = recording_main.summary
 trainer = recording_build_trainer.trainer
 record["global_step"] = trainer.state.global_step
 record["losses"] = [h["loss"] for h in trainer.state.log_history if "loss" in h]
@@ -60,5 +74,6 @@ record["num_processes"] = trainer.accelerator.num_processes
 record["backend"] = trainer.accelerator.state.backend
 record["device"] = str(trainer.accelerator.device)
 record["summary_heads"] = summary["masked_heads"]
+record["process_group_ended"] = not torch.distributed.is_initialized()
 report_dir.mkdir(parents=True, exist_ok=True)
 (report_dir / f"rank{rank}.json").write_text(json.dumps(record))

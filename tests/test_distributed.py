@@ -83,6 +83,7 @@ def test_two_process_recipe_run_shares_pairs_and_trains(tmp_path):
     assert [r["rank"] for r in ranks] == [0, 1]
     assert all(r["world_size"] == 2 and r["num_processes"] == 2 for r in ranks)
     assert all(r["backend"] == "gloo" and r["device"].startswith("cpu") for r in ranks)
+    assert all(r["process_group_ended"] for r in ranks)  # the CLI left the group: no abort at interpreter exit
 
     # Shares: each process generated its own prompts (chosen + rejected call each), none twice, together all of them.
     shares = [Counter(r["generated_prompts"]) for r in ranks]

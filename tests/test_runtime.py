@@ -324,11 +324,16 @@ SHARD_SCRIPT = """
 import sys
 sys.path.insert(0, {repo!r})
 from tests.test_runtime import ITEMS, square
-from trl_retmask.runtime import process_state, run_resumable
+import torch
+from trl_retmask.runtime import end_processes, process_state, run_resumable
 
 out = run_resumable(ITEMS, square, sys.argv[1], name="t", fingerprint="f")
 assert out == [{{"key": f"item{{i}}", "value": i * i}} for i in range(7)], out
-print("rank", process_state().process_index, "ok")
+rank = process_state().process_index
+end_processes()
+assert not torch.distributed.is_initialized()
+end_processes()  # a no-op once the group is gone
+print("rank", rank, "ok")
 """
 
 

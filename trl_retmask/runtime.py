@@ -53,6 +53,19 @@ def from_main_process(value):
     return box[0]
 
 
+def end_processes() -> None:
+    """Wait for every process, then tear down the process group (accelerate's `end_training`).
+
+    A rank that leaves the interpreter with the group alive while another still works (rank 0 saving the model)
+    can abort in the collective backend's destructor ("terminate called without an active exception", gloo), which
+    fails the whole launch although the work is done. No-op without a process group.
+    """
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        state = process_state()
+        state.wait_for_everyone()
+        state.destroy_process_group()
+
+
 _M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter (malloc.h)
 
 

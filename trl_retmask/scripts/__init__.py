@@ -33,9 +33,14 @@ def is_user_error(error: BaseException) -> bool:
 
 
 def run_stage(stage: str, fn, *args) -> int:
-    """Run `fn(*args)`; a user error prints `trl-retmask <stage>: error: <message>` and returns 2 (argparse's code)."""
+    """Run `fn(*args)`; a user error prints `trl-retmask <stage>: error: <message>` and returns 2 (argparse's code).
+    After a success under `accelerate launch`, every process waits for the others and leaves the process group."""
     try:
         fn(*args)
+        if "torch" in sys.modules:  # a stage that ran no torch started no process group
+            from ..runtime import end_processes
+
+            end_processes()
     except Exception as error:
         if not is_user_error(error) or os.environ.get(TRACEBACK_ENV, "") in ("1", "true"):
             raise
