@@ -97,7 +97,9 @@ def test_two_process_recipe_run_shares_pairs_and_trains(tmp_path):
     assert ranks[0]["pairs"] == ranks[1]["pairs"]
     assert ranks[0]["pair_stats"] == ranks[1]["pair_stats"]
     assert ranks[0]["pair_stats"]["prompts"] == len(PROMPT_TEXTS)
-    assert len(ranks[0]["pairs"]) == ranks[0]["pair_stats"]["kept"] > 0
+    stats = ranks[0]["pair_stats"]
+    assert len(ranks[0]["pairs"]) == stats["kept"] == stats["prompts"] - stats["dropped_identical"] - stats["dropped_empty"]
+    assert all(p["chosen"] != p["rejected"] for p in ranks[0]["pairs"])  # only identical pairs are dropped
     assert {p["prompt"][0]["content"] for p in ranks[0]["pairs"]} <= set(PROMPT_TEXTS)
     assert all(r["masked_heads"] == [list(h) for h in SELECTED] for r in ranks)
 

@@ -157,8 +157,22 @@ def test_evaluate_long_context_tiny(tiny_llama, tiny_tokenizer, tmp_path):
                                    output_dir=tmp_path, name="tiny", progress=False, keep_generations=True,
                                    max_new_tokens=6)
     assert set(result["scores"]) == set(CATEGORIES) and set(result["scores"]["recall"]) == {"256"}
-    assert all(0.0 <= v <= 1.0 for by_len in result["scores"].values() for v in by_len.values())
     assert result["config"]["heads"] == [[0, 1]] and len(result["generations"]) == len(TASKS)
+    # The mask was applied: the same answers come from a copy whose o_proj input columns of head (0, 1) are zeroed
+    # by hand (the weight-space equivalent of the runtime mask), and the unmasked model answers otherwise.
+    import copy
+
+    cfg = tiny_llama.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    zeroed = copy.deepcopy(tiny_llama)
+    with torch.no_grad():
+        zeroed.model.layers[0].self_attn.o_proj.weight[:, head_dim:2 * head_dim] = 0
+    kw = dict(lengths=(256,), n_per_task=1, progress=False, keep_generations=True, max_new_tokens=6)
+    by_weights = evaluate_long_context(zeroed, tiny_tokenizer, **kw)
+    assert [g["output"] for g in result["generations"]] == [g["output"] for g in by_weights["generations"]]
+    assert result["scores"] == by_weights["scores"]
+    unmasked = evaluate_long_context(tiny_llama, tiny_tokenizer, **kw)
+    assert [g["output"] for g in unmasked["generations"]] != [g["output"] for g in result["generations"]]
     assert all(len(tiny_tokenizer(g["output"], add_special_tokens=False)["input_ids"]) <= 6
                for g in result["generations"])  # the answer budget cap holds
     assert json.loads((tmp_path / "tiny.json").read_text())["scores"] == result["scores"]

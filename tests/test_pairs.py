@@ -121,7 +121,9 @@ def test_filtering_and_stats(model, greedy_pairs, tiny_tokenizer):
         assert lens[i] <= 6
         assert len(tiny_tokenizer(p.chosen[i], add_special_tokens=False)["input_ids"]) <= lens[i]
     assert s.mean_chosen_tokens == pytest.approx(sum(lens[i] for i in kept) / len(kept))
-    assert s.tokens_per_second > 0 and s.generation_seconds > 0
+    # Every generated token is counted, dropped pairs included (the throughput is of the generation, not the kept).
+    assert s.generated_tokens == sum(p.extra["chosen_tokens"]) + sum(p.extra["rejected_tokens"])
+    assert s.tokens_per_second == pytest.approx(s.generated_tokens / s.generation_seconds)
     assert set(s.to_logs()) == {f"pairs/{k}" for k in PairStats().to_dict()}
 
 

@@ -50,7 +50,19 @@ def test_training_lowers_loss_reference_is_initial_policy_and_card(tiny_tokenize
     for k, v in ref.state_dict().items():
         torch.testing.assert_close(v.cpu(), initial[k].cpu(), rtol=0, atol=0)
     assert not any(m._forward_pre_hooks for m in ref.modules())
-    assert any(not torch.equal(v.cpu(), initial[k].cpu()) for k, v in trainer.model.state_dict().items())
+    # ... in the direction DPO pushes: the policy's implicit reward margin (log-ratio to the reference of chosen
+    # minus rejected), computed here from the models' own log-probs, is positive on the training pairs.
+    def completion_logp(m, prompt, completion):
+        p_ids = tiny_tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        ids = torch.tensor([p_ids + tiny_tokenizer(completion, add_special_tokens=False)["input_ids"]], device=m.device)
+        with torch.no_grad():
+            logp = m(ids).logits[0, :-1].float().log_softmax(-1).gather(-1, ids[0, 1:, None])[:, 0]
+        return logp[len(p_ids) - 1:].sum().item()
+
+    margins = [(completion_logp(trainer.model, r["prompt"], r["chosen"]) - completion_logp(ref, r["prompt"], r["chosen"]))
+               - (completion_logp(trainer.model, r["prompt"], r["rejected"])
+                  - completion_logp(ref, r["prompt"], r["rejected"])) for r in trainer.train_dataset]
+    assert sum(margins) / len(margins) > 0.1, margins
 
     # Pair statistics reached the loggers (log history is what every reporting callback receives).
     pair_logs = next(h for h in trainer.state.log_history if "pairs/train/kept" in h)
@@ -159,7 +171,10 @@ def test_conversational_prompts_and_eval_dataset(tiny_tokenizer, tmp_path):
         assert row["chosen"] == [{"role": "assistant", "content": expected[row["prompt"][0]["content"]][0]}]
         assert row["rejected"] == [{"role": "assistant", "content": expected[row["prompt"][0]["content"]][1]}]
     eval_rows = trainer.eval_dataset
-    assert len(eval_rows) == trainer.pair_stats["eval"].kept > 0
+    # Kept = the eval prompts whose greedy answers differ with the heads masked (computed here on the CPU copy).
+    differ = [independent(on_cpu, tiny_tokenizer, p).strip() != independent(on_cpu, tiny_tokenizer, p, HEADS).strip()
+              for p in PROMPTS]
+    assert len(eval_rows) == trainer.pair_stats["eval"].kept == sum(differ) > 0
     for row in eval_rows:
         assert row["chosen"] == independent(on_cpu, tiny_tokenizer, row["prompt"]) + tiny_tokenizer.eos_token
     metrics = trainer.evaluate()
