@@ -25,7 +25,7 @@ def run(args):
     from datasets import Dataset
 
     from trl_retmask import RetMaskConfig, RetMaskTrainer, load_model_and_tokenizer
-    from trl_retmask.data import load_prompts
+    from trl_retmask.prompts import load_prompts
     from trl_retmask.scripts.train import TrainScriptArguments
 
     warnings.filterwarnings("ignore")

@@ -120,7 +120,7 @@ def train(args, out: Path, scores, strategy: str, seed: int) -> Path:
 
     from trl_retmask import load_model_and_tokenizer
     from trl_retmask.config import RetMaskConfig
-    from trl_retmask.data import load_prompts
+    from trl_retmask.prompts import load_prompts
     from trl_retmask.runtime import cached_json, fingerprint
     from trl_retmask.scripts.train import TrainScriptArguments, recipe_defaults
     from trl_retmask.trainer import RetMaskTrainer

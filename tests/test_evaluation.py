@@ -267,7 +267,7 @@ def test_smollm2_solves_short_single_needle(smollm2):
 
 # ------------------------------------------------------------------------------------------------ data split
 def test_suite_contexts_come_from_the_suite_text_not_the_detection_haystack(tiny_tokenizer):
-    from tests.test_data import DATA, SUMMARY_QUESTION, detection_texts, normalised, shared_windows, windows
+    from tests.test_prompts import DATA, SUMMARY_QUESTION, detection_texts, normalised, shared_windows, windows
 
     samples = build_suite(tiny_tokenizer, lengths=(512,), n_per_task=2, seed=0)
     prompts = [s["prompt"].replace(SUMMARY_QUESTION, "\n") for s in samples]

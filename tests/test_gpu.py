@@ -51,7 +51,9 @@ def test_liger_training_step(tiny_tokenizer, tmp_path):
 def test_bf16_end_to_end_from_prompts(tiny_tokenizer, tmp_path):
     trainer, losses = train(tmp_path, tiny_tokenizer, bf16=True, activation_checkpointing=True)
     assert len(losses) == 2 and losses[0] == pytest.approx(math.log(2), abs=1e-2)  # policy == reference at step 0
-    assert trainer.pair_stats["train"].kept > 0
+    stats = trainer.pair_stats["train"]
+    assert stats.kept == len(trainer.train_dataset) == stats.prompts - stats.dropped_identical - stats.dropped_empty
+    assert all(c != r for c, r in zip(trainer.train_dataset["chosen"], trainer.train_dataset["rejected"]))
     trainer.save_model(str(tmp_path / "saved"))
     assert (tmp_path / "saved" / "config.json").is_file()
 

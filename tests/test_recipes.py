@@ -27,7 +27,7 @@ from tests.tiny import make_tiny_model
 from trl_retmask import pairs as pairs_module
 from trl_retmask import runtime
 from trl_retmask.config import RetMaskConfig
-from trl_retmask.data import MISSING_USER_TURNS
+from trl_retmask.prompts import MISSING_USER_TURNS
 from trl_retmask.scores import resolve_head_scores
 from trl_retmask.scripts.train import build_trainer, parse_args, recipe_defaults, recipe_names, recipe_path
 
@@ -339,3 +339,25 @@ def test_recipe_on_synth_without_user_turns_says_how_to_merge(stand_ins, tmp_pat
     with pytest.raises(ValueError, match="No user turns") as error:
         build_trainer(script_args, args, model_args)
     assert MISSING_USER_TURNS in str(error.value)
+
+
+@pytest.mark.parametrize("ignore", [True, False])
+def test_ignore_bias_buffers_hides_boolean_buffers_from_ddp(ignore, stand_ins, tmp_path):
+    """TRL's `--ignore_bias_buffers` (DDP cannot broadcast bool buffers): exactly the model's boolean buffers are
+    listed in DDP's ignore list, float buffers stay synchronised; off, no list is set."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(stand_ins["llama"])
+    model.model.layers[0].self_attn.register_buffer("causal_bias", torch.ones(2, 2, dtype=torch.bool))
+    model.model.layers[1].register_buffer("scale", torch.ones(2))
+    script_args, args, model_args = parse_args(
+        tiny_overrides(stand_ins["llama"], stand_ins["data"], stand_ins["scores"], tmp_path, "--mask_top_k", "2",
+                       "--ignore_bias_buffers", str(ignore)), recipe="llama31")
+    assert script_args.ignore_bias_buffers is ignore
+    tokenizer = __import__("transformers").AutoTokenizer.from_pretrained(stand_ins["llama"])
+    trainer = build_trainer(script_args, args, model_args, model=model, tokenizer=tokenizer)
+    if ignore:
+        assert trainer.model._ddp_params_and_buffers_to_ignore == ["model.layers.0.self_attn.causal_bias"]
+    else:
+        assert not hasattr(trainer.model, "_ddp_params_and_buffers_to_ignore")

@@ -211,6 +211,8 @@ def test_selection_arguments_and_select_heads(tmp_path):
     ({"mask_strategy": "best"}, "mask_strategy` must be one of retrieval"),
     ({"mask_seed": 1.5}, "mask_seed` must be an integer"),
     ({"mask_seed": None}, "mask_seed` must be an integer"),
+    ({"mask_seed": -1}, r"mask_seed` must be a seed in \[0, 2\*\*32 - 1\], got -1"),
+    ({"mask_seed": 2**32}, r"mask_seed` must be a seed in \[0, 2\*\*32 - 1\], got 4294967296"),
     ({"head_scores": ""}, "head_scores` must be a path"),
     ({"head_scores": 3}, "head_scores` must be a path"),
     ({"mask_threshold": None}, "Set `mask_threshold` or `mask_top_k`"),
@@ -220,6 +222,22 @@ def test_selection_arguments_refuse_bad_values(kwargs, match):
 
     with pytest.raises(ValueError, match=match):
         HeadSelectionArguments(**kwargs)
+
+
+def test_seed_range_is_inclusive_and_checked_in_every_config(tmp_path):
+    from trl_retmask import RetMaskConfig
+    from trl_retmask.scores import HeadSelectionArguments
+    from trl_retmask.scripts.eval import EvalScriptArguments
+
+    for seed in (0, 2**32 - 1):  # both ends are valid seeds
+        assert HeadSelectionArguments(mask_seed=seed).mask_seed == seed
+        assert RetMaskConfig(str(tmp_path), generation_seed=seed, report_to="none").generation_seed == seed
+    with pytest.raises(ValueError, match=r"generation_seed` must be a seed"):
+        RetMaskConfig(str(tmp_path), generation_seed=-1, report_to="none")
+    with pytest.raises(ValueError, match=r"generation_seed \(defaults to `seed`\)` must be a seed.*got -3"):
+        RetMaskConfig(str(tmp_path), seed=-3, report_to="none")  # the inherited TrainingArguments seed
+    with pytest.raises(ValueError, match=r"eval_seed` must be a seed"):
+        EvalScriptArguments(eval_seed=2**32)
 
 
 # ------------------------------------------------------------------ mutation-tested edges (docs/testing.md)

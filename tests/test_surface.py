@@ -402,7 +402,7 @@ def test_pairs_file_trains_without_generation(capsys, tmp_path, monkeypatch):
     """The `pairs` -> `train` flow: `trl-retmask pairs` writes a preference JSONL; `train --dataset_name` on it
     trains on exactly its first `max_prompts` rows, generating nothing."""
     from trl_retmask.cli import main as cli_main
-    from trl_retmask.data import load_prompts
+    from trl_retmask.prompts import load_prompts
     from trl_retmask.scripts.train import build_trainer, parse_args
 
     model_dir = save_tiny_model(tmp_path / "model")

@@ -15,7 +15,7 @@ from trl import DPOConfig
 
 from .fast_generation import GENERATION_BACKENDS
 from .scores import HeadSelectionArguments
-from .validation import check_bool, check_choice, check_int, check_number
+from .validation import check_bool, check_choice, check_int, check_number, check_seed
 
 
 def accelerator_available() -> bool:
@@ -215,7 +215,7 @@ class RetMaskConfig(HeadSelectionArguments, DPOConfig):
         check_number("repetition_penalty", self.repetition_penalty, low=0, low_open=True, optional=True)
         check_int("generation_batch_size", self.generation_batch_size, minimum=1)
         check_choice("generation_backend", self.generation_backend, GENERATION_BACKENDS)
-        check_int("generation_seed", self.generation_seed, optional=True)
+        check_seed("generation_seed", self.generation_seed, optional=True)
         check_int("regenerate_pairs_steps", self.regenerate_pairs_steps, minimum=1, optional=True)
         check_int("max_prompt_length", self.max_prompt_length, minimum=1, optional=True)
         check_int("max_length", self.max_length, minimum=2, optional=True)
@@ -257,6 +257,7 @@ class RetMaskConfig(HeadSelectionArguments, DPOConfig):
                              "(`--accelerate_config zero3`), or offline RetMask.")
         if self.generation_seed is None:
             self.generation_seed = self.seed
+            check_seed("generation_seed (defaults to `seed`)", self.generation_seed)
 
     def _resolve_device_defaults(self):
         """TRL's bf16 + gradient checkpointing on a GPU; fp32 without checkpointing on a CPU, loudly."""

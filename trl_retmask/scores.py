@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from .masking import head_layout, parse_head
-from .validation import check_choice, check_int, check_number
+from .validation import check_choice, check_int, check_number, check_seed
 
 STRATEGIES = ("retrieval", "random_non_retrieval", "random")
 """How heads are chosen: the retrieval heads, or as many random non-retrieval / random heads (the paper's controls)."""
@@ -416,7 +416,7 @@ class HeadSelectionArguments:
         check_number("mask_threshold", self.mask_threshold, low=0, high=1, low_open=True, optional=True)
         check_int("mask_top_k", self.mask_top_k, minimum=1, optional=True)
         check_choice("mask_strategy", self.mask_strategy, STRATEGIES)
-        check_int("mask_seed", self.mask_seed)
+        check_seed("mask_seed", self.mask_seed)
         if self.mask_threshold is None and self.mask_top_k is None:
             raise ValueError("Set `mask_threshold` or `mask_top_k` to choose the heads to mask.")
         parent = getattr(super(), "__post_init__", None)  # cooperative: RetMaskConfig mixes this with DPOConfig

@@ -17,6 +17,19 @@ def check_int(name: str, value, *, minimum: int | None = None, optional: bool = 
         raise ValueError(f"`{name}` must be >= {minimum}, got {value!r}.")
 
 
+SEED_MAX = 2**32 - 1
+"""Largest accepted seed: numpy's and most tools' seed range; pair generation derives per-batch torch seeds from it
+(seed * 1,000,003 + 2 * batch + role), which stays far inside torch's 64-bit range."""
+
+
+def check_seed(name: str, value, *, optional: bool = False) -> None:
+    """`value` is an integer seed in [0, SEED_MAX]: a negative or huge seed would only fail later, inside a library,
+    after the model has loaded (or wrap around silently)."""
+    check_int(name, value, optional=optional)
+    if value is not None and not 0 <= value <= SEED_MAX:
+        raise ValueError(f"`{name}` must be a seed in [0, 2**32 - 1], got {value!r}.")
+
+
 def check_number(name: str, value, *, low: float | None = None, high: float | None = None,
                  low_open: bool = False, optional: bool = False) -> None:
     """`value` is a finite real number (no bool, NaN or inf) in [low, high] (or (low, high] when `low_open`)."""

@@ -184,7 +184,7 @@ class PromptDataArguments:
         max_prompts (`int`, *optional*): Use only the first N prompts.
         enable_thinking (`bool`, *optional*): Chat-template `enable_thinking` (Qwen3: `False` disables thinking).
         filter_prompts (`bool`, *optional*): Apply the authors' filtering of chat logs (redacted, empty, duplicate
-            rows); `None`: on for chat-log columns (see `trl_retmask.data.load_prompts`).
+            rows); `None`: on for chat-log columns (see `trl_retmask.prompts.load_prompts`).
     """
 
     dataset_name: str | None = field(default=None, metadata={"help": "Prompt dataset (Hub id, directory or file; "

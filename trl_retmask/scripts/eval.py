@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..runtime import process_state
-from ..validation import check_int
+from ..validation import check_int, check_seed
 from . import parse_stage_args, run_stage
 from .common import (
     ModelStageArguments,
@@ -60,7 +60,7 @@ class EvalScriptArguments(OptionalHeadMaskArguments, OverwriteArguments, ModelSt
         if self.categories is not None and not self.categories:
             raise ValueError("`categories` needs at least one category (or leave it unset for all).")
         check_int("n_per_task", self.n_per_task, minimum=1)
-        check_int("eval_seed", self.eval_seed)
+        check_seed("eval_seed", self.eval_seed)
         check_int("batch_size", self.batch_size, minimum=1)
         if self.name is not None:
             check_file_name("name", self.name)

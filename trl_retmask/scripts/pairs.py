@@ -52,8 +52,8 @@ class PairsScriptArguments(PromptDataArguments, ExplicitHeadsArguments, Overwrit
 
 
 def main(script_args: PairsScriptArguments, training_args, model_args) -> dict:
-    from ..data import load_prompts
     from ..pairs import generate_pairs
+    from ..prompts import load_prompts
 
     check_heads_or_selection(script_args.heads, training_args)
     scores = scores_before_loading(training_args, model_args, script_args.heads)

@@ -274,7 +274,7 @@ def build_trainer(script_args, training_args, model_args, model=None, tokenizer=
     """A `RetMaskTrainer` ready to `train()`: loads what is not given (model, prompts, scores)."""
     from trl import get_peft_config
 
-    from ..data import load_prompts
+    from ..prompts import load_prompts
     from ..trainer import RetMaskTrainer
 
     if model is None:
@@ -301,7 +301,7 @@ def build_trainer(script_args, training_args, model_args, model=None, tokenizer=
 
 def main(script_args: TrainScriptArguments, training_args, model_args) -> dict:
     """The whole recipe: scores (bundled or detected), NIAH before, RetMask training, save, NIAH after, push."""
-    from ..data import load_prompts
+    from ..prompts import load_prompts
 
     t0 = time.time()
     limit_cpu_training_memory(training_args.device)  # freed activations go back to the OS

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from trl_retmask.data import first_user_turn, load_prompts, shipped_prompts
+from trl_retmask.prompts import first_user_turn, load_prompts, shipped_prompts
 
 DATA = Path(__file__).resolve().parent.parent / "trl_retmask" / "data"
 WINDOW = 50
@@ -60,7 +60,7 @@ def contents(dataset):
 def test_authors_filter_on_flagged_chat_logs(tmp_path, caplog):
     path = write_jsonl(tmp_path / "synth.jsonl", SYNTH_ROWS)
     expected = [r["conversation"][0]["content"] for r in SYNTH_ROWS if authors_keep(r)]
-    with caplog.at_level(logging.INFO, logger="trl_retmask.data"):
+    with caplog.at_level(logging.INFO, logger="trl_retmask.prompts"):
         assert contents(load_prompts(script_args(dataset_name=path))) == expected == ["keep me", "also kept", "keep me"]
     assert "kept 3, dropped 1 empty, 1 redacted, 1 duplicate" in caplog.text
     # max_prompts counts kept prompts, after the filter
@@ -79,7 +79,7 @@ def test_max_prompts_stops_reading_at_the_limit(tmp_path, caplog):
                                  (3, ["keep me", "also kept", "keep me"], "1 empty, 1 redacted, 1 duplicate"),
                                  (4, ["keep me", "also kept", "keep me"], "1 empty, 1 redacted, 1 duplicate")):
         caplog.clear()
-        with caplog.at_level(logging.INFO, logger="trl_retmask.data"):
+        with caplog.at_level(logging.INFO, logger="trl_retmask.prompts"):
             assert contents(load_prompts(script_args(dataset_name=path, max_prompts=limit))) == kept, limit
         assert f"kept {len(kept)}, dropped {dropped}." in caplog.text, (limit, caplog.text)
     shipped = len(shipped_prompts())
@@ -120,7 +120,7 @@ def test_chat_logs_without_flags_are_deduplicated_on_text(tmp_path):
 
 def test_plain_prompt_columns_keep_duplicates_and_drop_blanks(tmp_path, caplog):
     path = write_jsonl(tmp_path / "p.jsonl", [{"instruction": t} for t in ["x", "", "x", "  \n", "y"]])
-    with caplog.at_level(logging.INFO, logger="trl_retmask.data"):
+    with caplog.at_level(logging.INFO, logger="trl_retmask.prompts"):
         assert contents(load_prompts(script_args(dataset_name=path))) == ["x", "x", "y"]
     assert "dropped 2 empty" in caplog.text
 
@@ -218,3 +218,35 @@ def test_olmo3_think_scores_are_bundled_with_46_heads_over_threshold():
     assert len(expected) == 46
     scores = HeadScores.load(path)
     assert set(scores.select(threshold=0.1)) == expected
+
+
+def test_dataset_folder_options_reach_load_dataset(tmp_path, monkeypatch):
+    """`dataset_data_files`, `dataset_streaming` and `dataset_config` are passed to `datasets.load_dataset` and
+    change what is read: only the named file, streamed (read lazily, stopped at `max_prompts`), same prompts."""
+    import datasets
+
+    folder = tmp_path / "prompts"
+    folder.mkdir()
+    write_jsonl(folder / "a.jsonl", [{"prompt": f"from a {i}"} for i in range(2)])
+    write_jsonl(folder / "b.jsonl", [{"prompt": f"from b {i}"} for i in range(3)])
+    calls = []
+    real = datasets.load_dataset
+
+    def recording(*args, **kwargs):
+        calls.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(datasets, "load_dataset", recording)
+    everything = load_prompts(script_args(dataset_name=str(folder)))
+    assert sorted(contents(everything)) == ["from a 0", "from a 1", "from b 0", "from b 1", "from b 2"]
+    only_b = load_prompts(script_args(dataset_name=str(folder), dataset_data_files="b.jsonl"))
+    assert contents(only_b) == ["from b 0", "from b 1", "from b 2"]
+    streamed = load_prompts(script_args(dataset_name=str(folder), dataset_data_files="b.jsonl",
+                                        dataset_streaming=True, max_prompts=2))
+    assert contents(streamed) == ["from b 0", "from b 1"]
+    assert [(c["data_files"], c["streaming"]) for c in calls] == [(None, False), ("b.jsonl", False), ("b.jsonl", True)]
+    assert isinstance(real(str(folder), data_files="b.jsonl", split="train", streaming=True),
+                      datasets.IterableDataset)  # what `streaming` gives load_prompts to iterate
+    with pytest.raises(Exception, match="my_config"):  # a folder has no configurations: the name reaches the builder
+        load_prompts(script_args(dataset_name=str(folder), dataset_config="my_config"))
+    assert calls[-1]["name"] == "my_config"
