@@ -342,6 +342,61 @@ def test_prompts_are_encoded_as_dpo_trainer_encodes_them(tiny_tokenizer):
     assert encode_prompts(tiny_tokenizer, CHATS + PROMPTS) == [list(x) for x in expected]
 
 
+TOOLED_TEMPLATE = (  # renders `tools` and a `mood` template argument, as a tool-calling or reasoning template would
+    "{% if tools %}<|user|> {% for t in tools %}{{ t['name'] }} {% endfor %}{% endif %}"
+    "{% for m in messages %}{{ '<|user|> ' if m['role'] == 'user' else '<|assistant|> ' }}{{ m['content'] }} "
+    "{% endfor %}{% if mood %}{{ mood }} {% endif %}{% if add_generation_prompt %}<|assistant|> {% endif %}"
+)
+
+
+def test_rows_tools_and_template_kwargs_shape_the_prompt_as_in_dpo(model, tiny_tokenizer):
+    """A row's `tools` (list or JSON string) and `chat_template_kwargs` are rendered into the prompt the responses are
+    generated after, as TRL 1.16's DPOTrainer renders that row for training (kept columns); other rows are not."""
+    import copy
+    import json
+
+    from datasets import Dataset
+
+    tok = copy.deepcopy(tiny_tokenizer)
+    tok.chat_template = TOOLED_TEMPLATE
+    rows = {"prompt": CHATS[:3],
+            "tools": [json.dumps([{"name": "water"}]), None, None],
+            "chat_template_kwargs": [{}, {"mood": "very good"}, {}]}
+    ds = Dataset.from_dict(rows)
+    out, _ = complete_prompt_dataset(ds, model, tok, HEADS, temperature=0.0, max_new_tokens=6, batch_size=4,
+                                     show_progress=False, drop_empty=False)
+    assert out.column_names == ["prompt", "tools", "chat_template_kwargs", "chosen", "rejected"]
+
+    def dpo_prompt_ids(row):  # trl/trainer/dpo_trainer.py (1.16) `tokenize_fn`, verbatim kwargs
+        tools = json.loads(row["tools"]) if isinstance(row["tools"], str) else row["tools"]
+        kwargs = {"tools": tools, **(row.get("chat_template_kwargs") or {})}
+        return tok.apply_chat_template(row["prompt"], add_generation_prompt=True, tokenize=True, return_dict=True,
+                                       **kwargs)["input_ids"]
+
+    expected_ids = [list(dpo_prompt_ids(r)) for r in ds]
+    assert expected_ids[0][:2] == tok("<|user|> water", add_special_tokens=False)["input_ids"]
+    assert expected_ids[1][-3:] == tok("very good <|assistant|>", add_special_tokens=False)["input_ids"]
+    kwargs = [{"tools": [{"name": "water"}]}, {"mood": "very good"}, None]
+    assert encode_prompts(tok, CHATS[:3], kwargs) == expected_ids
+    assert encode_prompts(tok, CHATS[:3])[:2] != expected_ids[:2]  # without them, other prompts
+
+    def greedy(ids, heads=()):
+        with torch.no_grad(), mask_heads(model, list(heads)):
+            new = model.generate(input_ids=torch.tensor([ids]), max_new_tokens=6, do_sample=False)[0, len(ids):]
+        return tok.decode(new, skip_special_tokens=True)
+
+    by_prompt = {json.dumps(r["prompt"]): r for r in out}
+    for row, ids in zip(ds, expected_ids):
+        got = by_prompt.get(json.dumps(row["prompt"]))
+        if got is not None:  # kept: both responses follow exactly DPO's prompt
+            assert got["chosen"][0]["content"] == greedy(ids)
+            assert got["rejected"][0]["content"] == greedy(ids, HEADS)
+        else:
+            assert greedy(ids).strip() == greedy(ids, HEADS).strip()
+    with pytest.raises(ValueError, match="`tools` column holds a string that is not JSON"):
+        complete_prompt_dataset(Dataset.from_dict({"prompt": CHATS[:1], "tools": ["[{"]}), model, tok, HEADS)
+
+
 @pytest.mark.filterwarnings("ignore:.*plain strings")  # string prompts on purpose
 def test_prompt_dataset_completion_keeps_columns_and_passes_preferences(model, tiny_tokenizer):
     from datasets import Dataset

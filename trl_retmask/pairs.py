@@ -13,10 +13,12 @@ they share a cache directory; a batch whose chosen responses are cached decodes 
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
 import warnings
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -110,21 +112,43 @@ def is_prompt_only(dataset: Dataset | IterableDataset) -> bool:
     return "prompt" in columns and "chosen" not in columns and "rejected" not in columns
 
 
-def encode_prompts(tokenizer, prompts: list) -> list[list[int]]:
+def encode_prompts(tokenizer, prompts: list, template_kwargs: Sequence[dict | None] | None = None) -> list[list[int]]:
     """Token ids of each prompt as TRL's DPOTrainer tokenizes it: a chat prompt rendered by
     `trl.data_utils.maybe_apply_chat_template` (generation prompt added after a user turn) and tokenized without
     special tokens (the template holds them), a string tokenized as is. A chat prompt ending on an assistant turn is
-    continued (TRL's helper), where DPOTrainer would open a new turn."""
+    continued (TRL's helper), where DPOTrainer would open a new turn.
+
+    `template_kwargs[i]`: the chat-template arguments of prompt `i` (`tools` and the row's `chat_template_kwargs`,
+    see `row_template_kwargs`), which DPOTrainer passes when it tokenizes that row: the response is then generated
+    after exactly the prompt it is trained on."""
     out = []
-    for p in prompts:
+    for i, p in enumerate(prompts):
+        kwargs = dict((template_kwargs[i] if template_kwargs is not None else None) or {})
         if is_conversational_prompt(p):
-            text = maybe_apply_chat_template({"prompt": p}, tokenizer)["prompt"]
+            tools = kwargs.pop("tools", None)
+            text = maybe_apply_chat_template({"prompt": p}, tokenizer, tools=tools, **kwargs)["prompt"]
             out.append(list(tokenizer(text, add_special_tokens=False)["input_ids"]))
         elif isinstance(p, str):
             out.append(list(tokenizer(text=p)["input_ids"]))
         else:
             raise ValueError(f"A prompt must be a string or a list of chat messages, got {type(p).__name__}: {p!r:.80}")
     return out
+
+
+def row_template_kwargs(row: dict) -> dict | None:
+    """The chat-template arguments DPOTrainer (TRL 1.16) takes from a dataset row: `tools` (a list or its JSON
+    string) and the `chat_template_kwargs` dict; None when the row has neither."""
+    tools = row.get("tools")
+    if isinstance(tools, str):
+        try:
+            tools = json.loads(tools)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"The `tools` column holds a string that is not JSON ({e}): {tools!r:.80}") from None
+    extra = row.get("chat_template_kwargs") or {}
+    if not isinstance(extra, dict):
+        raise ValueError(f"The `chat_template_kwargs` column must hold dicts, got {type(extra).__name__}: {extra!r:.80}")
+    kwargs = {**({"tools": tools} if tools is not None else {}), **extra}
+    return kwargs or None
 
 
 def _decode_completions(tokenizer, prompts: list, prompt_ids: list[list[int]], new: list[list[int]]) -> list[str]:
@@ -160,6 +184,7 @@ def generate_pairs(
     desc: str = "RetMask pairs",
     backend: str | GenerateBackend = "auto",
     drop_empty: bool = False,
+    template_kwargs: Sequence[dict | None] | None = None,
 ) -> GeneratedPairs:
     """Generate a (chosen, rejected) pair per prompt: the model as is, then the model under `mask_heads(heads)`.
 
@@ -176,6 +201,8 @@ def generate_pairs(
     fingerprint. Under `"static"` a batch's rejected rows share the chosen rows' decode (seeded as the chosen), or
     decode alone (seeded as the rejected) when its chosen responses come from the cache.
 
+    `template_kwargs`: per-prompt chat-template arguments (`tools`, `chat_template_kwargs`; see `encode_prompts`).
+
     A pair is kept unless its responses are identical (whitespace stripped; two empty ones are identical), as the
     authors filter; `drop_empty=True` also drops a pair with one empty response (applied after the cache: no
     regeneration).
@@ -191,7 +218,9 @@ def generate_pairs(
     validate_heads(model, heads)
     prompts = list(prompts)
     check_prompts(prompts)
-    prompt_ids = encode_prompts(tokenizer, prompts)
+    if template_kwargs is not None and len(template_kwargs) != len(prompts):
+        raise ValueError(f"template_kwargs has {len(template_kwargs)} entries for {len(prompts)} prompts.")
+    prompt_ids = encode_prompts(tokenizer, prompts, template_kwargs)
     check_prompt_ids(prompt_ids)
     config = make_generation_config(model, max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                                     **(generation_kwargs or {}))
@@ -339,7 +368,12 @@ def complete_prompt_dataset(
         raise ValueError(f"The {name} dataset is a prompt-only IterableDataset; pair generation needs a map-style "
                          "`datasets.Dataset` (e.g. load it without `streaming=True`).")
     _warn_untemplated_prompts(tokenizer, dataset["prompt"], name)
-    pairs = generate_pairs(model, tokenizer, dataset["prompt"], heads, desc=f"RetMask pairs ({name})", **kwargs)
+    template_kwargs = None  # per-row template arguments, as DPOTrainer will tokenize these rows (columns kept)
+    if {"tools", "chat_template_kwargs"} & set(dataset.column_names):
+        columns = [c for c in ("tools", "chat_template_kwargs") if c in dataset.column_names]
+        template_kwargs = [row_template_kwargs(row) for row in dataset.select_columns(columns)]
+    pairs = generate_pairs(model, tokenizer, dataset["prompt"], heads, desc=f"RetMask pairs ({name})",
+                           template_kwargs=template_kwargs, **kwargs)
     s = pairs.stats
     if s.kept == 0:
         raise ValueError(
