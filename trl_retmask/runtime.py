@@ -121,19 +121,56 @@ def hash_weights(model: torch.nn.Module) -> str:
     """SHA-256 of every tensor of the state dict (names, dtypes, shapes, bytes).
 
     Reads every weight once (about a second per GB on a CPU core; a GPU model is copied to the CPU tensor by
-    tensor), so fingerprinting is cheap next to generating with the model, but not free.
+    tensor), so fingerprinting is cheap next to generating with the model, but not free. Weights that are not
+    in the module are read where they are: DeepSpeed ZeRO-3 partitions are gathered (every process hashes, in the
+    same order), accelerate-offloaded weights (`device_map` with "cpu"/"disk", on the meta device in the module) are
+    loaded module by module. A weight on the meta device with nothing behind it is refused: the hash would not
+    depend on the weights.
     """
+    from accelerate.utils.modeling import align_module_device, has_offloaded_params
+
+    params = dict(model.named_parameters(remove_duplicate=False))
+    offloaded = {n: m for n, m in model.named_modules() if has_offloaded_params(m)}
     h = hashlib.sha256()
     seen = {}  # tied weights (embeddings / LM head) are hashed once
-    for name, t in sorted(model.state_dict().items()):
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
-        key = (t.device, t.data_ptr(), t.dtype, tuple(t.shape), t.stride())
-        if t.numel() == 0 or key in seen:
-            h.update(f"={seen.get(key, '')}".encode())
-            continue
-        seen[key] = name
-        t = t.detach().contiguous().cpu()
-        h.update(t.view(torch.uint8).numpy().tobytes())
+    onloaded = None  # (name, context) of the offloaded module whose weights are loaded now
+    try:
+        for name, t in sorted(model.state_dict().items()):
+            param = params.get(name)
+            zero3 = getattr(param, "ds_id", None) is not None  # ZeRO-3: this process holds a partition
+            h.update(f"{name}|{t.dtype}|{tuple(param.ds_shape if zero3 else t.shape)}".encode())
+            if zero3:
+                key = ("zero3", id(param))
+            elif t.device.type == "meta":
+                owner = max((n for n in offloaded if name.startswith(f"{n}.") or n == ""), key=len, default=None)
+                if owner is None:
+                    raise ValueError(f"Weight {name!r} is on the meta device with no offloaded copy behind it (the "
+                                     "model was built without loading its weights): load the checkpoint first.")
+                key = ("offloaded", id(param) if param is not None else name)
+            else:
+                key = (t.device, t.data_ptr(), t.dtype, tuple(t.shape), t.stride())
+            if key in seen or (t.numel() == 0 and key[0] not in ("zero3", "offloaded")):
+                h.update(f"={seen.get(key, '')}".encode())
+                continue
+            seen[key] = name
+            if key[0] == "zero3":
+                import deepspeed
+
+                with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
+                    t = param.detach().contiguous().cpu().clone()
+            elif key[0] == "offloaded":
+                if onloaded is None or onloaded[0] != owner:
+                    if onloaded is not None:
+                        onloaded[1].__exit__(None, None, None)
+                    context = align_module_device(offloaded[owner], "cpu")
+                    context.__enter__()
+                    onloaded = (owner, context)
+                t = offloaded[owner].state_dict()[name[len(owner) + 1:] if owner else name]
+            t = t.detach().contiguous().cpu()
+            h.update(t.view(torch.uint8).numpy().tobytes())
+    finally:
+        if onloaded is not None:
+            onloaded[1].__exit__(None, None, None)
     return h.hexdigest()
 
 
