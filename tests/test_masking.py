@@ -162,6 +162,11 @@ def test_bad_heads_raise_before_model_work():
         validate_heads(model, [(0, 4)])
     with pytest.raises(ValueError, match="Malformed head key"):
         validate_heads(model, ["zero-one"])
+    with pytest.raises(ValueError) as e:  # the message names the valid ranges and lists the first 8 bad heads
+        validate_heads(model, [(3, h) for h in range(4)] + [(0, h) for h in range(4, 9)])
+    bad = sorted([(3, h) for h in range(4)] + [(0, h) for h in range(4, 9)])
+    assert str(e.value).startswith(f"Heads {bad[:8]} are out of range: the model has layers 0..2 and query heads "
+                                   "0..3. Check that the head scores belong to this model.")
     assert validate_heads(model, ["2-1", (0, 3), [0, 3]]) == [(0, 3), (2, 1)]
 
 
@@ -246,7 +251,7 @@ def test_unmaskable_o_proj_and_layers_are_clear_errors():
             pass
     model = make_tiny_model("llama")
     model.model.layers[1].self_attn.o_proj = torch.nn.Linear(32, 64, bias=False)  # 4 heads x 16 = 64 expected
-    with pytest.raises(ValueError, match=r"o_proj takes 32 features, not num_heads x head_dim = 4 x 16"):
+    with pytest.raises(ValueError, match=r"^LlamaAttention\.o_proj takes 32 features, not num_heads x head_dim = 4 x 16"):
         with mask_heads(model, [(1, 0)]):
             pass
     with mask_heads(model, [(0, 0), (2, 3)]):  # other layers still mask
@@ -256,6 +261,12 @@ def test_unmaskable_o_proj_and_layers_are_clear_errors():
     with pytest.raises(ValueError, match=r"Layer 2 has no maskable attention module \(found layers \[0, 1\]"):
         with mask_heads(model, [(2, 0)]):
             pass
+    model = make_tiny_model("llama", num_hidden_layers=7)
+    model.model.layers[6].self_attn.layer_idx = None
+    with pytest.raises(ValueError) as e:  # a long list of layers is cut to its first 5
+        with mask_heads(model, [(6, 0)]):
+            pass
+    assert str(e.value) == "Layer 6 has no maskable attention module (found layers [0, 1, 2, 3, 4]...)."
 
 
 def test_check_export_dir_messages_name_the_directory_and_the_fix(tmp_path):
@@ -298,6 +309,10 @@ def test_head_layout_of_models_configs_and_composite_configs():
     # Any object with the fields will do (no get_text_config).
     assert head_layout(SimpleNamespace(num_hidden_layers=2, num_attention_heads=3, head_dim=None, hidden_size=12)) \
         == (2, 3, 4)
+    # An explicit head_dim wins over hidden_size // heads (Qwen3, Gemma: head_dim * heads != hidden_size).
+    assert head_layout(SimpleNamespace(num_hidden_layers=2, num_attention_heads=4, head_dim=16, hidden_size=32)) \
+        == (2, 4, 16)
+    assert head_layout(tiny_config("qwen3", head_dim=24)) == (3, 4, 24)
     with pytest.raises(ValueError, match="SimpleNamespace has no num_hidden_layers/num_attention_heads: cannot locate"):
         head_layout(SimpleNamespace(num_hidden_layers=2))
 

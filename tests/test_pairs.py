@@ -22,7 +22,7 @@ PROMPTS = [
 CHATS = [[{"role": "user", "content": p}] for p in PROMPTS[:4]]
 
 
-def independent(model, tokenizer, prompt, heads=None, max_new_tokens=6):
+def independent(model, tokenizer, prompt, heads=None, max_new_tokens=6, seed=None, **generate_kwargs):
     """One unbatched greedy generate call, built here without the pairs module. A string prompt's response is the
     text that decoding prompt+response adds to decoding the prompt (what DPO's `prompt + chosen` must re-tokenize
     to); a chat response is decoded alone."""
@@ -31,8 +31,10 @@ def independent(model, tokenizer, prompt, heads=None, max_new_tokens=6):
         ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)
     else:
         ids = tokenizer(prompt, return_tensors="pt")
+    if seed is not None:
+        torch.manual_seed(seed)
     with torch.no_grad(), mask_heads(model, heads or []):
-        out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False)
+        out = model.generate(**ids, max_new_tokens=max_new_tokens, **{"do_sample": False, **generate_kwargs})
     n = ids["input_ids"].shape[1]
     if isinstance(prompt, list):
         return tokenizer.decode(out[0, n:], skip_special_tokens=True)
@@ -127,6 +129,69 @@ def test_filtering_and_stats(model, greedy_pairs, tiny_tokenizer):
     assert set(s.to_logs()) == {f"pairs/{k}" for k in PairStats().to_dict()}
 
 
+SAMPLE = dict(do_sample=True, temperature=1.0, top_p=1.0, top_k=0)  # top_k=None -> the model's (none): off
+
+
+def test_sampled_pairs_follow_the_documented_seeds_longest_prompt_first(model, tiny_tokenizer):
+    """Batches run longest prompt first; batch b's chosen rows are sampled from seed * 1_000_003 + 2b and its
+    rejected rows (heads masked) from seed * 1_000_003 + 2b + 1: hand-seeded single `generate` calls agree."""
+    prompts = ["the man said", "tell me a story about the sea"]  # the longer one second: its batch is b = 0
+    lengths = [len(tiny_tokenizer(text=p)["input_ids"]) for p in prompts]
+    assert lengths[1] > lengths[0]
+    pairs = generate_pairs(model, tiny_tokenizer, prompts, HEADS, temperature=1.0, top_p=1.0, max_new_tokens=6,
+                           batch_size=1, seed=5, show_progress=False, backend="generate")
+    for b, i in enumerate([1, 0]):
+        base = 5 * 1_000_003 + 2 * b
+        assert pairs.chosen[i] == independent(model, tiny_tokenizer, prompts[i], seed=base, **SAMPLE)
+        assert pairs.rejected[i] == independent(model, tiny_tokenizer, prompts[i], HEADS, seed=base + 1, **SAMPLE)
+    other = [independent(model, tiny_tokenizer, prompts[1], seed=s, **SAMPLE) for s in range(4)]
+    assert len(set(other)) > 1  # the seed decides the sample here: the test can fail
+
+
+def test_generation_settings_reach_the_decoder_and_timing_is_per_decode(model, tiny_tokenizer, monkeypatch):
+    """`top_p`, `top_k` and `generation_kwargs` reach the generation config; each decode's time is measured around
+    it (a fake clock: 1 s per decode) and summed into the stats."""
+    import types
+
+    import trl_retmask.pairs as pairs_module
+
+    configs = []
+    real = pairs_module.generate_batch
+
+    def spy(model, tokenizer, prompt_ids, config, **kw):
+        configs.append(config)
+        return real(model, tokenizer, prompt_ids, config, **kw)
+
+    ticks = iter(range(1000))
+    monkeypatch.setattr(pairs_module, "generate_batch", spy)
+    monkeypatch.setattr(pairs_module, "time", types.SimpleNamespace(perf_counter=lambda: float(next(ticks))))
+    pairs = generate_pairs(model, tiny_tokenizer, PROMPTS[:4], HEADS, temperature=0.8, top_p=0.9, top_k=7,
+                           generation_kwargs={"repetition_penalty": 1.3}, max_new_tokens=3, batch_size=2,
+                           show_progress=False, backend="generate")
+    assert len(configs) == 4 and all((c.top_p, c.top_k, c.repetition_penalty, c.temperature, c.max_new_tokens)
+                                     == (0.9, 7, 1.3, 0.8, 3) for c in configs)
+    assert pairs.stats.generation_seconds == 4.0  # 2 batches x (chosen, rejected), 1 s each
+    assert pairs.stats.tokens_per_second == pairs.stats.generated_tokens / 4.0
+
+
+def test_special_tokens_never_reach_the_responses(model, tiny_tokenizer):
+    """A special token generated inside a response (here BOS, made the likeliest token by a `sequence_bias`) is not
+    part of the response text, for string prompts (prompt + response decoded) and chat prompts (response decoded alone)."""
+    bos = tiny_tokenizer.bos_token_id
+    prompts = [PROMPTS[0], CHATS[1]]
+    pairs = generate_pairs(model, tiny_tokenizer, prompts, HEADS, temperature=0.0, max_new_tokens=4, batch_size=2,
+                           show_progress=False, generation_kwargs={"sequence_bias": [[[bos], 50.0]]})
+    for i, prompt in enumerate(prompts):
+        assert pairs.extra["chosen_tokens"][i] >= 2
+        assert pairs.chosen[i] == independent(model, tiny_tokenizer, prompt, max_new_tokens=4,
+                                              sequence_bias=[[[bos], 50.0]])
+        assert "<s>" not in pairs.chosen[i] and "<s>" not in pairs.rejected[i]
+    ids = tiny_tokenizer(text=PROMPTS[0], return_tensors="pt")
+    with torch.no_grad():
+        raw = model.generate(**ids, max_new_tokens=4, do_sample=False, sequence_bias=[[[bos], 50.0]])
+    assert tiny_tokenizer.decode(raw[0, ids["input_ids"].shape[1]:]).startswith("<s>")  # it was generated
+
+
 def test_cache_skips_regenerates_on_change(model, tiny_tokenizer, tmp_path):
     kw = dict(temperature=0.0, max_new_tokens=4, batch_size=2, cache_dir=tmp_path, show_progress=False)
     counter = CountingGenerate(model)
@@ -143,6 +208,12 @@ def test_cache_skips_regenerates_on_change(model, tiny_tokenizer, tmp_path):
         assert counter.calls == 10, "other generation settings must regenerate"
         generate_pairs(model, tiny_tokenizer, PROMPTS[:4], HEADS, **{**kw, "temperature": 0.7})
         assert counter.calls == 14
+        generate_pairs(model, tiny_tokenizer, PROMPTS[:4], HEADS, **{**kw, "seed": 1})
+        assert counter.calls == 18, "another seed must regenerate"
+        generate_pairs(model, tiny_tokenizer, PROMPTS[:4], HEADS, **{**kw, "batch_size": 4})
+        assert counter.calls == 20, "another batching must regenerate (1 batch x 2 roles)"
+        assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("chosen-")) and \
+            all(len(p.name) == len("chosen-") + 20 for p in tmp_path.iterdir() if p.name.startswith("chosen-"))
     finally:
         model.generate = counter.inner
 
@@ -393,6 +464,10 @@ def test_rows_tools_and_template_kwargs_shape_the_prompt_as_in_dpo(model, tiny_t
             assert got["rejected"][0]["content"] == greedy(ids, HEADS)
         else:
             assert greedy(ids).strip() == greedy(ids, HEADS).strip()
+    only_kwargs = Dataset.from_dict({"prompt": CHATS[1:2], "chat_template_kwargs": [{"mood": "very good"}]})
+    out2, _ = complete_prompt_dataset(only_kwargs, model, tok, HEADS, temperature=0.0, max_new_tokens=6,
+                                      show_progress=False)
+    assert out2[0]["chosen"][0]["content"] == greedy(expected_ids[1])  # (all dropped would have raised)
     with pytest.raises(ValueError, match="`tools` column holds a string that is not JSON"):
         complete_prompt_dataset(Dataset.from_dict({"prompt": CHATS[:1], "tools": ["[{"]}), model, tok, HEADS)
 
@@ -454,8 +529,19 @@ def test_plain_string_prompts_for_a_chat_model_warn(model, tiny_tokenizer):
 
     kw = dict(temperature=0.0, max_new_tokens=2, batch_size=4, show_progress=False)
     assert tiny_tokenizer.chat_template
-    with pytest.warns(UserWarning, match="2 of 2 prompts of the train dataset are plain strings"):
+    with pytest.warns(UserWarning) as record:
         complete_prompt_dataset(Dataset.from_dict({"prompt": PROMPTS[:2]}), model, tiny_tokenizer, HEADS, **kw)
+    assert str(record[0].message) == (
+        "2 of 2 prompts of the train dataset are plain strings although the tokenizer has a chat template: pairs are "
+        "generated (and DPO trains) on raw text continuations, not chat answers. Pass conversational prompts "
+        '({"prompt": [{"role": "user", "content": ...}]}) or render them with '
+        "`tokenizer.apply_chat_template(..., add_generation_prompt=True, tokenize=False)`.")
+    # Rendered without the generation prompt: a user turn the model would continue, not answer.
+    open_turns = [tiny_tokenizer.apply_chat_template(c, tokenize=False) for c in CHATS[:2]]
+    assert all("<|user|>" in t and "<|assistant|>" not in t for t in open_turns)
+    with pytest.warns(UserWarning, match="^2 of 2 prompts of the eval dataset"):
+        complete_prompt_dataset(Dataset.from_dict({"prompt": open_turns}), model, tiny_tokenizer, HEADS, name="eval",
+                                **kw)
     rendered = [tiny_tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=False) for c in CHATS[:2]]
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -566,3 +652,14 @@ def test_all_pairs_dropped_is_an_error(model, tiny_tokenizer, monkeypatch):
                                          r"empty\): masking these heads does not change the model's answers"):
         complete_prompt_dataset(ds, model, tiny_tokenizer, HEADS, temperature=0.0, max_new_tokens=2,
                                 show_progress=False)
+
+
+def test_generate_pairs_defaults_are_the_documented_ones():
+    """The keyword defaults the docstring and docs/fidelity.md state (the authors' temperature 0.6, top_p 1.0)."""
+    import inspect
+
+    params = inspect.signature(generate_pairs).parameters
+    assert {k: params[k].default for k in ("max_new_tokens", "temperature", "top_p", "top_k", "seed", "batch_size",
+                                           "show_progress", "desc", "backend", "drop_empty")} == {
+        "max_new_tokens": 256, "temperature": 0.6, "top_p": 1.0, "top_k": None, "seed": 0, "batch_size": 8,
+        "show_progress": True, "desc": "RetMask pairs", "backend": "auto", "drop_empty": False}
