@@ -18,6 +18,7 @@ from trl_retmask.detection import (
     DETECTION_PRESETS,
     copy_scores,
     detect_retrieval_heads,
+    last_row_argmax,
     record_attention_argmax,
 )
 from trl_retmask.niah import NIAHSample, build_niah_samples, generate_answer
@@ -73,6 +74,43 @@ def test_copy_span_boundaries():
     positions = torch.tensor([[[1, 2, 3, 4]]])  # heads point at start-1, start, end-1, end
     scores = copy_scores(positions, generated, sequence, (2, 4))
     assert scores.tolist() == [[0.0, 0.5, 0.5, 0.0]]  # worth 1/(end - start) each
+
+
+def test_copy_span_at_the_ends_of_the_sequence():
+    """Spans touching position 0 and the last position: hits there count like anywhere else."""
+    sequence = torch.tensor([4, 5, 6, 4, 5])
+    generated = torch.tensor([4, 5])
+    positions = torch.tensor([[[0, 3, 4, 1]], [[1, 4, 0, 4]]])  # [steps=2, layers=1, heads=4]
+    for span in ((0, 2), (3, 5)):
+        expected = [[sum(span[0] <= int(positions[t, 0, h]) < span[1]
+                         and int(sequence[positions[t, 0, h]]) == int(generated[t]) for t in range(2))
+                     / (span[1] - span[0]) for h in range(4)]]
+        assert copy_scores(positions, generated, sequence, span).tolist() == expected
+    assert copy_scores(positions, generated, sequence, (0, 2)).tolist() == [[1.0, 0.0, 0.0, 0.0]]
+    assert copy_scores(positions, generated, sequence, (3, 5)).tolist() == [[0.0, 1.0, 0.0, 0.5]]
+
+
+@pytest.mark.parametrize("mask_kind", ["none", "2d", "4d_bool", "4d_float"])
+def test_last_row_argmax_matches_a_per_head_loop(mask_kind):
+    """Batch of 2, GQA (4 query heads on 2 KV heads), one padded key per row placed where the logit is largest:
+    every mask form excludes it; the result equals an explicit per-head loop."""
+    torch.manual_seed(0)
+    b, hq, hkv, q_len, kv, d = 2, 4, 2, 3, 6, 8
+    query, key = torch.randn(b, hq, q_len, d), torch.randn(b, hkv, kv, d)
+    logits = torch.stack([torch.stack([key[i, h // 2] @ query[i, h, -1] for h in range(hq)]) for i in range(b)])
+    padded = [int(logits[0, 0].argmax()), int(logits[1, 3].argmax())]  # row i hides its head's favourite key
+    keep = torch.ones(b, kv, dtype=torch.bool)
+    for i, j in enumerate(padded):
+        keep[i, j] = False
+    mask = {"none": None, "2d": keep.long(), "4d_bool": keep[:, None, None, :].expand(b, 1, q_len, kv),
+            "4d_float": torch.where(keep, 0.0, float("-inf"))[:, None, None, :].expand(b, 1, q_len, kv)}[mask_kind]
+    expected = torch.tensor([[int(torch.where(keep[i] if mask is not None else torch.ones(kv, dtype=torch.bool),
+                                              logits[i, h], float("-inf")).argmax()) for h in range(hq)]
+                             for i in range(b)])
+    got = last_row_argmax(query, key, mask)
+    assert torch.equal(got, expected)
+    if mask is not None:
+        assert got[0, 0] != padded[0] and got[1, 3] != padded[1]
 
 
 # ------------------------------------------------------------------------ the authors' loop, independently

@@ -179,7 +179,7 @@ def copy_scores(positions: torch.Tensor, generated: torch.Tensor, sequence: torc
     `start <= position < end` and the token there == the generated one; each is worth `1 / (end - start)`.
     """
     start, end = span
-    tokens = sequence[positions.clamp(0, len(sequence) - 1)]
+    tokens = sequence[positions]  # argmax positions index the attended keys: always inside the sequence
     hits = (positions >= start) & (positions < end) & (tokens == generated[:, None, None])
     return hits.sum(0).float() / (end - start)
 
