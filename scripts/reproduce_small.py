@@ -43,6 +43,7 @@ QUICK = dict(output_dir="outputs/reproduce_small_quick", seeds=[0], max_prompts=
 MODELS = {"base": "base", "base_masked_retrieval": "base, top-k retrieval heads masked",
           "base_masked_random": "base, k random non-retrieval heads masked",
           "retrieval": "RetMask", "random_non_retrieval": "control"}
+TRAINED_LABELS = (MODELS["retrieval"], MODELS["random_non_retrieval"])
 COMPARISONS = [("RetMask", "base"), ("RetMask", "control"), ("control", "base"),
                ("base, top-k retrieval heads masked", "base"), ("base, k random non-retrieval heads masked", "base")]
 
@@ -182,19 +183,33 @@ def report(evals: dict[str, list[dict]], args, out: Path, heads: dict, timings: 
     from trl_retmask.evaluation.stats import summarize
 
     kw = dict(n_resamples=args.n_resamples)
-    models, general = {}, {}
+    models = {}
     for label, runs in evals.items():
         chunks = np.mean([r["general"]["heldout_chunks"] for r in runs], axis=0)  # per chunk, mean over seeds
         correct = np.mean([r["general"]["short_answer_correct"] for r in runs], axis=0)
-        general[label] = correct
         models[label] = {"runs": len(runs), "suite": suite_summary([r["suite"]["per_sample"] for r in runs], **kw),
                          "heldout_ppl": {"mean": float(np.exp(chunks[:, 0].sum() / chunks[:, 1].sum())),
                                          "ci": perplexity_ci(chunks, **kw)},
                          "short_answer": summarize(correct, **kw)}
-    comparisons = {f"{a} vs {b}": {"suite": suite_comparison([r["suite"]["per_sample"] for r in evals[a]],
-                                                             [r["suite"]["per_sample"] for r in evals[b]], **kw),
-                                   "short_answer": paired_comparison(general[a], general[b], **kw)}
-                   for a, b in COMPARISONS if a in evals and b in evals}
+    trained = set(TRAINED_LABELS)
+
+    def runs_of(a, b):
+        """Both sides' runs; two trained models are paired over the seeds both finished (runs are in seed order,
+        so an interrupted run compares like with like)."""
+        k = min(len(evals[a]), len(evals[b])) if {a, b} <= trained else None
+        return evals[a][:k], evals[b][:k]
+
+    def general_of(runs):
+        return np.mean([r["general"]["short_answer_correct"] for r in runs], axis=0)
+
+    comparisons = {}
+    for a, b in COMPARISONS:
+        if a in evals and b in evals:
+            ra, rb = runs_of(a, b)
+            comparisons[f"{a} vs {b}"] = {
+                "suite": suite_comparison([r["suite"]["per_sample"] for r in ra], [r["suite"]["per_sample"] for r in rb],
+                                          **kw),
+                "short_answer": paired_comparison(general_of(ra), general_of(rb), **kw), "runs": len(ra)}
     result = {"args": vars(args), "heads": heads, "models": models, "comparisons": comparisons, "seconds": timings}
     (out / "results.json").write_text(json.dumps(result, indent=2))
     plot_results({label: {"scores": {c: {n: v["mean"] for n, v in by_len.items()}
@@ -210,13 +225,14 @@ def format_report(result: dict) -> str:
     cols = [(c, n) for m in models.values() for c, by_len in m["suite"]["category"].items() for n in by_len]
     cols = sorted(set(cols), key=lambda x: (x[0], int(x[1])))
     lines = [f"## Scores (x 100, mean [95% bootstrap interval]; n = {args['n_per_task']} per task and length; "
-             f"trained models: mean of seeds {args['seeds']} per sample)", "",
+             f"trained models: mean over their finished seeds of {args['seeds']} per sample, count in brackets)", "",
              "| model | " + " | ".join(f"{c} @{n}" for c, n in cols) + " | overall | held-out ppl | short answer |",
              "|---|" + "---|" * (len(cols) + 3)]
     for label, m in models.items():
         cells = [_cell(m["suite"]["category"][c][n]) if n in m["suite"]["category"].get(c, {}) else "" for c, n in cols]
         ppl = m["heldout_ppl"]
-        lines.append(f"| {label} | " + " | ".join(cells) + f" | {_cell(m['suite']['overall'])} | {ppl['mean']:.2f} "
+        name = f"{label} ({m['runs']} seed{'s' if m['runs'] > 1 else ''})" if label in TRAINED_LABELS else label
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {_cell(m['suite']['overall'])} | {ppl['mean']:.2f} "
                      f"[{ppl['ci'][0]:.2f}, {ppl['ci'][1]:.2f}] | {_cell(m['short_answer'])} |")
     lines += ["", "## Paired comparisons (difference x 100 [95% paired-bootstrap interval], two-sided sign-flip p)",
               "", "| comparison | " + " | ".join(f"{c} @{n}" for c, n in cols) + " | overall | short answer |",

@@ -53,6 +53,12 @@ def test_reproduce_small_resumes_after_interruption(reproduce, tmp_path, monkeyp
     assert sorted(p.stem for p in (out / "eval").glob("*.json")) == ["base", "base_masked_random",
                                                                     "base_masked_retrieval", "retrieval-seed0"]
 
+    partial = reproduce.main([*argv, "--report-only"])  # the finished pieces only: RetMask seed 0, no control yet
+    assert calls["train"] == ["retrieval", "random_non_retrieval"]  # nothing trained or evaluated again
+    assert partial["models"]["RetMask"]["runs"] == 1 and "control" not in partial["models"]
+    assert "RetMask vs base" in partial["comparisons"] and "RetMask vs control" not in partial["comparisons"]
+    assert "| RetMask (1 seed) |" in (out / "results.md").read_text()
+
     calls.update(train=[], generate=0, interrupt=None)  # resumed: only the control is trained and evaluated
     first = reproduce.main(argv)
     assert calls["train"] == ["random_non_retrieval"] and calls["generate"] == 5  # 4 suite batches (1 per task) + 1 short-answer
@@ -84,3 +90,26 @@ def test_reproduce_small_resumes_after_interruption(reproduce, tmp_path, monkeyp
 
     with pytest.raises(ValueError, match="other inputs|another run"):  # other settings never reuse the pieces
         reproduce.main([*argv[:-2], "--n-resamples", "200", "--eval-seed", "7"])
+
+
+def test_trained_models_are_compared_over_the_seeds_both_finished(reproduce, tmp_path):
+    """RetMask with seeds 0 and 1 finished, the control with seed 0 only: RetMask vs control pairs seed 0 with seed 0
+    (the difference is that seed's), while RetMask alone is the mean of its two seeds."""
+    from types import SimpleNamespace
+
+    def run(scores, correct):
+        return {"suite": {"per_sample": [{"task": "niah_single", "length": 256, "seed": i, "score": s}
+                                         for i, s in enumerate(scores)]},
+                "general": {"heldout_chunks": [[10.0, 5], [12.0, 5]], "short_answer_correct": correct}}
+
+    evals = {"base": [run([0, 0, 0, 0], [0, 0])],
+             "RetMask": [run([1, 1, 0, 0], [1, 0]), run([1, 1, 1, 1], [1, 1])],
+             "control": [run([0, 1, 0, 0], [0, 0])]}
+    args = SimpleNamespace(n_resamples=200, model="m", n_per_task=4, seeds=[0, 1])
+    result = reproduce.report(evals, args, tmp_path, {}, {})
+    vs_control = result["comparisons"]["RetMask vs control"]
+    assert vs_control["runs"] == 1
+    assert vs_control["suite"]["overall"]["difference"] == pytest.approx(np.mean([1, 1, 0, 0]) - np.mean([0, 1, 0, 0]))
+    assert result["comparisons"]["RetMask vs base"]["runs"] == 2
+    assert result["models"]["RetMask"]["suite"]["overall"]["mean"] == pytest.approx(0.75)
+    assert "| RetMask (2 seeds) |" in (tmp_path / "results.md").read_text()
