@@ -15,6 +15,7 @@ from collections import Counter
 import pytest
 import torch
 
+from tests.launch import launch_two_cpu_processes, worker_env
 from tests.recipe_utils import (
     PROMPT_TEXTS,
     REPO,
@@ -24,20 +25,6 @@ from tests.recipe_utils import (
     write_chat_log,
     write_head_scores,
 )
-
-
-def worker_env(**overrides) -> dict[str, str]:
-    """The parent's environment for launched workers, with this interpreter's import path in front of PYTHONPATH.
-
-    Workers run `sys.executable` (torchrun's default) but start with a fresh `sys.path`: packages the parent reaches
-    through its own path (a `--target` install, a user site, an un-activated venv) would be missing, and a PYTHONPATH
-    replaced by the repository alone hides them too. Putting the repository and the parent's `sys.path` first keeps
-    `trl` and `trl_retmask` importable on any machine."""
-    paths = [str(REPO), *(p for p in sys.path if p and os.path.isdir(p))]
-    previous = os.environ.get("PYTHONPATH")
-    if previous:
-        paths.append(previous)
-    return {**os.environ, "PYTHONPATH": os.pathsep.join(dict.fromkeys(paths)), **overrides}
 
 
 def test_worker_env_keeps_the_parents_import_path(tmp_path, monkeypatch):
@@ -71,13 +58,7 @@ def test_two_process_recipe_run_shares_pairs_and_trains(tmp_path):
     recipe_args = tiny_overrides(model_dir, data, scores, out, "--mask_top_k", "2", "--niah_eval", "False",
                                  "--detect_heads", "False", "--generation_batch_size", "2", "--max_steps", "2",
                                  "--temperature", "0.6", "--learning_rate", "1e-3", "--use_cpu", "True")
-    env = worker_env(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-                     TOKENIZERS_PARALLELISM="false", ACCELERATE_USE_CPU="true", CUDA_VISIBLE_DEVICES="")
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
-           str(REPO / "tests" / "distributed_driver.py"), str(reports), *recipe_args]
-    proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=170)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    launch_two_cpu_processes(REPO / "tests" / "distributed_driver.py", reports, *recipe_args, cwd=tmp_path, timeout=170)
 
     ranks = [json.loads((reports / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [r["rank"] for r in ranks] == [0, 1]

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.launch import launch_two_cpu_processes
 from tests.tiny import make_tiny_model
 from trl_retmask.masking import mask_heads
 from trl_retmask.runtime import (
@@ -415,21 +416,6 @@ assert not torch.distributed.is_initialized()
 end_processes()  # a no-op once the group is gone
 print("rank", rank, "ok")
 """
-
-
-def launch_two_cpu_processes(script, *args, timeout: int = 240) -> subprocess.CompletedProcess:
-    """Run `script args...` as 2 CPU processes under `accelerate launch` (gloo) and check that it succeeded.
-
-    `--cpu --num_processes 2` would need mpirun; torchrun through `--multi_gpu` with ACCELERATE_USE_CPU gives gloo.
-    """
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "ACCELERATE_USE_CPU": "true",
-           "CUDA_VISIBLE_DEVICES": ""}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
-           str(script), *map(str, args)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc
 
 
 def test_two_processes_equal_one(tmp_path):
