@@ -182,11 +182,14 @@ def report(evals: dict[str, list[dict]], args, out: Path, heads: dict, timings: 
     from trl_retmask.evaluation import paired_comparison, perplexity_ci, plot_results, suite_comparison, suite_summary
     from trl_retmask.evaluation.stats import summarize
 
+    def general_of(runs):  # each question's correctness, mean over the runs' seeds
+        return np.mean([r["general"]["short_answer_correct"] for r in runs], axis=0)
+
     kw = dict(n_resamples=args.n_resamples)
     models = {}
     for label, runs in evals.items():
         chunks = np.mean([r["general"]["heldout_chunks"] for r in runs], axis=0)  # per chunk, mean over seeds
-        correct = np.mean([r["general"]["short_answer_correct"] for r in runs], axis=0)
+        correct = general_of(runs)
         models[label] = {"runs": len(runs), "suite": suite_summary([r["suite"]["per_sample"] for r in runs], **kw),
                          "heldout_ppl": {"mean": float(np.exp(chunks[:, 0].sum() / chunks[:, 1].sum())),
                                          "ci": perplexity_ci(chunks, **kw)},
@@ -198,9 +201,6 @@ def report(evals: dict[str, list[dict]], args, out: Path, heads: dict, timings: 
         so an interrupted run compares like with like)."""
         k = min(len(evals[a]), len(evals[b])) if {a, b} <= trained else None
         return evals[a][:k], evals[b][:k]
-
-    def general_of(runs):
-        return np.mean([r["general"]["short_answer_correct"] for r in runs], axis=0)
 
     comparisons = {}
     for a, b in COMPARISONS:

@@ -139,6 +139,7 @@ def hash_weights(model: torch.nn.Module) -> str:
             param = params.get(name)
             zero3 = getattr(param, "ds_id", None) is not None  # ZeRO-3: this process holds a partition
             h.update(f"{name}|{t.dtype}|{tuple(param.ds_shape if zero3 else t.shape)}".encode())
+            owner = None
             if zero3:
                 key = ("zero3", id(param))
             elif t.device.type == "meta":
@@ -149,16 +150,17 @@ def hash_weights(model: torch.nn.Module) -> str:
                 key = ("offloaded", id(param) if param is not None else name)
             else:
                 key = (t.device, t.data_ptr(), t.dtype, tuple(t.shape), t.stride())
-            if key in seen or (t.numel() == 0 and key[0] not in ("zero3", "offloaded")):
+            elsewhere = zero3 or owner is not None  # the full tensor is not this placeholder
+            if key in seen or (t.numel() == 0 and not elsewhere):
                 h.update(f"={seen.get(key, '')}".encode())
                 continue
             seen[key] = name
-            if key[0] == "zero3":
+            if zero3:
                 import deepspeed
 
                 with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
                     t = param.detach().contiguous().cpu().clone()
-            elif key[0] == "offloaded":
+            elif owner is not None:
                 if onloaded is None or onloaded[0] != owner:
                     if onloaded is not None:
                         onloaded[1].__exit__(None, None, None)
