@@ -48,16 +48,24 @@ def main(argv=None) -> int:
     for name in chosen:
         t0 = time.time()
         for row in load(sections()[name]).run(args):
-            row = {"section": name, **row}
-            rows.append(row)
-            value = row["value"]
-            shown = f"{value:.3f}" if isinstance(value, float) else str(value)
-            print(f"{name:10s} {row['name']:60s} {shown:>12s} {row.get('unit', ''):8s} goal {row.get('goal', '')}",
-                  flush=True)
+            rows.append(print_row(name, row))
         print(f"# section {name} took {time.time() - t0:.0f} s", flush=True)
-    if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=1))
+    write_rows(rows, args.json)
     return 0
+
+
+def print_row(section: str, row: dict) -> dict:
+    """Print one result row as it arrives (long runs show progress); returns it tagged with its section."""
+    value = row["value"]
+    shown = f"{value:.3f}" if isinstance(value, float) else str(value)
+    print(f"{section:10s} {row['name']:60s} {shown:>12s} {row.get('unit', ''):8s} goal {row.get('goal', '')}",
+          flush=True)
+    return {"section": section, **row}
+
+
+def write_rows(rows: list[dict], path) -> None:
+    if path:
+        Path(path).write_text(json.dumps(rows, indent=1))
 
 
 if __name__ == "__main__":

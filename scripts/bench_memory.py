@@ -132,11 +132,9 @@ def main(argv=None) -> int:
     parser.add_argument("--keep_dir", default=None, help="keep the runs' output directories here")
     parser.add_argument("--json", default=None, help="also write the rows to this JSON file")
     args = parser.parse_args(argv)
-    rows = run(args)
-    for row in rows:
-        print(f"{row['name']:70s} {row['value']:10.3f} {row['unit']:3s} goal {row['goal']}", flush=True)
-    if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=1))
+    from bench import print_row, write_rows  # scripts/bench.py, the benchmark entry point (same folder)
+
+    write_rows([print_row("memory", row) for row in run(args)], args.json)
     return 0
 
 
