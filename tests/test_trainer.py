@@ -5,6 +5,7 @@ import importlib.util
 import json
 import math
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -595,3 +596,39 @@ def test_dataset_shapes_and_cache_location(tmp_path):
     assert cache_dir(None, args) == str(tmp_path / "_retmask_pairs")  # `_*` is skipped by push_to_hub
     assert cache_dir(None, SimpleNamespace(**{**vars(args), "pairs_cache_dir": "/c"})) == "/c"
     assert cache_dir(None, SimpleNamespace(**{**vars(args), "cache_pairs": False, "pairs_cache_dir": "/c"})) is None
+
+
+def test_precomputed_reference_log_probs_are_the_initial_policys_and_live_on_shared_disk(tiny_tokenizer, tmp_path):
+    """`precompute_ref_log_probs`: no reference copy is kept, TRL's precomputed log-probs are those of the initial
+    (unmasked) policy on each row's tokens, and the pairs they extend are saved under the pair cache (TRL caches the
+    log-probs beside the dataset's files, which every process must be able to read)."""
+    model = make_tiny_model("llama")
+    initial = copy.deepcopy(model).eval()
+    trainer = RetMaskTrainer(model=model, args=config(tmp_path, precompute_ref_log_probs=True, max_steps=2),
+                             train_dataset=prompts(), processing_class=tiny_tokenizer, head_scores=SCORES)
+    assert trainer.ref_model is None
+    data = trainer.train_dataset
+    files = [Path(f["filename"]) for f in data.cache_files]
+    pairs_folder = tmp_path / "out" / "_retmask_pairs"
+    assert files and all(pairs_folder in f.parents for f in files), files
+    assert len(list(pairs_folder.glob("dataset-*/state.json"))) == 1
+
+    def logp(prompt_ids, completion_ids):  # summed log-probs of the completion tokens, by hand
+        ids = torch.tensor([prompt_ids + completion_ids])
+        with torch.no_grad():
+            lp = initial(ids).logits[0, :-1].float().log_softmax(-1).gather(-1, ids[0, 1:, None])[:, 0]
+        return lp[len(prompt_ids) - 1:].sum().item()
+
+    assert len(data) == trainer.pair_stats["train"].kept > 0
+    for row in data:
+        assert row["ref_chosen_logps"] == pytest.approx(logp(row["prompt_ids"], row["chosen_ids"]), abs=1e-4)
+        assert row["ref_rejected_logps"] == pytest.approx(logp(row["prompt_ids"], row["rejected_ids"]), abs=1e-4)
+    trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert losses[0] == pytest.approx(math.log(2), abs=1e-4)  # reference = the policy at step 0
+
+    # A second trainer on the same pairs reads the saved dataset instead of writing another one.
+    again = RetMaskTrainer(model=copy.deepcopy(initial), args=config(tmp_path, precompute_ref_log_probs=True),
+                           train_dataset=prompts(), processing_class=tiny_tokenizer, head_scores=SCORES)
+    assert [Path(f["filename"]).parent for f in again.train_dataset.cache_files][0] == files[0].parent
+    assert again.train_dataset["ref_chosen_logps"] == pytest.approx(data["ref_chosen_logps"], abs=1e-6)
