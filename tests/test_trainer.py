@@ -632,3 +632,27 @@ def test_precomputed_reference_log_probs_are_the_initial_policys_and_live_on_sha
                            train_dataset=prompts(), processing_class=tiny_tokenizer, head_scores=SCORES)
     assert [Path(f["filename"]).parent for f in again.train_dataset.cache_files][0] == files[0].parent
     assert again.train_dataset["ref_chosen_logps"] == pytest.approx(data["ref_chosen_logps"], abs=1e-6)
+
+
+def test_online_regeneration_that_drops_every_pair_keeps_the_previous_pairs(tiny_tokenizer, tmp_path, caplog):
+    """A regeneration whose new pairs are all identical (nothing to learn from) must not stop training: the previous
+    pairs stay, with a warning, and no regeneration is recorded."""
+    trainer = RetMaskTrainer(model=make_tiny_model("llama"), args=config(tmp_path, regenerate_pairs_steps=2),
+                             train_dataset=prompts(["the man said"]), processing_class=tiny_tokenizer,
+                             head_scores=SCORES)
+    before, stats = trainer.train_dataset.current, trainer.pair_stats["train"]
+    trainer.masked_heads = [(2, 3)]  # for these prompts, a mask that changes no greedy answer within 1 token
+    trainer.args.max_new_tokens = 1
+    assert independent(trainer.model, tiny_tokenizer, "the man said", max_new_tokens=1) == \
+        independent(trainer.model, tiny_tokenizer, "the man said", [(2, 3)], max_new_tokens=1)
+    with caplog.at_level("WARNING", logger="trl_retmask.trainer"):
+        trainer.regenerate_train_pairs(2)
+    assert trainer.train_dataset.current is before and trainer.pair_stats["train"] is stats
+    assert trainer.pair_stats_history == []
+    assert any("Online RetMask at step 2 kept the previous pairs" in r.getMessage() for r in caplog.records)
+
+    trainer.masked_heads = list(HEADS)  # and a regeneration that keeps pairs replaces them
+    trainer.args.max_new_tokens = 6
+    trainer.regenerate_train_pairs(3)
+    assert trainer.train_dataset.current is not before and [h["step"] for h in trainer.pair_stats_history] == [3]
+    assert len(trainer.train_dataset) == len(before)  # the dataloader's view keeps its length
