@@ -86,6 +86,14 @@ def test_training_lowers_loss_reference_is_initial_policy_and_card(tiny_tokenize
     trainer.create_model_card()  # regenerated, never spliced twice
     assert (tmp_path / "out" / "README.md").read_text().count("## RetMask") == 1
     assert card.index("## Citations") < card.index("## RetMask")  # TRL's card untouched, our section appended
+    # What TRL's push_to_hub passes reaches the card's metadata (a string tag, or a list of them).
+    from huggingface_hub import ModelCard
+
+    for tags, expected in (("extra", {"extra"}), (["a", "b"], {"a", "b"})):
+        trainer.create_model_card(model_name="my-retmask", dataset_name="org/prompts", tags=tags)
+        data = ModelCard.load(tmp_path / "out" / "README.md").data
+        assert data.model_name == "my-retmask" and data.datasets in ("org/prompts", ["org/prompts"])
+        assert set(data.tags) == expected | {"generated_from_trainer", "trl", "dpo", "retmask"}
 
     # The saved directory gives back the scores (same layout, every head) and exactly the heads trained with.
     back = HeadScores.from_pretrained(save_dir)
