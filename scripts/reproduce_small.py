@@ -171,8 +171,13 @@ def _cell(s: dict) -> str:
     return f"{_pct(s['mean'])} [{_pct(s['ci'][0])}, {_pct(s['ci'][1])}]"
 
 
+def _p(p: float) -> str:
+    """Three decimals; below 0.001 (a Monte Carlo p is at least 1 / (1 + resamples), never 0) as a bound."""
+    return "p<0.001" if p < 0.001 else f"p={p:.3f}"
+
+
 def _diff(c: dict) -> str:
-    return f"{100 * c['difference']:+.1f} [{100 * c['ci'][0]:+.1f}, {100 * c['ci'][1]:+.1f}] p={c['p_value']:.3f}"
+    return f"{100 * c['difference']:+.1f} [{100 * c['ci'][0]:+.1f}, {100 * c['ci'][1]:+.1f}] {_p(c['p_value'])}"
 
 
 def report(evals: dict[str, list[dict]], args, out: Path, heads: dict, timings: dict) -> dict:

@@ -113,3 +113,11 @@ def test_trained_models_are_compared_over_the_seeds_both_finished(reproduce, tmp
     assert result["comparisons"]["RetMask vs base"]["runs"] == 2
     assert result["models"]["RetMask"]["suite"]["overall"]["mean"] == pytest.approx(0.75)
     assert "| RetMask (2 seeds) |" in (tmp_path / "results.md").read_text()
+
+
+def test_p_values_below_the_printed_precision_are_written_as_a_bound(reproduce):
+    """A Monte Carlo p-value is at least 1 / (1 + resamples), never 0: "p=0.000" would misstate it."""
+    cell = {"difference": 0.5, "ci": [0.1, 0.9]}
+    assert reproduce._diff({**cell, "p_value": 1 / 10_001}) == "+50.0 [+10.0, +90.0] p<0.001"
+    assert reproduce._diff({**cell, "p_value": 0.001}) == "+50.0 [+10.0, +90.0] p=0.001"
+    assert reproduce._diff({**cell, "p_value": 0.0314}) == "+50.0 [+10.0, +90.0] p=0.031"
