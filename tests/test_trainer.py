@@ -664,3 +664,35 @@ def test_online_regeneration_that_drops_every_pair_keeps_the_previous_pairs(tiny
     trainer.regenerate_train_pairs(3)
     assert trainer.train_dataset.current is not before and [h["step"] for h in trainer.pair_stats_history] == [3]
     assert len(trainer.train_dataset) == len(before)  # the dataloader's view keeps its length
+    counter = CountingGenerate(trainer.model)
+    again = trainer.train_dataset.current
+    trainer.regenerate_train_pairs(3)  # same policy, same step (a resumed run): read back from the pair cache
+    assert counter.calls == 0 and trainer.pair_stats["train"].batches_from_cache == 1
+    assert trainer.train_dataset.current["chosen"] == again["chosen"]
+
+
+@pytest.mark.parametrize("learning_rate,regenerated", [(2e-2, [2]), (2e-3, [])])
+def test_online_regeneration_restores_checkpointing_with_the_users_kwargs(tiny_tokenizer, tmp_path, learning_rate,
+                                                                            regenerated):
+    """Generation runs with activation checkpointing off (TRL's `unwrap_model_for_generation`); afterwards it is back
+    on with the user's kwargs (not transformers' default `use_reentrant=False`), also after a regeneration whose
+    pairs were all dropped (at this learning rate the policy's answers no longer change under the mask): TRL's
+    context manager does not restore checkpointing when its body raises, so that error must not cross it."""
+    from transformers import TrainerCallback
+
+    seen = {}
+
+    class Probe(TrainerCallback):
+        def on_step_begin(self, args, state, control, model=None, **kw):
+            func = model.model.layers[0]._gradient_checkpointing_func
+            seen[state.global_step] = (model.is_gradient_checkpointing, getattr(func, "keywords", None))
+
+    trainer = RetMaskTrainer(model=make_tiny_model("llama"),
+                             args=config(tmp_path, regenerate_pairs_steps=2, max_steps=3, learning_rate=learning_rate,
+                                         activation_checkpointing=True,
+                                         activation_checkpointing_kwargs={"use_reentrant": True}),
+                             train_dataset=prompts(), processing_class=tiny_tokenizer, head_scores=SCORES,
+                             callbacks=[Probe()])
+    trainer.train()
+    assert [h["step"] for h in trainer.pair_stats_history] == regenerated
+    assert seen == {step: (True, {"use_reentrant": True}) for step in (0, 1, 2)}

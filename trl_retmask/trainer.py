@@ -281,17 +281,21 @@ class RetMaskTrainer(DPOTrainer):
         """Online RetMask: new pairs from the current policy replace the training pairs (same row count)."""
         settings = {**self.args.generation_settings, "seed": self.args.generation_seed + step}
         tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)
-        try:
-            with unwrap_model_for_generation(
-                self.model_wrapped, self.accelerator,
-                gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs,
-            ) as model:
+        # The error is caught inside the context: TRL's `unwrap_model_for_generation` turns activation checkpointing
+        # back on only when its body returns, so an error crossing it would leave the rest of training without it.
+        with unwrap_model_for_generation(
+            self.model_wrapped, self.accelerator,
+            gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs,
+        ) as model:
+            try:
                 dataset, stats = complete_prompt_dataset(
                     self._train_prompts, model, tokenizer, self.masked_heads, name=f"train@{step}",
                     batch_size=self.args.generation_batch_size, cache_dir=self._cache_dir(self.args), **settings,
                 )
-        except ValueError as e:  # every new pair dropped: keep training on the previous ones
-            logger.warning("Online RetMask at step %d kept the previous pairs: %s", step, e)
+            except ValueError as e:  # every new pair dropped: keep training on the previous ones
+                logger.warning("Online RetMask at step %d kept the previous pairs: %s", step, e)
+                dataset = None
+        if dataset is None:
             return
         self.train_dataset.current = self._prepare_dataset(dataset, self.processing_class, self.args, "train")
         self.pair_stats["train"] = stats
