@@ -264,7 +264,7 @@ def test_all_pairs_dropped_is_an_error(tiny_tokenizer, tmp_path):
     one = independent(model, tiny_tokenizer, "the man said", max_new_tokens=1)
     assert one == independent(model, tiny_tokenizer, "the man said", [(2, 3)], max_new_tokens=1)
     scores = HeadScores({"2-3": [0.9]}, num_layers=3, num_heads=4)
-    with pytest.raises(ValueError, match="dropped"):
+    with pytest.raises(ValueError, match=r"All 1 generated pairs of the train dataset were dropped \(1 identical"):
         RetMaskTrainer(model=model, args=config(tmp_path, max_new_tokens=1), train_dataset=prompts(["the man said"]),
                        processing_class=tiny_tokenizer, head_scores=scores)
 
