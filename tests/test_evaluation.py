@@ -253,12 +253,12 @@ def test_callback_logs_during_training(tiny_llama, tiny_tokenizer, tmp_path):
     class Probe(TrainerCallback):
         def on_step_begin(self, args, state, control, model=None, **kw):
             func = model.model.layers[0]._gradient_checkpointing_func
-            checkpointing[state.global_step] = (model.is_gradient_checkpointing, getattr(func, "keywords", None))
+            checkpointing[state.global_step] = (model.is_activation_checkpointing, getattr(func, "keywords", None))
 
     trainer.add_callback(Probe())
     trainer.train()
     assert checkpointing == {0: (True, {"use_reentrant": True}), 1: (True, {"use_reentrant": True})}
-    assert tiny_llama.is_gradient_checkpointing  # after the evaluation at the last step too
+    assert tiny_llama.is_activation_checkpointing  # after the evaluation at the last step too
     logged = [h for h in trainer.state.log_history if "longctx/recall/128" in h]
     assert [h["step"] for h in logged] == [0, 2]
     expected = {"longctx/recall/128", "longctx/cite/128", "longctx/niah_single/128", "longctx/niah_multikey/128",

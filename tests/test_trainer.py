@@ -686,7 +686,7 @@ def test_online_regeneration_restores_checkpointing_with_the_users_kwargs(tiny_t
     class Probe(TrainerCallback):
         def on_step_begin(self, args, state, control, model=None, **kw):
             func = model.model.layers[0]._gradient_checkpointing_func
-            seen[state.global_step] = (model.is_gradient_checkpointing, getattr(func, "keywords", None))
+            seen[state.global_step] = (model.is_activation_checkpointing, getattr(func, "keywords", None))
 
     trainer = RetMaskTrainer(model=make_tiny_model("llama"),
                              args=config(tmp_path, regenerate_pairs_steps=2, max_steps=3, learning_rate=learning_rate,
