@@ -510,11 +510,22 @@ def test_long_prompts_are_truncated_not_dropped_under_keep_start(tiny_tokenizer,
 def test_pair_statistics_logged_once_at_info(tiny_tokenizer, tmp_path, caplog):
     import logging
 
-    with caplog.at_level(logging.INFO, logger="trl_retmask.trainer"):
-        RetMaskTrainer(model=make_tiny_model("llama"), args=config(tmp_path), train_dataset=prompts(),
-                       processing_class=tiny_tokenizer, head_scores=SCORES)
-    records = [r for r in caplog.records if r.name == "trl_retmask.trainer" and "RetMask train pairs" in r.message]
-    assert len(records) == 1 and records[0].levelno == logging.INFO
+    def messages():
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="trl_retmask.trainer"):
+            trainer = RetMaskTrainer(model=make_tiny_model("llama"), args=config(tmp_path), train_dataset=prompts(),
+                                     processing_class=tiny_tokenizer, head_scores=SCORES)
+        records = [r for r in caplog.records if r.name == "trl_retmask.trainer" and "pairs" in r.getMessage()]
+        assert all(r.levelno == logging.INFO for r in records)
+        return [r.getMessage() for r in records], trainer.pair_stats["train"]
+
+    # The line a user reads: every statistic, and whether the pairs were generated or read from the cache.
+    (first,), s = messages()
+    assert first == (f"RetMask train pairs: kept {s.kept} of 4 (dropped {s.dropped_identical} identical, 0 empty); "
+                     f"mean chosen/rejected tokens {s.mean_chosen_tokens:.1f}/{s.mean_rejected_tokens:.1f}; "
+                     f"{s.tokens_per_second:.1f} generated tokens/s")
+    (again,), s = messages()
+    assert again.startswith(f"RetMask train pairs: kept {s.kept} of 4") and again.endswith(" (from cache)")
 
 
 # ------------------------------------------------------------------ mutation-tested edges (docs/testing.md)
