@@ -154,7 +154,10 @@ def train(args, out: Path, scores, strategy: str, seed: int) -> Path:
                             "dpo": next((h["train_runtime"] for h in log if "train_runtime" in h), None)},
                 "cpu_seconds": {"train": time.process_time() - cpu}}
 
-    fp = fingerprint(model=args.model, dataset=args.dataset_name, max_prompts=args.max_prompts,
+    def where(name):  # a local model or dataset path counts as its directory, however it is spelled
+        return str(Path(name).resolve()) if name and os.path.exists(name) else name
+
+    fp = fingerprint(model=where(args.model), dataset=where(args.dataset_name), max_prompts=args.max_prompts,
                      heads=scores.select(top_k=args.mask_top_k, strategy=strategy, seed=seed),
                      config={k: str(v) for k, v in sorted(config.items())})
     info = cached_json(save_dir / "retmask_run.json", fp, run, overwrite=args.overwrite)
@@ -278,7 +281,7 @@ def main(argv=None):
     from trl_retmask import load_model_and_tokenizer
     from trl_retmask.scores import resolve_head_scores
 
-    out = Path(args.output_dir)
+    out = Path(args.output_dir).resolve()  # fingerprints hold paths under it: one per directory, however spelled
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     model, tokenizer = load_model_and_tokenizer(args.model)

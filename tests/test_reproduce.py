@@ -66,6 +66,13 @@ def test_reproduce_small_resumes_after_interruption(reproduce, tmp_path, monkeyp
     calls.update(train=[], generate=0)  # finished: nothing is computed again, the report is the same
     assert reproduce.main(argv) == first == json.loads((out / "results.json").read_text())
     assert calls == {"train": [], "generate": 0, "interrupt": None}
+    monkeypatch.chdir(tmp_path)  # the same directory spelled relatively is the same run
+    spelled = {"--output-dir": "out", "--model": "model", "--dataset-name": "prompts.jsonl"}
+    relative = [spelled.get(argv[i - 1], a) if i else a for i, a in enumerate(argv)]
+    assert relative.count("out") == 1 and "model" in relative and "prompts.jsonl" in relative
+    again = reproduce.main(relative)
+    assert {k: v for k, v in again.items() if k != "args"} == {k: v for k, v in first.items() if k != "args"}
+    assert calls == {"train": [], "generate": 0, "interrupt": None}
 
     # the report's numbers are the saved per-sample scores, paired on the same samples
     def per_sample(name):
