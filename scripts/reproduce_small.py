@@ -221,9 +221,11 @@ def report(evals: dict[str, list[dict]], args, out: Path, heads: dict, timings: 
     result = {"args": vars(args), "heads": heads, "models": models, "comparisons": comparisons, "seconds": timings}
     (out / "results.json").write_text(json.dumps(result, indent=2))
     plot_results({label: {"scores": {c: {n: v["mean"] for n, v in by_len.items()}
-                                     for c, by_len in m["suite"]["category"].items()}}
+                                     for c, by_len in m["suite"]["category"].items()},
+                          "intervals": {c: {n: v["ci"] for n, v in by_len.items()}
+                                        for c, by_len in m["suite"]["category"].items()}}
                   for label, m in models.items()}, out / "suite.png",
-                 title=f"{Path(args.model).name}: long-context suite (%), seed means")
+                 title=f"{Path(args.model).name}: long-context suite (%), seed means, 95% intervals")
     (out / "results.md").write_text(format_report(result))
     return result
 

@@ -4,6 +4,7 @@ import json
 import math
 import re
 
+import numpy as np
 import pytest
 import torch
 
@@ -403,3 +404,28 @@ def test_perplexity_interval_and_bad_input():
     assert keys == [("niah_single", 512, i) for i in range(4)] and list(mean) == [0.5, 1.0, 0.5, 1.0]
     with pytest.raises(ValueError, match="different suite samples"):
         combine_runs([run, run[:3]])
+
+
+def test_plot_results_draws_each_models_bars_and_intervals(tmp_path, monkeypatch):
+    """One bar per model and length at its score, and the interval (when given) as its error bar, in percent."""
+    import trl_retmask.plotting as plotting
+    from trl_retmask.evaluation.suite import plot_results
+
+    figures = []
+    save = plotting.save_figure
+    monkeypatch.setattr(plotting, "save_figure", lambda fig, path, **kw: figures.append(fig) or save(fig, path, **kw))
+    results = {"a": {"scores": {"recall": {"1024": 0.5, "2048": 0.25}},
+                     "intervals": {"recall": {"1024": [0.4, 0.7], "2048": [0.1, 0.3]}}},
+               "b": {"scores": {"recall": {"1024": 0.75}}}}  # no intervals, no 2048
+    path = plot_results(results, tmp_path / "p.png", title="t")
+    assert path.read_bytes()[:4] == b"\x89PNG"
+    (ax,) = figures[0].axes
+    from matplotlib.container import BarContainer
+
+    bars_a, bars_b = [c for c in ax.containers if isinstance(c, BarContainer)]
+    assert [b.get_height() for b in bars_a] == [50.0, 25.0]
+    assert [b.get_height() for b in bars_b][0] == 75.0 and np.isnan([b.get_height() for b in bars_b][1])
+    segments = bars_a.errorbar.lines[2][0].get_segments()
+    assert [tuple(np.round(s[:, 1], 6)) for s in segments] == [(40.0, 70.0), (10.0, 30.0)]
+    assert bars_b.errorbar is None
+    assert [t.get_text() for t in figures[0].legends[0].get_texts()] == ["a", "b"]

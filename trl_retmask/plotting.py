@@ -18,10 +18,11 @@ def new_figure(nrows: int = 1, ncols: int = 1, **subplots_kwargs):
     return fig, fig.subplots(nrows, ncols, **subplots_kwargs)
 
 
-def save_figure(fig, path) -> Path:
-    """Lay out and write `fig` as a PNG at `path` (parent directories created)."""
+def save_figure(fig, path, layout: bool = True) -> Path:
+    """Lay out (unless the caller did) and write `fig` as a PNG at `path` (parent directories created)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
+    if layout:
+        fig.tight_layout()
     fig.savefig(path, dpi=120)
     return path

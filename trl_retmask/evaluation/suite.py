@@ -197,22 +197,33 @@ def format_table(results: dict[str, dict]) -> str:
 
 
 def plot_results(results: dict[str, dict], path, title: str = "Long-context suite") -> Path:
-    """Grouped bar chart: one panel per category, bars per model, x = context length."""
+    """Grouped bar chart: one panel per category, bars per model, x = context length. A result may carry
+    `"intervals": {category: {length: [low, high]}}` (fractions, like its scores), drawn as error bars."""
     from trl_retmask.plotting import new_figure, save_figure
 
     cats = [c for c in CATEGORIES if any(c in r["scores"] for r in results.values())]
-    fig, axes = new_figure(1, max(len(cats), 1), figsize=(4.2 * max(len(cats), 1), 3.4), squeeze=False)
+    panels = max(len(cats), 1)
+    fig, axes = new_figure(1, panels, figsize=(max(4.2 * panels, 6.4), 4.2), squeeze=False)
     width = 0.8 / max(len(results), 1)
     for ax, cat in zip(axes[0], cats):
         lengths = sorted({n for r in results.values() for n in r["scores"].get(cat, {})}, key=int)
         for j, (name, r) in enumerate(results.items()):
             vals = [100 * r["scores"].get(cat, {}).get(n, float("nan")) for n in lengths]
-            ax.bar([i + j * width for i in range(len(lengths))], vals, width, label=name)
+            spans = [r.get("intervals", {}).get(cat, {}).get(n) for n in lengths]
+            err = None
+            if any(spans):
+                err = [[v - 100 * s[0] if s else 0 for v, s in zip(vals, spans)],
+                       [100 * s[1] - v if s else 0 for v, s in zip(vals, spans)]]
+            ax.bar([i + j * width for i in range(len(lengths))], vals, width, label=name, yerr=err, capsize=3)
         ax.set_xticks([i + width * (len(results) - 1) / 2 for i in range(len(lengths))], lengths)
         ax.set_title(f"{cat} ({PRIMARY[cat]})")
         ax.set_xlabel("context length (tokens)")
         ax.set_ylim(0, 100)
     axes[0][0].set_ylabel("score (%)")
-    axes[0][-1].legend(fontsize=8)
-    fig.suptitle(title)
-    return save_figure(fig, path)
+    # Below the panels, where it cannot cover a bar.
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 2) or 1, fontsize=8, frameon=False)
+    fig.suptitle(title, fontsize=10)
+    rows = -(-len(labels) // 2)
+    fig.tight_layout(rect=(0, 0.06 * rows + 0.02, 1, 1))
+    return save_figure(fig, path, layout=False)
