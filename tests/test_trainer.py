@@ -392,6 +392,8 @@ def test_group_by_length_sorts_by_prompt_plus_longer_completion(tiny_tokenizer, 
         assert chunk == sorted(chunk, reverse=True)
     assert lengths[order[0]] == max(lengths)
     trainer.train()  # the grouped order feeds a real step
+    trainer.args.train_sampling_strategy = "random"  # the default: transformers' own sampler, not ours
+    assert isinstance(trainer._get_train_sampler(), torch.utils.data.RandomSampler)
 
 
 def test_online_mode_refuses_length_grouping(tmp_path):
@@ -538,6 +540,7 @@ def test_truncate_prompt_boundaries():
     assert truncate_prompt(ids, None, 7, "keep_start") == ids[7:]  # 7 // 2 = 3 tokens
     assert truncate_prompt(ids, None, 10, "keep_end") == ids  # keep_end never drops a row in TRL
     assert truncate_prompt(ids, 8, 8, "keep_start") == ids[6:]  # both limits apply, in order
+    assert truncate_prompt(ids, None, 10) == ids[5:]  # TRL's default mode, keep_start
 
 
 def test_online_regeneration_schedule():
@@ -608,8 +611,12 @@ def test_dataset_shapes_and_cache_location(tmp_path):
     _check_columns("x", Dataset.from_dict({"chosen": ["a"], "rejected": ["b"]}))
     _check_columns("x", IterableDataset.from_generator(lambda: iter([{"prompt": "a"}])))
     for columns in ({"chosen": ["a"]}, {"rejected": ["a"]}, {"question": ["a"]}):
-        with pytest.raises(ValueError, match=rf"`x` has columns \{list(columns)}, but RetMask needs a `prompt` column"):
+        with pytest.raises(ValueError) as error:
             _check_columns("x", Dataset.from_dict(columns))
+        assert str(error.value) == (
+            f"`x` has columns {list(columns)}, but RetMask needs a `prompt` column (prompts to complete with pairs) or "
+            "`chosen`/`rejected` columns (preference pairs). Rename the prompt column, e.g. "
+            "`dataset.rename_column('question', 'prompt')`.")
     cache_dir = RetMaskTrainer._cache_dir
     args = SimpleNamespace(cache_pairs=True, pairs_cache_dir=None, output_dir=str(tmp_path))
     assert cache_dir(None, args) == str(tmp_path / "_retmask_pairs")  # `_*` is skipped by push_to_hub
