@@ -653,11 +653,21 @@ def test_precomputed_reference_log_probs_are_the_initial_policys_and_live_on_sha
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     assert losses[0] == pytest.approx(math.log(2), abs=1e-4)  # reference = the policy at step 0
 
-    # A second trainer on the same pairs reads the saved dataset instead of writing another one.
+    # A second trainer on the same pairs reads the saved dataset instead of writing it again.
+    (saved,) = pairs_folder.glob("dataset-*/state.json")
+    written = saved.stat().st_mtime_ns
     again = RetMaskTrainer(model=copy.deepcopy(initial), args=config(tmp_path, precompute_ref_log_probs=True),
                            train_dataset=prompts(), processing_class=tiny_tokenizer, head_scores=SCORES)
     assert [Path(f["filename"]).parent for f in again.train_dataset.cache_files][0] == files[0].parent
     assert again.train_dataset["ref_chosen_logps"] == pytest.approx(data["ref_chosen_logps"], abs=1e-6)
+    assert saved.stat().st_mtime_ns == written
+    # Other pairs (other heads masked) get their own saved dataset, never the first one's rows.
+    other = RetMaskTrainer(model=copy.deepcopy(initial),
+                           args=config(tmp_path, precompute_ref_log_probs=True, mask_top_k=1),
+                           train_dataset=prompts(), processing_class=tiny_tokenizer, head_scores=SCORES)
+    assert len(list(pairs_folder.glob("dataset-*/state.json"))) == 2
+    assert Path(other.train_dataset.cache_files[0]["filename"]).parent != files[0].parent
+    assert other.train_dataset["rejected"] != data["rejected"]
 
 
 def test_online_regeneration_that_drops_every_pair_keeps_the_previous_pairs(tiny_tokenizer, tmp_path, caplog):
