@@ -507,3 +507,47 @@ def test_niah_stage_selects_heads_from_scores_and_limits_needles(capsys, tmp_pat
     api = evaluate_niah(model, tokenizer, heads=[(0, 2), (1, 3)], context_lengths=[60], depths=[0, 50],
                         needles=load_needles()[:1], haystack_dir=str(hay_dir), max_new_tokens=3)
     assert stored == {r["key"]: r["response"] for r in api["records"]} and len(stored) == 2
+
+
+def test_suite_generate_is_batched_greedy_generation_under_the_mask(tiny_tokenizer):
+    """`evaluation.suite.generate`: each prompt's greedy answer as a hand `generate` call gives it, across batches
+    (a last, shorter one included), with and without heads masked."""
+    from trl_retmask.evaluation.suite import generate
+
+    model = make_tiny_model("llama")
+    heads = [(0, 1), (1, 2), (2, 0), (2, 3)]
+    prompts = ["the man said", "tell me a story about the sea", "the secret number is"]
+    plain = generate(model, tiny_tokenizer, prompts, 5, batch_size=2)
+    masked = generate(model, tiny_tokenizer, prompts, 5, batch_size=2, heads=heads)
+    assert plain == [hand(model, tiny_tokenizer, p, max_new_tokens=5, do_sample=False) for p in prompts]
+    assert masked == [hand(model, tiny_tokenizer, p, heads, max_new_tokens=5, do_sample=False) for p in prompts]
+    assert plain != masked
+
+
+def test_suite_budgets_batch_size_bounds_and_cache_identity(tiny_tokenizer, tmp_path):
+    """`generate_suite`: without a cap each sample gets its task's own budget; batch_size 1 is valid and 0 is not;
+    stored generations are reused only for the same model weights, generation settings and prompts."""
+    from trl_retmask.evaluation import build_suite
+    from trl_retmask.evaluation.suite import generate_suite
+
+    model = make_tiny_model("llama")
+    samples = build_suite(tiny_tokenizer, (256,), ["niah_single"], 2, 0)
+    budget = samples[0]["max_new_tokens"]
+    assert all(s["max_new_tokens"] == budget for s in samples) and budget > 6
+    outputs = generate_suite(model, tiny_tokenizer, samples, batch_size=1)
+    assert outputs == [hand(model, tiny_tokenizer, s["prompt"], max_new_tokens=budget, do_sample=False)
+                       for s in samples]
+    with pytest.raises(ValueError, match=r"^batch_size must be >= 1, got 0\.$"):
+        generate_suite(model, tiny_tokenizer, samples, batch_size=0)
+
+    kw = dict(batch_size=2, max_new_tokens=3, output_dir=tmp_path, name="g")
+    generate_suite(model, tiny_tokenizer, samples, **kw)
+    other_weights = make_tiny_model("llama")
+    with torch.no_grad():
+        other_weights.lm_head.weight.mul_(2)
+    other_settings = make_tiny_model("llama")
+    other_settings.generation_config.repetition_penalty = 1.3
+    other_prompts = [{**s, "prompt": s["prompt"] + " ?"} for s in samples]
+    for m, data in ((other_weights, samples), (other_settings, samples), (model, other_prompts)):
+        with pytest.raises(ValueError, match="another run"):
+            generate_suite(m, tiny_tokenizer, data, **kw)
