@@ -14,6 +14,7 @@ import torch
 from datasets import Dataset
 
 from tests.recipe_utils import REPO, save_tiny_model, write_chat_log
+from tests.test_pairs import CountingGenerate
 from tests.tiny import make_tiny_model, make_tiny_tokenizer
 from trl_retmask import HeadScores, RetMaskConfig, RetMaskTrainer, mask_heads
 
@@ -551,3 +552,32 @@ def test_suite_budgets_batch_size_bounds_and_cache_identity(tiny_tokenizer, tmp_
     for m, data in ((other_weights, samples), (other_settings, samples), (model, other_prompts)):
         with pytest.raises(ValueError, match="another run"):
             generate_suite(m, tiny_tokenizer, data, **kw)
+
+
+@pytest.mark.parametrize("damage", ["fewer outputs", "other indices", "not a list", "not strings"])
+def test_suite_store_records_that_do_not_fit_their_batch_are_regenerated(tiny_tokenizer, tmp_path, damage):
+    """A stored batch is reused only when its record fits the batch (its indices, one string per sample); a
+    damaged one is generated again, the others are read back."""
+    from trl_retmask.evaluation import build_suite
+    from trl_retmask.evaluation.suite import generate_suite
+
+    model = make_tiny_model("llama")
+    samples = build_suite(tiny_tokenizer, (256,), ["niah_single"], 4, 0)
+    kw = dict(batch_size=2, max_new_tokens=3, output_dir=tmp_path, name="g")
+    first = generate_suite(model, tiny_tokenizer, samples, **kw)
+    (store,) = tmp_path.glob("g.rank*.jsonl")
+    records = [json.loads(line) for line in store.read_text().splitlines()]
+    assert [r["indices"] for r in records] == [[0, 1], [2, 3]]
+    broken = records[0]
+    if damage == "fewer outputs":
+        broken["outputs"] = broken["outputs"][:1]
+    elif damage == "other indices":
+        broken["indices"] = [1, 0]
+    elif damage == "not a list":
+        broken["outputs"] = "x"
+    else:
+        broken["outputs"] = [1, 2]
+    store.write_text("".join(json.dumps(r) + "\n" for r in records))
+    calls = CountingGenerate(model)
+    assert generate_suite(model, tiny_tokenizer, samples, **kw) == first
+    assert calls.rows == [2], "only the damaged batch is generated again"
