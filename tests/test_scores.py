@@ -409,3 +409,15 @@ def test_models_without_a_name_and_long_error_lists(tmp_path):
         HeadScores.from_pretrained(d)  # the first five of six
     with pytest.raises(ValueError, match=r"Heads \[\(0, 3\), \(1, 3\), \(2, 0\), \(2, 1\), \(2, 2\)\] lie outside 2"):
         HeadScores({f"{l}-{h}": [1] for l in range(4) for h in range(4)}, num_layers=2, num_heads=3)
+
+
+def test_threshold_bounds_and_rank_ties():
+    """`threshold` lies in (0, 1]: 0 would mask every head (refused), 1 only perfect ones (kept); heads with equal
+    scores rank by (layer, head), so a top-k cut at a tie is the same on every run."""
+    scores = HeadScores({"0-1": [0.5], "0-0": [0.5], "1-0": [1.0], "1-1": [0.2]}, num_layers=2, num_heads=2)
+    for bad in (0, -0.1, 1.01):
+        with pytest.raises(ValueError, match="threshold"):
+            scores.select(threshold=bad)
+    assert scores.select(threshold=1) == [(1, 0)]
+    assert [h for h, _ in scores.ranked()] == [(1, 0), (0, 0), (0, 1), (1, 1)]
+    assert scores.select(top_k=2) == [(0, 0), (1, 0)]
