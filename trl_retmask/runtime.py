@@ -16,7 +16,7 @@ import os
 import platform
 import warnings
 from collections.abc import Callable, Sequence
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any
@@ -51,6 +51,26 @@ def from_main_process(value):
     box = [value]
     broadcast_object_list(box, from_process=0)
     return box[0]
+
+
+@contextmanager
+def unwrapped_for_generation(trainer):
+    """The trainer's model ready to generate mid-training: TRL's `unwrap_model_for_generation` (gathers ZeRO-3 / FSDP
+    shards, turns activation checkpointing off), with checkpointing restored with the user's kwargs (TRL's default
+    would be transformers' own) and also when the body raises (TRL restores it only when the body returns, so an
+    error caught by the caller would leave the rest of training without it)."""
+    from trl.models.utils import unwrap_model_for_generation
+
+    unwrapped = trainer.accelerator.unwrap_model(trainer.model_wrapped)
+    was_on = unwrapped.is_gradient_checkpointing  # the names TRL reads and calls, valid on every transformers 5
+    kwargs = trainer.args.gradient_checkpointing_kwargs
+    try:
+        with unwrap_model_for_generation(trainer.model_wrapped, trainer.accelerator,
+                                         gradient_checkpointing_kwargs=kwargs) as model:
+            yield model
+    finally:
+        if was_on and not unwrapped.is_gradient_checkpointing:
+            unwrapped.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def end_processes() -> None:

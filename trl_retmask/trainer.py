@@ -19,7 +19,6 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase, TrainerCallback
 from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 from transformers.trainer_pt_utils import LengthGroupedSampler
 from trl import DPOTrainer
-from trl.models.utils import unwrap_model_for_generation
 from trl.trainer.utils import (
     create_model_from_path,
     generate_model_card,
@@ -32,7 +31,7 @@ from .config import RetMaskConfig
 from .model_card import PAPER, retmask_section, write_retmask_files
 from .models import hub_id_of, resolve_model_path
 from .pairs import PairStats, complete_prompt_dataset, is_prompt_only
-from .runtime import from_main_process, process_state
+from .runtime import from_main_process, process_state, unwrapped_for_generation
 from .scores import HeadScores, resolve_head_scores, select_heads
 
 if is_wandb_available():
@@ -281,21 +280,14 @@ class RetMaskTrainer(DPOTrainer):
         """Online RetMask: new pairs from the current policy replace the training pairs (same row count)."""
         settings = {**self.args.generation_settings, "seed": self.args.generation_seed + step}
         tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)
-        # The error is caught inside the context: TRL's `unwrap_model_for_generation` turns activation checkpointing
-        # back on only when its body returns, so an error crossing it would leave the rest of training without it.
-        with unwrap_model_for_generation(
-            self.model_wrapped, self.accelerator,
-            gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs,
-        ) as model:
-            try:
+        try:
+            with unwrapped_for_generation(self) as model:
                 dataset, stats = complete_prompt_dataset(
                     self._train_prompts, model, tokenizer, self.masked_heads, name=f"train@{step}",
                     batch_size=self.args.generation_batch_size, cache_dir=self._cache_dir(self.args), **settings,
                 )
-            except ValueError as e:  # every new pair dropped: keep training on the previous ones
-                logger.warning("Online RetMask at step %d kept the previous pairs: %s", step, e)
-                dataset = None
-        if dataset is None:
+        except ValueError as e:  # every new pair dropped: keep training on the previous ones
+            logger.warning("Online RetMask at step %d kept the previous pairs: %s", step, e)
             return
         self.train_dataset.current = self._prepare_dataset(dataset, self.processing_class, self.args, "train")
         self.pair_stats["train"] = stats

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from transformers import TrainerCallback
-from trl.models.utils import unwrap_model_for_generation
 
+from ..runtime import unwrapped_for_generation
 from .suite import generate_suite, score_suite
 from .tasks import CATEGORIES, build_suite
 
@@ -44,12 +44,7 @@ class LongContextEvalCallback(TrainerCallback):
 
     def evaluate(self, step: int) -> dict:
         """Generate (each process its share of the samples, gathered), score, and log on the trainer."""
-        # TRL's unwrapping gathers ZeRO-3 / FSDP shards for the duration of generation and turns activation
-        # checkpointing off; without the user's kwargs it would come back with transformers' default ones.
-        with unwrap_model_for_generation(
-            self.trainer.model_wrapped, self.trainer.accelerator,
-            gradient_checkpointing_kwargs=self.trainer.args.gradient_checkpointing_kwargs,
-        ) as model:
+        with unwrapped_for_generation(self.trainer) as model:  # shards gathered, checkpointing off meanwhile
             outputs = generate_suite(model, self.tokenizer, self.samples, self.batch_size,
                                      max_new_tokens=self.max_new_tokens)
         result = score_suite(self.samples, outputs)
