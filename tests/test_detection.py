@@ -3,6 +3,7 @@ attention, hand-computed scores, span boundaries, resume, sharding."""
 
 import inspect
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +35,8 @@ def tiny_tokenizer(tmp_path_factory):
 
 def forced_generation(tokenizer, answers: dict, calls: list | None = None, fail_after: int | None = None,
                       on_sample=None):
-    """A `generate_answer` that runs the real model forward passes but emits the given answer text per needle."""
+    """A `generate_answer` that runs the real model forward passes but emits the given answer text per needle
+    (`answers[needle_index]`, or `answers(sample)`)."""
 
     def generate(model, tok, sample, max_new_tokens, heads=None, *, stop_at_eos=True):
         if calls is not None:
@@ -43,7 +45,8 @@ def forced_generation(tokenizer, answers: dict, calls: list | None = None, fail_
                 raise KeyboardInterrupt  # killed mid-run
         if on_sample is not None:
             on_sample(sample)
-        target = tokenizer(answers[sample.needle_index], add_special_tokens=False)["input_ids"][:max_new_tokens]
+        text = answers(sample) if callable(answers) else answers[sample.needle_index]
+        target = tokenizer(text, add_special_tokens=False)["input_ids"][:max_new_tokens]
         ids = torch.tensor([sample.input_ids])
         p = ids.shape[1]
         out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
@@ -193,13 +196,20 @@ def test_defaults_are_the_authors():
 def test_detection_decodes_past_eos(tiny_tokenizer, hay_dir, tmp_path):
     """50 greedy tokens whatever EOS does (their loop has no EOS stop); the response skips special tokens."""
     model = make_tiny_model("llama")
-    with torch.no_grad():
-        model.lm_head.weight[2] += 5.0  # EOS is the greedy token
+    eos = tiny_tokenizer.eos_token_id
+    assert model.generation_config.eos_token_id == eos  # so that an EOS stop would end the decode at once
+
+    def eos_wins(module, inputs, logits):
+        logits[..., eos] += 1e4  # EOS is the greedy token at every step
+        return logits
+
+    model.lm_head.register_forward_hook(eos_wins)
     with pytest.raises(ValueError, match="none of the"):
         detect_retrieval_heads(model, tiny_tokenizer, context_lengths=[0], depths=[0], needles=[NEEDLE],
                                max_new_tokens=7, haystack_dir=hay_dir, output_dir=tmp_path)
     record = json.loads((tmp_path / "detect.rank0.jsonl").read_text().splitlines()[0])
-    assert record["num_new_tokens"] == 7 and "</s>" not in record["response"]
+    assert record["num_new_tokens"] == 7 and record["response"] == ""
+    assert len(record["scores"]) == 3 * 4 and (tmp_path / "niah_grid.png").is_file()  # the grid even on failure
 
 
 def test_real_needle_outside_the_needle_is_refused(tiny_tokenizer, hay_dir):
@@ -292,12 +302,13 @@ def test_detect_scores_match_hand_computation(tiny_tokenizer, hay_dir, monkeypat
     assert json.loads((out / "sparsity.json").read_text())["num_correct"] == 2
 
 
-def _forced_detect(model, tok, hay_dir, out, monkeypatch, needles=(LEADIN_NEEDLE, OTHER), overwrite=False, **kw):
+def _forced_detect(model, tok, hay_dir, out, monkeypatch, needles=(LEADIN_NEEDLE, OTHER), overwrite=False,
+                   max_new_tokens=6, length_buffer=0, **kw):
     monkeypatch.setattr(detection, "generate_answer",
                         forced_generation(tok, {i: n["real_needle"] for i, n in enumerate(needles)}, **kw))
     return detect_retrieval_heads(model, tok, context_lengths=[50, 80], depths=[0, 50, 100], needles=list(needles),
-                                  max_new_tokens=6, haystack_dir=hay_dir, output_dir=out, overwrite=overwrite,
-                                  length_buffer=0)
+                                  max_new_tokens=max_new_tokens, haystack_dir=hay_dir, output_dir=out,
+                                  overwrite=overwrite, length_buffer=length_buffer)
 
 
 def test_detect_resumes_after_kill(tiny_tokenizer, hay_dir, monkeypatch, tmp_path):
@@ -342,6 +353,133 @@ def test_detect_redoes_a_record_of_the_wrong_layout(tiny_tokenizer, hay_dir, mon
     with pytest.warns(UserWarning, match="detect.rank0.jsonl: 1 unusable record"):
         again = _forced_detect(model, tiny_tokenizer, hay_dir, tmp_path / "d", monkeypatch, calls=calls)
     assert calls == [record["key"]] and again.scores == full.scores
+
+
+@pytest.mark.parametrize("change,named", [
+    ({"model": {"seed": 1}}, r"\(model weights, data or settings differ\)"),  # same layout and name, other weights
+    ({"model": {"num_hidden_layers": 2}}, r"\(layout differ\)"),
+    ({"max_new_tokens": 5}, r"\(max_new_tokens differ\)"),
+    ({"length_buffer": 8}, r"\(length_buffer, samples differ\)"),
+])
+def test_detect_refuses_a_directory_of_another_model_or_settings(tiny_tokenizer, hay_dir, monkeypatch, tmp_path,
+                                                                  change, named):
+    """Records are reused only for the same weights, layout, decode budget and prompts; the refusal names what
+    changed and comes before any sample runs."""
+    _forced_detect(make_tiny_model("qwen2"), tiny_tokenizer, hay_dir, tmp_path / "d", monkeypatch)
+    model = make_tiny_model("qwen2", **change.pop("model", {}))
+    calls = []
+    with pytest.raises(ValueError, match=named + r"\. Use a fresh output"):
+        _forced_detect(model, tiny_tokenizer, hay_dir, tmp_path / "d", monkeypatch, calls=calls, **change)
+    assert calls == []
+
+
+def test_max_new_tokens_bounds_and_the_window_edge(tiny_tokenizer, hay_dir, monkeypatch):
+    """max_new_tokens: 0 refused, 1 scores; the longest prompt plus the new tokens may fill the window exactly."""
+    model = make_tiny_model("llama")
+    kw = dict(needles=[NEEDLE], haystack_dir=hay_dir, length_buffer=0)
+    with pytest.raises(ValueError, match=r"max_new_tokens must be >= 1, got 0\."):
+        detect_retrieval_heads(model, tiny_tokenizer, context_lengths=[50], depths=[50], max_new_tokens=0, **kw)
+    monkeypatch.setattr(detection, "generate_answer", forced_generation(tiny_tokenizer, {0: "five"}))
+    one = detect_retrieval_heads(model, tiny_tokenizer, context_lengths=[50], depths=[50], max_new_tokens=1, **kw)
+    assert len(one.scores[(0, 0)]) == 1  # one correct sample, scored from a single generated token
+
+    window = model.config.max_position_embeddings
+    longest = max(len(s.input_ids) for s in build_niah_samples(tiny_tokenizer, [400], [0, 100], [NEEDLE], hay_dir,
+                                                                   length_buffer=0))
+    room = window - longest
+    assert 0 < room < 200
+    detect_retrieval_heads(model, tiny_tokenizer, context_lengths=[400], depths=[0, 100], max_new_tokens=room, **kw)
+    with pytest.raises(ValueError, match=rf"The longest prompt \({longest} tokens\) \+ {room + 1} new tokens exceeds "
+                                         rf"the model's window of {window} tokens"):
+        detect_retrieval_heads(model, tiny_tokenizer, context_lengths=[400], depths=[0, 100],
+                               max_new_tokens=room + 1, **kw)
+
+
+def test_haystack_per_needle_reaches_the_prompts(tiny_tokenizer, hay_dir, monkeypatch):
+    """Two haystack files: needle i reads file i by default (the authors' part{i}), the joined text when False."""
+    (hay_dir / "b.txt").write_text("the boy saw a big white house . the children play in the school . " * 6)
+    needles = [NEEDLE, OTHER]
+    kw = dict(context_lengths=[60], depths=[0, 100], needles=needles, max_new_tokens=3, length_buffer=0)
+
+    def prompts(**extra):
+        seen = {}
+        monkeypatch.setattr(detection, "generate_answer", forced_generation(
+            tiny_tokenizer, {0: "five", 1: "water"}, on_sample=lambda s: seen.update({s.key: s.input_ids})))
+        detect_retrieval_heads(make_tiny_model("llama"), tiny_tokenizer, haystack_dir=hay_dir, **kw, **extra)
+        return seen
+
+    def built(per_needle):
+        return {s.key: s.input_ids for s in build_niah_samples(
+            tiny_tokenizer, kw["context_lengths"], kw["depths"], needles, hay_dir, max_length=512, max_new_tokens=3,
+            length_buffer=0, haystack_per_needle=per_needle)}
+
+    assert built(True) != built(False)  # the setting changes the prompts
+    assert prompts() == built(True)
+    assert prompts(haystack_per_needle=False) == built(False)
+
+
+@pytest.mark.parametrize("depths,warned", [([0, 100], False), ([0, 25, 50, 75, 100], True)])
+def test_few_correct_samples_warn_below_a_quarter(tiny_tokenizer, hay_dir, monkeypatch, depths, warned):
+    """One correct sample: of 4 (exactly a quarter) no warning; of 5 a warning, pointing at the caller."""
+    needles = [NEEDLE] if warned else [NEEDLE, OTHER]
+    monkeypatch.setattr(detection, "generate_answer", forced_generation(
+        tiny_tokenizer, lambda s: "five" if s.depth == 0 and s.needle_index == 0 else "the man went home"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        scores = detect_retrieval_heads(make_tiny_model("llama"), tiny_tokenizer, context_lengths=[60], depths=depths,
+                                        needles=needles, max_new_tokens=3, haystack_dir=hay_dir, length_buffer=0)
+    assert len(scores.scores[(0, 0)]) == 1
+    few = [w for w in caught if "answered correctly" in str(w.message)]
+    if not warned:
+        assert few == []
+    else:
+        assert [str(w.message) for w in few] == ["Only 1/5 NIAH samples were answered correctly; the scores rest on "
+                                                 "few samples. Shorter contexts give more."]
+        assert few[0].category is UserWarning and few[0].filename == __file__
+
+
+def test_finished_outputs_are_not_rewritten_and_damaged_ones_are(tiny_tokenizer, hay_dir, monkeypatch, tmp_path):
+    """A resumed, finished directory rewrites nothing; a missing plot or a damaged score file is made again."""
+    model = make_tiny_model("qwen2")
+    out = tmp_path / "d"
+    scores = _forced_detect(model, tiny_tokenizer, hay_dir, out, monkeypatch)
+    names = ("head_scores.json", "head_scores.png", "niah_grid.png", "sparsity.json")
+    assert json.loads((out / "sparsity.json").read_text()) == {**scores.sparsity(), "num_samples": 12,
+                                                               "num_correct": 12}
+    expected = (out / "head_scores.json").read_text()
+    assert json.loads(expected) == {f"{l}-{h}": v for (l, h), v in scores.scores.items()}
+
+    def stamps():
+        return {n: (out / n).stat().st_mtime_ns for n in names}
+
+    before = stamps()
+    calls = []
+    _forced_detect(model, tiny_tokenizer, hay_dir, out, monkeypatch, calls=calls)
+    assert calls == [] and stamps() == before
+    (out / "head_scores.png").unlink()
+    _forced_detect(model, tiny_tokenizer, hay_dir, out, monkeypatch)
+    assert (out / "head_scores.png").is_file()
+    for damaged in ("{", json.dumps({k: [0.0] * len(v) for k, v in json.loads(expected).items()})):
+        (out / "head_scores.json").write_text(damaged)
+        _forced_detect(model, tiny_tokenizer, hay_dir, out, monkeypatch)
+        assert (out / "head_scores.json").read_text() == expected
+
+
+def test_unsupported_attention_is_refused_before_anything_changes(tiny_tokenizer):
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+
+    with pytest.raises(ValueError, match=r"^Linear has no eager_attention_forward; load the model with sdpa\.$"):
+        detection._inner_attention("eager", torch.nn.Linear(1, 1))
+    model = make_tiny_model("llama")
+    assert "flex_attention" in ALL_MASK_ATTENTION_FUNCTIONS  # refused although it has a mask function
+    for impl in ("flex_attention", "no_such_attention"):
+        model.config._attn_implementation = impl
+        with pytest.raises(ValueError, match=rf"supports sdpa, eager and flash attention, not '{impl}'; load the "
+                                             r"model with attn_implementation='sdpa'\."):
+            with record_attention_argmax(model):
+                pass
+        assert model.config._attn_implementation == impl
+        assert not any(hasattr(m, detection._RECORDER_ATTR) for m in model.modules())
 
 
 SHARD_SCRIPT = """

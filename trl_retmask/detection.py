@@ -72,13 +72,18 @@ def _inner_attention(base: str, module):
     return ALL_ATTENTION_FUNCTIONS[base]
 
 
+def _attend_and_record(base: str, module, query, key, value, attention_mask, *args, **kwargs):
+    """The model's own attention (`base`), plus the last row's argmax when a recorder is attached to `module`."""
+    output = _inner_attention(base, module)(module, query, key, value, attention_mask, *args, **kwargs)
+    recorder = getattr(module, _RECORDER_ATTR, None)
+    if recorder is not None:
+        recorder.record(module, query, key, attention_mask)
+    return output
+
+
 def _make_wrapper(base: str):
     def attention(module, query, key, value, attention_mask, *args, **kwargs):
-        output = _inner_attention(base, module)(module, query, key, value, attention_mask, *args, **kwargs)
-        recorder = getattr(module, _RECORDER_ATTR, None)
-        if recorder is not None:
-            recorder.record(module, query, key, attention_mask)
-        return output
+        return _attend_and_record(base, module, query, key, value, attention_mask, *args, **kwargs)
 
     attention.__name__ = f"{_IMPL_PREFIX}{base}"
     return attention
@@ -184,16 +189,14 @@ def copy_scores(positions: torch.Tensor, generated: torch.Tensor, sequence: torc
     return hits.sum(0).float() / (end - start)
 
 
-def _score_sample(model, tokenizer, recorder: ArgmaxRecorder, sample: NIAHSample, max_new_tokens: int,
-                  num_heads_total: int) -> dict:
+def _score_sample(model, tokenizer, recorder: ArgmaxRecorder, sample: NIAHSample, max_new_tokens: int) -> dict:
+    """One sample's record. Without an EOS stop, and with the window checked by `build_niah_samples`, the decode
+    always yields `max_new_tokens` tokens (at least 1)."""
     recorder.reset()
     new = generate_answer(model, tokenizer, sample, max_new_tokens, stop_at_eos=False)
     response = tokenizer.decode(new, skip_special_tokens=True)
-    if new:
-        positions = recorder.positions(len(sample.input_ids) - 1, len(new))
-        scores = copy_scores(positions, torch.tensor(new), torch.tensor(sample.input_ids + new), sample.answer_span)
-    else:
-        scores = torch.zeros(num_heads_total)
+    positions = recorder.positions(len(sample.input_ids) - 1, len(new))
+    scores = copy_scores(positions, torch.tensor(new), torch.tensor(sample.input_ids + new), sample.answer_span)
     return {"response": response, **score_answer(sample.answer, response), "num_new_tokens": len(new),
             "scores": [round(v, 6) for v in scores.flatten().tolist()]}
 
@@ -235,7 +238,7 @@ def detect_retrieval_heads(model, tokenizer, context_lengths: Iterable[int] = AU
             "layout": [num_layers, num_heads]}
     with record_attention_argmax(model) as recorder:
         records = run_niah_samples(
-            samples, lambda s: _score_sample(model, tokenizer, recorder, s, max_new_tokens, num_layers * num_heads),
+            samples, lambda s: _score_sample(model, tokenizer, recorder, s, max_new_tokens),
             output_dir, name="detect", fingerprint=fp, info=info, overwrite=overwrite,
             fields=("response", "rouge1_recall", "correct", "scores"),
             verify=lambda s, r: isinstance(r["scores"], list) and len(r["scores"]) == num_layers * num_heads,
