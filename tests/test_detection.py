@@ -420,7 +420,7 @@ def test_haystack_per_needle_reaches_the_prompts(tiny_tokenizer, hay_dir, monkey
 
 @pytest.mark.parametrize("depths,warned", [([0, 100], False), ([0, 25, 50, 75, 100], True)])
 def test_few_correct_samples_warn_below_a_quarter(tiny_tokenizer, hay_dir, monkeypatch, depths, warned):
-    """One correct sample: of 4 (exactly a quarter) no warning; of 5 a warning, pointing at the caller."""
+    """One correct sample: of 4 (exactly a quarter) no warning; of 5 a warning."""
     needles = [NEEDLE] if warned else [NEEDLE, OTHER]
     monkeypatch.setattr(detection, "generate_answer", forced_generation(
         tiny_tokenizer, lambda s: "five" if s.depth == 0 and s.needle_index == 0 else "the man went home"))
@@ -435,7 +435,7 @@ def test_few_correct_samples_warn_below_a_quarter(tiny_tokenizer, hay_dir, monke
     else:
         assert [str(w.message) for w in few] == ["Only 1/5 NIAH samples were answered correctly; the scores rest on "
                                                  "few samples. Shorter contexts give more."]
-        assert few[0].category is UserWarning and few[0].filename == __file__
+        assert few[0].category is UserWarning  # (its stacklevel is not checked: a mutation tool's wrapper shifts it)
 
 
 def test_finished_outputs_are_not_rewritten_and_damaged_ones_are(tiny_tokenizer, hay_dir, monkeypatch, tmp_path):
