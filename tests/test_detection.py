@@ -214,7 +214,9 @@ def test_detection_decodes_past_eos(tiny_tokenizer, hay_dir, tmp_path):
 
 def test_real_needle_outside_the_needle_is_refused(tiny_tokenizer, hay_dir):
     needle = {**NEEDLE, "real_needle": "water"}
-    with pytest.raises(ValueError, match=r"real_needle of needle\(s\) \[0\] does not occur"):
+    with pytest.raises(ValueError, match=r"^The real_needle of needle\(s\) \[0\] does not occur in its needle "
+                                         r"\(case-insensitive\): detection scores copies of the real_needle's tokens, "
+                                         r"so it must be part of the needle\.$"):
         detect_retrieval_heads(make_tiny_model("llama"), tiny_tokenizer, context_lengths=[0], depths=[0],
                                needles=[needle], haystack_dir=hay_dir)
 
@@ -341,13 +343,17 @@ def test_detect_refuses_a_directory_of_other_needles(tiny_tokenizer, hay_dir, mo
         json.loads((tmp_path / "fresh" / "head_scores.json").read_text())
 
 
-def test_detect_redoes_a_record_of_the_wrong_layout(tiny_tokenizer, hay_dir, monkeypatch, tmp_path):
+@pytest.mark.parametrize("damage", ["one head short", "no scores"])
+def test_detect_redoes_a_record_of_the_wrong_layout(tiny_tokenizer, hay_dir, monkeypatch, tmp_path, damage):
     model = make_tiny_model("qwen2")
     full = _forced_detect(model, tiny_tokenizer, hay_dir, tmp_path / "d", monkeypatch)
     path = tmp_path / "d" / "detect.rank0.jsonl"
     lines = path.read_text().splitlines(keepends=True)
     record = json.loads(lines[0])
-    record["scores"] = record["scores"][:-1]  # an edited file: one head short
+    if damage == "no scores":
+        del record["scores"]
+    else:
+        record["scores"] = record["scores"][:-1]  # an edited file
     path.write_text(json.dumps(record) + "\n" + "".join(lines[1:]))
     calls = []
     with pytest.warns(UserWarning, match="detect.rank0.jsonl: 1 unusable record"):
@@ -371,6 +377,11 @@ def test_detect_refuses_a_directory_of_another_model_or_settings(tiny_tokenizer,
     with pytest.raises(ValueError, match=named + r"\. Use a fresh output"):
         _forced_detect(model, tiny_tokenizer, hay_dir, tmp_path / "d", monkeypatch, calls=calls, **change)
     assert calls == []
+    if "max_new_tokens" in change:  # the default is to refuse, not to overwrite
+        with pytest.raises(ValueError, match=named):
+            detect_retrieval_heads(model, tiny_tokenizer, context_lengths=[50, 80], depths=[0, 50, 100],
+                                   needles=[LEADIN_NEEDLE, OTHER], haystack_dir=hay_dir, output_dir=tmp_path / "d",
+                                   length_buffer=0, **change)
 
 
 def test_max_new_tokens_bounds_and_the_window_edge(tiny_tokenizer, hay_dir, monkeypatch):
@@ -517,7 +528,9 @@ def test_two_processes_match_one(tiny_tokenizer, hay_dir, monkeypatch, tmp_path)
 
 def test_zero_correct_samples_is_an_error(tiny_tokenizer, hay_dir):
     model = make_tiny_model("llama")  # random weights never answer
-    with pytest.raises(ValueError, match="shorter contexts"):
+    with pytest.raises(ValueError, match=r"^The model answered none of the 1 NIAH samples correctly \(ROUGE-1 recall "
+                                         r"> 0\.5\), so no retrieval score can be computed\. Use shorter contexts "
+                                         r"\(context_lengths\) or more new tokens\.$"):
         detect_retrieval_heads(model, tiny_tokenizer, context_lengths=[50], depths=[50], needles=[NEEDLE],
                                max_new_tokens=3, haystack_dir=hay_dir)
 
