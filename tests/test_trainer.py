@@ -124,6 +124,59 @@ def test_card_of_the_embedded_checkpoint_names_its_hub_base_model(tiny_tokenizer
     assert not hasattr(trainer, "_card_save_dir")
 
 
+def test_card_links_the_run_trackers_and_cites_the_paper(tiny_tokenizer, tmp_path, monkeypatch):
+    """TRL's card fields our `_write_card` fills: tracker links (W&B only while a run is active), the paper and its
+    citation; the RetMask section follows TRL's text after exactly one blank line."""
+    import types
+
+    import trl_retmask.trainer as trainer_module
+    from trl_retmask.model_card import PAPER
+
+    prefs = Dataset.from_dict({"prompt": ["a"], "chosen": ["the"], "rejected": ["sea"]})
+    trainer = RetMaskTrainer(model=make_tiny_model("llama"), args=config(tmp_path), train_dataset=prefs,
+                             processing_class=tiny_tokenizer, head_scores=SCORES)
+    links = {"wandb": "https://wandb.ai/me/p/runs/abc", "trackio": "https://huggingface.co/spaces/me/trackio",
+             "comet": "https://www.comet.com/me/p/xyz"}
+    monkeypatch.setattr(trainer_module, "get_trackio_space_url", lambda: links["trackio"])
+    monkeypatch.setattr(trainer_module, "get_comet_experiment_url", lambda: links["comet"])
+    monkeypatch.setattr(trainer_module, "is_wandb_available", lambda: True)
+    for run, wandb_linked in ((types.SimpleNamespace(url=links["wandb"]), True), (None, False)):
+        monkeypatch.setattr(trainer_module, "wandb", types.SimpleNamespace(run=run), raising=False)
+        trainer.create_model_card()
+        card = (tmp_path / "out" / "README.md").read_text()
+        assert (links["wandb"] in card) is wandb_linked
+        assert links["trackio"] in card and links["comet"] in card
+        assert PAPER["citation"] in card and f"https://huggingface.co/papers/{PAPER['id']}" in card
+        assert PAPER["title"] in card.split("## RetMask")[0]  # TRL's part names the paper
+        head, tail = card.split("## RetMask")
+        assert head.endswith("\n\n") and not head.endswith("\n\n\n") and tail.startswith("\n")
+
+
+def test_save_model_writes_its_card_where_it_saves_and_pushes_only_for_the_user(tiny_tokenizer, tmp_path):
+    """`save_model(dir)`: weights and card in `dir` (card titled after it), nothing in `output_dir`; the user's call
+    pushes when `push_to_hub` is on, Trainer's internal calls do not; only the world's main process writes the
+    card (with `save_on_each_node`, another node's local main saves weights, not a card)."""
+    prefs = Dataset.from_dict({"prompt": ["a"], "chosen": ["the"], "rejected": ["sea"]})
+    trainer = RetMaskTrainer(model=make_tiny_model("llama"), args=config(tmp_path), train_dataset=prefs,
+                             processing_class=tiny_tokenizer, head_scores=SCORES)
+    pushes = []
+    trainer.push_to_hub = lambda **kw: pushes.append(kw)
+    trainer.args.push_to_hub = True
+    saved = tmp_path / "my-run"
+    trainer.save_model(str(saved))
+    assert (saved / "model.safetensors").is_file() and "# Model Card for my-run" in (saved / "README.md").read_text()
+    assert (saved / "retmask.json").is_file() and not (tmp_path / "out" / "README.md").exists()
+    assert len(pushes) == 1
+    trainer.save_model(str(saved), _internal_call=True)
+    assert len(pushes) == 1
+    trainer.args.push_to_hub = False
+    trainer.save_model()  # no directory: `output_dir`
+    assert "# Model Card for out" in (tmp_path / "out" / "README.md").read_text()
+    trainer.is_world_process_zero = lambda: False
+    trainer.save_model(str(tmp_path / "node1"))
+    assert (tmp_path / "node1" / "model.safetensors").is_file() and not (tmp_path / "node1" / "README.md").exists()
+
+
 def test_peft_trains_adapter_and_keeps_base_weights(tiny_tokenizer, tmp_path):
     from peft import LoraConfig
 
@@ -237,25 +290,50 @@ def test_clear_errors_before_generation(tiny_tokenizer, tmp_path):
     with pytest.raises(ValueError, match="another model"):
         RetMaskTrainer(model=model, args=config(tmp_path), train_dataset=prompts(), processing_class=tiny_tokenizer,
                        head_scores=wrong)
-    with pytest.raises(ValueError, match="twice"):
+    with pytest.raises(ValueError, match=r"^Head scores were given twice \(the `head_scores` argument and "
+                                         r"`args.head_scores`\); keep one\.$"):
         RetMaskTrainer(model=model, args=config(tmp_path, head_scores="x.json"), train_dataset=prompts(),
                        processing_class=tiny_tokenizer, head_scores=SCORES)
     with pytest.raises(ValueError, match="No head scores given"):
         RetMaskTrainer(model=model, args=config(tmp_path), train_dataset=prompts(), processing_class=tiny_tokenizer)
-    with pytest.raises(TypeError, match="RetMaskConfig"):
+    with pytest.raises(TypeError, match=r"`args` must be a RetMaskConfig \(it adds the masking and generation "
+                                        r"settings\), got DPOConfig\. Build it with RetMaskConfig\("):
         from trl import DPOConfig
 
         RetMaskTrainer(model=model, args=DPOConfig(str(tmp_path), bf16=False), train_dataset=prompts(),
                        processing_class=tiny_tokenizer, head_scores=SCORES)
     assert counter.calls == 0
-    with pytest.raises(ValueError, match="has columns \\['question'\\].*needs a `prompt` column"):
+    with pytest.raises(ValueError, match="^`train_dataset` has columns \\['question'\\].*needs a `prompt` column"):
         RetMaskTrainer(model=model, args=config(tmp_path), train_dataset=Dataset.from_dict({"question": ["a"]}),
                        processing_class=tiny_tokenizer, head_scores=SCORES)
     with pytest.raises(ValueError, match="eval_dataset` has columns"):
         RetMaskTrainer(model=model, args=config(tmp_path), train_dataset=prompts(),
                        eval_dataset=Dataset.from_dict({"text": ["a"]}), processing_class=tiny_tokenizer,
                        head_scores=SCORES)
+    with pytest.raises(ValueError, match=r"^`train_dataset` is required: prompts \(`\{'prompt': \.\.\.\}`\) or "
+                                         r"preference pairs\.$"):
+        RetMaskTrainer(model=model, args=config(tmp_path), processing_class=tiny_tokenizer, head_scores=SCORES)
     assert counter.calls == 0
+
+
+def test_default_output_dir_is_named_after_the_model(tiny_tokenizer, tmp_path, monkeypatch):
+    """Without `args`, the run is "<last part of the model's name>-RetMask" in the working directory, as TRL names
+    its default output directories."""
+    monkeypatch.chdir(tmp_path)
+    prefs = Dataset.from_dict({"prompt": ["a"], "chosen": ["the"], "rejected": ["sea"]})  # nothing to generate
+    model = make_tiny_model("llama")
+    model.save_pretrained(tmp_path / "org" / "tiny-llama")
+    tiny_tokenizer.save_pretrained(tmp_path / "org" / "tiny-llama")
+
+    def output_dir(m):
+        return RetMaskTrainer(model=m, train_dataset=prefs, processing_class=tiny_tokenizer,
+                              head_scores=SCORES).args.output_dir
+
+    assert output_dir("org/tiny-llama/") == "tiny-llama-RetMask"  # a path given as a string, trailing slash
+    model.config._name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert output_dir(model) == "SmolLM2-135M-Instruct-RetMask"  # a model instance: its config's name
+    model.config._name_or_path = ""
+    assert output_dir(model) == "model-RetMask"  # built in memory, no name
 
 
 def test_all_pairs_dropped_is_an_error(tiny_tokenizer, tmp_path):
@@ -357,7 +435,8 @@ def test_online_mode_regenerates_pairs_from_the_current_policy(tiny_tokenizer, t
         assert row["rejected"] == independent(policy, tiny_tokenizer, row["prompt"], HEADS) + "</s>"
     assert list(current["chosen"]) != initial_chosen, "the policy moved, so its answers (and the pairs) changed"
     assert any("pairs/train/kept" in h and h.get("step") == 2 for h in trainer.state.log_history)
-    with pytest.raises(ValueError, match="prompt-only"):
+    with pytest.raises(ValueError, match=r"^Online RetMask regenerates pairs from prompts: `train_dataset` must be "
+                                         r"prompt-only \(`\{'prompt': \.\.\.\}` without chosen/rejected\)\.$"):
         RetMaskTrainer(model=make_tiny_model("llama"), args=config(tmp_path, regenerate_pairs_each_epoch=True),
                        train_dataset=Dataset.from_dict({"prompt": ["a"], "chosen": ["b"], "rejected": ["c"]}),
                        processing_class=tiny_tokenizer, head_scores=SCORES)
