@@ -281,6 +281,132 @@ def test_model_given_as_path(tiny_tokenizer, tmp_path):
         torch.testing.assert_close(v.cpu(), model.state_dict()[k].cpu(), rtol=0, atol=0)
     row = t.train_dataset[0]
     assert row["rejected"] == independent(model, tiny_tokenizer, row["prompt"], HEADS, max_new_tokens=4) + "</s>"
+    assert t.args.model_init_kwargs is None  # consumed by the load: DPOTrainer neither reloads nor warns
+    # Scores of another layout are refused against the loaded model (a path has no layout before loading).
+    with pytest.raises(ValueError, match="the score file belongs to another model"):
+        RetMaskTrainer(model=str(tmp_path / "m"), args=config(tmp_path), train_dataset=prompts(),
+                       head_scores=HeadScores({"5-1": [0.9]}, num_layers=30, num_heads=9))
+
+
+class _Stop(Exception):
+    """Raised by a stand-in to end a constructor once the step under test has run."""
+
+
+def test_named_model_is_loaded_with_the_users_settings(tiny_tokenizer, tmp_path, monkeypatch):
+    """`model_init_kwargs`, `trust_remote_code` and a `quantization_config` argument reach the loader (not
+    DPOTrainer, which refuses a quantization config beside a loaded model); no `device_map` under DDP/DeepSpeed."""
+    import types
+
+    from accelerate.utils import DistributedType
+
+    import trl_retmask.trainer as trainer_module
+
+    loaded = []
+
+    def create(path, **kwargs):
+        loaded.append((path, kwargs))
+        return make_tiny_model("llama")
+
+    monkeypatch.setattr(trainer_module, "create_model_from_path", create)
+    monkeypatch.setattr(trainer_module, "resolve_model_path", lambda name: f"/models/{name}")
+    prefs = Dataset.from_dict({"prompt": ["a"], "chosen": ["the"], "rejected": ["sea"]})
+    quant = object()  # stands for a BitsAndBytesConfig
+    RetMaskTrainer(model="org/model", args=config(tmp_path, model_init_kwargs={"dtype": "float32"},
+                                                  trust_remote_code=True),
+                   train_dataset=prefs, processing_class=tiny_tokenizer, head_scores=SCORES, quantization_config=quant)
+    assert loaded == [("/models/org/model", {"dtype": "float32", "quantization_config": quant,
+                                             "trust_remote_code": True})]
+
+    def stop(path, **kwargs):
+        loaded.append((path, kwargs))
+        raise _Stop
+
+    monkeypatch.setattr(trainer_module, "create_model_from_path", stop)
+    for kind, device_map in ((DistributedType.NO, "auto"), (DistributedType.MULTI_GPU, None),
+                             (DistributedType.DEEPSPEED, None)):
+        args = config(tmp_path, model_init_kwargs={"device_map": "auto"})
+        args.distributed_state = types.SimpleNamespace(distributed_type=kind)
+        with pytest.raises(_Stop):
+            RetMaskTrainer(model="org/model", args=args, train_dataset=prefs, processing_class=tiny_tokenizer,
+                           head_scores=SCORES)
+        assert loaded[-1][1] == {"device_map": device_map, "trust_remote_code": False}
+
+
+def test_tokenizer_from_the_model_or_a_processor_gets_a_pad_token(tiny_tokenizer, tmp_path, monkeypatch):
+    """No `processing_class`: the model's own tokenizer (with `trust_remote_code`); a processor's tokenizer is used
+    and, without a pad token, pads with EOS; a pad token already set is kept; anything else is refused."""
+    import types
+
+    import trl_retmask.trainer as trainer_module
+
+    selected = []
+
+    def stop(args, model, scores):
+        selected.append(model)
+        raise _Stop
+
+    monkeypatch.setattr(trainer_module, "select_heads", stop)
+    model = make_tiny_model("llama")
+    model.config._name_or_path = "org/tiny"
+
+    def build(processing_class, **kw):
+        with pytest.raises(_Stop):
+            RetMaskTrainer(model=model, args=config(tmp_path, **kw), train_dataset=prompts(),
+                           processing_class=processing_class, head_scores=SCORES)
+        assert selected[-1] is model  # heads are selected against the loaded model
+
+    unpadded = copy.deepcopy(tiny_tokenizer)
+    unpadded.pad_token = None
+    build(types.SimpleNamespace(tokenizer=unpadded))
+    assert unpadded.pad_token == unpadded.eos_token == "</s>"
+    padded = copy.deepcopy(tiny_tokenizer)
+    assert padded.pad_token not in (None, padded.eos_token)
+    build(padded)
+    assert padded.pad_token == tiny_tokenizer.pad_token
+    requests = []
+    monkeypatch.setattr(trainer_module, "AutoTokenizer", types.SimpleNamespace(
+        from_pretrained=lambda name, **kw: requests.append((name, kw)) or copy.deepcopy(tiny_tokenizer)))
+    build(None, trust_remote_code=True)
+    assert requests == [("org/tiny", {"trust_remote_code": True})]
+    with pytest.raises(TypeError, match=r"^`processing_class` must be a tokenizer \(or a processor holding one\)\.$"):
+        RetMaskTrainer(model=model, args=config(tmp_path), train_dataset=prompts(), processing_class=object(),
+                       head_scores=SCORES)
+
+
+def test_pairs_are_generated_on_the_training_device_unless_the_model_is_placed(tiny_tokenizer, tmp_path,
+                                                                                monkeypatch):
+    """Before generating, the policy moves to `args.device` (where Trainer would put it) unless it was placed by a
+    `device_map` or is sharded by ZeRO-3; generation then runs on the (gathered) policy itself."""
+    import trl_retmask.trainer as trainer_module
+
+    gathered = []
+
+    def stop(model):
+        gathered.append(model)
+        raise _Stop
+
+    monkeypatch.setattr(trainer_module, "_gathered_for_generation", stop)
+    args = config(tmp_path)
+    for placed, zero3, moved in ((False, False, True), (True, False, False), (False, True, False)):
+        model = make_tiny_model("llama")
+        if placed:
+            model.hf_device_map = {"": "cpu"}
+        monkeypatch.setattr(trainer_module, "is_deepspeed_zero3_enabled", lambda zero3=zero3: zero3)
+        moves = []
+        model.to = lambda *a, moves=moves, model=model, **kw: moves.append(a) or model
+        with pytest.raises(_Stop):
+            RetMaskTrainer(model=model, args=args, train_dataset=prompts(), processing_class=tiny_tokenizer,
+                           head_scores=SCORES)
+        assert moves == ([(args.device,)] if moved else []) and gathered[-1] is model
+
+
+def test_prompt_only_eval_beside_a_preference_train_set_gets_pairs(tiny_tokenizer, tmp_path):
+    prefs = Dataset.from_dict({"prompt": ["the man said"], "chosen": ["yes ."], "rejected": ["no"]})
+    model = make_tiny_model("llama")
+    t = RetMaskTrainer(model=model, args=config(tmp_path), train_dataset=prefs, eval_dataset=prompts(PROMPTS[:2]),
+                       processing_class=tiny_tokenizer, head_scores=SCORES)
+    assert list(t.pair_stats) == ["eval"] and t.pair_stats["eval"].prompts == 2
+    assert len(t.eval_dataset) == t.pair_stats["eval"].kept > 0
 
 
 def test_clear_errors_before_generation(tiny_tokenizer, tmp_path):
@@ -294,7 +420,10 @@ def test_clear_errors_before_generation(tiny_tokenizer, tmp_path):
                                          r"`args.head_scores`\); keep one\.$"):
         RetMaskTrainer(model=model, args=config(tmp_path, head_scores="x.json"), train_dataset=prompts(),
                        processing_class=tiny_tokenizer, head_scores=SCORES)
-    with pytest.raises(ValueError, match="No head scores given"):
+    with pytest.raises(ValueError, match="No head scores given and no model name to find them by"):
+        RetMaskTrainer(model=model, args=config(tmp_path), train_dataset=prompts(), processing_class=tiny_tokenizer)
+    model.config._name_or_path = "org/unknown"  # the scores are looked up by the policy's own name
+    with pytest.raises(ValueError, match="No head scores given, and none found for the model 'org/unknown'"):
         RetMaskTrainer(model=model, args=config(tmp_path), train_dataset=prompts(), processing_class=tiny_tokenizer)
     with pytest.raises(TypeError, match=r"`args` must be a RetMaskConfig \(it adds the masking and generation "
                                         r"settings\), got DPOConfig\. Build it with RetMaskConfig\("):
