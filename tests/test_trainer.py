@@ -51,6 +51,7 @@ def test_training_lowers_loss_reference_is_initial_policy_and_card(tiny_tokenize
     for k, v in ref.state_dict().items():
         torch.testing.assert_close(v.cpu(), initial[k].cpu(), rtol=0, atol=0)
     assert not any(m._forward_pre_hooks for m in ref.modules())
+    assert not any(p.requires_grad for p in ref.parameters())  # frozen: no gradients kept for it
     # ... in the direction DPO pushes: the policy's implicit reward margin (log-ratio to the reference of chosen
     # minus rejected), computed here from the models' own log-probs, is positive on the training pairs.
     def completion_logp(m, prompt, completion):
@@ -398,6 +399,32 @@ def test_pairs_are_generated_on_the_training_device_unless_the_model_is_placed(t
             RetMaskTrainer(model=model, args=args, train_dataset=prompts(), processing_class=tiny_tokenizer,
                            head_scores=SCORES)
         assert moves == ([(args.device,)] if moved else []) and gathered[-1] is model
+
+
+def test_dpo_trainer_arguments_pass_through(tiny_tokenizer, tmp_path):
+    """What RetMask does not use itself reaches DPOTrainer unchanged: collator, metrics, callbacks, optimizers, and
+    a quantization config beside an already loaded model (which TRL refuses)."""
+    from transformers import TrainerCallback
+    from trl.trainer.dpo_trainer import DataCollatorForPreference
+
+    prefs = Dataset.from_dict({"prompt": ["a"], "chosen": ["the"], "rejected": ["sea"]})
+    model = make_tiny_model("llama")
+    collator = DataCollatorForPreference(pad_token_id=tiny_tokenizer.pad_token_id)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    callback = TrainerCallback()
+
+    def metrics(_):
+        return {}
+
+    t = RetMaskTrainer(model=model, args=config(tmp_path), train_dataset=prefs, processing_class=tiny_tokenizer,
+                       head_scores=SCORES, data_collator=collator, compute_metrics=metrics, callbacks=[callback],
+                       optimizers=(optimizer, scheduler))
+    assert t.data_collator is collator and t.compute_metrics is metrics
+    assert t.optimizer is optimizer and t.lr_scheduler is scheduler and callback in t.callback_handler.callbacks
+    with pytest.raises(ValueError, match="your model is already instantiated"):
+        RetMaskTrainer(model=model, args=config(tmp_path), train_dataset=prefs, processing_class=tiny_tokenizer,
+                       head_scores=SCORES, quantization_config=object())
 
 
 def test_prompt_only_eval_beside_a_preference_train_set_gets_pairs(tiny_tokenizer, tmp_path):
