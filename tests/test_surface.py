@@ -554,6 +554,38 @@ def test_suite_budgets_batch_size_bounds_and_cache_identity(tiny_tokenizer, tmp_
             generate_suite(m, tiny_tokenizer, data, **kw)
 
 
+def test_suite_answers_skip_special_tokens_and_its_store_names_what_changed(tiny_tokenizer, tmp_path):
+    """Special tokens generated inside an answer are not part of it (both entry points); the store keeps the run's
+    readable settings, and a rerun with other ones is refused naming them (a renamed model with the same weights is
+    the same run)."""
+    from trl_retmask.evaluation import build_suite
+    from trl_retmask.evaluation.suite import generate, generate_suite
+
+    model = make_tiny_model("llama")
+    model.config._name_or_path = "org/tiny"
+    bos = tiny_tokenizer.bos_token_id
+    assert bos not in (tiny_tokenizer.eos_token_id, None) and tiny_tokenizer.bos_token in tiny_tokenizer.all_special_tokens
+    handle = model.lm_head.register_forward_hook(lambda m, i, logits: logits.index_add_(
+        -1, torch.tensor([bos]), torch.full((*logits.shape[:-1], 1), 1e4)))
+    samples = build_suite(tiny_tokenizer, (256,), ["niah_single"], 2, 0)
+    assert generate(model, tiny_tokenizer, ["the man said"], 4) == [""]
+    assert generate_suite(model, tiny_tokenizer, samples, batch_size=2, max_new_tokens=3) == ["", ""]
+    handle.remove()
+
+    kw = dict(batch_size=2, output_dir=tmp_path, name="g")
+    generate_suite(model, tiny_tokenizer, samples, max_new_tokens=3, **kw)
+    meta = json.loads((tmp_path / "g.meta.json").read_text())
+    assert meta["info"] == {"model": "org/tiny", "heads": [], "num_samples": 2, "max_new_tokens": 3}
+    for change, named in ((dict(max_new_tokens=4), "max_new_tokens"), (dict(max_new_tokens=3, heads=[(0, 1)]), "heads"),
+                          (dict(max_new_tokens=3, samples=samples[:1]), "num_samples")):
+        data = change.pop("samples", samples)
+        with pytest.raises(ValueError, match=rf"results of another run: they depend on other inputs \({named} differ\)"):
+            generate_suite(model, tiny_tokenizer, data, **change, **kw)
+    model.config._name_or_path = "org/renamed"  # the name is only informative: same weights, records reused
+    assert generate_suite(model, tiny_tokenizer, samples, max_new_tokens=3, **kw) == \
+        generate_suite(model, tiny_tokenizer, samples, max_new_tokens=3, batch_size=2)
+
+
 @pytest.mark.parametrize("damage", ["fewer outputs", "other indices", "not a list", "not strings"])
 def test_suite_store_records_that_do_not_fit_their_batch_are_regenerated(tiny_tokenizer, tmp_path, damage):
     """A stored batch is reused only when its record fits the batch (its indices, one string per sample); a
