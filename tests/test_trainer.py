@@ -478,14 +478,14 @@ def test_default_output_dir_is_named_after_the_model(tiny_tokenizer, tmp_path, m
     monkeypatch.chdir(tmp_path)
     prefs = Dataset.from_dict({"prompt": ["a"], "chosen": ["the"], "rejected": ["sea"]})  # nothing to generate
     model = make_tiny_model("llama")
-    model.save_pretrained(tmp_path / "org" / "tiny-llama")
-    tiny_tokenizer.save_pretrained(tmp_path / "org" / "tiny-llama")
+    model.save_pretrained(tmp_path / "org" / "tiny-llamaX")
+    tiny_tokenizer.save_pretrained(tmp_path / "org" / "tiny-llamaX")
 
     def output_dir(m):
         return RetMaskTrainer(model=m, train_dataset=prefs, processing_class=tiny_tokenizer,
                               head_scores=SCORES).args.output_dir
 
-    assert output_dir("org/tiny-llama/") == "tiny-llama-RetMask"  # a path given as a string, trailing slash
+    assert output_dir("org/tiny-llamaX/") == "tiny-llamaX-RetMask"  # a path given as a string, trailing slash
     model.config._name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct"
     assert output_dir(model) == "SmolLM2-135M-Instruct-RetMask"  # a model instance: its config's name
     model.config._name_or_path = ""

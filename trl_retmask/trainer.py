@@ -354,7 +354,7 @@ class RetMaskTrainer(DPOTrainer):
         super().save_model(output_dir, _internal_call=_internal_call)
         if self.args.should_save and self.is_world_process_zero():
             output_dir = output_dir or self.args.output_dir
-            self._write_card(output_dir, model_name=Path(output_dir).name)
+            self._write_card(output_dir)  # titled after the directory
 
 
 def truncate_prompt(prompt_ids: list[int], max_prompt_length: int | None = None, max_length: int | None = None,
