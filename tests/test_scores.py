@@ -421,3 +421,62 @@ def test_threshold_bounds_and_rank_ties():
     assert scores.select(threshold=1) == [(1, 0)]
     assert [h for h, _ in scores.ranked()] == [(1, 0), (0, 0), (0, 1), (1, 1)]
     assert scores.select(top_k=2) == [(0, 0), (1, 0)]
+
+
+def test_error_messages_in_full(tmp_path):
+    """Each refusal's whole text (the problem and the fix), so that no part of a message is lost unnoticed."""
+    from types import SimpleNamespace
+
+    from trl_retmask.scores import HeadSelectionArguments, bundled_models, resolve_head_scores
+
+    bundled = "Llama-3.1-8B-Instruct, Olmo-3-7B-Think, Qwen3-8B, SmolLM2-135M-Instruct"
+    assert ", ".join(bundled_models()) == bundled
+    missing = tmp_path / "x.json"
+    cases = [
+        (lambda: HeadScores({}), "HeadScores needs a non-empty mapping {'LAYER-HEAD': [scores...]}."),
+        (lambda: HeadScores({"0-0": [1], "0-1": [1], "00-1": [1]}),
+         "Keys '0-1' and '00-1' both name layer 0 head 1; each head must appear once."),
+        (lambda: HeadScores({"0-0": [1]}, num_layers=0), "`num_layers` must be >= 1, got 0."),
+        (lambda: HeadScores({"0-0": [1]}, num_heads=0), "`num_heads` must be >= 1, got 0."),
+        # one dimension given, the other inferred: the grid must still be complete
+        (lambda: HeadScores({"0-0": [1]}, num_layers=2),
+         "Scores must cover every head of the model: 1 of 2 layers x 1 heads are given; missing e.g. 1-0. Use a "
+         "complete score file (as `trl-retmask detect` writes), or pass num_layers/num_heads explicitly."),
+        (lambda: HeadScores({"0-0": [1]}).select(top_k=1, strategy="x"),
+         "Unknown mask strategy 'x'; choose one of retrieval, random_non_retrieval, random."),
+        (lambda: HeadScores({"0-0": [1]}).select(),
+         "Give exactly one of `threshold` (mask heads scoring >= it) or `top_k` (mask the k best heads); got "
+         "threshold=None, top_k=None."),
+        (lambda: HeadScores({"0-0": [1], "0-1": [0.5]}).select(top_k=2, strategy="random_non_retrieval"),
+         "Cannot draw 2 random_non_retrieval heads from 0 candidates; select fewer retrieval heads."),
+        (lambda: HeadSelectionArguments(mask_threshold=None, mask_top_k=None),
+         "Set `mask_threshold` or `mask_top_k` to choose the heads to mask."),
+        (lambda: HeadScores.load(missing),
+         f"Head-score file {missing} does not exist. Pass a file or directory written by `trl-retmask detect` (or "
+         f"the original retrieval-head tools), or a model id with bundled scores: {bundled}."),
+        (lambda: HeadScores.from_pretrained(tmp_path),
+         f"The directory {str(tmp_path)!r} holds no retmask_head_scores.json. Detect them with `trl-retmask detect "
+         f"--model_name_or_path {tmp_path} --output_dir DIR` and pass `--head_scores DIR` (bundled: {bundled})."),
+        (lambda: resolve_head_scores(None, object()),
+         "No head scores given and no model name to find them by: pass `head_scores` (a score file, a directory or "
+         "Hub repo holding retmask_head_scores.json, or a bundled model id)."),
+        (lambda: resolve_head_scores(None, SimpleNamespace(config=SimpleNamespace(_name_or_path=str(tmp_path)))),
+         f"No head scores given, and none found for the model {str(tmp_path)!r}. The directory {str(tmp_path)!r} "
+         f"holds no retmask_head_scores.json. Detect them with `trl-retmask detect --model_name_or_path {tmp_path} "
+         f"--output_dir DIR` and pass `--head_scores DIR` (bundled: {bundled}). Or pass `head_scores`: a score "
+         "file, a directory or Hub repo with retmask_head_scores.json, or a bundled model id."),
+    ]
+    for make, message in cases:
+        with pytest.raises((ValueError, FileNotFoundError)) as e:
+            make()
+        assert str(e.value) == message
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(ValueError) as e:
+        HeadScores.load(deep)
+    assert str(e.value) == f"Head-score file {deep}: its JSON is nested too deeply to be a score file."
+    # A JSON-lines file (the original tools read its first line) is held to the same duplicate-key rule.
+    lines = tmp_path / "lines.json"
+    lines.write_text('{"0-0": [1], "0-0": [2]}\n{"other": "record"}\n')
+    with pytest.raises(ValueError, match="duplicate key '0-0'"):
+        HeadScores.load(lines)

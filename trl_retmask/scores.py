@@ -452,10 +452,9 @@ def resolve_head_scores(source, model=None) -> HeadScores:
         try:
             scores = HeadScores.from_pretrained(name)
         except (ValueError, FileNotFoundError) as e:
-            raise ValueError(f"No head scores given, and none found for the model {name!r}: pass `head_scores` (a "
-                             "score file, a directory or Hub repo with retmask_head_scores.json, or a bundled model "
-                             "id), or detect them with `trl-retmask detect --model_name_or_path MODEL --output_dir "
-                             f"DIR` and pass `--head_scores DIR`. ({e})") from e
+            raise ValueError(f"No head scores given, and none found for the model {name!r}. {e} Or pass "
+                             "`head_scores`: a score file, a directory or Hub repo with retmask_head_scores.json, or "
+                             "a bundled model id.") from e
     if model is not None and not isinstance(model, (str, os.PathLike)):
         scores.validate(model)
     return scores
