@@ -565,8 +565,12 @@ def test_suite_answers_skip_special_tokens_and_its_store_names_what_changed(tiny
     model.config._name_or_path = "org/tiny"
     bos = tiny_tokenizer.bos_token_id
     assert bos not in (tiny_tokenizer.eos_token_id, None) and tiny_tokenizer.bos_token in tiny_tokenizer.all_special_tokens
-    handle = model.lm_head.register_forward_hook(lambda m, i, logits: logits.index_add_(
-        -1, torch.tensor([bos]), torch.full((*logits.shape[:-1], 1), 1e4)))
+
+    def bos_wins(module, inputs, logits):
+        logits[..., bos] += 1e4  # a special token that does not end generation is the greedy token
+        return logits
+
+    handle = model.lm_head.register_forward_hook(bos_wins)
     samples = build_suite(tiny_tokenizer, (256,), ["niah_single"], 2, 0)
     assert generate(model, tiny_tokenizer, ["the man said"], 4) == [""]
     assert generate_suite(model, tiny_tokenizer, samples, batch_size=2, max_new_tokens=3) == ["", ""]
