@@ -14,7 +14,6 @@ they share a cache directory; a batch whose chosen responses are cached decodes 
 from __future__ import annotations
 
 import json
-import logging
 import os
 import time
 import warnings
@@ -42,8 +41,6 @@ from .runtime import (
     process_state,
     run_resumable,
 )
-
-logger = logging.getLogger(__name__)
 
 CACHE_VERSION = 3
 ROLES = ("chosen", "rejected")
@@ -385,5 +382,4 @@ def complete_prompt_dataset(
     out = dataset.select(kept)
     out = out.add_column("chosen", [as_completion(pairs.prompts[i], pairs.chosen[i]) for i in kept])
     out = out.add_column("rejected", [as_completion(pairs.prompts[i], pairs.rejected[i]) for i in kept])
-    logger.info("RetMask %s pairs: %s", name, s.to_dict())
     return out, s
