@@ -470,6 +470,9 @@ def test_rows_tools_and_template_kwargs_shape_the_prompt_as_in_dpo(model, tiny_t
     assert out2[0]["chosen"][0]["content"] == greedy(expected_ids[1])  # (all dropped would have raised)
     with pytest.raises(ValueError, match="`tools` column holds a string that is not JSON"):
         complete_prompt_dataset(Dataset.from_dict({"prompt": CHATS[:1], "tools": ["[{"]}), model, tok, HEADS)
+    with pytest.raises(ValueError, match=r"^The `chat_template_kwargs` column must hold dicts, got str: 'mood'$"):
+        complete_prompt_dataset(Dataset.from_dict({"prompt": CHATS[:1], "chat_template_kwargs": ["mood"]}), model,
+                                tok, HEADS)
 
 
 @pytest.mark.filterwarnings("ignore:.*plain strings")  # string prompts on purpose
@@ -625,7 +628,9 @@ def test_prompt_forms(tiny_tokenizer):
     assert not is_prompt_only(Dataset.from_dict({"question": ["a"]}))
     streamed = IterableDataset.from_generator(lambda: iter([{"prompt": "a"}]))
     assert is_prompt_only(streamed)  # columns read from the first row when unknown
-    with pytest.raises(ValueError, match="prompt-only IterableDataset; pair generation needs a map-style"):
+    with pytest.raises(ValueError, match=r"^The train dataset is a prompt-only IterableDataset; pair generation "
+                                         r"needs a map-style `datasets.Dataset` \(e.g. load it without "
+                                         r"`streaming=True`\)\.$"):
         complete_prompt_dataset(streamed, None, tiny_tokenizer, HEADS)
     with pytest.raises(ValueError, match="A prompt must be a string or a list of chat messages, got int: 3"):
         encode_prompts(tiny_tokenizer, [3])
@@ -648,8 +653,10 @@ def test_all_pairs_dropped_is_an_error(model, tiny_tokenizer, monkeypatch):
 
     monkeypatch.setattr(trl_retmask.pairs, "generate_batch", lambda m, t, ids, *a, **k: [[5, 6]] * len(ids))
     ds = Dataset.from_dict({"prompt": PROMPTS[:2]})
-    with pytest.raises(ValueError, match=r"All 2 generated pairs of the train dataset were dropped \(2 identical, 0 "
-                                         r"empty\): masking these heads does not change the model's answers"):
+    with pytest.raises(ValueError, match=r"^All 2 generated pairs of the train dataset were dropped \(2 identical, 0 "
+                                         r"empty\): masking these heads does not change the model's answers\. Mask "
+                                         r"more or other heads \(`mask_threshold` / `mask_top_k`\), sample "
+                                         r"\(`temperature` > 0\), or raise `max_new_tokens`\.$"):
         complete_prompt_dataset(ds, model, tiny_tokenizer, HEADS, temperature=0.0, max_new_tokens=2,
                                 show_progress=False)
 
