@@ -496,10 +496,13 @@ def test_prompt_dataset_completion_keeps_columns_and_passes_preferences(model, t
 def test_errors_before_generation(model, tiny_tokenizer):
     with pytest.raises(ValueError, match="out of range"):
         generate_pairs(model, tiny_tokenizer, PROMPTS, [(5, 0)])
-    with pytest.raises(ValueError, match="empty"):
+    with pytest.raises(ValueError, match=r"^No prompts to generate pairs for: the prompt dataset is empty\.$"):
         generate_pairs(model, tiny_tokenizer, [], HEADS)
-    with pytest.raises(ValueError, match="No heads"):
+    with pytest.raises(ValueError, match=r"^No heads to mask: the selection is empty\. Lower `mask_threshold` or set "
+                                         r"`mask_top_k`\.$"):
         generate_pairs(model, tiny_tokenizer, PROMPTS, [])
+    with pytest.raises(ValueError, match=r"^template_kwargs has 1 entries for 2 prompts\.$"):
+        generate_pairs(model, tiny_tokenizer, PROMPTS[:2], HEADS, template_kwargs=[{}])
     with pytest.raises(ValueError, match="`backend` must be one of auto, generate, static"):
         generate_pairs(model, tiny_tokenizer, PROMPTS, HEADS, backend="vllm")
 
@@ -670,3 +673,51 @@ def test_generate_pairs_defaults_are_the_documented_ones():
                                            "show_progress", "desc", "backend", "drop_empty")} == {
         "max_new_tokens": 256, "temperature": 0.6, "top_p": 1.0, "top_k": None, "seed": 0, "batch_size": 8,
         "show_progress": True, "desc": "RetMask pairs", "backend": "auto", "drop_empty": False}
+
+
+def test_a_damaged_shared_chosen_part_is_generated_again(model, tiny_tokenizer, tmp_path):
+    """The chosen responses shared between head sets are reused only when their record fits its batch: a run with
+    other heads regenerates a damaged one (and its rejected responses), and its pairs equal an uncached run's."""
+    kw = dict(temperature=0.8, top_k=0, seed=2, max_new_tokens=4, batch_size=2, show_progress=False)
+    generate_pairs(model, tiny_tokenizer, PROMPTS[:4], HEADS, cache_dir=tmp_path, **kw)
+    [path] = sorted(tmp_path.glob("chosen-*/chosen.rank0.jsonl"))
+    lines = path.read_text().splitlines(keepends=True)
+    record = json.loads(lines[0])
+    record["chosen"] = record["chosen"][:1]  # one response too few
+    path.write_text(json.dumps(record) + "\n" + "".join(lines[1:]))
+    other_heads = [(0, 0), (2, 3)]
+    counter = CountingGenerate(model)
+    try:
+        with pytest.warns(UserWarning, match="chosen.rank0.jsonl"):
+            other = generate_pairs(model, tiny_tokenizer, PROMPTS[:4], other_heads, cache_dir=tmp_path, **kw)
+    finally:
+        model.generate = counter.inner
+    assert counter.calls == 3  # rejected of both batches (new heads), chosen of the damaged batch only
+    fresh = generate_pairs(model, tiny_tokenizer, PROMPTS[:4], other_heads, **kw)
+    assert (other.chosen, other.rejected) == (fresh.chosen, fresh.rejected)
+
+
+def test_chat_prompts_get_no_second_bos_and_auto_backend_sees_the_model(model, tiny_tokenizer, monkeypatch):
+    """With a tokenizer that adds BOS itself, a rendered chat prompt is tokenized without special tokens (its
+    template already holds them; DPOTrainer does the same) and a plain string as is; the `auto` backend is chosen
+    from the model's device, so the model must reach it."""
+    import copy
+
+    from tokenizers.processors import TemplateProcessing
+    from trl.data_utils import maybe_apply_chat_template
+
+    import trl_retmask.pairs as pairs_module
+
+    bos_tok = copy.deepcopy(tiny_tokenizer)
+    bos_tok.backend_tokenizer.post_processor = TemplateProcessing(
+        single="<s> $A", special_tokens=[("<s>", bos_tok.bos_token_id)])
+    chat, text = [{"role": "user", "content": "the man said"}], "the man said"
+    rendered = maybe_apply_chat_template({"prompt": chat}, bos_tok)["prompt"]
+    assert bos_tok(rendered)["input_ids"][0] == bos_tok.bos_token_id  # the tokenizer adds BOS on its own
+    assert encode_prompts(bos_tok, [chat, text]) == [bos_tok(rendered, add_special_tokens=False)["input_ids"],
+                                                     bos_tok(text)["input_ids"]]
+    seen = []
+    real = pairs_module.make_backend
+    monkeypatch.setattr(pairs_module, "make_backend", lambda choice, m=None: seen.append((choice, m)) or real(choice, m))
+    generate_pairs(model, tiny_tokenizer, PROMPTS[:1], HEADS, temperature=0.0, max_new_tokens=2, show_progress=False)
+    assert seen == [("auto", model)]
