@@ -553,6 +553,15 @@ def test_plain_string_prompts_for_a_chat_model_warn(model, tiny_tokenizer):
         warnings.simplefilter("error")
         complete_prompt_dataset(Dataset.from_dict({"prompt": CHATS[:2]}), model, tiny_tokenizer, HEADS, **kw)
         complete_prompt_dataset(Dataset.from_dict({"prompt": rendered}), model, tiny_tokenizer, HEADS, **kw)
+    # A strict template (as Mistral's) refuses any message that is not a user turn: the probe must be one.
+    import copy
+
+    strict = copy.deepcopy(tiny_tokenizer)
+    strict.chat_template = ("{% for m in messages %}{% if m['role'] != 'user' %}{{ raise_exception('user turns "
+                            "only') }}{% endif %}<|user|> {{ m['content'] }} {% endfor %}"
+                            "{% if add_generation_prompt %}<|assistant|> {% endif %}")
+    with pytest.warns(UserWarning, match="^2 of 2 prompts of the train dataset are plain strings"):
+        complete_prompt_dataset(Dataset.from_dict({"prompt": PROMPTS[:2]}), model, strict, HEADS, **kw)
 
 
 # ------------------------------------------------------------------ mutation-tested edges (docs/testing.md)
