@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.tiny import make_tiny_model
+from tests.tiny import CheckpointingProbe, make_tiny_model
 from trl_retmask.evaluation import (
     CATEGORIES,
     LongContextEvalCallback,
@@ -239,7 +239,6 @@ def test_callback_logs_during_training(tiny_llama, tiny_tokenizer, tmp_path):
 
     ids = tiny_tokenizer(["the man said that the water was good"] * 4)["input_ids"]
     data = Dataset.from_dict({"input_ids": ids, "labels": ids})
-    from transformers import TrainerCallback
 
     # Generation turns activation checkpointing off; it must come back with the user's kwargs, not the default ones.
     args = TrainingArguments(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=2, logging_steps=1,
@@ -249,16 +248,10 @@ def test_callback_logs_during_training(tiny_llama, tiny_tokenizer, tmp_path):
     callback = LongContextEvalCallback(trainer, lengths=(128,), categories=("recall", "cite"), n_per_task=1,
                                        every_n_steps=2, max_new_tokens=4)
     trainer.add_callback(callback)
-    checkpointing = {}
-
-    class Probe(TrainerCallback):
-        def on_step_begin(self, args, state, control, model=None, **kw):
-            func = model.model.layers[0]._gradient_checkpointing_func
-            checkpointing[state.global_step] = (model.is_activation_checkpointing, getattr(func, "keywords", None))
-
-    trainer.add_callback(Probe())
+    probe = CheckpointingProbe()
+    trainer.add_callback(probe)
     trainer.train()
-    assert checkpointing == {0: (True, {"use_reentrant": True}), 1: (True, {"use_reentrant": True})}
+    assert probe.seen == {0: (True, {"use_reentrant": True}), 1: (True, {"use_reentrant": True})}
     assert tiny_llama.is_activation_checkpointing  # after the evaluation at the last step too
     logged = [h for h in trainer.state.log_history if "longctx/recall/128" in h]
     assert [h["step"] for h in logged] == [0, 2]

@@ -12,7 +12,7 @@ import torch
 from datasets import Dataset
 
 from tests.test_pairs import HEADS, CountingGenerate, independent
-from tests.tiny import make_tiny_model
+from tests.tiny import CheckpointingProbe, make_tiny_model
 from trl_retmask import HeadScores
 from trl_retmask.config import RetMaskConfig
 from trl_retmask.scores import select_heads
@@ -943,21 +943,13 @@ def test_online_regeneration_restores_checkpointing_with_the_users_kwargs(tiny_t
     on with the user's kwargs (not transformers' default `use_reentrant=False`), also after a regeneration whose
     pairs were all dropped (at this learning rate the policy's answers no longer change under the mask): TRL's
     context manager does not restore checkpointing when its body raises, so that error must not cross it."""
-    from transformers import TrainerCallback
-
-    seen = {}
-
-    class Probe(TrainerCallback):
-        def on_step_begin(self, args, state, control, model=None, **kw):
-            func = model.model.layers[0]._gradient_checkpointing_func
-            seen[state.global_step] = (model.is_activation_checkpointing, getattr(func, "keywords", None))
-
+    probe = CheckpointingProbe()
     trainer = RetMaskTrainer(model=make_tiny_model("llama"),
                              args=config(tmp_path, regenerate_pairs_steps=2, max_steps=3, learning_rate=learning_rate,
                                          activation_checkpointing=True,
                                          activation_checkpointing_kwargs={"use_reentrant": True}),
                              train_dataset=prompts(), processing_class=tiny_tokenizer, head_scores=SCORES,
-                             callbacks=[Probe()])
+                             callbacks=[probe])
     trainer.train()
     assert [h["step"] for h in trainer.pair_stats_history] == regenerated
-    assert seen == {step: (True, {"use_reentrant": True}) for step in (0, 1, 2)}
+    assert probe.seen == {step: (True, {"use_reentrant": True}) for step in (0, 1, 2)}

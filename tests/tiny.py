@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, TrainerCallback
 
 # Every family whose attention `mask_heads` must serve. All use 4 query heads over 2 KV heads (GQA).
 TINY_ARCHS = ["llama", "qwen2", "qwen3", "mistral", "olmo2", "olmo3", "gemma2", "gemma3_text", "phi3"]
@@ -98,3 +98,15 @@ def make_tiny_tokenizer(save_dir):
 HAYSTACK = ("the man went home . " "she said that it was a long day . " "they found the old house near the sea . ") * 4
 NEEDLE = {"needle": "the secret number is five .", "question": "what is the secret number ?", "real_needle": "five"}
 OTHER_NEEDLE = {"needle": "the magic word is water .", "question": "what is the magic word ?", "real_needle": "water"}
+
+
+class CheckpointingProbe(TrainerCallback):
+    """Records, at the start of each step, whether activation checkpointing is on and the kwargs its function was
+    built with: `seen[step] = (on, kwargs)` (mid-training generation turns it off and must restore it)."""
+
+    def __init__(self):
+        self.seen: dict[int, tuple] = {}
+
+    def on_step_begin(self, args, state, control, model=None, **kw):
+        func = model.model.layers[0]._gradient_checkpointing_func
+        self.seen[state.global_step] = (model.is_activation_checkpointing, getattr(func, "keywords", None))
