@@ -13,7 +13,7 @@ import torch
 import trl_retmask.detection as detection
 from tests.test_niah import LEADIN_NEEDLE, make_book_tokenizer
 from tests.test_runtime import launch_two_cpu_processes
-from tests.tiny import NEEDLE, make_tiny_model
+from tests.tiny import NEEDLE, make_greedy, make_tiny_model
 from tests.tiny import OTHER_NEEDLE as OTHER
 from trl_retmask.detection import (
     DETECTION_PRESETS,
@@ -198,12 +198,7 @@ def test_detection_decodes_past_eos(tiny_tokenizer, hay_dir, tmp_path):
     model = make_tiny_model("llama")
     eos = tiny_tokenizer.eos_token_id
     assert model.generation_config.eos_token_id == eos  # so that an EOS stop would end the decode at once
-
-    def eos_wins(module, inputs, logits):
-        logits[..., eos] += 1e4  # EOS is the greedy token at every step
-        return logits
-
-    model.lm_head.register_forward_hook(eos_wins)
+    make_greedy(model, eos)  # EOS is the greedy token at every step
     with pytest.raises(ValueError, match="none of the"):
         detect_retrieval_heads(model, tiny_tokenizer, context_lengths=[0], depths=[0], needles=[NEEDLE],
                                max_new_tokens=7, haystack_dir=hay_dir, output_dir=tmp_path)

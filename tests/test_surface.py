@@ -15,7 +15,7 @@ from datasets import Dataset
 
 from tests.recipe_utils import REPO, save_tiny_model, write_chat_log
 from tests.test_pairs import CountingGenerate
-from tests.tiny import make_tiny_model, make_tiny_tokenizer
+from tests.tiny import PREFS, make_greedy, make_tiny_model, make_tiny_tokenizer
 from trl_retmask import HeadScores, RetMaskConfig, RetMaskTrainer, mask_heads
 
 # Mean scores: 4 heads >= 0.1 (the default threshold), one exactly on the 0.25 boundary used below.
@@ -24,7 +24,6 @@ SCORES = HeadScores({"0-1": [0.9, 0.7], "1-2": [0.25], "2-0": [0.3], "0-0": [0.0
 RETRIEVAL = [(0, 1), (1, 2), (2, 0), (2, 3)]
 ALL_HEADS = [(layer, head) for layer in range(3) for head in range(4)]
 PROMPTS = ["the secret number is", "tell me a story about the sea", "how many boys went to school ?", "the man said"]
-PREFS = Dataset.from_dict({"prompt": ["a"], "chosen": ["the"], "rejected": ["sea"]})  # no generation needed
 
 
 def config(tmp_path, **kw):
@@ -565,12 +564,7 @@ def test_suite_answers_skip_special_tokens_and_its_store_names_what_changed(tiny
     model.config._name_or_path = "org/tiny"
     bos = tiny_tokenizer.bos_token_id
     assert bos not in (tiny_tokenizer.eos_token_id, None) and tiny_tokenizer.bos_token in tiny_tokenizer.all_special_tokens
-
-    def bos_wins(module, inputs, logits):
-        logits[..., bos] += 1e4  # a special token that does not end generation is the greedy token
-        return logits
-
-    handle = model.lm_head.register_forward_hook(bos_wins)
+    handle = make_greedy(model, bos)  # a special token that does not end generation
     samples = build_suite(tiny_tokenizer, (256,), ["niah_single"], 2, 0)
     assert generate(model, tiny_tokenizer, ["the man said"], 4) == [""]
     assert generate_suite(model, tiny_tokenizer, samples, batch_size=2, max_new_tokens=3) == ["", ""]

@@ -12,7 +12,7 @@ import torch
 from datasets import Dataset
 
 from tests.test_pairs import HEADS, CountingGenerate, independent
-from tests.tiny import CheckpointingProbe, make_tiny_model
+from tests.tiny import PREFS, CheckpointingProbe, make_tiny_model
 from trl_retmask import HeadScores
 from trl_retmask.config import RetMaskConfig
 from trl_retmask.scores import select_heads
@@ -133,8 +133,7 @@ def test_card_links_the_run_trackers_and_cites_the_paper(tiny_tokenizer, tmp_pat
     import trl_retmask.trainer as trainer_module
     from trl_retmask.model_card import PAPER
 
-    prefs = Dataset.from_dict({"prompt": ["a"], "chosen": ["the"], "rejected": ["sea"]})
-    trainer = RetMaskTrainer(model=make_tiny_model("llama"), args=config(tmp_path), train_dataset=prefs,
+    trainer = RetMaskTrainer(model=make_tiny_model("llama"), args=config(tmp_path), train_dataset=PREFS,
                              processing_class=tiny_tokenizer, head_scores=SCORES)
     links = {"wandb": "https://wandb.ai/me/p/runs/abc", "trackio": "https://huggingface.co/spaces/me/trackio",
              "comet": "https://www.comet.com/me/p/xyz"}
@@ -157,8 +156,7 @@ def test_save_model_writes_its_card_where_it_saves_and_pushes_only_for_the_user(
     """`save_model(dir)`: weights and card in `dir` (card titled after it), nothing in `output_dir`; the user's call
     pushes when `push_to_hub` is on, Trainer's internal calls do not; only the world's main process writes the
     card (with `save_on_each_node`, another node's local main saves weights, not a card)."""
-    prefs = Dataset.from_dict({"prompt": ["a"], "chosen": ["the"], "rejected": ["sea"]})
-    trainer = RetMaskTrainer(model=make_tiny_model("llama"), args=config(tmp_path), train_dataset=prefs,
+    trainer = RetMaskTrainer(model=make_tiny_model("llama"), args=config(tmp_path), train_dataset=PREFS,
                              processing_class=tiny_tokenizer, head_scores=SCORES)
     pushes = []
     trainer.push_to_hub = lambda **kw: pushes.append(kw)
@@ -262,12 +260,11 @@ def test_preference_dataset_passes_through_unchanged(tiny_tokenizer, tmp_path):
 
 def test_head_sources_and_strategies(tiny_tokenizer, tmp_path):
     path = SCORES.save(tmp_path / "scores.json")
-    prefs = Dataset.from_dict({"prompt": ["a"], "chosen": ["the"], "rejected": ["sea"]})
     t = RetMaskTrainer(model=make_tiny_model("llama"), args=config(tmp_path, head_scores=str(path), mask_top_k=2),
-                       train_dataset=prefs, processing_class=tiny_tokenizer)
+                       train_dataset=PREFS, processing_class=tiny_tokenizer)
     assert t.masked_heads == [(0, 1), (1, 2)]
     t = RetMaskTrainer(model=make_tiny_model("llama"), args=config(tmp_path, mask_strategy="random_non_retrieval"),
-                       train_dataset=prefs, processing_class=tiny_tokenizer, head_scores=SCORES)
+                       train_dataset=PREFS, processing_class=tiny_tokenizer, head_scores=SCORES)
     assert len(t.masked_heads) == 3 and not set(t.masked_heads) & set(HEADS)
     assert t.masked_heads == SCORES.select(threshold=0.1, strategy="random_non_retrieval", seed=0)
 
@@ -310,11 +307,10 @@ def test_named_model_is_loaded_with_the_users_settings(tiny_tokenizer, tmp_path,
 
     monkeypatch.setattr(trainer_module, "create_model_from_path", create)
     monkeypatch.setattr(trainer_module, "resolve_model_path", lambda name: f"/models/{name}")
-    prefs = Dataset.from_dict({"prompt": ["a"], "chosen": ["the"], "rejected": ["sea"]})
     quant = object()  # stands for a BitsAndBytesConfig
     RetMaskTrainer(model="org/model", args=config(tmp_path, model_init_kwargs={"dtype": "float32"},
                                                   trust_remote_code=True),
-                   train_dataset=prefs, processing_class=tiny_tokenizer, head_scores=SCORES, quantization_config=quant)
+                   train_dataset=PREFS, processing_class=tiny_tokenizer, head_scores=SCORES, quantization_config=quant)
     assert loaded == [("/models/org/model", {"dtype": "float32", "quantization_config": quant,
                                              "trust_remote_code": True})]
 
@@ -328,7 +324,7 @@ def test_named_model_is_loaded_with_the_users_settings(tiny_tokenizer, tmp_path,
         args = config(tmp_path, model_init_kwargs={"device_map": "auto"})
         args.distributed_state = types.SimpleNamespace(distributed_type=kind)
         with pytest.raises(_Stop):
-            RetMaskTrainer(model="org/model", args=args, train_dataset=prefs, processing_class=tiny_tokenizer,
+            RetMaskTrainer(model="org/model", args=args, train_dataset=PREFS, processing_class=tiny_tokenizer,
                            head_scores=SCORES)
         assert loaded[-1][1] == {"device_map": device_map, "trust_remote_code": False}
 
@@ -407,7 +403,6 @@ def test_dpo_trainer_arguments_pass_through(tiny_tokenizer, tmp_path):
     from transformers import TrainerCallback
     from trl.trainer.dpo_trainer import DataCollatorForPreference
 
-    prefs = Dataset.from_dict({"prompt": ["a"], "chosen": ["the"], "rejected": ["sea"]})
     model = make_tiny_model("llama")
     collator = DataCollatorForPreference(pad_token_id=tiny_tokenizer.pad_token_id)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -417,13 +412,13 @@ def test_dpo_trainer_arguments_pass_through(tiny_tokenizer, tmp_path):
     def metrics(_):
         return {}
 
-    t = RetMaskTrainer(model=model, args=config(tmp_path), train_dataset=prefs, processing_class=tiny_tokenizer,
+    t = RetMaskTrainer(model=model, args=config(tmp_path), train_dataset=PREFS, processing_class=tiny_tokenizer,
                        head_scores=SCORES, data_collator=collator, compute_metrics=metrics, callbacks=[callback],
                        optimizers=(optimizer, scheduler))
     assert t.data_collator is collator and t.compute_metrics is metrics
     assert t.optimizer is optimizer and t.lr_scheduler is scheduler and callback in t.callback_handler.callbacks
     with pytest.raises(ValueError, match="your model is already instantiated"):
-        RetMaskTrainer(model=model, args=config(tmp_path), train_dataset=prefs, processing_class=tiny_tokenizer,
+        RetMaskTrainer(model=model, args=config(tmp_path), train_dataset=PREFS, processing_class=tiny_tokenizer,
                        head_scores=SCORES, quantization_config=object())
 
 
@@ -476,13 +471,12 @@ def test_default_output_dir_is_named_after_the_model(tiny_tokenizer, tmp_path, m
     """Without `args`, the run is "<last part of the model's name>-RetMask" in the working directory, as TRL names
     its default output directories."""
     monkeypatch.chdir(tmp_path)
-    prefs = Dataset.from_dict({"prompt": ["a"], "chosen": ["the"], "rejected": ["sea"]})  # nothing to generate
     model = make_tiny_model("llama")
     model.save_pretrained(tmp_path / "org" / "tiny-llamaX")
     tiny_tokenizer.save_pretrained(tmp_path / "org" / "tiny-llamaX")
 
     def output_dir(m):
-        return RetMaskTrainer(model=m, train_dataset=prefs, processing_class=tiny_tokenizer,
+        return RetMaskTrainer(model=m, train_dataset=PREFS, processing_class=tiny_tokenizer,
                               head_scores=SCORES).args.output_dir
 
     assert output_dir("org/tiny-llamaX/") == "tiny-llamaX-RetMask"  # a path given as a string, trailing slash

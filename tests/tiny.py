@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from datasets import Dataset
 from transformers import AutoConfig, AutoModelForCausalLM, TrainerCallback
 
 # Every family whose attention `mask_heads` must serve. All use 4 query heads over 2 KV heads (GQA).
@@ -98,6 +99,19 @@ def make_tiny_tokenizer(save_dir):
 HAYSTACK = ("the man went home . " "she said that it was a long day . " "they found the old house near the sea . ") * 4
 NEEDLE = {"needle": "the secret number is five .", "question": "what is the secret number ?", "real_needle": "five"}
 OTHER_NEEDLE = {"needle": "the magic word is water .", "question": "what is the magic word ?", "real_needle": "water"}
+
+# A one-row preference dataset: a trainer given it generates nothing.
+PREFS = Dataset.from_dict({"prompt": ["a"], "chosen": ["the"], "rejected": ["sea"]})
+
+
+def make_greedy(model, token_id: int):
+    """Make `token_id` the greedy token at every step (a forward hook on `lm_head`); returns the hook's handle."""
+
+    def hook(module, inputs, logits):
+        logits[..., token_id] += 1e4
+        return logits
+
+    return model.lm_head.register_forward_hook(hook)
 
 
 class CheckpointingProbe(TrainerCallback):
