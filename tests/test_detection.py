@@ -367,6 +367,7 @@ def test_detect_refuses_a_directory_of_another_model_or_settings(tiny_tokenizer,
     """Records are reused only for the same weights, layout, decode budget and prompts; the refusal names what
     changed and comes before any sample runs."""
     _forced_detect(make_tiny_model("qwen2"), tiny_tokenizer, hay_dir, tmp_path / "d", monkeypatch)
+    change = dict(change)  # the parametrized dict is shared: leave it whole for a rerun
     model = make_tiny_model("qwen2", **change.pop("model", {}))
     calls = []
     with pytest.raises(ValueError, match=named + r"\. Use a fresh output"):
