@@ -114,8 +114,8 @@ def test_online_regeneration_decodes_the_updated_policy(engine_model, tmp_path):
                          generation_backend="vllm", cache_pairs=False, report_to="none", save_strategy="no",
                          logging_steps=1, use_cpu=True, seed=0)
     trainer = RetMaskTrainer(model=policy, args=args, train_dataset=Dataset.from_dict({"prompt": CHATS[:4]}),
-                             processing_class=tokenizer, head_scores=HeadScores.from_pretrained(
-                                 "SmolLM2-135M-Instruct"))
+                             processing_class=tokenizer, callbacks=[Snapshot()],
+                             head_scores=HeadScores.from_pretrained("SmolLM2-135M-Instruct"))
     initial = list(trainer.train_dataset.current["chosen"])
     trainer.train()
     assert [h["step"] for h in trainer.pair_stats_history] == [1]

@@ -254,13 +254,18 @@ def engine_for(model, settings: VLLMSettings) -> _Engine:
     """The process's engine for `model`'s architecture and `settings`: reused while they stay the same, else
     replaced (one engine per process: its KV cache and weights take memory)."""
     global _ENGINE
-    config = {k: v for k, v in model.config.to_dict().items() if k not in ("_name_or_path", "transformers_version")}
+    config = {k: v for k, v in model.config.to_dict().items()  # what the engine's model is built from
+              if not k.startswith("_") and k not in ("transformers_version", "use_cache")}
     key = fingerprint(config=config, settings=settings, device=str(model_device(model)),
                       dtype=str(next(model.parameters()).dtype))
     if _ENGINE is not None and _ENGINE.key != key:
+        changed = sorted(k for k in set(config) | set(_ENGINE.config) if config.get(k) != _ENGINE.config.get(k))
+        logger.warning("Replacing the vLLM engine: the model or its settings changed (%s).",
+                       ", ".join(changed) or "settings, device or dtype")
         close_engine()
     if _ENGINE is None:
         _ENGINE = _Engine(model, settings, key)
+        _ENGINE.config = config
     return _ENGINE
 
 
@@ -285,6 +290,7 @@ class VLLMBackend(GenerateBackend):
 
     name = "vllm"
     joint = True
+    row_seeded = True
 
     def __init__(self, settings: VLLMSettings | None = None, **kwargs):
         self.settings = settings if settings is not None else VLLMSettings(**kwargs)
