@@ -729,6 +729,7 @@ def test_chat_prompts_get_no_second_bos_and_auto_backend_sees_the_model(model, t
                                                      bos_tok(text)["input_ids"]]
     seen = []
     real = pairs_module.make_backend
-    monkeypatch.setattr(pairs_module, "make_backend", lambda choice, m=None: seen.append((choice, m)) or real(choice, m))
+    monkeypatch.setattr(pairs_module, "make_backend",
+                        lambda choice, m=None, vllm=None: seen.append((choice, m)) or real(choice, m, vllm))
     generate_pairs(model, tiny_tokenizer, PROMPTS[:1], HEADS, temperature=0.0, max_new_tokens=2, show_progress=False)
     assert seen == [("auto", model)]
