@@ -400,8 +400,8 @@ def test_pairs_are_generated_on_the_training_device_unless_the_model_is_placed(t
 
 
 def test_dpo_trainer_arguments_pass_through(tiny_tokenizer, tmp_path):
-    """What RetMask does not use itself reaches DPOTrainer unchanged: collator, metrics, callbacks, optimizers, and
-    a quantization config beside an already loaded model (which TRL refuses)."""
+    """What RetMask does not use itself reaches DPOTrainer unchanged: metrics, callbacks, optimizers, and a
+    quantization config beside an already loaded model (which TRL refuses); the collator, inside the truncation."""
     from transformers import TrainerCallback
     from trl.trainer.dpo_trainer import DataCollatorForPreference
 
@@ -417,7 +417,7 @@ def test_dpo_trainer_arguments_pass_through(tiny_tokenizer, tmp_path):
     t = RetMaskTrainer(model=model, args=config(tmp_path), train_dataset=PREFS, processing_class=tiny_tokenizer,
                        head_scores=SCORES, data_collator=collator, compute_metrics=metrics, callbacks=[callback],
                        optimizers=(optimizer, scheduler))
-    assert t.data_collator is collator and t.compute_metrics is metrics
+    assert t.data_collator.collator is collator and t.compute_metrics is metrics
     assert t.optimizer is optimizer and t.lr_scheduler is scheduler and callback in t.callback_handler.callbacks
     with pytest.raises(ValueError, match="your model is already instantiated"):
         RetMaskTrainer(model=model, args=config(tmp_path), train_dataset=PREFS, processing_class=tiny_tokenizer,
@@ -701,6 +701,9 @@ def test_online_mode_refuses_length_grouping(tmp_path):
     ({"generation_seed": 1.5}, "generation_seed"),
     ({"regenerate_pairs_steps": 0}, "regenerate_pairs_steps"),
     ({"max_prompt_length": 0}, "max_prompt_length"),
+    ({"truncation_mode": "keep_end"}, r"deprecated by TRL.*truncation_side=\"left\""),  # before TRL's FutureWarning
+    ({"truncation_side": "middle"}, "`truncation_side` must be one of left, right"),
+    ({"keep_reasoning": "yes"}, "keep_reasoning"),
     ({"max_length": 1}, "max_length"),
     ({"cache_pairs": "yes"}, "cache_pairs"),
     ({"generation_kwargs": ["top_k"]}, "generation_kwargs"),
@@ -775,6 +778,27 @@ def test_truncation_reproduces_trl_024_keep_end(pad_to_multiple_of, tiny_tokeniz
             n = int(batch["attention_mask"][r].sum())
             assert batch["input_ids"][r][:n].tolist() == expected_ids, (i, role)
             assert batch["completion_mask"][r][:n].tolist() == expected_mask, (i, role)
+
+
+def test_a_users_collator_is_wrapped_with_the_same_truncation(tiny_tokenizer, tmp_path):
+    from trl.trainer.dpo_trainer import DataCollatorForPreference
+
+    seen, inner = [], DataCollatorForPreference(pad_token_id=tiny_tokenizer.pad_token_id)
+
+    def collator(examples):
+        seen.append([e["prompt_ids"] for e in examples])
+        return inner(examples)
+
+    prefs = Dataset.from_dict({"prompt": ["the man said tell me"], "chosen": [" a story about the sea"],
+                               "rejected": [" no"]})
+    trainer = RetMaskTrainer(model=make_tiny_model("llama"), args=config(tmp_path, max_prompt_length=2, max_length=4),
+                             train_dataset=prefs, processing_class=tiny_tokenizer, head_scores=SCORES,
+                             data_collator=collator)
+    row = trainer.train_dataset[0]
+    batch = trainer.data_collator([row])
+    assert seen == [[row["prompt_ids"][-2:]]]  # prompts cut before the user's collator
+    chosen = row["prompt_ids"][-2:] + row["chosen_ids"]
+    assert batch["input_ids"][0].tolist() == chosen[-4:]  # sequences cut after it, keeping their end
 
 
 def test_long_prompts_are_truncated_not_dropped_under_keep_start(tiny_tokenizer, tmp_path):
