@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from trl import DPOConfig
 
-from .fast_generation import GENERATION_BACKENDS
+from .generation import GENERATION_BACKENDS
 from .liger import check_liger
 from .scores import HeadSelectionArguments
 from .truncation import SIDES

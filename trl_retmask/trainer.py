@@ -6,7 +6,6 @@ model). Generation happens before DPOTrainer's dataset processing; everything af
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import logging
 import os
@@ -29,11 +28,11 @@ from trl.trainer.utils import (
 )
 
 from .config import RetMaskConfig
+from .distributed import from_main_process, gathered_for_generation, process_state, unwrapped_for_generation
 from .liger import apply_liger_kernels
 from .model_card import PAPER, retmask_section, write_retmask_files
 from .models import hub_id_of, resolve_model_path
 from .pairs import PairStats, complete_prompt_dataset, is_prompt_only
-from .runtime import from_main_process, process_state, unwrapped_for_generation
 from .scores import HeadScores, resolve_head_scores, select_heads
 from .truncation import TruncatingCollator, trl_truncation_off, truncate_prompt
 
@@ -180,7 +179,7 @@ class RetMaskTrainer(DPOTrainer):
         if needs_pairs:
             if getattr(model, "hf_device_map", None) is None and not is_deepspeed_zero3_enabled():
                 model.to(args.device)  # where Trainer would put it anyway; generation is much faster there
-            with _gathered_for_generation(model):
+            with gathered_for_generation(model):
                 train_dataset = self._complete(train_dataset, model, tokenizer, args, "train")
                 if isinstance(eval_dataset, dict):
                     eval_dataset = {k: self._complete(d, model, tokenizer, args, f"eval_{k}")
@@ -368,18 +367,6 @@ class RetMaskTrainer(DPOTrainer):
             self._write_card(output_dir)  # titled after the directory
 
 
-@contextlib.contextmanager
-def _gathered_for_generation(model):
-    """Full parameters for generation before training starts. Under ZeRO-3 transformers partitions them at load
-    (`zero.Init`) and the DeepSpeed engine that would gather them does not exist yet, so they are gathered here, as
-    `unwrap_model_for_generation` does during training."""
-    if not is_deepspeed_zero3_enabled():
-        yield model
-        return
-    import deepspeed
-
-    with deepspeed.zero.GatheredParameters(list(model.parameters())):
-        yield model
 
 
 def pairs_dir(args: RetMaskConfig) -> str:

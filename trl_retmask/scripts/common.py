@@ -8,9 +8,9 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..distributed import process_state
 from ..masking import parse_head, validate_heads
 from ..models import DEFAULT_MODEL, load_model_and_tokenizer
-from ..runtime import process_state
 from ..scores import HeadSelectionArguments, resolve_head_scores, select_heads
 from ..validation import check_int, check_number
 from . import STAGES
