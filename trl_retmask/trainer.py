@@ -200,10 +200,10 @@ class RetMaskTrainer(DPOTrainer):
         data_collator = self._truncating_collator(data_collator, model, tokenizer, args)
         with trl_truncation_off(args):
             super().__init__(
-                model=model, ref_model=ref_model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
-                data_collator=data_collator,
-                processing_class=processing_class, compute_metrics=compute_metrics, callbacks=callbacks,
-                optimizers=optimizers, quantization_config=quantization_config, peft_config=peft_config,
+                model=model, ref_model=ref_model, args=args, data_collator=data_collator, train_dataset=train_dataset,
+                eval_dataset=eval_dataset, processing_class=processing_class, compute_metrics=compute_metrics,
+                callbacks=callbacks, optimizers=optimizers, quantization_config=quantization_config,
+                peft_config=peft_config,
             )
         self.add_callback(_LogPairStats(self))
         if args.online:
