@@ -139,7 +139,7 @@ def text_prompts(tokenizer, n: int, length: int) -> list[str]:
 
 
 def bench_generation(args) -> list[dict]:
-    from trl_retmask.fast_generation import StaticCacheBackend
+    from trl_retmask.generation import StaticCacheBackend
     from trl_retmask.pairs import generate_pairs
 
     tiny = args.tiny
@@ -207,7 +207,7 @@ def _interleaved(fa, fb, repeats):
 
 
 def bench_mask(args) -> list[dict]:
-    from trl_retmask.fast_generation import RowHeadMask
+    from trl_retmask.generation import RowHeadMask
     from trl_retmask.masking import mask_heads
 
     length = 64 if args.tiny else 8192

@@ -9,7 +9,7 @@ one after the other in this one call, with the same prompts, seeds and sizes:
   mmap threshold;
 - fix: the recipe as shipped: micro-batches of 1 pair x 8 accumulation steps (the same 8 pairs per optimizer step),
   reference log-probs precomputed before training (no reference copy), activation checkpointing, and
-  `runtime.limit_cpu_training_memory` (glibc's mmap threshold fixed at 128 KiB, so freed activations go back to the
+  `distributed.limit_cpu_training_memory` (glibc's mmap threshold fixed at 128 KiB, so freed activations go back to the
   OS instead of staying in its heap).
 
 Default size: the whole main command (detection, NIAH, 32 prompts); `--quick`: 16 prompts, bundled head scores, no
@@ -34,7 +34,7 @@ REPO = Path(__file__).resolve().parents[1]
 VARIANTS = {
     "baseline": {"args": ["--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "2",
                           "--precompute_ref_log_probs", "False", "--activation_checkpointing", "False"],
-                 "preamble": "import trl_retmask.runtime as r; r.limit_cpu_training_memory = lambda *a, **k: False"},
+                 "preamble": "import trl_retmask.distributed as r; r.limit_cpu_training_memory = lambda *a, **k: False"},
     "fix": {"args": []},
 }
 ALLOCATOR_ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "MALLOC_ARENA_MAX")

@@ -60,7 +60,7 @@ def run(args):
     from trl import DPOConfig, DPOTrainer
 
     from trl_retmask import RetMaskConfig, RetMaskTrainer, load_model_and_tokenizer
-    from trl_retmask.fast_generation import StaticCacheBackend
+    from trl_retmask.generation import StaticCacheBackend
     from trl_retmask.pairs import generate_pairs
 
     warnings.filterwarnings("ignore")

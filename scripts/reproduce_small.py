@@ -92,7 +92,8 @@ def evaluate(model, tokenizer, args, out: Path, name: str, heads=None) -> dict:
     """Suite + general check of one model, cached in `out/eval/<name>.json` (its generations in `out/suite`)."""
     from trl_retmask.evaluation import evaluate_long_context, general_ability
     from trl_retmask.evaluation.general import load_short_answer
-    from trl_retmask.runtime import cached_json, fingerprint, model_fingerprint
+    from trl_retmask.fingerprints import fingerprint, model_fingerprint
+    from trl_retmask.store import cached_json
 
     def run():
         t, cpu = time.time(), time.process_time()
@@ -121,9 +122,10 @@ def train(args, out: Path, scores, strategy: str, seed: int) -> Path:
 
     from trl_retmask import load_model_and_tokenizer
     from trl_retmask.config import RetMaskConfig
+    from trl_retmask.fingerprints import fingerprint
     from trl_retmask.prompts import load_prompts
-    from trl_retmask.runtime import cached_json, fingerprint
     from trl_retmask.scripts.train import TrainScriptArguments, recipe_defaults
+    from trl_retmask.store import cached_json
     from trl_retmask.trainer import RetMaskTrainer
 
     save_dir = out / "models" / f"{strategy}-seed{seed}"

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 import trl_retmask.detection as detection
+from tests.launch import launch_two_cpu_processes
 from tests.test_niah import LEADIN_NEEDLE, make_book_tokenizer
-from tests.test_runtime import launch_two_cpu_processes
 from tests.tiny import NEEDLE, make_greedy, make_tiny_model
 from tests.tiny import OTHER_NEEDLE as OTHER
 from trl_retmask.detection import (
@@ -22,8 +22,8 @@ from trl_retmask.detection import (
     last_row_argmax,
     record_attention_argmax,
 )
+from trl_retmask.generation import make_generation_config
 from trl_retmask.niah import NIAHSample, build_niah_samples, generate_answer
-from trl_retmask.runtime import make_generation_config
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -96,3 +96,48 @@ def test_two_process_recipe_run_shares_pairs_and_trains(tmp_path):
     ids = torch.tensor([[1, 10, 20, 30]])
     assert torch.isfinite(trained(ids).logits).all()
     assert (out / "README.md").is_file() and (out / "retmask_recipe_summary.json").is_file()
+
+
+# ------------------------------------------------------------------------------------------- CPU training memory
+MALLOC_SCRIPT = """
+import ctypes, sys
+sys.path.insert(0, {repo!r})
+from trl_retmask.distributed import limit_cpu_training_memory
+
+libc = ctypes.CDLL(None)
+libc.malloc.restype = ctypes.c_void_p
+libc.malloc.argtypes = [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+def rss():
+    return int(open("/proc/self/statm").read().split()[1]) * 4096
+def touched(n):
+    p = libc.malloc(n)
+    ctypes.memset(p, 1, n)
+    return p
+if sys.argv[1] == "limit":
+    assert limit_cpu_training_memory("cpu") is True
+libc.free(touched(16 << 20))  # glibc's dynamic rule: freeing this mmapped block raises the mmap threshold to 16 MiB
+before = rss()
+blocks = [touched(1 << 20) for _ in range(201)]
+for p in blocks[:-1]:  # the last block, on top of the heap, keeps the freed ones below it from being trimmed
+    libc.free(p)
+print((rss() - before) >> 20)
+"""
+
+
+@pytest.mark.skipif(__import__("platform").libc_ver()[0] != "glibc", reason="glibc's malloc")
+def test_cpu_training_memory_returns_freed_blocks_to_the_os(tmp_path, monkeypatch):
+    """Measured on glibc itself: after a large free, 200 freed 1 MiB blocks stay resident (heap), but with
+    `limit_cpu_training_memory` they are mmapped and go back to the OS on free."""
+    script = tmp_path / "malloc.py"
+    script.write_text(MALLOC_SCRIPT.format(repo=str(REPO)))
+    env = {k: v for k, v in os.environ.items() if k != "MALLOC_MMAP_THRESHOLD_"}
+    kept = {mode: int(subprocess.run([sys.executable, str(script), mode], env=env, capture_output=True, text=True,
+                                     check=True).stdout) for mode in ("default", "limit")}
+    assert kept["default"] >= 150 and kept["limit"] <= 20, kept  # MiB still resident of 200 freed
+    # Only on the CPU, and never over the user's own setting.
+    from trl_retmask.distributed import limit_cpu_training_memory
+
+    assert limit_cpu_training_memory("cuda") is False and limit_cpu_training_memory(torch.device("mps")) is False
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")
+    assert limit_cpu_training_memory("cpu") is False

@@ -160,7 +160,7 @@ def test_evaluate_long_context_tiny(tiny_llama, tiny_tokenizer, tmp_path):
     assert set(result["scores"]) == set(CATEGORIES) and set(result["scores"]["recall"]) == {"256"}
     assert result["config"]["heads"] == [[0, 1]] and len(result["generations"]) == len(TASKS)
     # The mask was applied: the same answers come from a copy whose o_proj input columns of head (0, 1) are zeroed
-    # by hand (the weight-space equivalent of the runtime mask), and the unmasked model answers otherwise.
+    # by hand (the weight-space equivalent of the forward-hook mask), and the unmasked model answers otherwise.
     import copy
 
     cfg = tiny_llama.config

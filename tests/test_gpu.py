@@ -17,10 +17,9 @@ from tests.tiny import HAYSTACK, make_tiny_model
 from trl_retmask import HeadScores
 from trl_retmask.config import RetMaskConfig
 from trl_retmask.detection import record_attention_argmax
-from trl_retmask.fast_generation import StaticCacheBackend
+from trl_retmask.generation import StaticCacheBackend, generate_batch
 from trl_retmask.masking import mask_heads
 from trl_retmask.pairs import generate_pairs
-from trl_retmask.runtime import generate_batch
 from trl_retmask.trainer import RetMaskTrainer
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]

@@ -7,8 +7,9 @@ import torch
 
 from tests.tiny import make_tiny_model
 from trl_retmask import mask_heads
-from trl_retmask.pairs import PairStats, complete_prompt_dataset, encode_prompts, generate_pairs
-from trl_retmask.runtime import hash_weights
+from trl_retmask.chat import encode_prompts
+from trl_retmask.fingerprints import hash_weights
+from trl_retmask.pairs import PairStats, complete_prompt_dataset, generate_pairs
 
 HEADS = [(0, 1), (1, 2), (2, 0)]
 PROMPTS = [
@@ -629,7 +630,8 @@ def test_stored_batch_records_are_checked_field_by_field():
 def test_prompt_forms(tiny_tokenizer):
     from datasets import Dataset, IterableDataset
 
-    from trl_retmask.pairs import as_completion, is_conversational_prompt, is_prompt_only
+    from trl_retmask.chat import is_conversational_prompt
+    from trl_retmask.pairs import as_completion, is_prompt_only
 
     chat = [{"role": "user", "content": "hi"}]
     assert is_conversational_prompt(chat) and not is_conversational_prompt([]) and not is_conversational_prompt("hi")

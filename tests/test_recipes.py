@@ -24,8 +24,8 @@ from tests.recipe_utils import (
     write_head_scores,
 )
 from tests.tiny import make_tiny_model
+from trl_retmask import generation
 from trl_retmask import pairs as pairs_module
-from trl_retmask import runtime
 from trl_retmask.config import RetMaskConfig
 from trl_retmask.prompts import MISSING_USER_TURNS
 from trl_retmask.scores import resolve_head_scores
@@ -187,7 +187,7 @@ def effective_sampling(model, args: RetMaskConfig) -> dict:
     """The sampling `model.generate` applies for `args`: the pairs' generation config with transformers' global
     defaults filled in for unset fields, as generate() does."""
     settings = args.generation_settings
-    config = runtime.make_generation_config(model, 8, temperature=settings["temperature"], top_p=settings["top_p"],
+    config = generation.make_generation_config(model, 8, temperature=settings["temperature"], top_p=settings["top_p"],
                                     top_k=settings["top_k"], **settings["generation_kwargs"])
     config, _ = model._prepare_generation_config(config)
     return {"do_sample": config.do_sample, "temperature": config.temperature, "top_p": config.top_p,
@@ -296,7 +296,7 @@ def test_qwen3_recipe_samples_pairs_as_the_authors_vllm(enable_thinking, qwen3_s
     used = []
 
     def recording(*a, **kw):
-        used.append(runtime.make_generation_config(*a, **kw))
+        used.append(generation.make_generation_config(*a, **kw))
         return used[-1]
 
     monkeypatch.setattr(pairs_module, "make_generation_config", recording)

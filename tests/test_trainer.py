@@ -382,7 +382,7 @@ def test_pairs_are_generated_on_the_training_device_unless_the_model_is_placed(t
         gathered.append(model)
         raise _Stop
 
-    monkeypatch.setattr(trainer_module, "_gathered_for_generation", stop)
+    monkeypatch.setattr(trainer_module, "gathered_for_generation", stop)
     args = config(tmp_path)
     for placed, zero3, moved in ((False, False, True), (True, False, False), (False, True, False)):
         model = make_tiny_model("llama")

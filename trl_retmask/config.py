@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from trl import DPOConfig
 
-from .fast_generation import GENERATION_BACKENDS
+from .generation import GENERATION_BACKENDS
 from .scores import HeadSelectionArguments
 from .validation import check_bool, check_choice, check_int, check_number, check_seed
 

@@ -24,6 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from trl_retmask.distributed import process_state
+from trl_retmask.fingerprints import fingerprint, model_fingerprint
 from trl_retmask.masking import attention_modules, head_layout
 from trl_retmask.niah import (
     NIAHSample,
@@ -38,8 +40,8 @@ from trl_retmask.niah import (
     samples_info,
     score_answer,
 )
-from trl_retmask.runtime import fingerprint, model_fingerprint, process_state, write_json
 from trl_retmask.scores import HeadScores
+from trl_retmask.store import write_json
 
 AUTHORS_CONTEXT_LENGTHS = tuple(int(x) for x in np.round(np.linspace(0, 5000, 20)))
 """`np.round(np.linspace(0, 5000, 20))`: the RetMask authors' lengths (`--s 0 --e 5000`), 0 to 5000 tokens."""

@@ -191,7 +191,7 @@ def model_init_kwargs(model_args, **overrides) -> dict:
               "attn_implementation": model_args.attn_implementation}
     quantization_config = get_quantization_config(model_args)
     if quantization_config is not None:
-        from .runtime import process_state
+        from .distributed import process_state
 
         kwargs.update(quantization_config=quantization_config, device_map={"": process_state().local_process_index})
     return {**kwargs, **overrides}

@@ -15,17 +15,12 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
+from .chat import encode_rendered, render_user_prompt
+from .distributed import process_state
+from .fingerprints import fingerprint, model_fingerprint
+from .generation import generate_batch, make_generation_config
 from .masking import validate_heads
-from .runtime import (
-    encode_rendered,
-    fingerprint,
-    generate_batch,
-    make_generation_config,
-    model_fingerprint,
-    process_state,
-    run_resumable,
-    write_json,
-)
+from .store import run_resumable, write_json
 
 DATA_DIR = Path(__file__).parent / "data"
 DEFAULT_HAYSTACK_DIR = DATA_DIR / "haystack"
@@ -142,12 +137,8 @@ def format_prompt(tokenizer, context: str, question: str) -> str:
     """The authors' NIAH prompt: the user turn through the chat template (a template that knows `enable_thinking`,
     e.g. Qwen3's, gets `enable_thinking=False`, as they ran it); plain-text models get the same text."""
     content = PROMPT_TEMPLATE.format(context=context, question=question)
-    template = getattr(tokenizer, "chat_template", None)
-    if not template:
-        return content
-    kwargs = {"enable_thinking": False} if "enable_thinking" in str(template) else {}
-    return tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
-                                         add_generation_prompt=True, **kwargs)
+    kwargs = {"enable_thinking": False} if "enable_thinking" in str(getattr(tokenizer, "chat_template", "")) else {}
+    return render_user_prompt(tokenizer, content, **kwargs)
 
 
 def _encode(tokenizer, text: str, offsets: bool = False):

@@ -1,8 +1,8 @@
 """Contrastive pair generation: chosen = the policy, rejected = the same policy with its retrieval heads masked.
 
-Prompts are encoded as TRL's DPOTrainer encodes them, generated in batches (`runtime.generate_batch` through a
-backend: `model.generate` or, on CUDA, `fast_generation.StaticCacheBackend`, which decodes a batch's chosen and
-rejected rows in one loop), shared across accelerate processes batch by batch and gathered (`runtime.run_resumable`),
+Prompts are encoded as TRL's DPOTrainer encodes them, generated in batches (`generation.generate_batch` through a
+backend: `model.generate` or, on CUDA, `generation.StaticCacheBackend`, which decodes a batch's chosen and
+rejected rows in one loop), shared across accelerate processes batch by batch and gathered (`store.run_resumable`),
 and cached on disk under a fingerprint of everything the pairs depend on (model weights and generation config,
 generation settings, backend, prompts, heads), so reruns skip it and interrupted runs resume. Every decode is seeded
 from (seed, batch index, role) alone, so the pairs do not depend on the process count or on where a run was
@@ -13,7 +13,6 @@ they share a cache directory; a batch whose chosen responses are cached decodes 
 
 from __future__ import annotations
 
-import json
 import os
 import time
 import warnings
@@ -24,23 +23,13 @@ from typing import Any
 
 from accelerate.utils import gather_object
 from datasets import Dataset, IterableDataset
-from trl.data_utils import is_conversational, maybe_apply_chat_template
 
-from .fast_generation import make_backend
+from .chat import check_prompt_ids, check_prompts, encode_prompts, is_conversational_prompt, row_template_kwargs
+from .distributed import from_main_process, process_state
+from .fingerprints import fingerprint, model_fingerprint
+from .generation import GenerateBackend, generate_batch, make_backend, make_generation_config
 from .masking import validate_heads
-from .runtime import (
-    GenerateBackend,
-    ResultStore,
-    check_prompt_ids,
-    check_prompts,
-    fingerprint,
-    from_main_process,
-    generate_batch,
-    make_generation_config,
-    model_fingerprint,
-    process_state,
-    run_resumable,
-)
+from .store import ResultStore, run_resumable
 
 CACHE_VERSION = 3
 ROLES = ("chosen", "rejected")
@@ -95,10 +84,6 @@ class GeneratedPairs:
         return Dataset.from_dict(rows)
 
 
-def is_conversational_prompt(prompt) -> bool:
-    return isinstance(prompt, list) and len(prompt) > 0 and is_conversational({"prompt": prompt})
-
-
 def as_completion(prompt, text: str):
     return [{"role": "assistant", "content": text}] if is_conversational_prompt(prompt) else text
 
@@ -107,45 +92,6 @@ def is_prompt_only(dataset: Dataset | IterableDataset) -> bool:
     """A dataset RetMask must complete: it has prompts but no chosen/rejected responses yet."""
     columns = dataset.column_names or list(next(iter(dataset)).keys())
     return "prompt" in columns and "chosen" not in columns and "rejected" not in columns
-
-
-def encode_prompts(tokenizer, prompts: list, template_kwargs: Sequence[dict | None] | None = None) -> list[list[int]]:
-    """Token ids of each prompt as TRL's DPOTrainer tokenizes it: a chat prompt rendered by
-    `trl.data_utils.maybe_apply_chat_template` (generation prompt added after a user turn) and tokenized without
-    special tokens (the template holds them), a string tokenized as is. A chat prompt ending on an assistant turn is
-    continued (TRL's helper), where DPOTrainer would open a new turn.
-
-    `template_kwargs[i]`: the chat-template arguments of prompt `i` (`tools` and the row's `chat_template_kwargs`,
-    see `row_template_kwargs`), which DPOTrainer passes when it tokenizes that row: the response is then generated
-    after exactly the prompt it is trained on."""
-    out = []
-    for i, p in enumerate(prompts):
-        kwargs = dict((template_kwargs[i] if template_kwargs is not None else None) or {})
-        if is_conversational_prompt(p):
-            tools = kwargs.pop("tools", None)
-            text = maybe_apply_chat_template({"prompt": p}, tokenizer, tools=tools, **kwargs)["prompt"]
-            out.append(list(tokenizer(text, add_special_tokens=False)["input_ids"]))
-        elif isinstance(p, str):
-            out.append(list(tokenizer(text=p)["input_ids"]))
-        else:
-            raise ValueError(f"A prompt must be a string or a list of chat messages, got {type(p).__name__}: {p!r:.80}")
-    return out
-
-
-def row_template_kwargs(row: dict) -> dict | None:
-    """The chat-template arguments DPOTrainer (TRL 1.16) takes from a dataset row: `tools` (a list or its JSON
-    string) and the `chat_template_kwargs` dict; None when the row has neither."""
-    tools = row.get("tools")
-    if isinstance(tools, str):
-        try:
-            tools = json.loads(tools)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"The `tools` column holds a string that is not JSON ({e}): {tools!r:.80}") from None
-    extra = row.get("chat_template_kwargs") or {}
-    if not isinstance(extra, dict):
-        raise ValueError(f"The `chat_template_kwargs` column must hold dicts, got {type(extra).__name__}: {extra!r:.80}")
-    kwargs = {**({"tools": tools} if tools is not None else {}), **extra}
-    return kwargs or None
 
 
 def _decode_completions(tokenizer, prompts: list, prompt_ids: list[list[int]], new: list[list[int]]) -> list[str]:
@@ -193,7 +139,7 @@ def generate_pairs(
 
     `backend`: one of `GENERATION_BACKENDS` or a `GenerateBackend`. `"generate"` decodes chosen and rejected rows in
     two `model.generate` calls (the rejected under `mask_heads`); `"static"` decodes them in one loop with a static
-    KV cache, compiled on CUDA (`fast_generation`); `"auto"` is `"static"` on CUDA and `"generate"` elsewhere. Greedy
+    KV cache, compiled on CUDA (`generation.static`); `"auto"` is `"static"` on CUDA and `"generate"` elsewhere. Greedy
     pairs are the same under both; sampled pairs differ (other random streams), so the backend is part of the cache
     fingerprint. Under `"static"` a batch's rejected rows share the chosen rows' decode (seeded as the chosen), or
     decode alone (seeded as the rejected) when its chosen responses come from the cache.

@@ -6,7 +6,6 @@ model). Generation happens before DPOTrainer's dataset processing; everything af
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import logging
 import os
@@ -29,11 +28,11 @@ from trl.trainer.utils import (
 
 from .atomic import atomic_directory, atomic_path
 from .config import RetMaskConfig
+from .distributed import from_main_process, gathered_for_generation, process_state, unwrapped_for_generation
 from .locks import directory_lock
 from .model_card import PAPER, retmask_section, write_retmask_files
 from .models import hub_id_of, resolve_model_path
 from .pairs import PairStats, complete_prompt_dataset, is_prompt_only
-from .runtime import from_main_process, process_state, unwrapped_for_generation
 from .scores import HeadScores, resolve_head_scores, select_heads
 
 if is_wandb_available():
@@ -179,7 +178,7 @@ class RetMaskTrainer(DPOTrainer):
         if needs_pairs:
             if getattr(model, "hf_device_map", None) is None and not is_deepspeed_zero3_enabled():
                 model.to(args.device)  # where Trainer would put it anyway; generation is much faster there
-            with _gathered_for_generation(model):
+            with gathered_for_generation(model):
                 train_dataset = self._complete(train_dataset, model, tokenizer, args, "train")
                 if isinstance(eval_dataset, dict):
                     eval_dataset = {k: self._complete(d, model, tokenizer, args, f"eval_{k}")
@@ -374,20 +373,6 @@ def truncate_prompt(prompt_ids: list[int], max_prompt_length: int | None = None,
     if max_length is not None and truncation_mode == "keep_start" and len(prompt_ids) >= max_length:
         prompt_ids = prompt_ids[-(max_length // 2):]
     return prompt_ids
-
-
-@contextlib.contextmanager
-def _gathered_for_generation(model):
-    """Full parameters for generation before training starts. Under ZeRO-3 transformers partitions them at load
-    (`zero.Init`) and the DeepSpeed engine that would gather them does not exist yet, so they are gathered here, as
-    `unwrap_model_for_generation` does during training."""
-    if not is_deepspeed_zero3_enabled():
-        yield model
-        return
-    import deepspeed
-
-    with deepspeed.zero.GatheredParameters(list(model.parameters())):
-        yield model
 
 
 def _saved_dataset(path: Path, num_rows: int) -> Dataset | None:

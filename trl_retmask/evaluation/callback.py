@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from transformers import TrainerCallback
 
-from ..runtime import unwrapped_for_generation
+from ..distributed import unwrapped_for_generation
 from .suite import generate_suite, score_suite
 from .tasks import CATEGORIES, build_suite
 

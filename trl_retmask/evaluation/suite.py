@@ -8,19 +8,12 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from ..chat import check_prompts, encode_rendered, render_user_prompt
+from ..distributed import process_state
+from ..fingerprints import fingerprint, model_fingerprint
+from ..generation import generate_batch, make_generation_config
 from ..masking import validate_heads
-from ..runtime import (
-    check_prompts,
-    encode_rendered,
-    fingerprint,
-    generate_batch,
-    make_generation_config,
-    model_fingerprint,
-    process_state,
-    render_user_prompt,
-    run_resumable,
-    write_json,
-)
+from ..store import run_resumable, write_json
 from .metrics import load_metric
 from .metrics.citation.citation import citation_scores
 from .metrics.ndcg.ndcg import ndcg_at_k

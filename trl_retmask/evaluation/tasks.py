@@ -19,8 +19,8 @@ import uuid
 import weakref
 from pathlib import Path
 
+from ..chat import encode_rendered, render_user_prompt
 from ..niah import load_haystack
-from ..runtime import encode_rendered, render_user_prompt
 
 CATEGORIES = {
     "recall": ("niah_single", "niah_multikey", "niah_multivalue", "json_kv"),

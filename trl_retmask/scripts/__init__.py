@@ -40,7 +40,7 @@ def run_stage(stage: str, fn, *args) -> int:
     try:
         fn(*args)
         if "torch" in sys.modules:  # a stage that ran no torch started no process group
-            from ..runtime import end_processes
+            from ..distributed import end_processes
 
             end_processes()
     except Exception as error:

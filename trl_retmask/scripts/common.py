@@ -8,11 +8,11 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..distributed import process_state
 from ..locks import check_directory
 from ..masking import parse_head, validate_heads
 from ..models import DEFAULT_MODEL, load_model_and_tokenizer
 from ..prompts import check_dataset_name
-from ..runtime import process_state
 from ..scores import HeadSelectionArguments, resolve_head_scores, select_heads
 from ..validation import check_int, check_number
 from . import STAGES

@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..runtime import process_state
+from ..distributed import process_state
 from ..scores import HEAD_SCORES_FILE
 from . import parse_stage_args, run_stage
 from .common import (

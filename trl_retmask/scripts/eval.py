@@ -15,7 +15,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..runtime import process_state
+from ..distributed import process_state
 from ..validation import check_int, check_seed
 from . import parse_stage_args, run_stage
 from .common import (

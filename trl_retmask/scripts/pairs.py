@@ -15,7 +15,7 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass, field
 
-from ..runtime import process_state
+from ..distributed import process_state
 from . import parse_stage_args, run_stage
 from .common import (
     ExplicitHeadsArguments,

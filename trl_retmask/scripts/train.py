@@ -29,8 +29,8 @@ from typing import Any
 
 from ..atomic import write_text
 from ..detection import AUTHORS_CONTEXT_LENGTHS, AUTHORS_DEPTHS
+from ..distributed import limit_cpu_training_memory, process_state
 from ..models import load_model_and_tokenizer, model_init_kwargs
-from ..runtime import limit_cpu_training_memory, process_state
 from ..scores import select_heads
 from ..validation import check_int
 from . import config_argv, load_yaml, run_stage

@@ -1,4 +1,4 @@
-"""The fast generation backend: static KV cache, compiled decode step, and a per-row head mask, so that one decode
+"""The static-cache generation backend: static KV cache, compiled decode step, and a per-row head mask, so that one decode
 loop serves chosen (policy) and rejected (masked policy) rows.
 
 Decoding is memory-bound: every step reads all weights once, whatever the batch. Decoding chosen and rejected rows in
@@ -6,7 +6,7 @@ one batch halves the weight reads of two separate `generate` calls, and a static
 (transformers' `cache_implementation="static"` + `compile_config`, CUDA graphs under `mode="reduce-overhead"`)
 removes the per-step Python and launch overhead that dominates `generate` with a dynamic cache. The decoding loop is
 transformers' own (same generation config, logits processors and sampling): only the batch layout changes, so greedy
-decoding gives the tokens of `GenerateBackend`. `runtime.generate_batch` pads, seeds and cuts at EOS for both.
+decoding gives the tokens of `GenerateBackend`. `generate_batch` pads, seeds and cuts at EOS for both.
 
 Why the pieces look as they do:
 - `RowHeadMask` hooks every attention `o_proj` once for the backend's lifetime and changes only the contents of
@@ -30,15 +30,11 @@ import torch
 from torch import nn
 from transformers.generation.configuration_utils import CompileConfig
 
-from .masking import attention_modules, head_feature_masks, head_layout
-from .runtime import DEFAULT_BACKEND, GenerateBackend, model_device
-from .validation import check_choice, check_int
+from ..masking import attention_modules, head_feature_masks, head_layout
+from ..validation import check_int
+from .batch import GenerateBackend, model_device
 
-__all__ = ["GENERATION_BACKENDS", "RowHeadMask", "StaticCacheBackend", "make_backend"]
-
-GENERATION_BACKENDS = ("auto", "generate", "static")
-"""Names of the pair-generation backends: `generate` (`model.generate`, dynamic cache, masked rows apart), `static`
-(`StaticCacheBackend`), `auto` (`static` on CUDA, `generate` elsewhere)."""
+__all__ = ["RowHeadMask", "StaticCacheBackend"]
 
 
 class RowHeadMask:
@@ -180,14 +176,3 @@ class StaticCacheBackend(GenerateBackend):
         if self.row_mask is not None:
             self.row_mask.remove()
             self.row_mask = None
-
-
-def make_backend(choice: str | GenerateBackend = "auto", model=None) -> GenerateBackend:
-    """The backend for `choice`: a `GenerateBackend` as is, or a name of `GENERATION_BACKENDS` (`auto`: the static
-    backend when `model` is on CUDA, plain `generate` elsewhere). A new static backend holds hooks: `close()` it."""
-    if isinstance(choice, GenerateBackend):
-        return choice
-    check_choice("backend", choice, GENERATION_BACKENDS)
-    if choice == "auto":
-        choice = "static" if model is not None and model_device(model).type == "cuda" else "generate"
-    return StaticCacheBackend() if choice == "static" else DEFAULT_BACKEND

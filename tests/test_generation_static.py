@@ -6,9 +6,8 @@ from transformers import GenerationConfig
 from transformers.generation.configuration_utils import CompileConfig
 
 from tests.tiny import make_tiny_model
-from trl_retmask.fast_generation import RowHeadMask, StaticCacheBackend, make_backend
+from trl_retmask.generation import DEFAULT_BACKEND, RowHeadMask, StaticCacheBackend, generate_batch, make_backend
 from trl_retmask.masking import mask_heads
-from trl_retmask.runtime import DEFAULT_BACKEND, generate_batch
 
 HEADS = [(0, 1), (1, 0), (2, 3)]
 # Different lengths: left padding, and length buckets that differ from the prompt lengths.

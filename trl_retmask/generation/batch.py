@@ -1,0 +1,145 @@
+"""Batched generation: one left-padded, seeded decode per call with an optional head mask, cut at EOS. The
+backend protocol (`GenerateBackend`) says how a batch is decoded; `generate_batch` pads, seeds and cuts for all."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from contextlib import nullcontext
+
+import torch
+from trl.trainer.utils import pad
+
+from ..chat import check_prompt_ids
+from ..masking import mask_heads
+from ..validation import check_int, check_number
+
+__all__ = ["DEFAULT_BACKEND", "GenerateBackend", "eos_ids", "generate_batch", "make_generation_config", "model_device"]
+
+
+def make_generation_config(model, max_new_tokens: int, *, temperature: float = 0.0, top_p: float = 1.0,
+                           top_k: int | None = 0, **overrides):
+    """A copy of the model's generation config for up to `max_new_tokens` new tokens, one sequence per prompt.
+
+    `temperature == 0` decodes greedily (sampling fields cleared, so transformers does not warn); otherwise it
+    samples with `temperature`, `top_p`, `top_k` (0 = off; None = the model's generation config value, off when it
+    has none: vLLM's rule, not transformers' fallback of 50). `overrides` (any `GenerationConfig` field, e.g.
+    `repetition_penalty`) come last. The pad token defaults to EOS when the model has none.
+    """
+    check_int("max_new_tokens", max_new_tokens, minimum=1)
+    check_number("temperature", temperature, low=0)
+    check_number("top_p", top_p, low=0, high=1, low_open=True)
+    check_int("top_k", top_k, minimum=0, optional=True)
+    config = copy.deepcopy(model.generation_config)
+    if temperature > 0:
+        if top_k is None:  # vLLM reads generation_config.json; absent -> off (transformers would fill in 50)
+            top_k = config.top_k or 0
+        config.update(do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k)
+    else:
+        config.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+    unknown = config.update(max_new_tokens=max_new_tokens, num_beams=1, use_cache=True, **overrides)
+    if unknown:
+        raise ValueError(f"Unknown generation settings {sorted(unknown)}: use fields of transformers.GenerationConfig.")
+    if config.pad_token_id is None and config.eos_token_id is not None:
+        eos = config.eos_token_id
+        config.pad_token_id = eos[0] if isinstance(eos, (list, tuple)) else eos
+    return config
+
+
+def model_device(model) -> torch.device:
+    try:
+        return next(model.parameters()).device
+    except StopIteration:  # pragma: no cover
+        return torch.device("cpu")
+
+
+class GenerateBackend:
+    """How one left-padded batch is decoded, head masking included: `model.generate` with its dynamic KV cache, the
+    rows flagged `masked` in a call of their own under `mask_heads`. The default, and the best on a CPU.
+
+    Subclasses (e.g. `static.StaticCacheBackend`) return the same tokens for greedy decoding. `joint` says
+    whether rows of both kinds share one decode loop (and so one seeded random stream); a backend that keeps state
+    (hooks, a compiled step) releases it in `close()`.
+    """
+
+    name = "generate"
+    joint = False
+
+    def __call__(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor, generation_config, *,
+                 heads: Sequence = (), masked: Sequence[bool]) -> list[list[int]]:
+        """New token ids per row (not yet cut at EOS); row i decodes with `heads` masked iff `masked[i]`."""
+        new: list[list[int] | None] = [None] * len(masked)
+        for flag in (False, True):
+            idx = [i for i, m in enumerate(masked) if m == flag]
+            if not idx:
+                continue
+            rows = torch.tensor(idx, device=input_ids.device)
+            with mask_heads(model, heads) if flag else nullcontext():
+                out = model.generate(input_ids=input_ids[rows], attention_mask=attention_mask[rows],
+                                     generation_config=generation_config)
+            for i, row in zip(idx, out[:, input_ids.shape[1]:].tolist()):
+                new[i] = row
+        return new
+
+    def close(self) -> None:
+        """Release what the backend holds on the model (nothing here)."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+DEFAULT_BACKEND = GenerateBackend()
+
+
+def eos_ids(config) -> set[int]:
+    """The token ids a generation config stops on."""
+    eos = config.eos_token_id
+    return set(eos if isinstance(eos, (list, tuple)) else [eos]) - {None}
+
+
+def generate_batch(model, tokenizer, prompt_ids: Sequence[Sequence[int]], generation_config=None, *, heads=None,
+                   masked: Sequence[bool] | None = None, seed: int | None = None,
+                   backend: GenerateBackend | None = None) -> list[list[int]]:
+    """New token ids per prompt: one batched decode, `heads` ((layer, head) pairs) masked in the rows flagged by
+    `masked` (default: every row when `heads` are given).
+
+    Rows are left-padded for this call only (TRL's `pad`; the tokenizer is not touched, and one without a pad token
+    works). Each row is cut after its first EOS, the EOS kept, so its length is the number of generated tokens.
+    With `seed`, sampling is reproducible and the global RNG state is left as it was. The model runs in eval mode and
+    gets its mode back. `backend` decodes (default: `GenerateBackend`). Bad input is refused before generating.
+    """
+    check_prompt_ids(prompt_ids)
+    config = generation_config if generation_config is not None else model.generation_config
+    if (config.num_return_sequences or 1) != 1 or (config.num_beams or 1) != 1:
+        raise ValueError("generate_batch returns one sequence per prompt: set num_return_sequences=1 and num_beams=1.")
+    heads = list(heads or ())
+    masked = [bool(heads)] * len(prompt_ids) if masked is None else [bool(m) for m in masked]
+    if len(masked) != len(prompt_ids):
+        raise ValueError(f"Got {len(masked)} `masked` flags for {len(prompt_ids)} prompts: give one flag per prompt.")
+    if any(masked) and not heads:
+        raise ValueError("Rows are flagged `masked` but no heads are given: pass the `heads` to mask.")
+    pad_id = next((p for p in (tokenizer.pad_token_id, config.pad_token_id, *sorted(eos_ids(config)))
+                   if p is not None), None)
+    if pad_id is None and len({len(ids) for ids in prompt_ids}) > 1:
+        raise ValueError("Prompts of different lengths need a pad token: set `tokenizer.pad_token`.")
+    device = model_device(model)
+    input_ids = pad([torch.tensor(list(ids)) for ids in prompt_ids], padding_value=pad_id or 0,
+                    padding_side="left").to(device)
+    attention_mask = pad([torch.ones(len(ids), dtype=torch.long) for ids in prompt_ids], padding_value=0,
+                         padding_side="left").to(device)
+    rng = (torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
+           if seed is not None else nullcontext())
+    was_training = model.training
+    model.eval()
+    try:
+        with rng, torch.no_grad():
+            if seed is not None:
+                torch.manual_seed(seed)
+            new = (backend or DEFAULT_BACKEND)(model, input_ids, attention_mask, config, heads=heads, masked=masked)
+    finally:
+        model.train(was_training)
+    stop = eos_ids(config)
+    return [row[:next((i + 1 for i, t in enumerate(row) if t in stop), len(row))] for row in new]
