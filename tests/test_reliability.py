@@ -322,3 +322,164 @@ def test_a_damaged_saved_dataset_of_the_pair_cache_is_saved_again(damage, tiny_t
     assert json.loads((saved / "dataset_info.json").read_text())  # whole again
     if first is not None:
         assert again["chosen"] == first["chosen"] and again["ref_chosen_logps"] == first["ref_chosen_logps"]
+
+
+# ------------------------------------------------------------------------------------------ resumable stores
+RUN_SLOWLY = textwrap.dedent("""
+    import sys, time
+    from trl_retmask.store import run_resumable
+
+    class Item:
+        def __init__(self, i):
+            self.i, self.key = i, f"item{i}"
+
+    def slow(item):
+        if item.i == 3:
+            print("three done", flush=True)
+            time.sleep(600)
+        return {"value": item.i ** 2}
+
+    run_resumable([Item(i) for i in range(7)], slow, sys.argv[1], name="t", fingerprint="f", show_progress=False)
+""")
+
+
+class Item:
+    def __init__(self, i):
+        self.i, self.key = i, f"item{i}"
+
+
+ITEMS = [Item(i) for i in range(7)]
+
+
+def test_a_second_run_on_a_store_is_refused_and_a_killed_run_resumes(tmp_path):
+    """Two runs on one directory both generated everything and appended duplicates: the second is now refused while
+    the first runs; after the first is killed (-9) mid-run, the next run resumes its records, lock file or not."""
+    from trl_retmask.store import run_resumable
+
+    first = subprocess.Popen([sys.executable, "-c", RUN_SLOWLY, str(tmp_path)], cwd=REPO, stdout=subprocess.PIPE,
+                             text=True)
+    calls = []
+
+    def square(item):
+        calls.append(item.i)
+        return {"value": item.i ** 2}
+
+    try:
+        assert first.stdout.readline().strip() == "three done"
+        with pytest.raises(DirectoryBusyError, match=f"in use by another run \\(pid {first.pid} on "):
+            run_resumable(ITEMS, square, tmp_path, name="t", fingerprint="f")
+        assert calls == []
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    out = run_resumable(ITEMS, square, tmp_path, name="t", fingerprint="f")
+    assert out == [{"key": f"item{i}", "value": i * i} for i in range(7)]
+    assert calls == [3, 4, 5, 6]  # 0-2 finished before the kill
+    lines = (tmp_path / "t.rank0.jsonl").read_text().splitlines()
+    assert sorted(json.loads(line)["key"] for line in lines) == [f"item{i}" for i in range(7)]  # no duplicates
+
+
+def test_a_complete_store_is_read_without_taking_the_lock(tmp_path):
+    from trl_retmask.store import run_resumable
+
+    run_resumable(ITEMS, lambda it: {"value": it.i}, tmp_path, name="t", fingerprint="f")
+    proc = _holder(tmp_path)  # another run holds the directory: reading a complete result still works
+    try:
+        assert len(run_resumable(ITEMS, lambda it: pytest.fail("redone"), tmp_path, name="t", fingerprint="f")) == 7
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+
+
+def test_a_store_in_a_file_says_so(tmp_path):
+    """`niah(output_dir=F)` where F is a file said "holds niah results of another run ... pass --overwrite True",
+    and following that advice gave a FileExistsError traceback."""
+    from trl_retmask.store import run_resumable
+
+    (tmp_path / "F").write_text("x")
+    for overwrite in (False, True):
+        with pytest.raises(ValueError, match="is a file, not a directory"):
+            run_resumable(ITEMS, lambda it: {}, tmp_path / "F", name="niah", fingerprint="f", overwrite=overwrite)
+
+
+@pytest.mark.parametrize("meta", ["missing", "unreadable", "empty"])
+def test_the_pair_cache_redoes_a_damaged_meta_file_instead_of_refusing(meta, tmp_path):
+    """An unreadable `chosen.meta.json` in the pair cache could not be overridden at all (`pairs`/`train` had no way
+    to pass `--overwrite` to it): the cache's directories are named by their fingerprint, so it is damage, redone."""
+    from trl_retmask.store import run_resumable
+
+    run_resumable(ITEMS, lambda it: {"value": -1}, tmp_path, name="chosen", fingerprint="f", cache=True)
+    path = tmp_path / "chosen.meta.json"
+    if meta == "missing":
+        path.unlink()
+    else:
+        path.write_text("" if meta == "empty" else "{not json")
+    with pytest.warns(UserWarning, match="discarded and their items redone"):
+        out = run_resumable(ITEMS, lambda it: {"value": it.i}, tmp_path, name="chosen", fingerprint="f", cache=True)
+    assert [r["value"] for r in out] == list(range(7))
+    with pytest.raises(ValueError, match="holds chosen results of another run"):  # outside the cache: refused
+        path.write_text("{not json")
+        run_resumable(ITEMS, lambda it: {"value": it.i}, tmp_path, name="chosen", fingerprint="f")
+
+
+# ------------------------------------------------------------------------------------------ the model's window
+def test_pairs_refuse_an_absurd_max_new_tokens_before_generating(tiny, tmp_path, capsys, monkeypatch):
+    """`pairs --max_new_tokens 1000000000` ran until killed (and the static backend sizes its cache from it)."""
+    from trl_retmask.generation import GenerateBackend
+
+    monkeypatch.setattr(GenerateBackend, "__call__", lambda *a, **k: pytest.fail("generated"))
+    line = _user_error(capsys, _pairs_argv(tiny, tmp_path / "p.jsonl", "--max_new_tokens", "1000000000"))
+    assert "max_new_tokens=1000000000 leaves no room for a prompt in the model's window of 512 tokens" in line
+    assert not (tmp_path / "p.jsonl").exists()
+
+
+def test_pairs_and_the_trainer_refuse_prompts_beyond_the_window(tiny_tokenizer, tmp_path, monkeypatch):
+    """A ~650-token prompt on a 512-token model generated past the window with only transformers' warning."""
+    from datasets import Dataset
+
+    from tests.test_trainer import SCORES, config
+    from tests.tiny import make_tiny_model
+    from trl_retmask.generation import GenerateBackend
+    from trl_retmask.pairs import generate_pairs
+    from trl_retmask.trainer import RetMaskTrainer
+
+    model = make_tiny_model("llama")
+    long_prompt = " ".join(["the"] * 508)
+    prompts = ["tell me a story", long_prompt, "the sea"]
+    n = len(tiny_tokenizer(text=long_prompt)["input_ids"])  # how DPOTrainer tokenizes a string prompt
+    assert 506 < n < 512
+    monkeypatch.setattr(GenerateBackend, "__call__", lambda *a, **k: pytest.fail("generated"))
+    message = (rf"The longest prompt \({n} tokens\) \+ 6 new tokens exceeds the model's window of 512 tokens "
+               r"\(prompt 1; 1 of 3 prompts do not fit\); drop or shorten the longest prompts")
+    with pytest.raises(ValueError, match=message):
+        generate_pairs(model, tiny_tokenizer, prompts, [(0, 1)], max_new_tokens=6, show_progress=False)
+    with pytest.raises(ValueError, match=message):
+        RetMaskTrainer(model=model, args=config(tmp_path), train_dataset=Dataset.from_dict({"prompt": prompts}),
+                       processing_class=tiny_tokenizer, head_scores=SCORES)
+    room = 512 - n
+    monkeypatch.undo()
+    pairs = generate_pairs(model, tiny_tokenizer, prompts, [(0, 1)], max_new_tokens=room, show_progress=False)
+    assert len(pairs.chosen) == 3  # the prompt and its new tokens may fill the window exactly
+
+
+def test_generate_batch_checks_every_batch_against_the_window(tiny_tokenizer):
+    from tests.tiny import make_tiny_model
+    from trl_retmask.generation import generate_batch, make_generation_config
+
+    model = make_tiny_model("llama", max_position_embeddings=16)
+    with pytest.raises(ValueError, match=r"The longest prompt \(12 tokens\) \+ 5 new tokens exceeds the model's "
+                                         r"window of 16 tokens \(row 1"):
+        generate_batch(model, tiny_tokenizer, [[5] * 3, [5] * 12], make_generation_config(model, 5))
+    assert len(generate_batch(model, tiny_tokenizer, [[5] * 3, [5] * 12], make_generation_config(model, 4))) == 2
+
+
+def test_the_suite_checks_prompt_and_answer_budget_against_the_window(tiny_tokenizer):
+    from tests.tiny import make_tiny_model
+    from trl_retmask.evaluation.suite import _encode, build_suite, generate_suite
+
+    samples = build_suite(tiny_tokenizer, (256,), ["recall"], 1, 0)
+    need = max(len(ids) + s["max_new_tokens"] for ids, s in zip(_encode(tiny_tokenizer, [s["prompt"] for s in samples]),
+                                                               samples))
+    model = make_tiny_model("llama", max_position_embeddings=need - 1)  # every prompt fits; one answer budget not
+    with pytest.raises(ValueError, match=rf"new tokens exceeds the model's window of {need - 1} tokens"):
+        generate_suite(model, tiny_tokenizer, samples)
