@@ -483,3 +483,31 @@ def test_the_suite_checks_prompt_and_answer_budget_against_the_window(tiny_token
     model = make_tiny_model("llama", max_position_embeddings=need - 1)  # every prompt fits; one answer budget not
     with pytest.raises(ValueError, match=rf"new tokens exceeds the model's window of {need - 1} tokens"):
         generate_suite(model, tiny_tokenizer, samples)
+
+
+def test_a_second_pairs_run_on_one_cache_is_refused_and_resumes_after_a_kill(tiny_tokenizer, tmp_path):
+    """Two identical pair runs on one cache both generated everything and appended duplicates (8 lines for 4
+    batches). With the first run holding the cache, the second is refused; once the first is gone, the next run
+    redoes only the missing batch."""
+    from tests.tiny import make_tiny_model
+    from trl_retmask.pairs import generate_pairs
+
+    model = make_tiny_model("llama")
+    prompts = ["tell me a story", "the man said", "what is the sea", "the old house", "she went home",
+               "they found the", "the secret number is", "a long day"]
+    kw = dict(temperature=0.0, max_new_tokens=3, batch_size=2, cache_dir=tmp_path, show_progress=False)
+    first = generate_pairs(model, tiny_tokenizer, prompts, [(0, 1), (2, 3)], **kw)
+    (store,) = [d for d in tmp_path.iterdir() if d.is_dir() and not d.name.startswith("chosen-")]
+    records = store / "pairs.rank0.jsonl"
+    lines = records.read_text().splitlines(keepends=True)
+    records.write_text("".join(lines[:-1]))  # the last batch is missing: a run would write here
+    proc = _holder(store)
+    try:
+        with pytest.raises(DirectoryBusyError, match=f"{store} is in use by another run \\(pid {proc.pid} on "):
+            generate_pairs(model, tiny_tokenizer, prompts, [(0, 1), (2, 3)], **kw)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    again = generate_pairs(model, tiny_tokenizer, prompts, [(0, 1), (2, 3)], **kw)
+    assert (again.chosen, again.rejected) == (first.chosen, first.rejected)
+    assert again.stats.batches_generated == 1 and len(records.read_text().splitlines()) == 4
