@@ -230,6 +230,7 @@ def test_an_output_dir_that_is_a_file_is_named_before_loading(stage, tiny, tmp_p
     ["train", "--output_dir", "{ro}"],  # exists but cannot be written: training must write there
     ["train", "--output_dir", "{rw}/out", "--pairs_cache_dir", "{ro}/cache"],
     ["pairs", "--output", "{rw}/p.jsonl", "--pairs_cache_dir", "{ro}/cache"],
+    ["export", "--output_dir", "{ro}/masked", "--heads", "0-1"],
 ])
 def test_unwritable_directories_are_refused_before_loading(argv, tiny, tmp_path, capsys, monkeypatch, no_loading):
     ro, rw = tmp_path / "ro", tmp_path / "rw"
