@@ -134,6 +134,7 @@ def generate_pairs(
     desc: str = "RetMask pairs",
     backend: str | GenerateBackend = "auto",
     drop_empty: bool = False,
+    keep_reasoning: bool = True,
     template_kwargs: Sequence[dict | None] | None = None,
 ) -> GeneratedPairs:
     """Generate a (chosen, rejected) pair per prompt: the model as is, then the model under `mask_heads(heads)`.
@@ -155,7 +156,8 @@ def generate_pairs(
 
     A pair is kept unless its responses are identical (whitespace stripped; two empty ones are identical), as the
     authors filter; `drop_empty=True` also drops a pair with one empty response (applied after the cache: no
-    regeneration).
+    regeneration). `keep_reasoning=False` trains on the answers alone: the text up to a closing `</think>` is removed
+    (`strip_reasoning`) before the filter, also after the cache.
     """
     if len(prompts) == 0:
         raise ValueError("No prompts to generate pairs for: the prompt dataset is empty.")
@@ -235,7 +237,7 @@ def generate_pairs(
             decoder.close()
     if process_state().num_processes > 1:
         generated = sum(gather_object([generated]))
-    return _assemble(prompts, results, fp or "", generated, drop_empty)
+    return _assemble(prompts, results, fp or "", generated, drop_empty, keep_reasoning)
 
 
 def _batch_key(batch) -> str:
@@ -251,7 +253,16 @@ def _valid_part(record: dict, role: str, idx: list[int] | None) -> bool:
             isinstance(record.get("seconds"), (int, float)))
 
 
-def _assemble(prompts: list, results: list[dict], fp: str, generated: int, drop_empty: bool) -> GeneratedPairs:
+def strip_reasoning(text: str) -> str:
+    """The answer of a reasoning model's response: what follows its first `</think>`, as vLLM's Qwen3 reasoning
+    parser returns it as `content`; a response without `</think>` (cut inside its reasoning, or never reasoning) is
+    kept whole, as that parser leaves it."""
+    _, closed, answer = text.partition("</think>")
+    return answer if closed else text
+
+
+def _assemble(prompts: list, results: list[dict], fp: str, generated: int, drop_empty: bool,
+              keep_reasoning: bool = True) -> GeneratedPairs:
     n = len(prompts)
     chosen, rejected, c_tok, r_tok = [""] * n, [""] * n, [0] * n, [0] * n
     stats = PairStats(prompts=n, batches_generated=generated, batches_from_cache=len(results) - generated)
@@ -261,6 +272,8 @@ def _assemble(prompts: list, results: list[dict], fp: str, generated: int, drop_
             c_tok[i], r_tok[i] = r["chosen_tokens"][j], r["rejected_tokens"][j]
         stats.generation_seconds += r["seconds"]
         stats.generated_tokens += sum(r["chosen_tokens"]) + sum(r["rejected_tokens"])
+    if not keep_reasoning:
+        chosen, rejected = [strip_reasoning(t) for t in chosen], [strip_reasoning(t) for t in rejected]
     keep = []
     for c, rj in zip(chosen, rejected):
         if drop_empty and (not c.strip() or not rj.strip()):
