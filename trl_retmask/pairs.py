@@ -27,7 +27,14 @@ from datasets import Dataset, IterableDataset
 from .chat import check_prompt_ids, check_prompts, encode_prompts, is_conversational_prompt, row_template_kwargs
 from .distributed import from_main_process, process_state
 from .fingerprints import fingerprint, model_fingerprint
-from .generation import GenerateBackend, generate_batch, make_backend, make_generation_config
+from .generation import (
+    GenerateBackend,
+    check_window,
+    generate_batch,
+    make_backend,
+    make_generation_config,
+    model_window,
+)
 from .masking import validate_heads
 from .store import ResultStore, run_resumable
 
@@ -172,6 +179,7 @@ def generate_pairs(
     check_prompt_ids(prompt_ids)
     config = make_generation_config(model, max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                                     **(generation_kwargs or {}))
+    check_window([len(ids) for ids in prompt_ids], max_new_tokens, model_window(model))  # before any decode
 
     # Longest prompts first: little padding per batch, and an out-of-memory shows up at once.
     order = sorted(range(len(prompts)), key=lambda i: -len(prompt_ids[i]))
@@ -183,9 +191,10 @@ def generate_pairs(
                              batch_size=batch_size, prompts=prompts, prompt_ids=prompt_ids, backend=decoder.name)
         fp, chosen_fp = from_main_process((fingerprint(inputs=inputs, heads=heads), fingerprint(inputs=inputs)))
         chosen_store = ResultStore(Path(cache_dir) / f"chosen-{chosen_fp[:20]}", "chosen", chosen_fp,
-                                   info={"num_prompts": len(prompts)})
+                                   info={"num_prompts": len(prompts)}, cache=True)
     expected = {_batch_key(batch): batch[1] for batch in batches}
-    chosen_done = chosen_store.open(lambda k, r: _valid_part(r, "chosen", expected.get(k))) if chosen_store else {}
+    chosen_done = chosen_store.open(lambda k, r: _valid_part(r, "chosen", expected.get(k)),
+                                    complete=lambda records: expected.keys() <= records.keys()) if chosen_store else {}
 
     def decode(b: int, idx: list[int], roles: tuple[str, ...]) -> dict[str, dict]:
         """The `roles` responses for the prompts `idx` of batch `b`: one decode when the backend decodes masked and
@@ -225,7 +234,7 @@ def generate_pairs(
         results = run_resumable(batches, pair, Path(cache_dir) / fp[:20] if fp else None, name="pairs",
                                 fingerprint=fp or "", key=_batch_key,
                                 verify=lambda batch, r: all(_valid_part(r, role, batch[1]) for role in ROLES),
-                                info={"heads": heads, "num_prompts": len(prompts)}, desc=desc,
+                                info={"heads": heads, "num_prompts": len(prompts)}, cache=True, desc=desc,
                                 show_progress=show_progress)
     finally:
         if chosen_store is not None:

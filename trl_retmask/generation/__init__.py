@@ -2,7 +2,8 @@
 
 `batch.py` holds the backend protocol (`GenerateBackend`, plain `model.generate`) and `generate_batch`, which pads,
 seeds and cuts at EOS for every backend; `static.py` the static-cache backend (`StaticCacheBackend`); `vllm.py` the
-vLLM backend (`VLLMBackend`: one colocated engine per process, heads masked in its weights); `make_backend` picks
+vLLM backend (`VLLMBackend`: one colocated engine per process, heads masked in its weights); `window.py` the check
+of prompts + `max_new_tokens` against the model's window that every generating stage makes; `make_backend` picks
 one by name. A new backend is a `GenerateBackend` subclass in its own file, named in `GENERATION_BACKENDS`.
 """
 
@@ -12,10 +13,11 @@ from ..validation import check_choice
 from .batch import DEFAULT_BACKEND, GenerateBackend, eos_ids, generate_batch, make_generation_config, model_device
 from .static import RowHeadMask, StaticCacheBackend
 from .vllm import VLLMBackend, VLLMSettings, can_serve
+from .window import check_window, model_window
 
 __all__ = ["DEFAULT_BACKEND", "GENERATION_BACKENDS", "GenerateBackend", "RowHeadMask", "StaticCacheBackend",
-           "VLLMBackend", "VLLMSettings", "eos_ids", "generate_batch", "make_backend", "make_generation_config",
-           "model_device"]
+           "VLLMBackend", "VLLMSettings", "check_window", "eos_ids", "generate_batch", "make_backend",
+           "make_generation_config", "model_device", "model_window"]
 
 GENERATION_BACKENDS = ("auto", "generate", "static", "vllm")
 """Names of the pair-generation backends: `generate` (`model.generate`, dynamic cache, masked rows apart), `static`

@@ -13,6 +13,7 @@ from trl.trainer.utils import pad
 from ..chat import check_prompt_ids
 from ..masking import mask_heads
 from ..validation import check_int, check_number
+from .window import check_window, model_window
 
 __all__ = ["DEFAULT_BACKEND", "GenerateBackend", "eos_ids", "generate_batch", "make_generation_config", "model_device"]
 
@@ -113,10 +114,12 @@ def generate_batch(model, tokenizer, prompt_ids: Sequence[Sequence[int]], genera
     With `seed`, sampling is reproducible and the global RNG state is left as it was. The model runs in eval mode and
     gets its mode back. `backend` decodes (default: `GenerateBackend`). `row_seeds` (one per prompt) seed the rows
     of a backend that samples each row apart (`backend.row_seeded`); others ignore them. Bad input is refused before
-    generating.
+    generating, rows that with `max_new_tokens` would not fit the model's window included (`check_window`).
     """
     check_prompt_ids(prompt_ids)
     config = generation_config if generation_config is not None else model.generation_config
+    check_window([len(ids) for ids in prompt_ids], config.max_new_tokens or 0, model_window(model), what="row",
+                 fix="shorten the prompts or lower `max_new_tokens`")
     if (config.num_return_sequences or 1) != 1 or (config.num_beams or 1) != 1:
         raise ValueError("generate_batch returns one sequence per prompt: set num_return_sequences=1 and num_beams=1.")
     heads = list(heads or ())

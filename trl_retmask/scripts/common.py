@@ -9,8 +9,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..distributed import process_state
+from ..locks import check_directory
 from ..masking import parse_head, validate_heads
 from ..models import DEFAULT_MODEL, load_model_and_tokenizer
+from ..prompts import check_dataset_name
 from ..scores import HeadSelectionArguments, resolve_head_scores, select_heads
 from ..validation import check_int, check_number
 from . import STAGES
@@ -155,6 +157,7 @@ class NiahGridArguments(OverwriteArguments):
         check_list("depths", self.depths, minimum=0, maximum=100)
         check_int("num_needles", self.num_needles, minimum=1, optional=True)
         check_int("max_new_tokens", self.max_new_tokens, minimum=1)
+        check_output_dir("output_dir", self.output_dir)
         parent = getattr(super(), "__post_init__", None)
         if parent is not None:
             parent()
@@ -206,6 +209,7 @@ class PromptDataArguments:
 
     def __post_init__(self):
         check_int("max_prompts", self.max_prompts, minimum=1, optional=True)
+        check_dataset_name(self.dataset_name)
         parent = getattr(super(), "__post_init__", None)
         if parent is not None:
             parent()
@@ -264,6 +268,26 @@ def check_writable_file(name: str, path, overwrite: bool = False, example: str =
     if not parent.is_dir() or not os.access(parent, os.W_OK):
         raise ValueError(f"`{name}` {str(path)!r} cannot be written: {str(parent)!r} is not a writable directory.")
     return path
+
+
+def check_output_dir(name: str, path, *, read_only_ok: bool = True) -> Path | None:
+    """A directory this run can write into, checked before any model loads: not a file (nor under one), and either
+    existing or creatable (its nearest existing parent writable). `read_only_ok`: an existing directory this process
+    cannot write is let through, since a complete result there is read without writing (a read-only cache); a run
+    that must write there is then refused by its result store, with one line. None stays None."""
+    if path is None:
+        return None
+    path = check_directory(path, name)
+    if path.is_dir():
+        if read_only_ok or os.access(path, os.W_OK | os.X_OK):
+            return path
+        parent = path
+    else:
+        parent = next(p for p in path.parents if p.exists())
+        if os.access(parent, os.W_OK | os.X_OK):
+            return path
+    raise ValueError(f"`{name}` {str(path)!r} cannot be written: {str(parent)!r} is not a writable directory. Choose "
+                     "a directory you can write, or change its permissions.")
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):

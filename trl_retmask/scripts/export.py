@@ -21,6 +21,7 @@ from .common import (
     HeadMaskArguments,
     ModelStageArguments,
     OverwriteArguments,
+    check_output_dir,
     format_heads,
     heads_to_mask,
     load_model,
@@ -58,6 +59,7 @@ def main(script_args: ExportScriptArguments, model_args) -> dict:
     # Checked before loading (and again by export_masked_model, from the loaded model's config).
     source = resolve_model_path(model_args.model_name_or_path)
     check_export_dir(script_args.output_dir, script_args.overwrite, source=source)
+    check_output_dir("output_dir", script_args.output_dir, read_only_ok=False)
     scores = scores_before_loading(script_args, model_args, script_args.heads)
     model, tokenizer = load_model(model_args, script_args.trust_remote_code)
     heads = heads_to_mask(script_args, model, scores)

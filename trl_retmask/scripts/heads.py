@@ -16,6 +16,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..atomic import write_text
 from ..models import DEFAULT_MODEL
 from ..scores import HeadSelectionArguments, resolve_head_scores
 from . import parse_stage_args, run_stage
@@ -89,7 +90,7 @@ def main(script_args: HeadsScriptArguments) -> dict:
     if scores.masked_heads is not None:
         out["trained_with"] = format_heads(scores.masked_heads)
     if script_args.save_heads:
-        Path(script_args.save_heads).write_text(json.dumps([list(h) for h in selected]))
+        write_text(script_args.save_heads, json.dumps([list(h) for h in selected]))
         out["saved_heads"] = str(script_args.save_heads)
     if script_args.plot:
         out["heatmap"] = str(scores.plot(script_args.plot, heads=selected))
