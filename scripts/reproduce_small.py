@@ -123,6 +123,7 @@ def train(args, out: Path, scores, strategy: str, seed: int) -> Path:
     from trl_retmask import load_model_and_tokenizer
     from trl_retmask.config import RetMaskConfig
     from trl_retmask.fingerprints import fingerprint
+    from trl_retmask.heads import format_heads
     from trl_retmask.prompts import load_prompts
     from trl_retmask.scripts.train import TrainScriptArguments, recipe_defaults
     from trl_retmask.store import cached_json
@@ -149,7 +150,7 @@ def train(args, out: Path, scores, strategy: str, seed: int) -> Path:
         trainer.accelerator.unwrap_model(trainer.model).save_pretrained(save_dir)
         tokenizer.save_pretrained(save_dir)
         log = trainer.state.log_history
-        return {"masked_heads": [list(h) for h in trainer.masked_heads], "num_prompts": len(prompts),
+        return {"masked_heads": format_heads(trainer.masked_heads), "num_prompts": len(prompts),
                 "steps": trainer.state.global_step, "log": [h for h in log if "loss" in h or "train_runtime" in h],
                 "pair_stats": {k: v.to_dict() for k, v in trainer.pair_stats.items()},
                 "seconds": {"train": time.time() - t,
@@ -283,6 +284,7 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     from trl_retmask import load_model_and_tokenizer
+    from trl_retmask.heads import format_heads
     from trl_retmask.scores import resolve_head_scores
 
     out = Path(args.output_dir).resolve()  # fingerprints hold paths under it: one per directory, however spelled
@@ -329,7 +331,7 @@ def main(argv=None):
             piece(MODELS[strategy], name, trained)
     if not evals:
         raise SystemExit(f"No finished evaluation in {out}; run without --report-only first.")
-    result = report(evals, args, out, {k: [list(h) for h in v] for k, v in heads.items()}, timings)
+    result = report(evals, args, out, {k: format_heads(v) for k, v in heads.items()}, timings)
     print((out / "results.md").read_text())
     print(f"total {time.time() - t0:.0f}s")
     return result

@@ -90,8 +90,8 @@ def test_stages_build_as_subparsers_like_trl_scripts():
     sub = top.add_subparsers(dest="command")
     parser = heads.make_parser(sub)
     assert parser.prog.endswith("heads")
-    (args,) = parser.parse_args_and_config(["--mask_top_k", "3"])
-    assert args.mask_top_k == 3
+    args, selection = parser.parse_args_and_config(["--mask_top_k", "3"])
+    assert selection.mask_top_k == 3 and selection.selection["top_k"] == 3 and args.show == 10
 
 
 def test_pairs_takes_retmask_configs_generation_defaults():
@@ -126,10 +126,10 @@ def test_heads_summary_selection_heatmap_into_a_directory(capsys, tmp_path):
                              "--save_heads", str(tmp_path / "heads.json")])
     expected, means = _top_k_by_hand(8)
     assert out["layers"] == 32 and out["heads_per_layer"] == 32
-    assert out["selection"]["heads"] == ",".join(f"{layer}-{head}" for layer, head in expected)
+    assert out["selection"]["heads"] == [f"{layer}-{head}" for layer, head in expected]
     assert out["selection"]["scores"]["15-30"] == pytest.approx(means[(15, 30)], abs=1e-4)
     assert out["sparsity"]["n_above_0.1"] == sum(m >= 0.1 for m in means.values())
-    assert json.loads((tmp_path / "heads.json").read_text()) == [list(h) for h in expected]
+    assert json.loads((tmp_path / "heads.json").read_text()) == [f"{layer}-{head}" for layer, head in expected]
     assert out["heatmap"] == str(plots / "heads.png")  # the real path, inside the directory
     assert (plots / "heads.png").read_bytes()[:4] == b"\x89PNG"
     best = max(means, key=means.get)
@@ -139,7 +139,7 @@ def test_heads_summary_selection_heatmap_into_a_directory(capsys, tmp_path):
 def test_heads_random_control_avoids_retrieval_heads(capsys):
     out = _run_json(capsys, ["heads", "--head_scores", str(LLAMA_SCORES), "--mask_top_k", "8", "--mask_strategy",
                              "random_non_retrieval", "--mask_seed", "3"])
-    control = [tuple(int(x) for x in h.split("-")) for h in out["selection"]["heads"].split(",")]
+    control = [tuple(int(x) for x in h.split("-")) for h in out["selection"]["heads"]]
     retrieval, means = _top_k_by_hand(8)
     pool = sorted(set(means) - set(retrieval))
     assert control == sorted(random.Random(3).sample(pool, 8))  # --mask_seed 3 draws as random.Random(3)
@@ -204,7 +204,7 @@ def test_export_zeroes_the_selected_heads_and_refuses_a_non_empty_dir(capsys, ti
     argv = ["export", "--model_name_or_path", str(tiny["model"]), "--head_scores", str(tiny["scores"]),
             "--mask_top_k", "2", "--output_dir", str(target)]
     out = _run_json(capsys, argv)
-    assert out["masked_heads"] == "0-1,2-3"
+    assert out["masked_heads"] == ["0-1", "2-3"]
     masked = AutoModelForCausalLM.from_pretrained(target)
     original = AutoModelForCausalLM.from_pretrained(tiny["model"])
     head_dim = 16
@@ -239,7 +239,7 @@ def test_pairs_writes_a_preference_dataset(capsys, tiny, tmp_path):
                                "5", "--generation_batch_size", "3", "--output", str(output)])
     rows = [json.loads(line) for line in output.read_text().splitlines()]
     assert stats["prompts"] == len(PROMPT_TEXTS) and stats["kept"] == len(rows) > 0
-    assert stats["masked_heads"] == "0-1,2-3"
+    assert stats["masked_heads"] == ["0-1", "2-3"]
     # greedy: each chosen / rejected response is what the model says without / with those heads masked (independent
     # generate calls), and exactly the pairs whose two responses differ are kept
     model, tokenizer = load_model_and_tokenizer(str(tiny["model"]))
@@ -438,7 +438,7 @@ def test_file_outputs_never_replace_a_checkpoint_file(capsys, tiny, tmp_path, mo
     target.write_text("old")
     assert main(["heads", "--head_scores", str(tiny["scores"]), "--save_heads", str(target), "--overwrite",
                  "True"]) == 0
-    assert json.loads(target.read_text()) == [list(h) for h in SELECTED]
+    assert json.loads(target.read_text()) == [f"{layer}-{head}" for layer, head in SELECTED]
 
 
 def test_detect_refuses_a_directory_holding_other_scores(capsys, tiny, tmp_path, monkeypatch):

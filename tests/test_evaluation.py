@@ -158,7 +158,7 @@ def test_evaluate_long_context_tiny(tiny_llama, tiny_tokenizer, tmp_path):
                                    output_dir=tmp_path, name="tiny", progress=False, keep_generations=True,
                                    max_new_tokens=6)
     assert set(result["scores"]) == set(CATEGORIES) and set(result["scores"]["recall"]) == {"256"}
-    assert result["config"]["heads"] == [[0, 1]] and len(result["generations"]) == len(TASKS)
+    assert result["config"]["heads"] == ["0-1"] and len(result["generations"]) == len(TASKS)
     # The mask was applied: the same answers come from a copy whose o_proj input columns of head (0, 1) are zeroed
     # by hand (the weight-space equivalent of the forward-hook mask), and the unmasked model answers otherwise.
     import copy

@@ -318,7 +318,7 @@ def test_head_layout_of_models_configs_and_composite_configs():
 
 
 def test_parse_head_accepts_exactly_two_non_negative_ints():
-    from trl_retmask.masking import parse_head
+    from trl_retmask.heads import parse_head
 
     assert parse_head(" 12-3 ") == (12, 3) and parse_head((0, 0)) == (0, 0) and parse_head([4, 5]) == (4, 5)
     for bad in ((1, 2, 3), (1,), (1.5, 2), (2, 1.0), (True, 1), (1, False), (-1, 0), (0, -1), "1-2-3", "-1-2", 5, None):

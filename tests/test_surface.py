@@ -63,9 +63,9 @@ def pairs_of(trainer) -> dict:
 # ------------------------------------------------------------------------------------------------ package root
 EXPORTS = {
     "DEFAULT_MODEL": "models", "load_model_and_tokenizer": "models", "export_masked_model": "masking",
-    "head_layout": "masking", "mask_heads": "masking", "validate_heads": "masking", "STRATEGIES": "scores",
-    "HeadScores": "scores", "HeadSelectionArguments": "scores", "resolve_head_scores": "scores",
-    "select_heads": "scores", "RetMaskConfig": "config", "RetMaskTrainer": "trainer", "generate_pairs": "pairs",
+    "head_layout": "masking", "mask_heads": "masking", "validate_heads": "heads", "STRATEGIES": "heads",
+    "HeadScores": "scores", "HeadSelectionArguments": "heads", "resolve_head_scores": "scores",
+    "select_heads": "heads", "RetMaskConfig": "config", "RetMaskTrainer": "trainer", "generate_pairs": "pairs",
     "detect_retrieval_heads": "detection", "evaluate_niah": "niah", "evaluate_long_context": "evaluation",
     "LongContextEvalCallback": "evaluation",
 }

@@ -15,7 +15,7 @@ from tests.test_pairs import HEADS, CountingGenerate, independent
 from tests.tiny import PREFS, CheckpointingProbe, make_tiny_model
 from trl_retmask import HeadScores
 from trl_retmask.config import RetMaskConfig
-from trl_retmask.scores import select_heads
+from trl_retmask.heads import select_heads
 from trl_retmask.trainer import RetMaskTrainer, truncate_prompt
 
 PROMPTS = ["the secret number is", "tell me a story about the sea", "how many boys went to school ?", "the man said"]
@@ -81,7 +81,7 @@ def test_training_lowers_loss_reference_is_initial_policy_and_card(tiny_tokenize
         assert f"| {layer} | {head} | {score:.4f} |" in card
     assert f"| kept | {stats.kept} |" in card and f"| dropped_identical | {stats.dropped_identical} |" in card
     info = json.loads((save_dir / "retmask.json").read_text())
-    assert info["masked_heads"] == [list(h) for h in HEADS]
+    assert info["masked_heads"] == [f"{layer}-{head}" for layer, head in HEADS]  # the one saved form
     assert info["pair_stats"]["train"]["kept"] == stats.kept
     trainer.create_model_card()
     trainer.create_model_card()  # regenerated, never spliced twice
@@ -99,9 +99,41 @@ def test_training_lowers_loss_reference_is_initial_policy_and_card(tiny_tokenize
     # The saved directory gives back the scores (same layout, every head) and exactly the heads trained with.
     back = HeadScores.from_pretrained(save_dir)
     assert (back.num_layers, back.num_heads) == (3, 4) and back.mean_scores() == SCORES.mean_scores()
-    assert back.masked_heads == HEADS
+    assert back.trained_heads == HEADS
     heads, _ = select_heads(RetMaskConfig(str(tmp_path / "x"), report_to="none", bf16=False), model, save_dir)
     assert heads == HEADS
+
+
+def test_heads_handed_in_are_not_selected_again_and_explicit_heads_need_no_scores(tiny_tokenizer, tmp_path,
+                                                                                  monkeypatch):
+    """A caller that selected the heads (the train script) hands them in with their scores: the trainer only checks
+    them. Explicit `heads` in the config mask exactly those, with no scores, and the card says so."""
+    import trl_retmask.trainer as trainer_module
+
+    def never(*a, **k):
+        raise AssertionError("selected twice")
+
+    with monkeypatch.context() as m:
+        m.setattr(trainer_module, "select_heads", never)
+        trainer = RetMaskTrainer(model=make_tiny_model("llama"), args=config(tmp_path, mask_top_k=1),
+                                 train_dataset=PREFS, processing_class=tiny_tokenizer, head_scores=SCORES,
+                                 masked_heads=[(2, 3), "1-0"])
+    assert trainer.masked_heads == [(1, 0), (2, 3)] and trainer.head_scores is SCORES
+    with pytest.raises(ValueError, match=r"Heads \[\(3, 0\)\] are out of range"):
+        RetMaskTrainer(model=make_tiny_model("llama"), args=config(tmp_path), train_dataset=PREFS,
+                       processing_class=tiny_tokenizer, head_scores=SCORES, masked_heads=[(3, 0)])
+
+    trainer = RetMaskTrainer(model=make_tiny_model("llama"), args=config(tmp_path, heads="2-3,0-2"),
+                             train_dataset=PREFS, processing_class=tiny_tokenizer)
+    assert trainer.masked_heads == [(0, 2), (2, 3)] and trainer.head_scores is None
+    trainer.save_model(str(tmp_path / "saved"))
+    info = json.loads((tmp_path / "saved" / "retmask.json").read_text())
+    assert info["masked_heads"] == ["0-2", "2-3"] and info["selection"] == {"heads": ["2-3", "0-2"]}
+    assert info["sparsity"] is None and not (tmp_path / "saved" / "retmask_head_scores.json").exists()
+    assert "2 heads, given explicitly." in (tmp_path / "saved" / "README.md").read_text()
+    with pytest.raises(ValueError, match="`args.heads` names the heads to mask"):
+        RetMaskTrainer(model=make_tiny_model("llama"), args=config(tmp_path, heads="2-3"), train_dataset=PREFS,
+                       processing_class=tiny_tokenizer, head_scores=SCORES)
 
 
 def test_card_of_the_embedded_checkpoint_names_its_hub_base_model(tiny_tokenizer, tmp_path, monkeypatch):
@@ -669,7 +701,7 @@ def test_config_refuses_non_finite_and_wrong_types(tmp_path, kwargs, match):
 def test_config_is_one_vocabulary_with_the_selection_arguments(tmp_path):
     from trl import TrlParser
 
-    from trl_retmask.scores import HeadSelectionArguments
+    from trl_retmask.heads import HeadSelectionArguments
 
     assert issubclass(RetMaskConfig, HeadSelectionArguments)
     (args,) = TrlParser((RetMaskConfig,)).parse_args_and_config(

@@ -14,7 +14,7 @@ import torch
 from trl import DPOConfig
 
 from .generation import GENERATION_BACKENDS
-from .scores import HeadSelectionArguments
+from .heads import HeadSelectionArguments
 from .validation import check_bool, check_choice, check_int, check_number, check_seed
 
 
@@ -71,9 +71,10 @@ class RetMaskConfig(HeadSelectionArguments, DPOConfig):
     contrastive pairs are generated (chosen = the policy, rejected = the same policy with those heads masked).
 
     Parameters:
-        > Parameters that choose the masked heads: those of [`HeadSelectionArguments`] (`head_scores`,
+        > Parameters that choose the masked heads: those of [`HeadSelectionArguments`] (`heads`, `head_scores`,
         `mask_threshold`, `mask_top_k`, `mask_strategy`, `mask_seed`). With `head_scores=None` the trainer uses its
-        `head_scores` argument, and failing that the scores found for the policy's own name.
+        `head_scores` argument, and failing that the scores found for the policy's own name; explicit `heads` need
+        no scores.
 
         > Parameters that control the DPO sequences (on top of `max_length` and `truncation_mode` of `DPOConfig`)
 
@@ -205,8 +206,8 @@ class RetMaskConfig(HeadSelectionArguments, DPOConfig):
     )
 
     def __post_init__(self):
-        # Cheap checks first: a bad value must fail here, not after minutes of generation. The selection fields are
-        # checked by HeadSelectionArguments.__post_init__, which then runs DPOConfig's.
+        # Cheap checks first: a bad value must fail here, not after minutes of generation (the selection fields by
+        # `check_selection`, then DPOConfig's own).
         check_int("max_new_tokens", self.max_new_tokens, minimum=1)
         check_number("temperature", self.temperature, low=0)
         check_number("top_p", self.top_p, low=0, high=1, low_open=True)
@@ -243,7 +244,11 @@ class RetMaskConfig(HeadSelectionArguments, DPOConfig):
                 "TRL's chunked fused LM head, which runs on the CPU)."
             )
         self._resolve_device_defaults()
-        super().__post_init__()  # HeadSelectionArguments' checks, then DPOConfig's
+        self.check_selection()
+        if not self.masks:
+            raise ValueError("RetMask masks heads: set `mask_threshold` or `mask_top_k` (a selection from scores), or "
+                             "`heads`.")
+        DPOConfig.__post_init__(self)
         if isinstance(self.generation_kwargs, str):  # DPOConfig parsed it from JSON (CLI)
             raise ValueError(f"`generation_kwargs` must be a JSON object, got {self.generation_kwargs!r}.")
         if self.generation_kwargs is not None and not isinstance(self.generation_kwargs, dict):

@@ -8,6 +8,7 @@ import json
 import textwrap
 from pathlib import Path
 
+from .heads import format_head, parse_head
 from .scores import HEAD_SCORES_FILE, RETMASK_FILE
 
 __all__ = ["HEAD_SCORES_FILE", "PAPER", "RETMASK_FILE", "retmask_section", "write_retmask_files"]
@@ -47,16 +48,20 @@ def retmask_section(info: dict) -> str:
     )
     lines += ["", "### Masked heads", ""]
     sel = info.get("selection", {})
-    lines.append(
-        f"{len(info['masked_heads'])} heads, selected with strategy `{sel.get('strategy')}`, threshold "
-        f"`{sel.get('threshold')}`, top-k `{sel.get('top_k')}`, seed `{sel.get('seed')}`"
-        f"{' from `' + str(sel['source']) + '`' if sel.get('source') else ''}. Scores are mean retrieval scores; "
-        f"the full score file is `{HEAD_SCORES_FILE}`."
-    )
+    if "heads" in sel:
+        lines.append(f"{len(info['masked_heads'])} heads, given explicitly.")
+    else:
+        lines.append(
+            f"{len(info['masked_heads'])} heads, selected with strategy `{sel.get('strategy')}`, threshold "
+            f"`{sel.get('threshold')}`, top-k `{sel.get('top_k')}`, seed `{sel.get('seed')}`"
+            f"{' from `' + str(sel['source']) + '`' if sel.get('source') else ''}. Scores are mean retrieval scores; "
+            f"the full score file is `{HEAD_SCORES_FILE}`."
+        )
     lines += ["", "| layer | head | retrieval score |", "|---:|---:|---:|"]
-    scores = info.get("head_scores", {})
-    for layer, head in info["masked_heads"]:
-        s = scores.get(f"{layer}-{head}")
+    scores = info.get("head_scores") or {}
+    for key in info["masked_heads"]:
+        layer, head = parse_head(key)
+        s = scores.get(format_head((layer, head)))
         lines.append(f"| {layer} | {head} | {'' if s is None else f'{s:.4f}'} |")
     if info.get("sparsity"):
         lines += ["", "### Sparsity of the retrieval scores", "", "| statistic | value |", "|---|---:|"]

@@ -19,7 +19,7 @@ from .chat import encode_rendered, render_user_prompt
 from .distributed import process_state
 from .fingerprints import fingerprint, model_fingerprint
 from .generation import generate_batch, make_generation_config
-from .masking import validate_heads
+from .heads import validate_heads
 from .store import run_resumable, write_json
 
 DATA_DIR = Path(__file__).parent / "data"

@@ -28,7 +28,7 @@ from .chat import check_prompt_ids, check_prompts, encode_prompts, is_conversati
 from .distributed import from_main_process, process_state
 from .fingerprints import fingerprint, model_fingerprint
 from .generation import GenerateBackend, generate_batch, make_backend, make_generation_config
-from .masking import validate_heads
+from .heads import validate_heads
 from .store import ResultStore, run_resumable
 
 CACHE_VERSION = 3

@@ -28,10 +28,11 @@ from trl.trainer.utils import (
 
 from .config import RetMaskConfig
 from .distributed import from_main_process, gathered_for_generation, process_state, unwrapped_for_generation
+from .heads import format_head, format_heads, select_heads, validate_heads
 from .model_card import PAPER, retmask_section, write_retmask_files
 from .models import hub_id_of, resolve_model_path
 from .pairs import PairStats, complete_prompt_dataset, is_prompt_only
-from .scores import HeadScores, resolve_head_scores, select_heads
+from .scores import HeadScores, resolve_head_scores
 
 if is_wandb_available():
     import wandb
@@ -91,8 +92,11 @@ class RetMaskTrainer(DPOTrainer):
 
     Arguments are those of [`~trl.DPOTrainer`], plus `head_scores`: a `HeadScores`, a score file, a directory or Hub
     repo holding `retmask_head_scores.json`, or a model id with bundled scores (`HeadScores.from_pretrained`). It may
-    instead come from `args.head_scores`; failing both, the scores found for the policy's own name are used. Prompt-only datasets (`{"prompt": str}` or `{"prompt": [messages]}`), train and eval,
-    are completed with generated pairs; preference datasets (with `chosen`/`rejected`) pass through untouched.
+    instead come from `args.head_scores`; failing both, the scores found for the policy's own name are used. The
+    heads masked are `args.heads`, else the selection of `args` from those scores (`select_heads`), unless
+    `masked_heads` hands in heads already selected (from `head_scores`) by the caller, which are then only checked.
+    Prompt-only datasets (`{"prompt": str}` or `{"prompt": [messages]}`), train and eval, are completed with
+    generated pairs; preference datasets (with `chosen`/`rejected`) pass through untouched.
 
     Example:
 
@@ -123,6 +127,7 @@ class RetMaskTrainer(DPOTrainer):
         quantization_config=None,
         peft_config=None,
         head_scores: HeadScores | str | None = None,
+        masked_heads: list | None = None,
     ):
         if args is None:
             name = model if isinstance(model, str) else get_config_model_id(model.config)
@@ -137,12 +142,15 @@ class RetMaskTrainer(DPOTrainer):
         if args.online and not is_prompt_only(train_dataset):
             raise ValueError("Online RetMask regenerates pairs from prompts: `train_dataset` must be prompt-only "
                              "(`{'prompt': ...}` without chosen/rejected).")
-        if head_scores is not None and args.head_scores is not None:
+        if head_scores is not None and args.head_scores is not None and masked_heads is None:
             raise ValueError("Head scores were given twice (the `head_scores` argument and `args.head_scores`); "
                              "keep one.")
+        if args.heads and (masked_heads is not None or head_scores is not None):
+            raise ValueError("`args.heads` names the heads to mask: pass neither `masked_heads` nor `head_scores`.")
 
         # Head scores before any loading or generation: a wrong path or model id fails in a second, not minutes.
-        scores = resolve_head_scores(head_scores if head_scores is not None else args.head_scores, model)
+        source = head_scores if head_scores is not None else args.head_scores
+        scores = None if args.heads else resolve_head_scores(source, model)
 
         # The model is needed as an instance to generate the pairs before DPOTrainer processes the data.
         if isinstance(model, str):
@@ -165,7 +173,10 @@ class RetMaskTrainer(DPOTrainer):
             tokenizer.pad_token = tokenizer.eos_token
 
         # Heads: validated against the loaded model, before minutes of generation.
-        self.masked_heads, self.head_scores = select_heads(args, model, scores)
+        if masked_heads is not None:
+            self.masked_heads, self.head_scores = validate_heads(model, masked_heads), resolve_head_scores(scores, model)
+        else:
+            self.masked_heads, self.head_scores = select_heads(args, model, scores)
         self.pair_stats: dict[str, PairStats] = {}
         self.pair_stats_history: list[dict] = []
         self._train_prompts = train_dataset if args.online else None
@@ -297,13 +308,14 @@ class RetMaskTrainer(DPOTrainer):
     @property
     def retmask_info(self) -> dict:
         """What the card and `retmask.json` record about how this model was made."""
-        means = self.head_scores.mean_scores()
-        args = self.args
+        scores, args = self.head_scores, self.args
+        means = scores.mean_scores() if scores is not None else {}
         return {
-            "masked_heads": [list(h) for h in self.masked_heads],
-            "head_scores": {f"{layer}-{head}": means[(layer, head)] for layer, head in self.masked_heads},
-            "selection": {**args.selection, "source": args.head_scores},
-            "sparsity": self.head_scores.sparsity(),
+            "masked_heads": format_heads(self.masked_heads),
+            "head_scores": {format_head(h): means[h] for h in self.masked_heads if h in means},
+            "selection": {"heads": format_heads(args.heads)} if args.heads else {**args.selection,
+                                                                                 "source": args.head_scores},
+            "sparsity": scores.sparsity() if scores is not None else None,
             "generation": {**{k: v for k, v in args.generation_settings.items() if k != "generation_kwargs"},
                            **(args.generation_kwargs or {}), "batch_size": args.generation_batch_size},
             "pair_stats": {split: s.to_dict() for split, s in self.pair_stats.items()},

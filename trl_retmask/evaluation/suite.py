@@ -12,7 +12,7 @@ from ..chat import check_prompts, encode_rendered, render_user_prompt
 from ..distributed import process_state
 from ..fingerprints import fingerprint, model_fingerprint
 from ..generation import generate_batch, make_generation_config
-from ..masking import validate_heads
+from ..heads import format_heads, validate_heads
 from ..store import run_resumable, write_json
 from .metrics import load_metric
 from .metrics.citation.citation import citation_scores
@@ -159,7 +159,7 @@ def evaluate_long_context(model, tokenizer, lengths=(1024, 2048), categories=Non
     result["per_sample"] = [{"task": s["task"], "length": s["length"], "seed": s["seed"], "score": sample_score(s, o)}
                             for s, o in zip(samples, outputs)]
     result["config"] = {"lengths": sorted({s["length"] for s in samples}), "categories": categories,
-                        "n_per_task": n_per_task, "seed": seed, "heads": [list(h) for h in heads or []],
+                        "n_per_task": n_per_task, "seed": seed, "heads": format_heads(heads),
                         "model": getattr(model.config, "_name_or_path", "")}
     if keep_generations:
         result["generations"] = [{"task": s["task"], "length": s["length"], "seed": s["seed"], "output": o,

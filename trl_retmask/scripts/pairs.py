@@ -16,26 +16,24 @@ import sys
 from dataclasses import dataclass, field
 
 from ..distributed import process_state
+from ..heads import format_heads
 from . import parse_stage_args, run_stage
 from .common import (
-    ExplicitHeadsArguments,
     OverwriteArguments,
     PromptDataArguments,
-    check_heads_or_selection,
     check_writable_file,
-    format_heads,
-    heads_to_mask,
     load_model,
     print_json,
     scores_before_loading,
+    stage_heads,
     stage_parser,
 )
 
 
 @dataclass
-class PairsScriptArguments(PromptDataArguments, ExplicitHeadsArguments, OverwriteArguments):
+class PairsScriptArguments(PromptDataArguments, OverwriteArguments):
     r"""
-    Arguments of `trl-retmask pairs` besides `RetMaskConfig` (selection, generation) and `ModelConfig`.
+    Arguments of `trl-retmask pairs` besides `RetMaskConfig` (heads, generation) and `ModelConfig`.
 
     Parameters:
         output (`str`):
@@ -55,10 +53,9 @@ def main(script_args: PairsScriptArguments, training_args, model_args) -> dict:
     from ..pairs import generate_pairs
     from ..prompts import load_prompts
 
-    check_heads_or_selection(script_args.heads, training_args)
-    scores = scores_before_loading(training_args, model_args, script_args.heads)
+    scores = scores_before_loading(training_args, model_args)
     model, tokenizer = load_model(model_args, training_args.trust_remote_code)
-    heads = heads_to_mask(training_args, model, scores, heads=script_args.heads)
+    heads = stage_heads(training_args, model, scores)
     prompts = load_prompts(script_args, tokenizer=tokenizer)
     pairs = generate_pairs(  # the trainer's own settings (RetMaskConfig.generation_settings), nothing restated
         model, tokenizer, prompts["prompt"], heads, **training_args.generation_settings,

@@ -29,8 +29,8 @@ from typing import Any
 
 from ..detection import AUTHORS_CONTEXT_LENGTHS, AUTHORS_DEPTHS
 from ..distributed import limit_cpu_training_memory, process_state
+from ..heads import format_heads, select_heads
 from ..models import load_model_and_tokenizer, model_init_kwargs
-from ..scores import select_heads
 from ..validation import check_int
 from . import check_config_argv, load_yaml, run_stage
 from .common import PromptDataArguments, check_list, stage_parser
@@ -241,11 +241,11 @@ def detect_heads(script_args, training_args, model, tokenizer):
     return scores
 
 
-def resolve_scores(script_args, training_args, model, tokenizer):
-    """(heads, scores): `--head_scores`, else detection when `--detect_heads`, else the model's bundled scores;
-    validated against the model and selected by `select_heads` (the trainer's own path)."""
+def resolve_heads(script_args, training_args, model, tokenizer):
+    """(heads, scores), once per run: `--heads`, else the selection from `--head_scores`, else from detection when
+    `--detect_heads`, else from the model's bundled scores (`select_heads`). The trainer takes both as they are."""
     detected = None
-    if script_args.detect_heads and not training_args.head_scores:
+    if script_args.detect_heads and not training_args.head_scores and not training_args.heads:
         detected = detect_heads(script_args, training_args, model, tokenizer)
     return select_heads(training_args, model, detected)
 
@@ -269,9 +269,9 @@ def niah_accuracy(script_args, model, tokenizer, heads=None, output_dir=None) ->
             "grid": {f"{length}@{depth:g}": acc for (length, depth), acc in result["grid"].items()}}
 
 
-def build_trainer(script_args, training_args, model_args, model=None, tokenizer=None, head_scores=None,
+def build_trainer(script_args, training_args, model_args, model=None, tokenizer=None, heads=None, head_scores=None,
                   train_dataset=None, eval_dataset=None):
-    """A `RetMaskTrainer` ready to `train()`: loads what is not given (model, prompts, scores)."""
+    """A `RetMaskTrainer` ready to `train()`: loads what is not given (model, prompts, heads and their scores)."""
     from trl import get_peft_config
 
     from ..prompts import load_prompts
@@ -279,8 +279,8 @@ def build_trainer(script_args, training_args, model_args, model=None, tokenizer=
 
     if model is None:
         model, tokenizer = load_model(model_args, training_args)
-    if head_scores is None:
-        head_scores = resolve_scores(script_args, training_args, model, tokenizer)[1]
+    if heads is None:
+        heads, head_scores = resolve_heads(script_args, training_args, model, tokenizer)
     if train_dataset is None:
         train_dataset = load_prompts(script_args, tokenizer=tokenizer)
     if eval_dataset is None and training_args.eval_strategy != "no":
@@ -288,7 +288,7 @@ def build_trainer(script_args, training_args, model_args, model=None, tokenizer=
     trainer = RetMaskTrainer(
         model=model, args=training_args, train_dataset=train_dataset, eval_dataset=eval_dataset,
         processing_class=tokenizer, peft_config=get_peft_config(model_args),
-        head_scores=None if training_args.head_scores else head_scores,  # the trainer refuses them twice
+        **({} if training_args.heads else {"masked_heads": heads, "head_scores": head_scores}),
     )
     if script_args.ignore_bias_buffers:
         import torch
@@ -308,9 +308,10 @@ def main(script_args: TrainScriptArguments, training_args, model_args) -> dict:
     model, tokenizer = load_model(model_args, training_args)
     # Prompts before detection and NIAH: a dataset without usable user turns must fail in seconds, not hours.
     train_dataset = load_prompts(script_args, tokenizer=tokenizer)
-    heads, head_scores = resolve_scores(script_args, training_args, model, tokenizer)
-    summary: dict[str, Any] = {"model": model_args.model_name_or_path, "masked_heads": [f"{l}-{h}" for l, h in heads],
-                               "sparsity": head_scores.sparsity(), "timings_s": {"load_and_scores": time.time() - t0}}
+    heads, head_scores = resolve_heads(script_args, training_args, model, tokenizer)
+    summary: dict[str, Any] = {"model": model_args.model_name_or_path, "masked_heads": format_heads(heads),
+                               "sparsity": head_scores.sparsity() if head_scores is not None else None,
+                               "timings_s": {"load_and_scores": time.time() - t0}}
     out = Path(training_args.output_dir)
     if script_args.niah_eval:
         t = time.time()
@@ -321,7 +322,7 @@ def main(script_args: TrainScriptArguments, training_args, model_args) -> dict:
 
     t = time.time()
     trainer = build_trainer(script_args, training_args, model_args, model=model, tokenizer=tokenizer,
-                            head_scores=head_scores, train_dataset=train_dataset)
+                            heads=heads, head_scores=head_scores, train_dataset=train_dataset)
     summary["timings_s"]["pairs_and_setup"] = time.time() - t
     t = time.time()
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
