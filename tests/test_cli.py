@@ -234,9 +234,10 @@ def test_pairs_writes_a_preference_dataset(capsys, tiny, tmp_path):
     from trl_retmask.models import load_model_and_tokenizer
 
     output = tmp_path / "pairs.jsonl"
-    stats = _run_json(capsys, ["pairs", "--model_name_or_path", str(tiny["model"]), "--dataset_name",
-                               str(tiny["data"]), "--heads", "0-1,2-3", "--temperature", "0", "--max_new_tokens",
-                               "5", "--generation_batch_size", "3", "--output", str(output)])
+    argv = ["pairs", "--model_name_or_path", str(tiny["model"]), "--dataset_name", str(tiny["data"]), "--heads",
+            "0-1,2-3", "--temperature", "0", "--max_new_tokens", "5", "--generation_batch_size", "3", "--output",
+            str(output), "--output_dir", str(tmp_path / "run")]
+    stats = _run_json(capsys, argv)
     rows = [json.loads(line) for line in output.read_text().splitlines()]
     assert stats["prompts"] == len(PROMPT_TEXTS) and stats["kept"] == len(rows) > 0
     assert stats["masked_heads"] == ["0-1", "2-3"]
@@ -255,6 +256,13 @@ def test_pairs_writes_a_preference_dataset(capsys, tiny, tmp_path):
     expected = [e for e in expected if e[1].strip() != e[2].strip()]
     got = [(r["prompt"][0]["content"], r["chosen"][0]["content"], r["rejected"][0]["content"]) for r in rows]
     assert sorted(got) == sorted(expected) and stats["kept"] == len(expected)
+
+    # Cached by default where the trainer caches (<output_dir>/_retmask_pairs): a rerun generates nothing.
+    assert stats["batches_generated"] == -(-len(PROMPT_TEXTS) // 3) and stats["batches_from_cache"] == 0
+    assert any((tmp_path / "run" / "_retmask_pairs").glob("*/pairs.meta.json"))
+    again = _run_json(capsys, [*argv, "--overwrite", "True"])
+    assert again["batches_generated"] == 0 and again["batches_from_cache"] == stats["batches_generated"]
+    assert [json.loads(line) for line in output.read_text().splitlines()] == rows
 
 
 def test_pairs_checks_output_before_generation(capsys, tiny, tmp_path, monkeypatch):
@@ -281,7 +289,7 @@ def test_eval_runs_the_suite_with_heads_masked(capsys, tiny, tmp_path):
     text = capsys.readouterr().out
     assert "| tiny | rerank |" in text and "masked heads: 0-1" in text
     saved = json.loads((tmp_path / "tiny.json").read_text())
-    assert saved["config"]["heads"] == [[0, 1]] and (tmp_path / "tiny.png").is_file()
+    assert saved["config"]["heads"] == ["0-1"] and (tmp_path / "tiny.png").is_file()
     stored = [o for line in (tmp_path / "tiny.generations.rank0.jsonl").read_text().splitlines()
               for o in json.loads(line)["outputs"]]
     model, tokenizer = load_model_and_tokenizer(str(tiny["model"]))

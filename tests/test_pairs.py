@@ -302,7 +302,7 @@ def test_interrupted_generation_resumes_to_identical_pairs(model, tiny_tokenizer
     other = generate_pairs(model, tiny_tokenizer, prompts, HEADS, **{**kw, "seed": 8})
     assert (other.chosen, other.rejected) != (reference.chosen, reference.rejected)
     meta = json.loads(next((tmp_path / "b").glob("*/pairs.meta.json")).read_text())
-    assert meta["info"]["heads"] == [list(h) for h in HEADS] and meta["info"]["num_prompts"] == len(prompts)
+    assert meta["info"]["heads"] == [f"{layer}-{head}" for layer, head in HEADS] and meta["info"]["num_prompts"] == len(prompts)
 
 
 def test_model_generation_config_is_part_of_the_fingerprint(tiny_tokenizer, tmp_path):

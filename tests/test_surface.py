@@ -409,7 +409,7 @@ def test_pairs_file_trains_without_generation(capsys, tmp_path, monkeypatch):
     pairs_file = tmp_path / "pairs.jsonl"
     assert cli_main(["pairs", "--model_name_or_path", str(model_dir), "--dataset_name",
                      str(write_chat_log(tmp_path / "chat.jsonl")), "--heads", "0-1,2-3", "--temperature", "1.0",
-                     "--max_new_tokens", "5", "--output", str(pairs_file)]) == 0
+                     "--max_new_tokens", "5", "--output", str(pairs_file), "--output_dir", str(tmp_path / "run")]) == 0
     rows = [json.loads(line) for line in pairs_file.read_text().splitlines()]
     assert len(rows) >= 4
     import trl_retmask.pairs

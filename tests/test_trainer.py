@@ -860,7 +860,6 @@ def test_pair_statistics_callback_logs_each_split_once():
 
 
 def test_dataset_shapes_and_cache_location(tmp_path):
-    from types import SimpleNamespace
 
     from datasets import IterableDataset
 
@@ -879,11 +878,13 @@ def test_dataset_shapes_and_cache_location(tmp_path):
             f"`x` has columns {list(columns)}, but RetMask needs a `prompt` column (prompts to complete with pairs) or "
             "`chosen`/`rejected` columns (preference pairs). Rename the prompt column, e.g. "
             "`dataset.rename_column('question', 'prompt')`.")
-    cache_dir = RetMaskTrainer._cache_dir
-    args = SimpleNamespace(cache_pairs=True, pairs_cache_dir=None, output_dir=str(tmp_path))
-    assert cache_dir(None, args) == str(tmp_path / "_retmask_pairs")  # `_*` is skipped by push_to_hub
-    assert cache_dir(None, SimpleNamespace(**{**vars(args), "pairs_cache_dir": "/c"})) == "/c"
-    assert cache_dir(None, SimpleNamespace(**{**vars(args), "cache_pairs": False, "pairs_cache_dir": "/c"})) is None
+    # The pair cache is decided in one place, the config, with one default for every entry point.
+    def cache_dir(**kw):
+        return RetMaskConfig(str(tmp_path), report_to="none", bf16=False, **kw).pair_generation_kwargs["cache_dir"]
+
+    assert cache_dir() == str(tmp_path / "_retmask_pairs")  # `_*` is skipped by push_to_hub
+    assert cache_dir(pairs_cache_dir="/c") == "/c"
+    assert cache_dir(cache_pairs=False, pairs_cache_dir="/c") is None
 
 
 def test_precomputed_reference_log_probs_are_the_initial_policys_and_live_on_shared_disk(tiny_tokenizer, tmp_path):

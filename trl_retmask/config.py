@@ -8,6 +8,7 @@ import math
 import os
 import warnings
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -29,6 +30,8 @@ def accelerator_available() -> bool:
     return False
 
 
+PAIRS_SUBDIR = "_retmask_pairs"
+"""The pair cache's folder under `output_dir` when `pairs_cache_dir` is not set."""
 GENERATION_FIELDS = ("max_new_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty")
 """Generation settings with a field of their own in `RetMaskConfig` (not to be repeated in `generation_kwargs`)."""
 ONE_SEQUENCE = ("do_sample", "num_beams", "num_return_sequences")
@@ -291,6 +294,20 @@ class RetMaskConfig(HeadSelectionArguments, DPOConfig):
     def online(self) -> bool:
         """Whether the pairs are regenerated from the current policy during training."""
         return self.regenerate_pairs_steps is not None or self.regenerate_pairs_each_epoch
+
+    @property
+    def pairs_dir(self) -> str:
+        """Where generated pairs live on disk, for every entry point (trainer, `trl-retmask pairs`, `train`):
+        `pairs_cache_dir`, else `<output_dir>/_retmask_pairs` (`push_to_hub` skips `_*` paths)."""
+        return self.pairs_cache_dir or str(Path(self.output_dir) / PAIRS_SUBDIR)
+
+    @property
+    def pair_generation_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments of `generate_pairs` this config decides: the generation settings, the batch size and
+        the cache directory (`pairs_dir`, None without `cache_pairs`). The trainer and the `pairs` stage pass exactly
+        these, so both make (and cache) the same pairs."""
+        return {**self.generation_settings, "batch_size": self.generation_batch_size,
+                "cache_dir": self.pairs_dir if self.cache_pairs else None}
 
     @property
     def generation_settings(self) -> dict[str, Any]:

@@ -246,15 +246,9 @@ class RetMaskTrainer(DPOTrainer):
         return super()._get_train_sampler(train_dataset)
 
     # ------------------------------------------------------------------------------------------------ pairs
-    def _cache_dir(self, args: RetMaskConfig):
-        if not args.cache_pairs:
-            return None
-        return pairs_dir(args)
-
     def _complete(self, dataset, model, tokenizer, args: RetMaskConfig, name: str):
         dataset, stats = complete_prompt_dataset(
-            dataset, model, tokenizer, self.masked_heads, name=name,
-            batch_size=args.generation_batch_size, cache_dir=self._cache_dir(args), **args.generation_settings,
+            dataset, model, tokenizer, self.masked_heads, name=name, **args.pair_generation_kwargs
         )
         if stats is not None:
             self.pair_stats[name] = stats
@@ -279,7 +273,7 @@ class RetMaskTrainer(DPOTrainer):
         from datasets import load_from_disk
 
         state = process_state()
-        folder = Path(pairs_dir(args))
+        folder = Path(args.pairs_dir)
         path = folder / f"dataset-{from_main_process(dataset._fingerprint)}"
         with state.main_process_first():
             if state.is_main_process and not (path / "state.json").is_file():
@@ -288,13 +282,12 @@ class RetMaskTrainer(DPOTrainer):
 
     def regenerate_train_pairs(self, step: int) -> None:
         """Online RetMask: new pairs from the current policy replace the training pairs (same row count)."""
-        settings = {**self.args.generation_settings, "seed": self.args.generation_seed + step}
+        settings = {**self.args.pair_generation_kwargs, "seed": self.args.generation_seed + step}
         tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)
         try:
             with unwrapped_for_generation(self) as model:
                 dataset, stats = complete_prompt_dataset(
-                    self._train_prompts, model, tokenizer, self.masked_heads, name=f"train@{step}",
-                    batch_size=self.args.generation_batch_size, cache_dir=self._cache_dir(self.args), **settings,
+                    self._train_prompts, model, tokenizer, self.masked_heads, name=f"train@{step}", **settings
                 )
         except ValueError as e:  # every new pair dropped: keep training on the previous ones
             logger.warning("Online RetMask at step %d kept the previous pairs: %s", step, e)
@@ -377,12 +370,6 @@ def truncate_prompt(prompt_ids: list[int], max_prompt_length: int | None = None,
     if max_length is not None and truncation_mode == "keep_start" and len(prompt_ids) >= max_length:
         prompt_ids = prompt_ids[-(max_length // 2):]
     return prompt_ids
-
-
-def pairs_dir(args: RetMaskConfig) -> str:
-    """Where generated pairs live on disk: `pairs_cache_dir`, else `<output_dir>/_retmask_pairs` (push_to_hub skips
-    `_*` paths)."""
-    return args.pairs_cache_dir or str(Path(args.output_dir) / "_retmask_pairs")
 
 
 def _eval_splits(eval_dataset) -> dict:

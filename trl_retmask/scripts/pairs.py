@@ -6,8 +6,10 @@ trl-retmask pairs --model_name_or_path M --dataset_name prompts.jsonl --output p
 ```
 
 Head selection and generation use `RetMaskConfig`'s fields and defaults (`--max_new_tokens`, `--temperature`,
-`--top_p`, `--top_k`, `--generation_batch_size`, `--generation_seed`, `--pairs_cache_dir`, ...), so pairs made here
-are the pairs the trainer would make. Under `accelerate launch` the prompts are split across processes.
+`--top_p`, `--top_k`, `--generation_batch_size`, `--generation_seed`, ...), so pairs made here are the pairs the
+trainer would make. They are cached where the trainer caches them (`--pairs_cache_dir`, default
+`<output_dir>/_retmask_pairs`; `--cache_pairs False` for none): a rerun reads them back and an interrupted run
+resumes. Under `accelerate launch` the prompts are split across processes.
 """
 
 from __future__ import annotations
@@ -57,10 +59,8 @@ def main(script_args: PairsScriptArguments, training_args, model_args) -> dict:
     model, tokenizer = load_model(model_args, training_args.trust_remote_code)
     heads = stage_heads(training_args, model, scores)
     prompts = load_prompts(script_args, tokenizer=tokenizer)
-    pairs = generate_pairs(  # the trainer's own settings (RetMaskConfig.generation_settings), nothing restated
-        model, tokenizer, prompts["prompt"], heads, **training_args.generation_settings,
-        batch_size=training_args.generation_batch_size,
-        cache_dir=training_args.pairs_cache_dir if training_args.cache_pairs else None,
+    pairs = generate_pairs(  # the trainer's own settings and cache (RetMaskConfig.pair_generation_kwargs)
+        model, tokenizer, prompts["prompt"], heads, **training_args.pair_generation_kwargs
     )
     result = {"output": script_args.output, "masked_heads": format_heads(heads), **pairs.stats.to_dict()}
     if process_state().is_main_process:
