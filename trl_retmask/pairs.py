@@ -252,8 +252,8 @@ class PairGeneration:
             results = run_resumable(self.batches, self.pair, Path(cache_dir) / fp[:20] if fp else None, name="pairs",
                                     fingerprint=fp or "", key=_batch_key,
                                     verify=lambda batch, r: all(_valid_part(r, role, batch[1]) for role in ROLES),
-                                    info={"heads": format_heads(self.heads), "num_prompts": len(self.prompts)}, desc=desc,
-                                    show_progress=show_progress)
+                                    info={"heads": format_heads(self.heads), "num_prompts": len(self.prompts)},
+                                    desc=desc, show_progress=show_progress)
         finally:
             if self.chosen_store is not None:
                 self.chosen_store.close()

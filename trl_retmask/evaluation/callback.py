@@ -5,8 +5,8 @@ from __future__ import annotations
 from transformers import TrainerCallback
 
 from ..distributed import unwrapped_for_generation
+from .registry import TASKS, build_suite
 from .suite import generate_suite, score_suite
-from .tasks import CATEGORIES, build_suite
 
 
 class LongContextEvalCallback(TrainerCallback):
@@ -51,11 +51,8 @@ class LongContextEvalCallback(TrainerCallback):
         logs = {f"{self.prefix}/{cat}/{n}": v for cat, by_len in result["scores"].items() for n, v in by_len.items()}
         for task, by_len in result["tasks"].items():
             for n, metrics in by_len.items():
-                if task in CATEGORIES["recall"]:
-                    logs[f"{self.prefix}/{task}/{n}"] = metrics["recall"]
-                elif task == "cite":
-                    for m in ("correctness", "citation_recall", "citation_precision"):
-                        logs[f"{self.prefix}/cite_{m}/{n}"] = metrics[m]
+                for log_name, key in TASKS[task].logged.items():
+                    logs[f"{self.prefix}/{log_name}/{n}"] = metrics[key]
         self.history.append({"step": step, **logs})
         self.trainer.log(logs)
         self._last_step = step

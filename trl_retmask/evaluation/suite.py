@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from collections import defaultdict
 from pathlib import Path
 
@@ -14,14 +13,7 @@ from ..fingerprints import fingerprint, model_fingerprint
 from ..generation import generate_batch, make_generation_config
 from ..heads import format_heads, validate_heads
 from ..store import run_resumable, write_json
-from .metrics import load_metric
-from .metrics.citation.citation import citation_scores
-from .metrics.ndcg.ndcg import ndcg_at_k
-from .metrics.substring_match.substring_match import match_fraction
-from .tasks import CATEGORIES, build_suite
-
-PRIMARY = {"recall": "recall", "rerank": "ndcg", "cite": "cite_avg"}
-"""The one number per category: substring recall, NDCG@10, mean of correctness and citation recall/precision."""
+from .registry import CATEGORIES, PRIMARY, TASKS, build_suite
 
 
 def _encode(tokenizer, prompts: list[str]) -> list[list[int]]:
@@ -86,23 +78,9 @@ def generate_suite(model, tokenizer, samples: list[dict], batch_size: int = 4, h
     return outputs
 
 
-def parse_ranking(text: str, ids: list[str]) -> list[str]:
-    """IDs in the order the model wrote them (known IDs only, first occurrence)."""
-    known, out = set(ids), []
-    for token in re.findall(r"\d+", text):
-        if token in known and token not in out:
-            out.append(token)
-    return out
-
-
 def sample_score(sample: dict, output: str) -> float:
-    """The primary score of one answer (its category's metric), the unit that `stats` resamples and pairs."""
-    ref = sample["reference"]
-    if sample["task"] == "rerank":
-        return ndcg_at_k(parse_ranking(output, ref["ids"]), dict(zip(ref["ids"], ref["relevance"])), 10)
-    if sample["task"] == "cite":
-        return sum(citation_scores(output, ref["answers"], ref["documents"]).values()) / 3
-    return match_fraction(output, ref)
+    """The primary score of one answer (its task's scorer), the unit that `stats` resamples and pairs."""
+    return TASKS[sample["task"]].score(sample["reference"], output)
 
 
 def score_suite(samples: list[dict], outputs: list[str]) -> dict:
@@ -114,16 +92,8 @@ def score_suite(samples: list[dict], outputs: list[str]) -> dict:
         groups[(s["task"], s["length"])].append((s, o))
     tasks: dict = defaultdict(dict)
     for (task, length), rows in groups.items():
-        preds, refs = [o for _, o in rows], [s["reference"] for s, _ in rows]
-        if task == "rerank":
-            ranked = [parse_ranking(o, r["ids"]) for o, r in zip(preds, refs)]
-            res = load_metric("ndcg").compute(predictions=ranked, references=refs, k=10)
-        elif task == "cite":
-            res = load_metric("citation").compute(predictions=preds, references=refs)
-            res["cite_avg"] = (res["correctness"] + res["citation_recall"] + res["citation_precision"]) / 3
-        else:
-            res = load_metric("substring_match").compute(predictions=preds, references=refs)
-        tasks[task][str(length)] = {**{k: float(v) for k, v in res.items()}, "n": len(rows)}
+        result = TASKS[task].compute([s for s, _ in rows], [o for _, o in rows])
+        tasks[task][str(length)] = {**result, "n": len(rows)}
     scores: dict = {}
     for cat, cat_tasks in CATEGORIES.items():
         present = [t for t in cat_tasks if t in tasks]
