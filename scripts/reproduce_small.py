@@ -132,7 +132,8 @@ def train(args, out: Path, scores, strategy: str, seed: int) -> Path:
     save_dir = out / "models" / f"{strategy}-seed{seed}"
     fields = {f.name for f in dataclasses.fields(RetMaskConfig)}
     config = {k: v for k, v in recipe_defaults("smollm2").items() if k in fields}
-    config.update(output_dir=str(out / "runs" / f"{strategy}-seed{seed}"), mask_threshold=None, mask_top_k=args.mask_top_k, mask_strategy=strategy, mask_seed=seed, seed=seed,
+    config.update(output_dir=str(out / "runs" / f"{strategy}-seed{seed}"), mask_threshold=None,
+                  mask_top_k=args.mask_top_k, mask_strategy=strategy, mask_seed=seed, seed=seed,
                   max_new_tokens=args.max_new_tokens, generation_batch_size=args.generation_batch_size,
                   pairs_cache_dir=str(out / "pairs"), num_train_epochs=args.epochs, learning_rate=args.learning_rate,
                   bf16=args.bf16, gradient_checkpointing=False, train_sampling_strategy="group_by_length",
@@ -218,8 +219,8 @@ def report(evals: dict[str, list[dict]], args, out: Path, heads: dict, timings: 
         if a in evals and b in evals:
             ra, rb = runs_of(a, b)
             comparisons[f"{a} vs {b}"] = {
-                "suite": suite_comparison([r["suite"]["per_sample"] for r in ra], [r["suite"]["per_sample"] for r in rb],
-                                          **kw),
+                "suite": suite_comparison([r["suite"]["per_sample"] for r in ra],
+                                          [r["suite"]["per_sample"] for r in rb], **kw),
                 "short_answer": paired_comparison(general_of(ra), general_of(rb), **kw), "runs": len(ra)}
     result = {"args": vars(args), "heads": heads, "models": models, "comparisons": comparisons, "seconds": timings}
     (out / "results.json").write_text(json.dumps(result, indent=2))

@@ -340,7 +340,8 @@ def test_missing_model_path_and_4bit_are_refused_before_loading(capsys, monkeypa
     line = _user_error(capsys, ["niah", "--model_name_or_path", str(tmp_path / "nope"), "--heads", "0-1"])
     assert "No such model directory or Hub id" in line and "Repo id must be" not in line
     line = _user_error(capsys, ["eval", "--model_name_or_path", str(tmp_path), "--load_in_4bit", "True"])
-    assert "--load_in_4bit quantizes the model with bitsandbytes, which needs a CUDA GPU (this machine has none)" in line
+    assert ("--load_in_4bit quantizes the model with bitsandbytes, which needs a CUDA GPU (this machine has none)"
+            in line)
     line = _user_error(capsys, ["train", "--recipe", "smollm2", "--load_in_4bit", "True", "--output_dir",
                                 str(tmp_path / "o")])
     assert "--load_in_4bit" in line
@@ -411,7 +412,7 @@ def test_detect_on_the_embedded_model_writes_loadable_scores(capsys, tmp_path):
     assert list(out["top_heads"]) == [f"{l}-{h}" for (l, h), _ in scores.ranked()[:3]]
 
 
-# --------------------------------------------------------------------------------------- reliability (issue 12)
+# ------------------------------------------------------------------------------------------------ reliability
 def _no_model_loading(monkeypatch):
     from trl_retmask.scripts import common
 

@@ -104,8 +104,8 @@ def test_ndcg_hand_computed():
     assert ndcg_at_k(["c", "x", "b"], rel, k=2) == 0.0  # b falls outside the cut-off
     assert ndcg_at_k(["b", "b", "a"], rel) == pytest.approx((1 + 2 / 2) / (2 + 1 / 1.5849625))  # duplicates gain 0
     metric = load_metric("ndcg")  # the evaluate module, loaded from the shipped file with HF_HUB_OFFLINE=1
-    out = metric.compute(predictions=[["b", "a"], ["a"]], references=[{"ids": list(rel), "relevance": list(rel.values())}] * 2,
-                         k=1)
+    out = metric.compute(predictions=[["b", "a"], ["a"]],
+                         references=[{"ids": list(rel), "relevance": list(rel.values())}] * 2, k=1)
     assert out["ndcg"] == pytest.approx((0.5 + 1.0) / 2)
 
 
@@ -443,7 +443,8 @@ def test_a_new_task_is_one_registration(tiny_tokenizer):
         with pytest.raises(ValueError, match="scored by 'recall', not 'ndcg'"):
             registry.register(registry.Task("echo2", "echoes", echo, "ndcg", "ndcg", score=task.score))
         samples = build_suite(tiny_tokenizer, (256,), ["echoes"], n_per_task=2, seed=5)
-        assert [(s["task"], s["category"], s["seed"]) for s in samples] == [("echo", "echoes", 5), ("echo", "echoes", 6)]
+        assert [(s["task"], s["category"], s["seed"]) for s in samples] == [("echo", "echoes", 5),
+                                                                             ("echo", "echoes", 6)]
         outputs = ["it is 5", "no idea"]
         result = score_suite(samples, outputs)
         assert result["scores"] == {"echoes": {"256": 0.5}} and result["tasks"]["echo"]["256"]["n"] == 2

@@ -132,7 +132,8 @@ def test_peft_lora(target_modules):
     from peft import LoraConfig, get_peft_model
 
     base = make_tiny_model("llama")
-    peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=target_modules, init_lora_weights=False))
+    peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=target_modules,
+                                                 init_lora_weights=False))
     x = ids()
     # reference: merge the (non-trivial) adapter into a copy, then zero the columns of the merged o_proj
     merged = copy.deepcopy(peft_model).merge_and_unload()
@@ -251,7 +252,8 @@ def test_unmaskable_o_proj_and_layers_are_clear_errors():
             pass
     model = make_tiny_model("llama")
     model.model.layers[1].self_attn.o_proj = torch.nn.Linear(32, 64, bias=False)  # 4 heads x 16 = 64 expected
-    with pytest.raises(ValueError, match=r"^LlamaAttention\.o_proj takes 32 features, not num_heads x head_dim = 4 x 16"):
+    with pytest.raises(ValueError,
+                       match=r"^LlamaAttention\.o_proj takes 32 features, not num_heads x head_dim = 4 x 16"):
         with mask_heads(model, [(1, 0)]):
             pass
     with mask_heads(model, [(0, 0), (2, 3)]):  # other layers still mask

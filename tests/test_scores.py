@@ -260,7 +260,8 @@ def test_single_numbers_and_empty_lists_are_scores():
     assert all(type(v) is float for vals in s.scores.values() for v in vals)
     assert s.mean_scores() == {(0, 0): 0.25, (0, 1): 1.0, (1, 0): 0.0, (1, 1): 0.75}
     assert repr(s) == "HeadScores(2 layers x 2 heads, 4 scored)"
-    with pytest.raises(ValueError, match=r"Malformed scores for head '0-0': expected a list of finite numbers, got True"):
+    with pytest.raises(ValueError,
+                       match=r"Malformed scores for head '0-0': expected a list of finite numbers, got True"):
         HeadScores({"0-0": True})
     with pytest.raises(ValueError, match=r"got \[1, False\]"):
         HeadScores({"0-0": [1, False]})
@@ -294,7 +295,8 @@ def test_load_reads_the_first_line_and_nested_dirs(tmp_path):
     path.write_text('\n  {"0-0": [0.5]}  \n\n')
     assert HeadScores.load(path).scores == {(0, 0): [0.5]}
     path.write_text("[]")
-    with pytest.raises(ValueError, match=r"one non-empty JSON object \{\"LAYER-HEAD\": \[\.\.\.\]\}; got list \(empty\)\.$"):
+    with pytest.raises(ValueError,
+                       match=r"one non-empty JSON object \{\"LAYER-HEAD\": \[\.\.\.\]\}; got list \(empty\)\.$"):
         HeadScores.load(path)
     path.write_text("3")
     with pytest.raises(ValueError, match=r"got int\.$"):

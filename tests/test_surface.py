@@ -1,4 +1,4 @@
-"""Every public surface with an assertion on its effect (issue 14, item 2): the package root's exports, each
+"""Every public surface with an assertion on its effect: the package root's exports, each
 `RetMaskConfig` field RetMask adds, the recipe pipeline's optional paths and the stages run for real, each checked
 against an independent computation (a hand-made `model.generate`, `random.Random`, a hand-filtered list).
 docs/testing.md maps each surface item to its test."""
@@ -360,7 +360,8 @@ def test_train_pipeline_detects_heads_and_runs_niah_before_and_after(tmp_path, m
 
     model_dir = save_tiny_model(tmp_path / "model")
     out = tmp_path / "run"
-    argv = _train_argv(model_dir, write_chat_log(tmp_path / "chat.jsonl"), out, "--mask_top_k", "2", "--max_prompts", "8",
+    argv = _train_argv(model_dir, write_chat_log(tmp_path / "chat.jsonl"), out, "--mask_top_k", "2",
+                       "--max_prompts", "8",
                        "--detect_context_lengths", "300", "--detect_depths", "50", "--detect_max_new_tokens", "3",
                        "--niah_context_lengths", "120", "--niah_depths", "50", "--niah_max_new_tokens", "4")
     script_args, training_args, model_args = parse_args(argv)
@@ -563,7 +564,8 @@ def test_suite_answers_skip_special_tokens_and_its_store_names_what_changed(tiny
     model = make_tiny_model("llama")
     model.config._name_or_path = "org/tiny"
     bos = tiny_tokenizer.bos_token_id
-    assert bos not in (tiny_tokenizer.eos_token_id, None) and tiny_tokenizer.bos_token in tiny_tokenizer.all_special_tokens
+    assert bos not in (tiny_tokenizer.eos_token_id, None)
+    assert tiny_tokenizer.bos_token in tiny_tokenizer.all_special_tokens
     handle = make_greedy(model, bos)  # a special token that does not end generation
     samples = build_suite(tiny_tokenizer, (256,), ["niah_single"], 2, 0)
     assert generate(model, tiny_tokenizer, ["the man said"], 4) == [""]
@@ -577,7 +579,8 @@ def test_suite_answers_skip_special_tokens_and_its_store_names_what_changed(tiny
     for change, named in ((dict(max_new_tokens=4), "max_new_tokens"), (dict(max_new_tokens=3, heads=[(0, 1)]), "heads"),
                           (dict(max_new_tokens=3, samples=samples[:1]), "num_samples")):
         data = change.pop("samples", samples)
-        with pytest.raises(ValueError, match=rf"results of another run: they depend on other inputs \({named} differ\)"):
+        with pytest.raises(ValueError,
+                           match=rf"results of another run: they depend on other inputs \({named} differ\)"):
             generate_suite(model, tiny_tokenizer, data, **change, **kw)
     model.config._name_or_path = "org/renamed"  # the name is only informative: same weights, records reused
     assert generate_suite(model, tiny_tokenizer, samples, max_new_tokens=3, **kw) == \

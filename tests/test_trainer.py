@@ -61,7 +61,8 @@ def test_training_lowers_loss_reference_is_initial_policy_and_card(tiny_tokenize
             logp = m(ids).logits[0, :-1].float().log_softmax(-1).gather(-1, ids[0, 1:, None])[:, 0]
         return logp[len(p_ids) - 1:].sum().item()
 
-    margins = [(completion_logp(trainer.model, r["prompt"], r["chosen"]) - completion_logp(ref, r["prompt"], r["chosen"]))
+    margins = [(completion_logp(trainer.model, r["prompt"], r["chosen"])
+                - completion_logp(ref, r["prompt"], r["chosen"]))
                - (completion_logp(trainer.model, r["prompt"], r["rejected"])
                   - completion_logp(ref, r["prompt"], r["rejected"])) for r in trainer.train_dataset]
     assert sum(margins) / len(margins) > 0.1, margins
@@ -551,7 +552,8 @@ def test_cpu_defaults_and_liger(tmp_path):
 
 def test_liger_without_the_package_names_the_extra(tmp_path, monkeypatch):
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "liger_kernel" else real(name, *a))
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "liger_kernel" else real(name, *a))
     with pytest.raises(ValueError, match=r"pip install 'trl_retmask\[liger\]'"):
         RetMaskConfig(str(tmp_path), report_to="none", use_liger_kernel=True)
 

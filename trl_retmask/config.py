@@ -270,7 +270,9 @@ class RetMaskConfig(HeadSelectionArguments, DPOConfig):
     def _resolve_device_defaults(self):
         """TRL's bf16 + gradient checkpointing on a GPU; fp32 without checkpointing on a CPU, loudly."""
         # transformers 5 renamed gradient_checkpointing to activation_checkpointing; either set explicitly wins.
-        ckpt = self.activation_checkpointing if self.activation_checkpointing is not None else self.gradient_checkpointing
+        ckpt = self.activation_checkpointing
+        if ckpt is None:
+            ckpt = self.gradient_checkpointing
         if self.use_cpu or not accelerator_available():
             chosen = []
             if self.bf16 is None and not self.fp16:

@@ -24,7 +24,7 @@ PAPER = {
             booktitle     = {Findings of the Association for Computational Linguistics: ACL 2026},
             eprint        = {2601.11020},
             archivePrefix = {arXiv},
-        }"""),
+        }"""),  # noqa: E501 (BibTeX lines are not wrapped)
 }
 DPO_CITATION = textwrap.dedent("""\
     @inproceedings{rafailov2023direct,
@@ -32,7 +32,7 @@ DPO_CITATION = textwrap.dedent("""\
         author       = {Rafael Rafailov and Archit Sharma and Eric Mitchell and Christopher D. Manning and Stefano Ermon and Chelsea Finn},
         year         = 2023,
         booktitle    = {Advances in Neural Information Processing Systems 36},
-    }""")
+    }""")  # noqa: E501
 
 
 def _fmt(v) -> str:

@@ -102,7 +102,8 @@ def shipped_prompts():
     for f in sorted(SHIPPED_PROMPTS_DIR.glob("*.jsonl")):
         rows.extend(json.loads(line) for line in f.read_text(encoding="utf-8").splitlines() if line.strip())
     if not rows:
-        raise ValueError(f"No shipped prompt set found in {SHIPPED_PROMPTS_DIR}; pass --dataset_name with your prompts.")
+        raise ValueError(f"No shipped prompt set found in {SHIPPED_PROMPTS_DIR}; pass --dataset_name with your "
+                         "prompts.")
     return Dataset.from_list([r if isinstance(r, dict) else {"prompt": r} for r in rows])
 
 
@@ -120,7 +121,8 @@ def _prompt_column(script_args, columns) -> str:
     candidates = [c for c in PROMPT_COLUMNS if columns is None or c in columns]
     if not candidates:
         if _is_synth_without_turns(script_args.dataset_name, columns):
-            raise ValueError(f"No user turns in {script_args.dataset_name!r} (columns: {columns}). {MISSING_USER_TURNS}")
+            raise ValueError(f"No user turns in {script_args.dataset_name!r} (columns: {columns}). "
+                             f"{MISSING_USER_TURNS}")
         raise ValueError(f"No prompt column in {script_args.dataset_name!r} (columns: {columns}). Name it with "
                          f"--prompt_column (tried {', '.join(PROMPT_COLUMNS)}).")
     return candidates[0]
@@ -185,7 +187,8 @@ def load_prompts(script_args, split: str | None = None, tokenizer=None):
     logger.info("Prompts from %s (column %r, filter %s): kept %d, dropped %s.", source, column,
                 "on" if filtered else "off", counts["kept"], dropped)
     if not prompts:
-        if column in CHAT_LOG_COLUMNS and counts["empty"] and _is_synth_without_turns(script_args.dataset_name, columns):
+        if (column in CHAT_LOG_COLUMNS and counts["empty"]
+                and _is_synth_without_turns(script_args.dataset_name, columns)):
             raise ValueError(f"No user turns in column {column!r} of {source}. {MISSING_USER_TURNS}")
         raise ValueError(f"No non-empty prompt in column {column!r} of {source} (dropped: {dropped}). A chat-log "
                          "column needs messages with role 'user' (or 'human'); pass --prompt_column to use another.")

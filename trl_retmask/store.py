@@ -87,8 +87,8 @@ class ResultStore:
                     why = "they depend on other inputs" + (f" ({', '.join(changed)} differ)" if changed else
                                                            " (model weights, data or settings differ)")
                 raise ValueError(f"{self.dir} holds {self.name} results of another run: {why}. Use a fresh output "
-                                 "directory, or pass overwrite=True (`--overwrite True` on the command line) to discard them "
-                                 "and redo the work.")
+                                 "directory, or pass overwrite=True (`--overwrite True` on the command line) to "
+                                 "discard them and redo the work.")
             for path in files:
                 path.unlink()
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -229,7 +229,8 @@ def cached_json(path, fingerprint: str, fn: Callable[[], dict], *, overwrite: bo
             return {k: v for k, v in stored.items() if k != "fingerprint"}
         if valid and not overwrite:
             raise ValueError(f"{path} holds a result of other inputs (model, data or settings differ); delete it, "
-                             "use another output directory, or pass overwrite=True (`--overwrite True` on the command line) to recompute it.")
+                             "use another output directory, or pass overwrite=True (`--overwrite True` on the command "
+                             "line) to recompute it.")
     result = fn()
     write_json(path, {**result, "fingerprint": fingerprint})
     return result

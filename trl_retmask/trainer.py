@@ -174,7 +174,8 @@ class RetMaskTrainer(DPOTrainer):
 
         # Heads: validated against the loaded model, before minutes of generation.
         if masked_heads is not None:
-            self.masked_heads, self.head_scores = validate_heads(model, masked_heads), resolve_head_scores(scores, model)
+            self.masked_heads = validate_heads(model, masked_heads)
+            self.head_scores = resolve_head_scores(scores, model)
         else:
             self.masked_heads, self.head_scores = select_heads(args, model, scores)
         self.pair_stats: dict[str, PairStats] = {}

@@ -12,8 +12,9 @@ from .suite import generate_suite, score_suite
 class LongContextEvalCallback(TrainerCallback):
     """Runs a fixed slice of the long-context suite during training so a run shows its long-context curve.
 
-    Logs `{prefix}/{category}/{length}` (primary score), `{prefix}/{task}/{length}` for the recall tasks and
-    `{prefix}/cite_{metric}/{length}` for the citation components with `trainer.log`, i.e. to every logger the trainer reports to (TensorBoard, W&B, log_history...).
+    Logs `{prefix}/{category}/{length}` (primary score) and what each task's registry entry names (`Task.logged`:
+    `{prefix}/{task}/{length}` for the recall tasks, `{prefix}/cite_{metric}/{length}` for the citation components)
+    with `trainer.log`, i.e. to every logger the trainer reports to (TensorBoard, W&B, log_history...).
     The samples are built once, so every evaluation scores the same prompts. Usage, as TRL's callbacks:
 
     ```python

@@ -1,8 +1,8 @@
 """The tasks of the long-context suite, one entry each: builder, category, metric and scorers.
 
 Adding a task is one `register(Task(...))` (its builder in `tasks.py`), plus its metric under `metrics/` when no
-shipped one fits. The categories, the scoring of `suite.py`, the statistics of `stats.py` and the training callback's logs
-all read this registry, so nothing else changes.
+shipped one fits. The categories, the scoring of `suite.py`, the statistics of `stats.py` and the training
+callback's logs all read this registry, so nothing else changes.
 """
 
 from __future__ import annotations

@@ -113,8 +113,9 @@ def evaluate_long_context(model, tokenizer, lengths=(1024, 2048), categories=Non
 
     `max_new_tokens` caps the tasks' answer budgets (quick looks only). The result is
     `{"scores": {category: {length: score}}, "tasks": {task: {length: metrics}}, "per_sample": [...], "config": ...}`
-    (`per_sample`: each sample's task, length, seed and primary score, for `stats`); with `output_dir` it is also saved as `<name>.json` and `<name>.png` there, and the generations as they finish
-    in `<name>.generations.rank<i>.jsonl` (an interrupted run resumes; see `generate_suite`).
+    (`per_sample`: each sample's task, length, seed and primary score, for `stats`); with `output_dir` it is also
+    saved as `<name>.json` and `<name>.png` there, and the generations as they finish in
+    `<name>.generations.rank<i>.jsonl` (an interrupted run resumes; see `generate_suite`).
     """
     if not name or Path(name).name != name or name in (".", ".."):
         raise ValueError(f"name {name!r} must be a plain file name (it names <output_dir>/<name>.json).")

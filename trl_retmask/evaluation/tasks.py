@@ -40,7 +40,8 @@ _TOWNS = ("Brackenford", "Quellmoor", "Ashcombe Vale", "Windrell", "Harrowgate C
           "Corvalis Point", "Elderwick", "Fenhollow", "Marrowby", "Sallowdene")
 _MAKERS = ("Jorund Pell", "Ilse Varrow", "Benedikt Sorrel", "Calla Dunmore", "Hesper Lowe", "Matthias Greave",
            "Odile Fenwick", "Rurik Hale", "Sabine Oakes", "Tavish Morrow")
-_MENTIONS = ("Many travellers had heard stories about the {obj}.", "Nobody in the village had seen the {obj} for years.",
+_MENTIONS = ("Many travellers had heard stories about the {obj}.",
+             "Nobody in the village had seen the {obj} for years.",
              "Some said the {obj} was older than the church itself.", "Children were warned never to touch the {obj}.")
 
 

@@ -69,7 +69,8 @@ def main(script_args: ExportScriptArguments, selection: HeadSelectionArguments, 
 def make_parser(subparsers=None, prog: str | None = None):
     from trl import ModelConfig
 
-    return stage_parser("export", (ExportScriptArguments, HeadSelectionArguments, ModelConfig), subparsers, prog, __doc__)
+    return stage_parser("export", (ExportScriptArguments, HeadSelectionArguments, ModelConfig), subparsers, prog,
+                        __doc__)
 
 
 if __name__ == "__main__":

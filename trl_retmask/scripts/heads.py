@@ -43,7 +43,8 @@ class HeadsScriptArguments(OverwriteArguments):
 
     show: int = field(default=10, metadata={"help": "Print the top N heads."})
     plot: str | None = field(default=None, metadata={"help": "Heatmap PNG file, or a directory (DIR/heads.png)."})
-    save_heads: str | None = field(default=None, metadata={"help": "Write the selected heads as a JSON list of 'LAYER-HEAD'."})
+    save_heads: str | None = field(default=None,
+                                   metadata={"help": "Write the selected heads as a JSON list of 'LAYER-HEAD'."})
 
     def __post_init__(self):
         if self.show < 0:

@@ -40,7 +40,7 @@ RECIPE_DIRS = (Path(__file__).resolve().parents[1] / "recipes", Path(__file__).r
 
 
 def recipe_path(name_or_path) -> Path:
-    """The YAML of a recipe name (`smollm2`, `llama31`, `qwen3`, `olmo3`, `olmo3_think`) or a YAML file path."""
+    """The YAML of a recipe name (a `<name>.yaml` of `recipes/`, see `recipe_names`) or a YAML file path."""
     path = Path(str(name_or_path)).expanduser()
     if path.suffix in (".yaml", ".yml"):
         if not path.is_file():
@@ -54,7 +54,8 @@ def recipe_path(name_or_path) -> Path:
 
 
 def accelerate_config_path(name) -> Path | None:
-    """A shipped accelerate config (`recipes/accelerate/<name>.yaml`: single_gpu, multi_gpu, zero1, zero2, zero3, fsdp2)."""
+    """A shipped accelerate config (`recipes/accelerate/<name>.yaml`: single_gpu, multi_gpu, zero1, zero2, zero3,
+    fsdp2)."""
     for folder in RECIPE_DIRS:
         if (folder / "accelerate" / f"{name}.yaml").is_file():
             return folder / "accelerate" / f"{name}.yaml"
@@ -62,6 +63,7 @@ def accelerate_config_path(name) -> Path | None:
 
 
 def recipe_names() -> list[str]:
+    """The shipped recipes: the YAML files of `recipes/` (a new model's recipe is a new file there)."""
     folder = next((d for d in RECIPE_DIRS if d.is_dir()), None)
     return sorted(p.stem for p in folder.glob("*.yaml")) if folder else []
 
@@ -82,7 +84,7 @@ class TrainScriptArguments(PromptDataArguments):
 
     Parameters:
         recipe (`str`, *optional*):
-            Recipe whose YAML defaults apply (`smollm2`, `llama31`, `qwen3`, `olmo3`, `olmo3_think`, or a YAML file).
+            Recipe whose YAML defaults apply: the name of a `recipes/<name>.yaml` (e.g. `smollm2`), or a YAML file.
         detect_heads (`bool`, *optional*, defaults to `False`):
             Detect the retrieval heads with NIAH before training instead of reading `head_scores`/bundled scores.
         detect_context_lengths (`list[int]`, *optional*, defaults to the authors' 20 lengths from 0 to 5000):
@@ -104,8 +106,8 @@ class TrainScriptArguments(PromptDataArguments):
             DDP work-around for boolean buffers (as in TRL's scripts).
     """
 
-    recipe: str | None = field(default=None, metadata={"help": "Recipe whose YAML defaults apply (smollm2, "
-                                                               "llama31, qwen3, olmo3, olmo3_think, or a YAML file)."})
+    recipe: str | None = field(default=None, metadata={"help": "Recipe whose YAML defaults apply: the name of a "
+                                                               "recipes/<name>.yaml (e.g. smollm2), or a YAML file."})
     detect_heads: bool = field(default=False, metadata={"help": "Detect retrieval heads (NIAH) before training."})
     detect_context_lengths: list[int] = field(
         default_factory=lambda: list(AUTHORS_CONTEXT_LENGTHS),
