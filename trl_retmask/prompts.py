@@ -192,14 +192,14 @@ def load_prompts(script_args, split: str | None = None, tokenizer=None):
             raise ValueError(f"No user turns in column {column!r} of {source}. {MISSING_USER_TURNS}")
         raise ValueError(f"No non-empty prompt in column {column!r} of {source} (dropped: {dropped}). A chat-log "
                          "column needs messages with role 'user' (or 'human'); pass --prompt_column to use another.")
-    rows = [{"prompt": [{"role": "user", "content": p}]} for p in prompts]
-    if script_args.enable_thinking is not None:
-        if tokenizer is None:
-            raise ValueError("`enable_thinking` renders prompts with the chat template: pass the tokenizer.")
-        rows = [{"prompt": tokenizer.apply_chat_template(r["prompt"], add_generation_prompt=True, tokenize=False,
-                                                         enable_thinking=script_args.enable_thinking)}
-                for r in rows]
-    return Dataset.from_list(rows)
+    if script_args.enable_thinking is None:
+        return Dataset.from_list([{"prompt": [{"role": "user", "content": p}]} for p in prompts])
+    if tokenizer is None:
+        raise ValueError("`enable_thinking` renders prompts with the chat template: pass the tokenizer.")
+    from .chat import render_user_prompt
+
+    return Dataset.from_list([{"prompt": render_user_prompt(tokenizer, p, enable_thinking=script_args.enable_thinking)}
+                              for p in prompts])
 
 
 __all__ = ["CHAT_LOG_COLUMNS", "MISSING_USER_TURNS", "PROMPT_COLUMNS", "authors_skip_reason", "first_user_turn",

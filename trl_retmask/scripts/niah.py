@@ -36,7 +36,7 @@ class NiahScriptArguments(NiahGridArguments, ModelStageArguments):
 
 
 def main(script_args: NiahScriptArguments, selection: HeadSelectionArguments, model_args) -> dict:
-    from ..niah import evaluate_niah
+    from ..niah import evaluate_niah, named_grid
 
     scores = scores_before_loading(selection, model_args)
     model, tokenizer = load_model(model_args, script_args.trust_remote_code)
@@ -48,7 +48,7 @@ def main(script_args: NiahScriptArguments, selection: HeadSelectionArguments, mo
         overwrite=script_args.overwrite,
     )
     summary = {"accuracy": result["accuracy"], "num_samples": result["num_samples"], "masked_heads": len(heads or []),
-               "grid": {f"{length}@{depth:g}": acc for (length, depth), acc in result["grid"].items()}}
+               "grid": named_grid(result["grid"])}
     if script_args.output_dir:
         summary["saved"] = [str(Path(script_args.output_dir) / f) for f in ("niah_summary.json", "niah_grid.png")]
     print_json(summary)

@@ -254,7 +254,7 @@ def resolve_heads(script_args, training_args, model, tokenizer):
 
 def niah_accuracy(script_args, model, tokenizer, heads=None, output_dir=None) -> dict:
     """NIAH accuracy of `model` (optionally with `heads` masked) on the evaluation grid, in a fresh `output_dir`."""
-    from ..niah import evaluate_niah
+    from ..niah import evaluate_niah, named_grid
 
     state = process_state()
     if output_dir is not None:  # fresh: the per-sample files would otherwise resume a previous run's answers
@@ -268,7 +268,7 @@ def niah_accuracy(script_args, model, tokenizer, heads=None, output_dir=None) ->
                            output_dir=output_dir)
     model.train(was_training)
     return {"accuracy": result["accuracy"], "num_samples": result["num_samples"],
-            "grid": {f"{length}@{depth:g}": acc for (length, depth), acc in result["grid"].items()}}
+            "grid": named_grid(result["grid"])}
 
 
 def build_trainer(script_args, training_args, model_args, model=None, tokenizer=None, heads=None, head_scores=None,
