@@ -76,7 +76,7 @@ def tiny_overrides(model_dir, data_file, scores_file, output_dir, *extra: str) -
     """Command-line overrides that swap the recipe's Hub inputs for local tiny ones and size it for a CPU."""
     return [
         "--model_name_or_path", str(model_dir), "--dataset_name", str(data_file), "--head_scores", str(scores_file),
-        "--output_dir", str(output_dir), "--bf16", "False", "--gradient_checkpointing", "False",
+        "--output_dir", str(output_dir), "--bf16", "False", "--activation_checkpointing", "False",
         "--max_new_tokens", "6", "--generation_batch_size", "4", "--per_device_train_batch_size", "2",
         "--gradient_accumulation_steps", "1", "--max_length", "64", "--report_to", "none", *extra,
     ]

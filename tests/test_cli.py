@@ -362,10 +362,13 @@ def test_train_recipe_yaml_defaults_are_parsed():
 def test_train_runs_a_recipe_with_trl_style_overrides(tiny, tmp_path):
     out = tmp_path / "trained"
     argv = ["train", "--recipe", "smollm2", *tiny_overrides(tiny["model"], tiny["data"], tiny["scores"], out),
-            "--mask_top_k", "2", "--niah_eval", "False", "--max_steps", "1"]
+            "--mask_top_k", "2", "--niah_eval", "False", "--max_steps", "1",
+            "--compare_heads_with", "allenai/Olmo-3-7B-Think"]
     assert main(argv) == 0
     summary = json.loads((out / "retmask_recipe_summary.json").read_text())
     assert summary["masked_heads"] == ["0-1", "2-3"]
+    assert summary["heads_compared"] == {"selection": {"threshold": None, "top_k": 2}, "masked_here": 2,
+                                         "reference": "allenai/Olmo-3-7B-Think", "reference_heads": 2}
     assert (out / "model.safetensors").is_file()
     assert json.loads((out / "retmask_head_scores.json").read_text()) == HEAD_SCORES
 

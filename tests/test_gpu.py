@@ -42,7 +42,7 @@ def train(tmp_path, tokenizer, **kw):
 
 def test_liger_training_step(tiny_tokenizer, tmp_path):
     pytest.importorskip("liger_kernel")
-    trainer, losses = train(tmp_path, tiny_tokenizer, use_liger_kernel=True, bf16=True)
+    trainer, losses = train(tmp_path, tiny_tokenizer, liger_kernels=True, bf16=True)
     assert next(trainer.model.parameters()).device.type == "cuda"
     assert losses and all(math.isfinite(x) for x in losses)
 

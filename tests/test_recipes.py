@@ -2,9 +2,11 @@
 trainer on local tiny stand-ins of its Hub model and dataset (sampling, Qwen3 thinking and the prompt filter
 included)."""
 
+import contextlib
 import json
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -31,16 +33,35 @@ from trl_retmask.prompts import MISSING_USER_TURNS
 from trl_retmask.scores import resolve_head_scores
 from trl_retmask.scripts.train import build_trainer, parse_args, recipe_defaults, recipe_names, recipe_path
 
-# The authors' settings, transcribed from their scripts (YoumiMa/RetMask; docs/fidelity.md), not from our YAMLs.
-# DPO: run_dpo_{llama,olmo,olmo_inst,qwen}.sh on TRL 0.24, whose DPOConfig defaults give beta, loss and truncation.
-AUTHORS_DPO = dict(learning_rate=5e-7, weight_decay=0.1, num_train_epochs=2, warmup_steps=0.1, adam_beta2=0.95,
-                   optim="adamw_torch", bf16=True, gradient_checkpointing=True, max_prompt_length=512,
-                   max_length=1024, truncation_mode="keep_end", beta=0.1, loss_type=["sigmoid"])
-# Pairs: exec_synthesize_assistant_response_using_*.sh (the vLLM request sets temperature, top_p and max_tokens; vLLM
-# takes the rest from the model's generation_config.json, so top_k / min_p / repetition_penalty stay unset here).
-AUTHORS_SAMPLING = dict(temperature=0.6, top_p=1.0, top_k=None, min_p=None, repetition_penalty=None)
-# recipe -> (model, max new tokens, per-device batch, grad-accum, heads >= 0.1 in the published scores, or None when
-# the authors published none and the recipe detects them)
+# The authors' settings, transcribed from their code (github.com/YoumiMa/RetMask; docs/fidelity.md), not from our
+# YAMLs: (field, their value, where it comes from). DPO = 3_Direct_Preference_Optimization/; their dpo_llm.py parses
+# DPOConfig from the command line of run_dpo_{llama,olmo,olmo_inst,qwen}.sh and ran on trl==0.24.0 (pyproject.toml),
+# so what those scripts do not set is a TRL 0.24 DPOConfig / transformers TrainingArguments default.
+RUN_DPO = "DPO/run_dpo_*.sh"
+TRL024 = "TRL 0.24 DPOConfig default (DPO/dpo/dpo_llm.py sets none)"
+ADAM = "transformers TrainingArguments default (DPO/run_dpo_*.sh sets none)"
+AUTHORS_DPO = [
+    ("learning_rate", 5e-7, RUN_DPO), ("lr_scheduler_type", "cosine_with_min_lr", RUN_DPO),
+    ("lr_scheduler_kwargs", {"min_lr": 5e-8}, RUN_DPO), ("weight_decay", 0.1, RUN_DPO),
+    ("num_train_epochs", 2, RUN_DPO), ("warmup_steps", 0.1, RUN_DPO + " --warmup_ratio 0.1"),
+    ("adam_beta2", 0.95, RUN_DPO), ("optim", "adamw_torch", RUN_DPO), ("bf16", True, RUN_DPO),
+    ("activation_checkpointing", True, RUN_DPO + " --gradient_checkpointing"),
+    ("beta", 0.1, TRL024), ("loss_type", ["sigmoid"], TRL024), ("label_smoothing", 0.0, TRL024),
+    ("use_weighting", False, TRL024), ("f_divergence_type", "reverse_kl", TRL024), ("ld_alpha", None, TRL024),
+    ("loss_weights", None, TRL024), ("sync_ref_model", False, TRL024), ("disable_dropout", True, TRL024),
+    ("precompute_ref_log_probs", False, TRL024),
+    ("max_prompt_length", 512, TRL024), ("max_length", 1024, TRL024),
+    ("truncation_side", "left", TRL024 + ": truncation_mode='keep_end'"),
+    ("adam_beta1", 0.9, ADAM), ("adam_epsilon", 1e-8, ADAM), ("max_grad_norm", 1.0, ADAM),
+]
+# Pairs: CRG = 2_Contrastive_Response_Generation/. The vLLM request sets temperature, top_p and max_tokens; vLLM takes
+# the rest from the model's generation_config.json, so top_k / min_p / repetition_penalty stay unset here.
+CRG = "CRG/exec_synthesize_assistant_response_using_*.sh"
+AUTHORS_SAMPLING = [("temperature", 0.6, CRG), ("top_p", 1.0, CRG), ("top_k", None, CRG), ("min_p", None, CRG),
+                    ("repetition_penalty", None, CRG)]
+# recipe -> (model, max new tokens [CRG/exec_*.sh --max_tokens], per-device batch, grad-accum [DPO/run_dpo_*.sh],
+# heads >= 0.1 in the published scores [1_Retrieval_Head_Deactivation/head_score/*.json], or None when the authors
+# published none and the recipe detects them)
 AUTHORS_MODELS = {
     "llama31": ("meta-llama/Llama-3.1-8B-Instruct", 2048, 2, 64, 33),
     "qwen3": ("Qwen/Qwen3-8B", 4096, 1, 128, 57),
@@ -64,6 +85,51 @@ def stand_ins(tmp_path_factory):
     }
 
 
+@contextlib.contextmanager
+def deprecations_recorded(monkeypatch):
+    """The FutureWarning / DeprecationWarning messages that the recipe path is answerable for: every one issued by TRL
+    (a deprecated TRL setting or path in use), and those of other libraries (transformers, ...) unless TRL's own code
+    made the deprecated call (TRL's business, e.g. its reference-log-prob pass reading a renamed transformers
+    property). Recorded at `warnings.warn`, where the issuing module is known whatever the `stacklevel`."""
+    found, real_warn = [], warnings.warn
+
+    def warn(message, category=UserWarning, stacklevel=1, *args, **kwargs):
+        if isinstance(message, Warning):
+            category = type(message)
+        if issubclass(category, (FutureWarning, DeprecationWarning)):
+            modules = [f.f_globals.get("__name__", "") for f in _frames(sys._getframe(1))]
+            in_trl = [m == "trl" or m.startswith("trl.") for m in modules]
+            if in_trl[0] or not any(in_trl):
+                found.append(f"{category.__name__} from {modules[0]}: {message}")
+        return real_warn(message, category, stacklevel + 1, *args, **kwargs)
+
+    monkeypatch.setattr(warnings, "warn", warn)
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        yield found
+
+
+def _frames(frame):
+    while frame is not None:
+        yield frame
+        frame = frame.f_back
+
+
+def test_deprecations_recorded_tells_trls_own_from_trls_callees(monkeypatch, tmp_path):
+    from trl import DPOConfig
+    from trl.models.utils import disable_gradient_checkpointing
+
+    model = make_tiny_model("llama")
+    model.gradient_checkpointing_enable()
+    with deprecations_recorded(monkeypatch) as found:
+        DPOConfig(str(tmp_path), truncation_mode="keep_end", report_to="none", use_cpu=True)  # TRL's own deprecation
+        warnings.warn("old name", FutureWarning, stacklevel=1)  # ours (the test module)
+        with pytest.warns(FutureWarning, match="is_gradient_checkpointing"), disable_gradient_checkpointing(model):
+            pass  # TRL reads transformers' renamed property: TRL's business, not recorded
+    assert len(found) == 2 and "keep_end" in found[0] and found[0].startswith("FutureWarning from trl.")
+    assert found[1] == "FutureWarning from tests.test_recipes: old name"
+
+
 def test_every_recipe_has_its_yaml_beside_it():
     scripts = sorted(p.stem for p in RECIPES.glob("*.py"))
     assert scripts == recipe_names() == ["llama31", "olmo3", "olmo3_think", "qwen3", "smollm2"]
@@ -83,6 +149,17 @@ def test_every_yaml_value_reaches_the_parsed_arguments(name, tmp_path):
 
 
 @pytest.mark.parametrize("name", sorted(AUTHORS_MODELS))
+@pytest.mark.parametrize("key,value,source", [pytest.param(*row, id=row[0]) for row in AUTHORS_DPO + AUTHORS_SAMPLING])
+def test_8b_recipes_pin_every_authors_setting(name, key, value, source, tmp_path):
+    """Each setting is written in the recipe's YAML (no TRL or transformers default decides it; the sampling cuts
+    left unset on purpose excepted) and parses to the authors' value."""
+    if key not in ("top_k", "min_p", "repetition_penalty"):  # unset = the model's file decides, as in vLLM
+        assert key in recipe_defaults(name), f"{name}.yaml does not pin {key} ({source})"
+    _, args, _ = parse_args(["--use_cpu", "True", "--output_dir", str(tmp_path)], recipe=name)
+    assert getattr(args, key) == value, (key, source)
+
+
+@pytest.mark.parametrize("name", sorted(AUTHORS_MODELS))
 def test_8b_recipes_default_to_the_authors_settings(name, tmp_path):
     from trl_retmask.detection import AUTHORS_CONTEXT_LENGTHS, AUTHORS_DEPTHS
 
@@ -90,21 +167,34 @@ def test_8b_recipes_default_to_the_authors_settings(name, tmp_path):
     script_args, args, model_args = parse_args(["--use_cpu", "True", "--output_dir", str(tmp_path)], recipe=name)
     assert model_args.model_name_or_path == model_id
     assert model_args.dtype == "float32"  # their dpo_llm.py loads without a dtype: fp32 weights, bf16 autocast
-    for key, value in {**AUTHORS_DPO, **AUTHORS_SAMPLING}.items():
-        assert getattr(args, key) == value, key
     assert (args.max_new_tokens, args.per_device_train_batch_size, args.gradient_accumulation_steps) == (
         new_tokens, batch, accumulation)
-    assert args.lr_scheduler_type == "cosine_with_min_lr" and args.lr_scheduler_kwargs == {"min_lr": 5e-8}
     assert args.generation_settings["generation_kwargs"] == {}  # min_p / repetition_penalty: the model's own
     assert script_args.dataset_name == "tokyotech-llm/lmsys-chat-1m-synth" and script_args.filter_prompts is True
     assert script_args.enable_thinking is None  # Qwen3 thinks (its template's default); Olmo-3-Think always does
-    assert args.mask_threshold == 0.1 and args.mask_top_k is None and args.head_scores is None
+    assert args.keep_reasoning is True
+    # the open choices are written in every recipe: prompt count (all), threshold (the paper's), seed
+    defaults = recipe_defaults(name)
+    assert defaults["max_prompts"] is None and script_args.max_prompts is None
+    assert defaults["mask_threshold"] == args.mask_threshold == 0.1 and defaults["seed"] == 42
+    assert args.mask_top_k is None and args.head_scores is None
     assert script_args.detect_heads is (n_heads is None)
-    if n_heads is None:  # detected with the authors' protocol
+    if n_heads is None:  # detected with the authors' protocol, reported beside their Olmo-3-7B-Think count
         assert list(script_args.detect_context_lengths) == list(AUTHORS_CONTEXT_LENGTHS)
         assert list(script_args.detect_depths) == list(AUTHORS_DEPTHS)
+        assert script_args.compare_heads_with == AUTHORS_MODELS["olmo3_think"][0]
     else:  # the model's bundled published scores, at threshold 0.1
         assert len(resolve_head_scores(None, model_id).select(threshold=0.1)) == n_heads
+
+
+def test_olmo3_summary_compares_detected_heads_with_the_authors_olmo3_think_count(tmp_path):
+    from trl_retmask.scripts.train import compare_heads
+
+    script_args, args, _ = parse_args(["--use_cpu", "True", "--output_dir", str(tmp_path)], recipe="olmo3")
+    heads = [(0, 1), (2, 3), (5, 7)]  # whatever detection selected
+    assert compare_heads(heads, script_args.compare_heads_with, args) == {
+        "selection": {"threshold": 0.1, "top_k": None}, "masked_here": 3, "reference": "allenai/Olmo-3-7B-Think",
+        "reference_heads": AUTHORS_MODELS["olmo3_think"][4]}
 
 
 def test_smollm2_recipe_says_where_it_departs_for_cpu_time():
@@ -138,13 +228,15 @@ def test_context_parallelism_is_refused_before_model_work(monkeypatch, tmp_path)
 
 @pytest.mark.parametrize("name,arch", [("llama31", "llama"), ("qwen3", "qwen3"), ("olmo3", "olmo3"),
                                        ("olmo3_think", "olmo3"), ("smollm2", "llama")])
-def test_recipe_builds_its_trainer(name, arch, stand_ins, tmp_path):
+def test_recipe_builds_its_trainer(name, arch, stand_ins, tmp_path, monkeypatch):
     from trl_retmask.trainer import RetMaskTrainer
 
     extra = ["--mask_top_k", "2"] if name == "smollm2" else []  # its default k=10 would cover the tiny model
-    script_args, args, model_args = parse_args(
-        tiny_overrides(stand_ins[arch], stand_ins["data"], stand_ins["scores"], tmp_path, *extra), recipe=name)
-    trainer = build_trainer(script_args, args, model_args)
+    with deprecations_recorded(monkeypatch) as deprecations:  # the whole recipe path: parsing, config, pairs, trainer
+        script_args, args, model_args = parse_args(
+            tiny_overrides(stand_ins[arch], stand_ins["data"], stand_ins["scores"], tmp_path, *extra), recipe=name)
+        trainer = build_trainer(script_args, args, model_args)
+    assert not deprecations, deprecations  # TRL's deprecated settings and paths (keep_end, use_liger_kernel) unused
 
     assert isinstance(trainer, RetMaskTrainer)
     assert trainer.masked_heads == SELECTED
@@ -286,6 +378,26 @@ def test_qwen3_recipe_trains_on_the_reasoning(qwen3_stand_in, stand_ins, tmp_pat
     assert row["prompt_ids"] == encode(f"<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n")
     assert row["chosen_ids"] == encode(f"<think>\n{reasoning}\n</think>\n\n{answer}<|im_end|>\n")
     assert row["rejected_ids"] == encode("<think>\nno\n</think>\n\nRome.<|im_end|>\n")
+
+
+def test_qwen3_without_reasoning_trains_what_the_authors_content_only_data_renders():
+    """`keep_reasoning=False` keeps vLLM's `content` (after the first `</think>`): Qwen3's template renders it after an
+    empty think block, as it renders a message without `reasoning_content`; identical answers are then one pair."""
+    from trl_retmask.pairs import _assemble, strip_reasoning
+
+    tokenizer = qwen3_tokenizer()
+    prompt = [{"role": "user", "content": "Which city?"}]
+    answer = strip_reasoning("<think>\nThe user asks.\n</think>\n\nParis.")
+    assert answer == "\n\nParis."
+    rendered = tokenizer.apply_chat_template(prompt + [{"role": "assistant", "content": answer}], tokenize=False)
+    assert rendered.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\nParis.<|im_end|>\n")
+    assert strip_reasoning("<think>\ncut inside") == "<think>\ncut inside"  # no </think>: vLLM leaves it whole
+    results = [{"indices": [0, 1], "chosen": ["<think>a</think>X", "<think>a</think>Y"],
+                "rejected": ["<think>b</think>X", "<think>b</think>Z"], "chosen_tokens": [3, 3],
+                "rejected_tokens": [3, 3], "seconds": 1.0}]
+    kept = _assemble(["p", "q"], results, "", 1, False, keep_reasoning=False)
+    assert kept.keep == [False, True] and kept.chosen[1] == "Y" and kept.rejected[1] == "Z"
+    assert _assemble(["p", "q"], results, "", 1, False).keep == [True, True]  # the reasoning differs: kept
 
 
 @pytest.mark.parametrize("enable_thinking", [None, False], ids=["thinking", "no_thinking"])

@@ -4,6 +4,7 @@ import copy
 import importlib.util
 import json
 import math
+import sys
 import warnings
 from pathlib import Path
 
@@ -16,7 +17,8 @@ from tests.tiny import PREFS, CheckpointingProbe, make_tiny_model
 from trl_retmask import HeadScores
 from trl_retmask.config import RetMaskConfig
 from trl_retmask.heads import select_heads
-from trl_retmask.trainer import RetMaskTrainer, truncate_prompt
+from trl_retmask.trainer import RetMaskTrainer
+from trl_retmask.truncation import truncate_prompt
 
 PROMPTS = ["the secret number is", "tell me a story about the sea", "how many boys went to school ?", "the man said"]
 SCORES = HeadScores({"0-1": [0.9, 0.7], "1-2": [0.5], "2-0": [0.3], "0-0": [0.01], "2-3": [0.02]},
@@ -431,8 +433,8 @@ def test_pairs_are_generated_on_the_training_device_unless_the_model_is_placed(t
 
 
 def test_dpo_trainer_arguments_pass_through(tiny_tokenizer, tmp_path):
-    """What RetMask does not use itself reaches DPOTrainer unchanged: collator, metrics, callbacks, optimizers, and
-    a quantization config beside an already loaded model (which TRL refuses)."""
+    """What RetMask does not use itself reaches DPOTrainer unchanged: metrics, callbacks, optimizers, and a
+    quantization config beside an already loaded model (which TRL refuses); the collator, inside the truncation."""
     from transformers import TrainerCallback
     from trl.trainer.dpo_trainer import DataCollatorForPreference
 
@@ -448,7 +450,7 @@ def test_dpo_trainer_arguments_pass_through(tiny_tokenizer, tmp_path):
     t = RetMaskTrainer(model=model, args=config(tmp_path), train_dataset=PREFS, processing_class=tiny_tokenizer,
                        head_scores=SCORES, data_collator=collator, compute_metrics=metrics, callbacks=[callback],
                        optimizers=(optimizer, scheduler))
-    assert t.data_collator is collator and t.compute_metrics is metrics
+    assert t.data_collator.collator is collator and t.compute_metrics is metrics
     assert t.optimizer is optimizer and t.lr_scheduler is scheduler and callback in t.callback_handler.callbacks
     with pytest.raises(ValueError, match="your model is already instantiated"):
         RetMaskTrainer(model=model, args=config(tmp_path), train_dataset=PREFS, processing_class=tiny_tokenizer,
@@ -546,8 +548,33 @@ def test_cpu_defaults_and_liger(tmp_path):
     assert len(messages) == 1 and "bf16=False" in messages[0] and "gradient_checkpointing=False" not in messages[0]
     args = RetMaskConfig(str(tmp_path), report_to="none", bf16=True, use_cpu=True, gradient_checkpointing=False)
     assert args.bf16 is True and args.gradient_checkpointing is False
-    with pytest.raises(ValueError, match="use_liger_kernel"):
+
+
+# ------------------------------------------------------------------------- Liger (liger-kernel's own API)
+def liger_stand_in(monkeypatch) -> list:
+    """A `liger_kernel` package in sys.modules whose `_apply_liger_kernel_to_instance` records its calls."""
+    import importlib.machinery
+    import types
+
+    calls = []
+    package = types.ModuleType("liger_kernel")
+    package.__spec__ = importlib.machinery.ModuleSpec("liger_kernel", None, is_package=True)
+    transformers_module = types.ModuleType("liger_kernel.transformers")
+    transformers_module._apply_liger_kernel_to_instance = lambda model, **kwargs: calls.append((model, kwargs))
+    package.transformers = transformers_module
+    monkeypatch.setitem(sys.modules, "liger_kernel", package)
+    monkeypatch.setitem(sys.modules, "liger_kernel.transformers", transformers_module)
+    return calls
+
+
+def test_liger_is_refused_without_cuda_and_trls_flag_is_refused(tmp_path, monkeypatch):
+    with pytest.raises(ValueError, match=r"`use_liger_kernel` is deprecated by TRL.*liger_kernels=True"):
         RetMaskConfig(str(tmp_path), report_to="none", use_liger_kernel=True)
+    liger_stand_in(monkeypatch)  # installed, so the next refusal is the real one: no CUDA here
+    if torch.cuda.is_available():
+        pytest.skip("the refusal is for CUDA-less machines")
+    with pytest.raises(ValueError, match="`liger_kernels=True` needs CUDA"):
+        RetMaskConfig(str(tmp_path), report_to="none", liger_kernels=True)
 
 
 def test_liger_without_the_package_names_the_extra(tmp_path, monkeypatch):
@@ -555,7 +582,30 @@ def test_liger_without_the_package_names_the_extra(tmp_path, monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if name == "liger_kernel" else real(name, *a))
     with pytest.raises(ValueError, match=r"pip install 'trl_retmask\[liger\]'"):
-        RetMaskConfig(str(tmp_path), report_to="none", use_liger_kernel=True)
+        RetMaskConfig(str(tmp_path), report_to="none", liger_kernels=True)
+
+
+@pytest.mark.parametrize("peft", [False, True], ids=["full", "lora"])
+def test_liger_kernels_patch_the_policy_through_liger_kernel(peft, tiny_tokenizer, tmp_path, monkeypatch):
+    """The trainer hands the policy (the base model under PEFT) to liger-kernel's own instance patcher, with its
+    fused cross-entropy off (TRL's fused LM head owns the forward) and `liger_kernel_config` passed through; TRL's
+    deprecated flag stays off."""
+    from peft import LoraConfig, get_peft_model
+
+    calls = liger_stand_in(monkeypatch)
+    args = config(tmp_path, liger_kernel_config={"rope": False})
+    args.liger_kernels = True  # set after construction: the config refuses it on this CUDA-less machine
+    model = make_tiny_model("llama")
+    policy = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"], task_type="CAUSAL_LM")) if peft else model
+    trainer = RetMaskTrainer(model=policy, args=args, train_dataset=PREFS, processing_class=tiny_tokenizer,
+                             head_scores=SCORES)
+    assert len(calls) == 1 and calls[0][0] is model and calls[0][1] == {"rope": False,
+                                                                         "fused_linear_cross_entropy": False}
+    assert trainer.args.use_liger_kernel is False
+    with pytest.raises(ValueError, match="fused_linear_cross_entropy"):
+        from trl_retmask.liger import apply_liger_kernels
+
+        apply_liger_kernels(model, {"fused_linear_cross_entropy": True})
 
 
 def test_online_retmask_is_refused_under_fsdp(tmp_path, monkeypatch):
@@ -685,6 +735,9 @@ def test_online_mode_refuses_length_grouping(tmp_path):
     ({"generation_seed": 1.5}, "generation_seed"),
     ({"regenerate_pairs_steps": 0}, "regenerate_pairs_steps"),
     ({"max_prompt_length": 0}, "max_prompt_length"),
+    ({"truncation_mode": "keep_end"}, r"deprecated by TRL.*truncation_side=\"left\""),  # before TRL's FutureWarning
+    ({"truncation_side": "middle"}, "`truncation_side` must be one of left, right"),
+    ({"keep_reasoning": "yes"}, "keep_reasoning"),
     ({"max_length": 1}, "max_length"),
     ({"cache_pairs": "yes"}, "cache_pairs"),
     ({"generation_kwargs": ["top_k"]}, "generation_kwargs"),
@@ -727,7 +780,9 @@ def trl024_kept(prompt_ids, completion_ids, max_prompt_length, max_length):
     return sequence[start:], loss_mask[start:]
 
 
-def test_truncation_reproduces_trl_024_keep_end(tiny_tokenizer, tmp_path):
+@pytest.mark.parametrize("pad_to_multiple_of", [None, 3])
+def test_truncation_reproduces_trl_024_keep_end(pad_to_multiple_of, tiny_tokenizer, tmp_path):
+    """RetMaskConfig's defaults cut as TRL 0.24 did, without TRL's deprecated keep_end (no FutureWarning)."""
     words = "the man said tell me a story about the sea how many boys went to school".split()
     rows = [(12, 2), (3, 9), (9, 7), (2, 2), (15, 1)]  # (prompt words, completion words): long and short of each
     prefs = Dataset.from_dict({
@@ -737,12 +792,14 @@ def test_truncation_reproduces_trl_024_keep_end(tiny_tokenizer, tmp_path):
     })
     max_prompt_length, max_length = 5, 8
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # TRL 1.x deprecates keep_end
-        args = config(tmp_path, max_prompt_length=max_prompt_length, max_length=max_length, truncation_mode="keep_end")
+        warnings.simplefilter("error", FutureWarning)
+        args = config(tmp_path, max_prompt_length=max_prompt_length, max_length=max_length,
+                      pad_to_multiple_of=pad_to_multiple_of)  # truncation_side="left", the default
     trainer = RetMaskTrainer(model=make_tiny_model("llama"), args=args, train_dataset=prefs,
                              processing_class=tiny_tokenizer, head_scores=SCORES)
     assert len(trainer.train_dataset) == len(rows), "no row dropped"
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(rows))])
+    assert batch["input_ids"].shape[1] == (9 if pad_to_multiple_of else max_length)  # the longest rows fill it
     eos = [tiny_tokenizer.eos_token_id]
     for i, row in enumerate(prefs):
         prompt_ids = tiny_tokenizer(row["prompt"])["input_ids"]
@@ -757,18 +814,44 @@ def test_truncation_reproduces_trl_024_keep_end(tiny_tokenizer, tmp_path):
             assert batch["completion_mask"][r][:n].tolist() == expected_mask, (i, role)
 
 
+def test_a_users_collator_is_wrapped_with_the_same_truncation(tiny_tokenizer, tmp_path):
+    from trl.trainer.dpo_trainer import DataCollatorForPreference
+
+    seen, inner = [], DataCollatorForPreference(pad_token_id=tiny_tokenizer.pad_token_id)
+
+    def collator(examples):
+        seen.append([e["prompt_ids"] for e in examples])
+        return inner(examples)
+
+    prefs = Dataset.from_dict({"prompt": ["the man said tell me"], "chosen": [" a story about the sea"],
+                               "rejected": [" no"]})
+    trainer = RetMaskTrainer(model=make_tiny_model("llama"), args=config(tmp_path, max_prompt_length=2, max_length=4),
+                             train_dataset=prefs, processing_class=tiny_tokenizer, head_scores=SCORES,
+                             data_collator=collator)
+    row = trainer.train_dataset[0]
+    batch = trainer.data_collator([row])
+    assert seen == [[row["prompt_ids"][-2:]]]  # prompts cut before the user's collator
+    chosen = row["prompt_ids"][-2:] + row["chosen_ids"]
+    assert batch["input_ids"][0].tolist() == chosen[-4:]  # sequences cut after it, keeping their end
+
+
 def test_long_prompts_are_truncated_not_dropped_under_keep_start(tiny_tokenizer, tmp_path):
     long_prompt = " ".join(["the man said"] * 6)  # 18 words: fills max_length=10 alone
     prefs = Dataset.from_dict({"prompt": [long_prompt, "the man"], "chosen": [" yes", " yes"],
                                "rejected": [" no", " no"]})
-    trainer = RetMaskTrainer(model=make_tiny_model("llama"), args=config(tmp_path, max_length=10),
+    trainer = RetMaskTrainer(model=make_tiny_model("llama"), args=config(tmp_path, max_length=10,
+                                                                         truncation_side="right"),
                              train_dataset=prefs, processing_class=tiny_tokenizer, head_scores=SCORES)
     assert len(trainer.train_dataset) == 2  # TRL alone drops the first row
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(2)])
     prompt_ids = tiny_tokenizer(long_prompt)["input_ids"]
-    assert trainer.train_dataset[0]["prompt_ids"] == prompt_ids[-5:]  # its last max_length // 2 tokens
-    assert trainer.train_dataset[1]["prompt_ids"] == tiny_tokenizer("the man")["input_ids"]  # short: untouched
-    assert truncate_prompt(list(range(20)), 12, 10, "keep_start") == list(range(15, 20))
-    assert truncate_prompt(list(range(20)), 12, 10, "keep_end") == list(range(8, 20))
+    eos = [tiny_tokenizer.eos_token_id]
+    kept = prompt_ids[-5:] + tiny_tokenizer(" yes")["input_ids"] + eos  # its last max_length // 2 tokens, then yes
+    assert batch["input_ids"][0][:len(kept)].tolist() == kept and int(batch["attention_mask"][0].sum()) == len(kept)
+    short = tiny_tokenizer("the man yes")["input_ids"] + eos  # short: untouched
+    assert batch["input_ids"][1][:len(short)].tolist() == short
+    assert truncate_prompt(list(range(20)), 12, 10, "right") == list(range(15, 20))
+    assert truncate_prompt(list(range(20)), 12, 10, "left") == list(range(8, 20))
     assert truncate_prompt(list(range(20)), None, None) == list(range(20))
 
 
@@ -799,12 +882,12 @@ def test_truncate_prompt_boundaries():
     ids = list(range(10))
     assert truncate_prompt(ids, 10, None) == ids  # exactly max_prompt_length: kept whole
     assert truncate_prompt(ids, 9, None) == ids[1:]
-    assert truncate_prompt(ids, None, 11, "keep_start") == ids  # one short of filling max_length: kept
-    assert truncate_prompt(ids, None, 10, "keep_start") == ids[5:]  # fills max_length: its last max_length // 2
-    assert truncate_prompt(ids, None, 7, "keep_start") == ids[7:]  # 7 // 2 = 3 tokens
-    assert truncate_prompt(ids, None, 10, "keep_end") == ids  # keep_end never drops a row in TRL
-    assert truncate_prompt(ids, 8, 8, "keep_start") == ids[6:]  # both limits apply, in order
-    assert truncate_prompt(ids, None, 10) == ids[5:]  # TRL's default mode, keep_start
+    assert truncate_prompt(ids, None, 11, "right") == ids  # one short of filling max_length: kept
+    assert truncate_prompt(ids, None, 10, "right") == ids[5:]  # fills max_length: its last max_length // 2
+    assert truncate_prompt(ids, None, 7, "right") == ids[7:]  # 7 // 2 = 3 tokens
+    assert truncate_prompt(ids, None, 10, "left") == ids  # keep_end never drops a row in TRL
+    assert truncate_prompt(ids, 8, 8, "right") == ids[6:]  # both limits apply, in order
+    assert truncate_prompt(ids, None, 10) == ids  # the default side, left (the authors' keep_end)
 
 
 def test_online_regeneration_schedule():

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import importlib.util
 import math
 import os
 import warnings
@@ -16,6 +15,8 @@ from trl import DPOConfig
 
 from .generation import GENERATION_BACKENDS
 from .heads import HeadSelectionArguments
+from .liger import check_liger
+from .truncation import SIDES
 from .validation import check_bool, check_choice, check_int, check_number, check_seed
 
 
@@ -79,14 +80,18 @@ class RetMaskConfig(HeadSelectionArguments, DPOConfig):
         `head_scores` argument, and failing that the scores found for the policy's own name; explicit `heads` need
         no scores.
 
-        > Parameters that control the DPO sequences (on top of `max_length` and `truncation_mode` of `DPOConfig`)
+        > Parameters that control the DPO sequences (with `max_length` of `DPOConfig`, 1024). Their defaults are the
+        truncation of the authors' runs (TRL 0.24's defaults), done by `RetMaskTrainer`'s collator around TRL's: no
+        row is dropped, and TRL's own `truncation_mode` is not used (its `"keep_end"` is deprecated: refused here)
 
-        max_prompt_length (`int`, *optional*):
-            Keep only the last `max_prompt_length` tokens of each prompt (left truncation), as TRL < 1.0 did (its
-            default was 512, with `max_length=1024` and `truncation_mode="keep_end"`: the authors' setting). `None`
-            keeps whole prompts. Either way no row is dropped: where TRL would drop a row whose prompt alone fills
-            `max_length` (`truncation_mode="keep_start"`), its prompt keeps its last `max_length // 2` tokens (TRL <
-            1.0's default ratio) so the completion is trained.
+        max_prompt_length (`int`, *optional*, defaults to `512`):
+            Keep only the last `max_prompt_length` tokens of each prompt (left truncation), as TRL 0.24 did. `None`
+            keeps whole prompts.
+        truncation_side (`str`, *optional*, defaults to `"left"`):
+            Which end of a prompt + completion sequence longer than `max_length` is cut: `"left"` keeps its last
+            `max_length` tokens (TRL 0.24's `truncation_mode="keep_end"`, the authors'); `"right"` keeps its first
+            ones (TRL 1.x's `"keep_start"`), and a prompt that alone fills `max_length` keeps its last
+            `max_length // 2` tokens (TRL 0.24's ratio) where TRL 1.x would drop the row.
 
         > Parameters that control pair generation
 
@@ -120,6 +125,17 @@ class RetMaskConfig(HeadSelectionArguments, DPOConfig):
         drop_empty_responses (`bool`, *optional*, defaults to `False`):
             Drop pairs with an empty chosen or rejected response. `False` (the authors): only pairs with identical
             responses are dropped (two empty responses are identical).
+        keep_reasoning (`bool`, *optional*, defaults to `True`):
+            Train on a reasoning model's whole response, `<think>reasoning</think>answer` (Qwen3 with thinking on).
+            `False` keeps only the answer after `</think>` (vLLM's reasoning parser split), which the chat template
+            renders after an empty think block. The authors' `synthesize_assistant_response.py` stored the reasoning
+            only when vLLM returned it as `reasoning_content`, a field later vLLM releases renamed and then removed,
+            so which of the two their Qwen3 data held depends on their vLLM version: the default keeps the reasoning
+            (what their code asked for); `False` is the other reading. Applied after the pair cache (no regeneration).
+        liger_kernels (`bool`, *optional*, defaults to `False`):
+            Patch the policy's layers with Liger's Triton kernels through liger-kernel's own API (`liger_kernel_config`
+            passes its switches). CUDA only; refused with the reason elsewhere. It replaces `use_liger_kernel`, which
+            TRL 1.16 deprecates (refused here).
         cache_pairs (`bool`, *optional*, defaults to `True`):
             Cache the generated pairs on disk, keyed by a fingerprint of (model weights, heads, generation settings,
             prompts), batch by batch: a rerun skips generation and an interrupted one resumes.
@@ -157,9 +173,19 @@ class RetMaskConfig(HeadSelectionArguments, DPOConfig):
 
     # DPO sequences
     max_prompt_length: int | None = field(
-        default=None,
-        metadata={"help": "Keep only the last N tokens of each prompt (TRL < 1.0's left truncation; the authors used "
-                          "512). None keeps whole prompts; prompts are truncated, never dropped."},
+        default=512,
+        metadata={"help": "Keep only the last N tokens of each prompt (TRL 0.24's left truncation, the authors' 512). "
+                          "None keeps whole prompts; prompts are truncated, never dropped."},
+    )
+    truncation_side: str = field(
+        default="left",
+        metadata={"help": "End of a sequence longer than max_length that is cut: `left` keeps its last tokens (TRL "
+                          "0.24's keep_end, the authors'), `right` its first ones.", "choices": list(SIDES)},
+    )
+    liger_kernels: bool = field(
+        default=False,
+        metadata={"help": "Patch the policy with Liger's Triton kernels (liger-kernel's API; CUDA only). Replaces "
+                          "TRL's deprecated `use_liger_kernel`."},
     )
 
     # Generation
@@ -193,6 +219,10 @@ class RetMaskConfig(HeadSelectionArguments, DPOConfig):
         default=False, metadata={"help": "Drop pairs with an empty chosen or rejected response. False (the authors): "
                                          "only identical pairs are dropped."},
     )
+    keep_reasoning: bool = field(
+        default=True, metadata={"help": "Train on the whole `<think>reasoning</think>answer` response (True) or "
+                                        "only the answer after `</think>` (False); see docs/fidelity.md."},
+    )
     cache_pairs: bool = field(default=True, metadata={"help": "Cache generated pairs on disk (resumable)."})
     pairs_cache_dir: str | None = field(
         default=None, metadata={"help": "Directory of the pair cache. Defaults to `<output_dir>/_retmask_pairs`."}
@@ -223,7 +253,8 @@ class RetMaskConfig(HeadSelectionArguments, DPOConfig):
         check_int("regenerate_pairs_steps", self.regenerate_pairs_steps, minimum=1, optional=True)
         check_int("max_prompt_length", self.max_prompt_length, minimum=1, optional=True)
         check_int("max_length", self.max_length, minimum=2, optional=True)
-        for name in ("cache_pairs", "drop_empty_responses", "regenerate_pairs_each_epoch"):
+        for name in ("cache_pairs", "drop_empty_responses", "regenerate_pairs_each_epoch", "liger_kernels",
+                     "keep_reasoning"):
             check_bool(name, getattr(self, name))
         if self.pairs_cache_dir is not None and not isinstance(self.pairs_cache_dir, str):
             self.pairs_cache_dir = str(self.pairs_cache_dir)
@@ -237,15 +268,16 @@ class RetMaskConfig(HeadSelectionArguments, DPOConfig):
         if self.online and self.dataloader_num_workers:
             raise ValueError("Online RetMask swaps the training pairs in place, which dataloader worker processes "
                              "would not see: set `dataloader_num_workers=0`.")
-        if self.use_liger_kernel and importlib.util.find_spec("liger_kernel") is None:
-            raise ValueError("`use_liger_kernel=True` needs the `liger-kernel` package, which is not installed: "
-                             "pip install 'trl_retmask[liger]' (CUDA only), or set `use_liger_kernel=False`.")
-        if self.use_liger_kernel and not torch.cuda.is_available():
-            raise ValueError(
-                "`use_liger_kernel=True` needs CUDA: Liger's kernels are Triton GPU kernels and would crash when "
-                "training starts on this CUDA-less machine. Set `use_liger_kernel=False` (the DPO loss still uses "
-                "TRL's chunked fused LM head, which runs on the CPU)."
-            )
+        if self.use_liger_kernel:
+            raise ValueError("`use_liger_kernel` is deprecated by TRL (removed in 2.0); RetMask applies Liger through "
+                             "liger-kernel itself: set `liger_kernels=True` (--liger_kernels True) instead.")
+        if self.liger_kernels:
+            check_liger()
+        check_choice("truncation_side", self.truncation_side, SIDES)
+        if self.truncation_mode == "keep_end":
+            raise ValueError("`truncation_mode=\"keep_end\"` is deprecated by TRL (removed in 2.0); RetMask cuts "
+                             "sequences itself: `truncation_side=\"left\"` (the default) keeps their last `max_length` "
+                             "tokens, as TRL 0.24's keep_end did. Remove `truncation_mode`.")
         self._resolve_device_defaults()
         self.check_selection()
         if not self.masks:
@@ -325,4 +357,5 @@ class RetMaskConfig(HeadSelectionArguments, DPOConfig):
                                      if getattr(self, name) is not None}, **(self.generation_kwargs or {})},
             "backend": self.generation_backend,
             "drop_empty": self.drop_empty_responses,
+            "keep_reasoning": self.keep_reasoning,
         }

@@ -133,6 +133,7 @@ def generate_pairs(
     desc: str = "RetMask pairs",
     backend: str | GenerateBackend = "auto",
     drop_empty: bool = False,
+    keep_reasoning: bool = True,
     template_kwargs: Sequence[dict | None] | None = None,
 ) -> GeneratedPairs:
     """Generate a (chosen, rejected) pair per prompt: the model as is, then the model under `mask_heads(heads)`.
@@ -154,13 +155,16 @@ def generate_pairs(
 
     A pair is kept unless its responses are identical (whitespace stripped; two empty ones are identical), as the
     authors filter; `drop_empty=True` also drops a pair with one empty response (applied after the cache: no
-    regeneration). The work is done by a `PairGeneration`, whose steps can be read one at a time.
+    regeneration). `keep_reasoning=False` trains on the answers alone: the text up to a closing `</think>` is removed
+    (`strip_reasoning`) before the filter, also after the cache. The work is done by a `PairGeneration`,
+    whose steps can be read one at a time.
     """
     generation = PairGeneration(model, tokenizer, prompts, heads, max_new_tokens=max_new_tokens,
                                 temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
                                 generation_kwargs=generation_kwargs, batch_size=batch_size, backend=backend,
                                 template_kwargs=template_kwargs)
-    return generation.run(cache_dir, drop_empty=drop_empty, desc=desc, show_progress=show_progress)
+    return generation.run(cache_dir, drop_empty=drop_empty, keep_reasoning=keep_reasoning, desc=desc,
+                          show_progress=show_progress)
 
 
 class PairGeneration:
@@ -237,8 +241,8 @@ class PairGeneration:
         self.generated += 1
         return {**chosen, **rejected, "seconds": chosen["seconds"] + rejected["seconds"]}
 
-    def run(self, cache_dir=None, *, drop_empty: bool = False, desc: str = "RetMask pairs",
-            show_progress: bool = True) -> GeneratedPairs:
+    def run(self, cache_dir=None, *, drop_empty: bool = False, keep_reasoning: bool = True,
+            desc: str = "RetMask pairs", show_progress: bool = True) -> GeneratedPairs:
         """Every batch through `run_resumable` (shared across processes; stored under `cache_dir` when given), then
         the pairs assembled in input order and filtered."""
         fp = None
@@ -262,7 +266,7 @@ class PairGeneration:
         generated = self.generated
         if process_state().num_processes > 1:
             generated = sum(gather_object([generated]))
-        return _assemble(self.prompts, results, fp or "", generated, drop_empty)
+        return _assemble(self.prompts, results, fp or "", generated, drop_empty, keep_reasoning)
 
 
 def _batch_key(batch) -> str:
@@ -278,7 +282,16 @@ def _valid_part(record: dict, role: str, idx: list[int] | None) -> bool:
             isinstance(record.get("seconds"), (int, float)))
 
 
-def _assemble(prompts: list, results: list[dict], fp: str, generated: int, drop_empty: bool) -> GeneratedPairs:
+def strip_reasoning(text: str) -> str:
+    """The answer of a reasoning model's response: what follows its first `</think>`, as vLLM's Qwen3 reasoning
+    parser returns it as `content`; a response without `</think>` (cut inside its reasoning, or never reasoning) is
+    kept whole, as that parser leaves it."""
+    _, closed, answer = text.partition("</think>")
+    return answer if closed else text
+
+
+def _assemble(prompts: list, results: list[dict], fp: str, generated: int, drop_empty: bool,
+              keep_reasoning: bool = True) -> GeneratedPairs:
     n = len(prompts)
     chosen, rejected, c_tok, r_tok = [""] * n, [""] * n, [0] * n, [0] * n
     stats = PairStats(prompts=n, batches_generated=generated, batches_from_cache=len(results) - generated)
@@ -288,6 +301,8 @@ def _assemble(prompts: list, results: list[dict], fp: str, generated: int, drop_
             c_tok[i], r_tok[i] = r["chosen_tokens"][j], r["rejected_tokens"][j]
         stats.generation_seconds += r["seconds"]
         stats.generated_tokens += sum(r["chosen_tokens"]) + sum(r["rejected_tokens"])
+    if not keep_reasoning:
+        chosen, rejected = [strip_reasoning(t) for t in chosen], [strip_reasoning(t) for t in rejected]
     keep = []
     for c, rj in zip(chosen, rejected):
         if drop_empty and (not c.strip() or not rj.strip()):

@@ -18,6 +18,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase, TrainerCallback
 from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 from transformers.trainer_pt_utils import LengthGroupedSampler
 from trl import DPOTrainer
+from trl.trainer.dpo_trainer import DataCollatorForPreference
 from trl.trainer.utils import (
     create_model_from_path,
     generate_model_card,
@@ -29,10 +30,12 @@ from trl.trainer.utils import (
 from .config import RetMaskConfig
 from .distributed import from_main_process, gathered_for_generation, process_state, unwrapped_for_generation
 from .heads import format_head, format_heads, select_heads, validate_heads
+from .liger import apply_liger_kernels
 from .model_card import PAPER, retmask_section, write_retmask_files
 from .models import hub_id_of, resolve_model_path
 from .pairs import PairStats, complete_prompt_dataset, is_prompt_only
 from .scores import HeadScores, resolve_head_scores
+from .truncation import TruncatingCollator, trl_truncation_off, truncate_prompt
 
 if is_wandb_available():
     import wandb
@@ -204,34 +207,39 @@ class RetMaskTrainer(DPOTrainer):
             ref_model = copy.deepcopy(model).eval()
             ref_model.requires_grad_(False)
 
-        super().__init__(
-            model=model, ref_model=ref_model, args=args, data_collator=data_collator, train_dataset=train_dataset,
-            eval_dataset=eval_dataset, processing_class=processing_class, compute_metrics=compute_metrics,
-            callbacks=callbacks, optimizers=optimizers, quantization_config=quantization_config,
-            peft_config=peft_config,
-        )
+        if args.liger_kernels:
+            apply_liger_kernels(model, args.liger_kernel_config)
+        data_collator = self._truncating_collator(data_collator, model, tokenizer, args)
+        with trl_truncation_off(args):
+            super().__init__(
+                model=model, ref_model=ref_model, args=args, data_collator=data_collator, train_dataset=train_dataset,
+                eval_dataset=eval_dataset, processing_class=processing_class, compute_metrics=compute_metrics,
+                callbacks=callbacks, optimizers=optimizers, quantization_config=quantization_config,
+                peft_config=peft_config,
+            )
         self.add_callback(_LogPairStats(self))
         if args.online:
             self.train_dataset = _OnlinePairs(self.train_dataset)
             self.add_callback(_OnlineRegeneration(self))
 
-    def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
-        """TRL's tokenization, then `max_prompt_length` (left truncation of prompts, as TRL < 1.0 did).
+    def evaluate(self, *args, **kwargs):
+        """TRL's `evaluate`, whose preparation of a new eval dataset keeps every row (the collator truncates)."""
+        with trl_truncation_off(self.args):
+            return super().evaluate(*args, **kwargs)
 
-        TRL drops rows whose prompt alone fills `max_length` under `keep_start`; here such prompts keep their last
-        `max_length // 2` tokens instead, so no row is lost. TRL's tokenization is reached through this method (no
-        public hook), with `max_length=None` so its filter keeps every row; its collator still cuts each sequence to
-        `max_length` with `truncation_mode`.
-        """
-        tokenize_args = copy.copy(args)
-        tokenize_args.max_length = None
-        dataset = super()._prepare_dataset(dataset, processing_class, tokenize_args, dataset_name)
-        if args.max_prompt_length is None and (args.max_length is None or args.truncation_mode != "keep_start"):
-            return dataset
-        kwargs = {"num_proc": args.dataset_num_proc, "desc": f"Truncating prompts of {dataset_name} dataset"} \
-            if isinstance(dataset, Dataset) else {}
-        limits = (args.max_prompt_length, args.max_length, args.truncation_mode)
-        return dataset.map(lambda row: {"prompt_ids": truncate_prompt(row["prompt_ids"], *limits)}, **kwargs)
+    @staticmethod
+    def _truncating_collator(data_collator, model, tokenizer, args: RetMaskConfig) -> TruncatingCollator:
+        """The authors' truncation around TRL's preference collator (or the user's). Giving DPOTrainer a collator
+        skips its pad-token set-up, so the model's configs get the tokenizer's pad id here, as TRL would."""
+        if data_collator is None:
+            if args.pad_token is not None:
+                tokenizer.pad_token = args.pad_token
+            model.config.get_text_config().pad_token_id = tokenizer.pad_token_id
+            model.generation_config.pad_token_id = tokenizer.pad_token_id
+            data_collator = DataCollatorForPreference(pad_token_id=tokenizer.pad_token_id,
+                                                      pad_to_multiple_of=args.pad_to_multiple_of)
+        return TruncatingCollator(data_collator, args.max_prompt_length, args.max_length, args.truncation_side,
+                                  tokenizer.pad_token_id, args.pad_to_multiple_of)
 
     def _get_train_sampler(self, train_dataset=None):
         """transformers' `train_sampling_strategy="group_by_length"` needs an `input_ids` column, which DPO rows do not
@@ -240,7 +248,9 @@ class RetMaskTrainer(DPOTrainer):
         dataset = self.train_dataset
         if (self.args.train_sampling_strategy == "group_by_length" and isinstance(dataset, Dataset)
                 and {"prompt_ids", "chosen_ids", "rejected_ids"} <= set(dataset.column_names)):
-            lengths = [len(p) + max(len(c), len(r))
+            args = self.args
+            lengths = [min(len(truncate_prompt(p, args.max_prompt_length, args.max_length, args.truncation_side))
+                           + max(len(c), len(r)), args.max_length or float("inf"))
                        for p, c, r in zip(dataset["prompt_ids"], dataset["chosen_ids"], dataset["rejected_ids"])]
             return LengthGroupedSampler(self.args.train_batch_size * self.args.gradient_accumulation_steps,
                                         lengths=lengths)
@@ -293,7 +303,8 @@ class RetMaskTrainer(DPOTrainer):
         except ValueError as e:  # every new pair dropped: keep training on the previous ones
             logger.warning("Online RetMask at step %d kept the previous pairs: %s", step, e)
             return
-        self.train_dataset.current = self._prepare_dataset(dataset, self.processing_class, self.args, "train")
+        with trl_truncation_off(self.args):
+            self.train_dataset.current = self._prepare_dataset(dataset, self.processing_class, self.args, "train")
         self.pair_stats["train"] = stats
         self.pair_stats_history.append({"step": step, **stats.to_dict()})
         self.log(stats.to_logs(prefix="pairs/train/"))
@@ -362,15 +373,6 @@ class RetMaskTrainer(DPOTrainer):
             self._write_card(output_dir)  # titled after the directory
 
 
-def truncate_prompt(prompt_ids: list[int], max_prompt_length: int | None = None, max_length: int | None = None,
-                    truncation_mode: str = "keep_start") -> list[int]:
-    """The prompt tokens a row keeps: its last `max_prompt_length`; and where the prompt would still fill
-    `max_length` under `keep_start` (TRL would drop the row), its last `max_length // 2` (TRL < 1.0's default ratio)."""
-    if max_prompt_length is not None:
-        prompt_ids = prompt_ids[-max_prompt_length:]
-    if max_length is not None and truncation_mode == "keep_start" and len(prompt_ids) >= max_length:
-        prompt_ids = prompt_ids[-(max_length // 2):]
-    return prompt_ids
 
 
 def _eval_splits(eval_dataset) -> dict:

@@ -104,6 +104,10 @@ class TrainScriptArguments(PromptDataArguments):
             Greedy answer length in the NIAH evaluation.
         ignore_bias_buffers (`bool`, *optional*, defaults to `False`):
             DDP work-around for boolean buffers (as in TRL's scripts).
+        compare_heads_with (`str`, *optional*):
+            A model with published head scores (bundled name, file or Hub repo); the run summary reports how many
+            heads the same selection takes from them beside the heads masked here (the olmo3 recipe compares its
+            detected Olmo-3-7B-Instruct heads with the authors' Olmo-3-7B-Think scores).
     """
 
     recipe: str | None = field(default=None, metadata={"help": "Recipe whose YAML defaults apply: the name of a "
@@ -129,6 +133,10 @@ class TrainScriptArguments(PromptDataArguments):
     )
     niah_max_new_tokens: int = field(default=32, metadata={"help": "Greedy answer length in NIAH."})
     ignore_bias_buffers: bool = field(default=False, metadata={"help": "DDP work-around for boolean buffers."})
+    compare_heads_with: str | None = field(
+        default=None, metadata={"help": "Published head scores (model or file) whose selection size the run summary "
+                                        "reports beside the heads masked here."},
+    )
 
     def __post_init__(self):
         check_list("detect_context_lengths", self.detect_context_lengths, minimum=0, integer=True)
@@ -271,6 +279,15 @@ def niah_accuracy(script_args, model, tokenizer, heads=None, output_dir=None) ->
             "grid": named_grid(result["grid"])}
 
 
+def compare_heads(heads, reference: str, training_args) -> dict:
+    """The number of heads masked here beside the number the same selection takes from `reference`'s scores."""
+    from ..scores import resolve_head_scores
+
+    selection = {k: v for k, v in training_args.selection.items() if k in ("threshold", "top_k")}
+    return {"selection": selection, "masked_here": len(heads), "reference": reference,
+            "reference_heads": len(resolve_head_scores(reference).select(**selection))}
+
+
 def build_trainer(script_args, training_args, model_args, model=None, tokenizer=None, heads=None, head_scores=None,
                   train_dataset=None, eval_dataset=None):
     """A `RetMaskTrainer` ready to `train()`: loads what is not given (model, prompts, heads and their scores)."""
@@ -314,6 +331,8 @@ def main(script_args: TrainScriptArguments, training_args, model_args) -> dict:
     summary: dict[str, Any] = {"model": model_args.model_name_or_path, "masked_heads": format_heads(heads),
                                "sparsity": head_scores.sparsity() if head_scores is not None else None,
                                "timings_s": {"load_and_scores": time.time() - t0}}
+    if script_args.compare_heads_with:
+        summary["heads_compared"] = compare_heads(heads, script_args.compare_heads_with, training_args)
     out = Path(training_args.output_dir)
     if script_args.niah_eval:
         t = time.time()
