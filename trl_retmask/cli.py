@@ -13,7 +13,7 @@ import importlib
 import sys
 from argparse import ArgumentParser
 
-from .scripts import STAGES, check_config_argv, parse_stage_args, run_stage
+from .scripts import STAGES, config_argv, parse_stage_args, run_stage
 
 TRAIN_MODULE = "trl_retmask.scripts.train"
 
@@ -68,10 +68,10 @@ def train(argv: list[str]) -> None:
     """`trl-retmask train`: in this process, or through accelerate when launcher arguments are given."""
     from .scripts import train as script
 
-    check_config_argv(argv)
     parser = script.make_parser(prog="trl-retmask train", recipe=script.recipe_in(argv))
-    *parsed, config_remaining, cli_remaining = parser.parse_args_and_config(
-        argv, return_remaining_strings=True, separate_remaining_strings=True)
+    with config_argv(argv) as args:
+        *parsed, config_remaining, cli_remaining = parser.parse_args_and_config(
+            args, return_remaining_strings=True, separate_remaining_strings=True)
     launch_args = config_remaining + cli_remaining
     if launch_args:
         launch_training(resolve_accelerate_config(launch_args), _subtract_subsequence(argv, cli_remaining))

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .atomic import atomic_directory, write_text
 from .heads import format_heads, validate_heads
 
 SUPPORTED = "Llama, Qwen2, Qwen3, Mistral, OLMo2/OLMo3, Gemma/Gemma2/Gemma3, Phi3 and other decoders whose attention " \
@@ -149,18 +150,22 @@ def export_masked_model(model: nn.Module, heads: Iterable, save_dir, tokenizer=N
     targets = head_feature_masks(model, heads)
     source = getattr(getattr(model, "config", None), "_name_or_path", None)
     save_dir = check_export_dir(save_dir, overwrite, source=source)
-    saved = []
-    try:
-        for o_proj, drop in targets.items():
-            cols = drop.nonzero().squeeze(1).to(o_proj.weight.device)
-            saved.append((o_proj.weight, cols, o_proj.weight[:, cols].clone()))
-            o_proj.weight[:, cols] = 0
-        model.save_pretrained(save_dir, **save_kwargs)
-    finally:
-        for weight, cols, values in saved:
-            weight[:, cols] = values
-    if tokenizer is not None:
-        tokenizer.save_pretrained(save_dir)
-    (save_dir / "retmask_masked_heads.json").write_text(
-        json.dumps({"masked_heads": format_heads(validate_heads(model, heads))}, indent=1))
+    # A new checkpoint is whole or absent (written aside, renamed into place); one replaced in a non-empty directory
+    # (`overwrite`) is written in place, where `save_pretrained` removes the old shards it replaces.
+    fresh = not save_dir.is_dir() or not any(save_dir.iterdir())
+    with atomic_directory(save_dir, overwrite=False) if fresh else contextlib.nullcontext(save_dir) as target:
+        saved = []
+        try:
+            for o_proj, drop in targets.items():
+                cols = drop.nonzero().squeeze(1).to(o_proj.weight.device)
+                saved.append((o_proj.weight, cols, o_proj.weight[:, cols].clone()))
+                o_proj.weight[:, cols] = 0
+            model.save_pretrained(target, **save_kwargs)
+        finally:
+            for weight, cols, values in saved:
+                weight[:, cols] = values
+        if tokenizer is not None:
+            tokenizer.save_pretrained(target)
+        write_text(Path(target) / "retmask_masked_heads.json",
+                   json.dumps({"masked_heads": format_heads(validate_heads(model, heads))}, indent=1))
     return save_dir

@@ -8,6 +8,7 @@ import json
 import textwrap
 from pathlib import Path
 
+from .atomic import write_text
 from .heads import format_head, parse_head
 from .scores import HEAD_SCORES_FILE, RETMASK_FILE
 
@@ -82,7 +83,6 @@ def retmask_section(info: dict) -> str:
 def write_retmask_files(save_dir, info: dict, head_scores=None) -> None:
     """Write `retmask.json` and the head-score file (`HeadScores.from_pretrained(save_dir)` reads both back)."""
     save_dir = Path(save_dir)
-    save_dir.mkdir(parents=True, exist_ok=True)
-    (save_dir / RETMASK_FILE).write_text(json.dumps(info, indent=2, default=str))
+    write_text(save_dir / RETMASK_FILE, json.dumps(info, indent=2, default=str))
     if head_scores is not None:
         head_scores.save_pretrained(save_dir)

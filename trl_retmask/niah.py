@@ -18,7 +18,7 @@ from pathlib import Path
 from .chat import encode_rendered, render_user_prompt
 from .distributed import process_state
 from .fingerprints import fingerprint, model_fingerprint
-from .generation import generate_batch, make_generation_config
+from .generation import check_window, generate_batch, make_generation_config, model_window
 from .heads import format_heads, validate_heads
 from .store import run_resumable, write_json
 
@@ -289,18 +289,13 @@ def build_niah_samples(tokenizer, context_lengths: Iterable[int] = DEFAULT_CONTE
     samples = [build_niah_sample(tokenizer, haystack(i), n, length, depth, max_length=max_length, needle_index=i,
                                  length_buffer=length_buffer)
                for length in context_lengths for depth in depths for i, n in enumerate(needles)]
-    longest = max(len(s.input_ids) for s in samples)
-    if max_length is not None and longest + max_new_tokens > max_length:
-        raise ValueError(f"The longest prompt ({longest} tokens) + {max_new_tokens} new tokens exceeds the model's "
-                         f"window of {max_length} tokens; use shorter contexts.")
+    check_window([len(s.input_ids) for s in samples], max_new_tokens, max_length, what="sample",
+                 fix="use shorter contexts")
     return samples
 
 
-def model_max_length(model) -> int | None:
-    """The model's context window, from its config."""
-    config = getattr(model, "config", None)
-    config = getattr(config, "get_text_config", lambda: config)()
-    return getattr(config, "max_position_embeddings", None)
+model_max_length = model_window
+"""The model's context window, from its config (`generation.window.model_window`)."""
 
 
 # ----------------------------------------------------------------------------------------------------- answering

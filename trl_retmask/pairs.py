@@ -31,7 +31,14 @@ from datasets import Dataset, IterableDataset
 from .chat import check_prompt_ids, check_prompts, encode_prompts, is_conversational_prompt, row_template_kwargs
 from .distributed import from_main_process, process_state
 from .fingerprints import fingerprint, model_fingerprint
-from .generation import GenerateBackend, generate_batch, make_backend, make_generation_config
+from .generation import (
+    GenerateBackend,
+    check_window,
+    generate_batch,
+    make_backend,
+    make_generation_config,
+    model_window,
+)
 from .heads import format_heads, validate_heads
 from .store import ResultStore, run_resumable
 
@@ -194,6 +201,7 @@ class PairGeneration:
         check_prompt_ids(self.prompt_ids)
         self.config = make_generation_config(model, max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                                              **(generation_kwargs or {}))
+        check_window([len(ids) for ids in self.prompt_ids], max_new_tokens, model_window(model))  # before any decode
         # Longest prompts first: little padding per batch, and an out-of-memory shows up at once.
         order = sorted(range(len(self.prompts)), key=lambda i: -len(self.prompt_ids[i]))
         self.batches = [(b, order[i:i + batch_size]) for b, i in enumerate(range(0, len(order), batch_size))]
@@ -249,15 +257,16 @@ class PairGeneration:
         if cache_dir is not None:
             fp, chosen_fp = self.fingerprints()
             self.chosen_store = ResultStore(Path(cache_dir) / f"chosen-{chosen_fp[:20]}", "chosen", chosen_fp,
-                                            info={"num_prompts": len(self.prompts)})
+                                            info={"num_prompts": len(self.prompts)}, cache=True)
             expected = {_batch_key(batch): batch[1] for batch in self.batches}
-            self.chosen_done = self.chosen_store.open(lambda k, r: _valid_part(r, "chosen", expected.get(k)))
+            self.chosen_done = self.chosen_store.open(lambda k, r: _valid_part(r, "chosen", expected.get(k)),
+                                                      complete=lambda records: expected.keys() <= records.keys())
         try:
             results = run_resumable(self.batches, self.pair, Path(cache_dir) / fp[:20] if fp else None, name="pairs",
                                     fingerprint=fp or "", key=_batch_key,
                                     verify=lambda batch, r: all(_valid_part(r, role, batch[1]) for role in ROLES),
                                     info={"heads": format_heads(self.heads), "num_prompts": len(self.prompts)},
-                                    desc=desc, show_progress=show_progress)
+                                    cache=True, desc=desc, show_progress=show_progress)
         finally:
             if self.chosen_store is not None:
                 self.chosen_store.close()

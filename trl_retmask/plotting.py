@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .atomic import atomic_path
+
 
 def new_figure(nrows: int = 1, ncols: int = 1, **subplots_kwargs):
     """(figure, axes) like `plt.subplots`, without pyplot."""
@@ -21,8 +23,8 @@ def new_figure(nrows: int = 1, ncols: int = 1, **subplots_kwargs):
 def save_figure(fig, path, layout: bool = True) -> Path:
     """Lay out (unless the caller did) and write `fig` as a PNG at `path` (parent directories created)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     if layout:
         fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with atomic_path(path) as tmp:  # whole or absent
+        fig.savefig(tmp, dpi=120)
     return path

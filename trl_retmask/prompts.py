@@ -73,10 +73,29 @@ def authors_skip_reason(row: dict) -> str | None:
     return None
 
 
+DATA_SUFFIXES = (".json", ".jsonl", ".gz", ".parquet", ".csv", ".arrow", ".txt")
+
+
+def check_dataset_name(name: str | None) -> None:
+    """Refuse a `dataset_name` that can only be a local path (it starts with `.`, `/` or `~`, has a data-file suffix
+    or more than one `/`, which no Hub id has) when nothing is there, before the Hub is asked (offline: a
+    ConnectionError traceback) and before any model loads."""
+    if not name:
+        return
+    text = str(name)
+    path = Path(text).expanduser()
+    local = (text.startswith((".", "/", "~", "\\")) or path.suffix.lower() in DATA_SUFFIXES
+             or text.count("/") > 1)
+    if local and not path.exists():
+        raise FileNotFoundError(f"`dataset_name` {text!r}: no such file or directory. Give an existing prompt file "
+                                "(.json, .jsonl(.gz), .parquet, .csv), a directory, or a Hub dataset id.")
+
+
 def _load_raw_dataset(script_args, split: str):
     from datasets import load_dataset, load_from_disk
 
     name = script_args.dataset_name
+    check_dataset_name(name)
     path = Path(name).expanduser() if name else None
     if path is not None and path.is_dir() and any((path / f).is_file() for f in (
             "dataset_info.json", "dataset_dict.json", "state.json")):  # written by `save_to_disk`
@@ -90,8 +109,13 @@ def _load_raw_dataset(script_args, split: str):
         if path.stat().st_size == 0:  # datasets' builders end in a bare StopIteration on an empty file
             raise ValueError(f"Prompt file {path} is empty; pass a file with one prompt per row.")
         return load_dataset(builder, data_files=str(path), split="train", streaming=script_args.dataset_streaming)
-    return load_dataset(name, name=script_args.dataset_config, data_files=script_args.dataset_data_files,
-                        split=split, streaming=script_args.dataset_streaming)
+    try:
+        return load_dataset(name, name=script_args.dataset_config, data_files=script_args.dataset_data_files,
+                            split=split, streaming=script_args.dataset_streaming)
+    except ConnectionError as e:  # offline (HF_HUB_OFFLINE=1) or unreachable: say what was looked for
+        raise ValueError(f"`dataset_name` {name!r} is neither a local file or directory nor reachable on the Hub "
+                         f"({' '.join(str(e).split())[:200]}). Check the path, or go online for a Hub "
+                         "dataset.") from None
 
 
 def shipped_prompts():

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from .atomic import write_text
 from .heads import STRATEGIES, format_head, format_heads, parse_head
 from .masking import head_layout
 from .validation import check_int, check_number
@@ -145,10 +146,7 @@ class HeadScores:
 
     def save(self, path) -> Path:
         """Write every head of the grid as one JSON object on one line (the original tools use `readline()`)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_dict()))
-        return path
+        return write_text(path, json.dumps(self.to_dict()))
 
     def save_pretrained(self, save_directory) -> Path:
         """Write `retmask_head_scores.json` into `save_directory` (the file `from_pretrained` and the trainer use)."""

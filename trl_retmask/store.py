@@ -5,18 +5,19 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import warnings
 from collections.abc import Callable, Sequence
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from pathlib import Path
 from typing import Any
 
 from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
+from .atomic import write_text
 from .distributed import from_main_process, process_state
 from .fingerprints import _canonical
+from .locks import check_directory, directory_lock
 
 logger = logging.getLogger(__name__)
 
@@ -35,10 +36,7 @@ def write_json(path, obj) -> bool:
             return False
     except (OSError, UnicodeDecodeError):
         pass
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    write_text(path, text)
     return True
 
 
@@ -49,15 +47,23 @@ class ResultStore:
     `open()` (every process) checks the fingerprint: another one is refused, or its records deleted with
     `overwrite=True`; never reused. It then reads the records: a line cut short by a kill is dropped, and an
     unreadable line, an unknown key or a record that fails `verify` is named in a warning and dropped, so that item
-    is redone. Nothing is written when the directory is complete and unchanged.
+    is redone. Nothing is written, and nothing locked, when the directory is complete and unchanged (a read-only
+    copy works); otherwise the main process holds the directory's lock (`locks.directory_lock`) until `close()`, so
+    a second run on it is refused instead of appending duplicates.
+
+    `cache=True`: the directory is named after the fingerprint (the pair cache), so a missing or unreadable meta file,
+    or another fingerprint, is damage, not another run's work: the records are discarded with a warning and redone,
+    never refused.
     """
 
-    def __init__(self, output_dir, name: str, fingerprint: str, *, info: dict | None = None, overwrite: bool = False):
+    def __init__(self, output_dir, name: str, fingerprint: str, *, info: dict | None = None, overwrite: bool = False,
+                 cache: bool = False):
         self.dir, self.name, self.fingerprint = Path(output_dir), name, fingerprint
-        self.info, self.overwrite = _canonical(info or {}), overwrite
+        self.info, self.overwrite, self.cache = _canonical(info or {}), overwrite, cache
         self.state = process_state()
         self._file = None
         self._repair: dict[Path, list[str]] = {}
+        self._hold = ExitStack()
 
     @property
     def meta_path(self) -> Path:
@@ -77,8 +83,11 @@ class ResultStore:
         if isinstance(stored, dict) and stored.get("fingerprint") == self.fingerprint:
             return
         files = self._rank_files() if self.dir.is_dir() else []
+        if self.cache and (stored is not None or files):
+            warnings.warn(f"{self.meta_path} is missing, unreadable or of other inputs; the {len(files)} record "
+                          "file(s) there are discarded and their items redone.", UserWarning, stacklevel=3)
         if stored is not None or files:
-            if not self.overwrite:
+            if not self.overwrite and not self.cache:
                 if not isinstance(stored, dict) or "fingerprint" not in stored:
                     why = f"{self.meta_path.name} is missing or unreadable"
                 else:
@@ -94,16 +103,28 @@ class ResultStore:
         self.dir.mkdir(parents=True, exist_ok=True)
         write_json(self.meta_path, {"fingerprint": self.fingerprint, "name": self.name, "info": self.info})
 
-    def open(self, verify: Callable[[str, dict], bool] | None = None) -> dict[str, dict]:
-        """Check the fingerprint and read the finished records, `{key: record}`; every process calls it."""
+    def open(self, verify: Callable[[str, dict], bool] | None = None, *,
+             complete: Callable[[dict[str, dict]], bool] | None = None) -> dict[str, dict]:
+        """Check the fingerprint and read the finished records, `{key: record}`; every process calls it.
+
+        `complete(records)` says whether the stored records already hold every item: then nothing is locked or
+        written. Otherwise the main process locks the directory (a busy one is refused) before it checks, and reads
+        under the lock."""
         error = None
         if self.state.is_main_process:
             try:
-                self._check_fingerprint()
-            except (ValueError, OSError) as e:
+                check_directory(self.dir, "output directory")
+                if not self._finished(verify, complete):
+                    self._hold.enter_context(directory_lock(self.dir))
+                    self._check_fingerprint()
+            except ValueError as e:
                 error = e
+            except OSError as e:
+                error = ValueError(f"Cannot write the {self.name} records in {self.dir} ({e.strerror or e}); make it "
+                                   "writable or use another directory.")
         error = from_main_process(error)  # every process fails alike, none waits forever
         if error is not None:
+            self._hold.close()
             raise error
         records: dict[str, dict] = {}
         for path in self._rank_files():
@@ -112,7 +133,26 @@ class ResultStore:
         self._repair_own_files()
         return records
 
-    def _read(self, path: Path, verify) -> dict[str, dict]:
+    def _finished(self, verify, complete) -> bool:
+        """The directory holds this fingerprint's records, undamaged, and `complete` says they are all there."""
+        if complete is None:
+            return False
+        try:
+            stored = json.loads(self.meta_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return False
+        if not isinstance(stored, dict) or stored.get("fingerprint") != self.fingerprint:
+            return False
+        records: dict[str, dict] = {}
+        for path in self._rank_files():
+            found, _, problems, cut = self._parse(path, verify)
+            if problems or cut:
+                return False
+            records.update({k: v for k, v in found.items() if k not in records})
+        return complete(records)
+
+    def _parse(self, path: Path, verify) -> tuple[dict[str, dict], list[str], list[str], bool]:
+        """(records, their lines, problems, whether the last line was cut short) of one rank file."""
         text = path.read_bytes().decode("utf-8", errors="replace")
         *lines, tail = text.split("\n")  # `tail` is "" unless the last line was cut short
         good, problems, records = [], [], {}
@@ -132,12 +172,16 @@ class ResultStore:
             else:
                 records[key] = record
                 good.append(line)
+        return records, good, problems, bool(tail.strip())
+
+    def _read(self, path: Path, verify) -> dict[str, dict]:
+        records, good, problems, cut = self._parse(path, verify)
         if problems:
             warnings.warn(f"{path}: {len(problems)} unusable record(s) ({'; '.join(problems[:3])}); "
                           "they are dropped and their items redone.", UserWarning, stacklevel=3)
-        if tail.strip():
+        if cut:
             logger.info("%s: dropped a last line cut short (an interrupted write); that item is redone.", path)
-        if problems or tail.strip():
+        if problems or cut:
             self._repair[path] = good
         return records
 
@@ -149,9 +193,7 @@ class ResultStore:
             if owner != self.state.process_index:
                 continue
             try:
-                tmp = path.with_name(f".{path.name}.tmp")
-                tmp.write_text("".join(line + "\n" for line in good), encoding="utf-8")
-                os.replace(tmp, path)
+                write_text(path, "".join(line + "\n" for line in good))
             except OSError as e:
                 warnings.warn(f"Could not rewrite {path} without its damaged lines ({e}).", UserWarning, stacklevel=3)
         self._repair.clear()
@@ -164,9 +206,13 @@ class ResultStore:
         self._file.flush()
 
     def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        """Close this process's file and release the directory's lock."""
+        try:
+            if self._file is not None:
+                self._file.close()
+                self._file = None
+        finally:
+            self._hold.close()
 
     def __enter__(self):
         return self
@@ -178,7 +224,8 @@ class ResultStore:
 def run_resumable(items: Sequence, fn: Callable[[Any], dict], output_dir=None, *, name: str, fingerprint: str = "",
                   key: Callable[[Any], str] = lambda item: item.key,
                   verify: Callable[[Any, dict], bool] | None = None, info: dict | None = None,
-                  overwrite: bool = False, desc: str | None = None, show_progress: bool = True) -> list[dict]:
+                  overwrite: bool = False, cache: bool = False, desc: str | None = None,
+                  show_progress: bool = True) -> list[dict]:
     """`{"key": key(item), **fn(item)}` for every item, in order, on every process; work shared across processes.
 
     Processes take every n-th unfinished item (balanced when items are sorted by cost) and their records are
@@ -186,16 +233,17 @@ def run_resumable(items: Sequence, fn: Callable[[Any], dict], output_dir=None, *
     without redoing or losing a finished item, with any number of processes; `fingerprint` must cover everything
     the records depend on (see `ResultStore` for what is refused and what is redone); `verify(item, record)`
     checks a stored record before it is reused; `info` (a few readable settings) is stored beside the fingerprint
-    to name what changed when a directory is refused.
+    to name what changed when a directory is refused; `cache`: see `ResultStore`.
     """
     keys = [key(item) for item in items]
     if len(set(keys)) != len(keys):
         raise ValueError(f"Items of {name} must have distinct keys; {len(keys) - len(set(keys))} repeat.")
     by_key = dict(zip(keys, items))
     state = process_state()
-    store = ResultStore(output_dir, name, fingerprint, info=info, overwrite=overwrite) if output_dir is not None \
-        else None
-    done = store.open(lambda k, r: k in by_key and (verify is None or verify(by_key[k], r))) if store else {}
+    store = ResultStore(output_dir, name, fingerprint, info=info, overwrite=overwrite, cache=cache) \
+        if output_dir is not None else None
+    done = store.open(lambda k, r: k in by_key and (verify is None or verify(by_key[k], r)),
+                      complete=lambda records: by_key.keys() <= records.keys()) if store else {}
     todo = [i for i, k in enumerate(keys) if k not in done]
     mine = todo[state.process_index::state.num_processes]
     new = []
@@ -215,22 +263,34 @@ def cached_json(path, fingerprint: str, fn: Callable[[], dict], *, overwrite: bo
     """A JSON result computed once: stored at `path` with its fingerprint and reused only under the same one.
 
     A file made from other inputs is refused (or recomputed with `overwrite=True`); an unreadable file is named in
-    a warning and recomputed.
+    a warning and recomputed. The directory is locked while the result is computed (one writer).
     """
     path = Path(path)
+    stored = _stored_json(path, fingerprint, overwrite)
+    if stored is not None:
+        return stored
+    with directory_lock(path.parent, main_process=process_state().is_main_process):
+        stored = _stored_json(path, fingerprint, overwrite)  # another run may have finished it meanwhile
+        if stored is not None:
+            return stored
+        result = fn()
+        write_json(path, {**result, "fingerprint": fingerprint})
+    return result
+
+
+def _stored_json(path: Path, fingerprint: str, overwrite: bool) -> dict | None:
+    """The result stored at `path` under `fingerprint`; None when absent, unreadable or (with `overwrite`) stale."""
     if path.is_file():
         try:
             stored = json.loads(path.read_text(encoding="utf-8"))
             valid = isinstance(stored, dict)
         except (OSError, ValueError) as e:
             stored, valid = None, False
-            warnings.warn(f"{path} is unreadable ({e}); computing it again.", UserWarning, stacklevel=2)
+            warnings.warn(f"{path} is unreadable ({e}); computing it again.", UserWarning, stacklevel=3)
         if valid and stored.get("fingerprint") == fingerprint:
             return {k: v for k, v in stored.items() if k != "fingerprint"}
         if valid and not overwrite:
             raise ValueError(f"{path} holds a result of other inputs (model, data or settings differ); delete it, "
                              "use another output directory, or pass overwrite=True (`--overwrite True` on the command "
                              "line) to recompute it.")
-    result = fn()
-    write_json(path, {**result, "fingerprint": fingerprint})
-    return result
+    return None

@@ -27,10 +27,12 @@ from trl.trainer.utils import (
     get_trackio_space_url,
 )
 
+from .atomic import atomic_directory, atomic_path
 from .config import RetMaskConfig
 from .distributed import from_main_process, gathered_for_generation, process_state, unwrapped_for_generation
 from .heads import format_head, format_heads, select_heads, validate_heads
 from .liger import apply_liger_kernels
+from .locks import directory_lock
 from .model_card import PAPER, retmask_section, write_retmask_files
 from .models import hub_id_of, resolve_model_path
 from .pairs import PairStats, complete_prompt_dataset, is_prompt_only
@@ -280,16 +282,21 @@ class RetMaskTrainer(DPOTrainer):
         TRL 1.16 caches precomputed reference log-probs next to the dataset's own cache files, and rank 0 writes them;
         an in-memory dataset has no cache files, so each process would look in its own temporary directory and the
         other ranks fail with FileNotFoundError. Saved under the pair cache (shared like `output_dir`), all ranks
-        read rank 0's copy."""
-        from datasets import load_from_disk
-
+        read rank 0's copy. The copy is saved into a temporary directory renamed into place once complete, and a
+        stored copy is reused only when it reads back whole (an older run cut short by a full disk left one whose
+        `dataset_info.json` or `.arrow` file is damaged): anything else is saved again."""
         state = process_state()
-        folder = Path(args.pairs_dir)
-        path = folder / f"dataset-{from_main_process(dataset._fingerprint)}"
+        path = Path(args.pairs_dir) / f"dataset-{from_main_process(dataset._fingerprint)}"
         with state.main_process_first():
-            if state.is_main_process and not (path / "state.json").is_file():
-                dataset.save_to_disk(str(path))
-        return load_from_disk(str(path))
+            if state.is_main_process and _saved_dataset(path, len(dataset)) is None:
+                if path.exists():
+                    logger.warning("The saved pairs in %s do not read back whole; saving them again.", path)
+                with directory_lock(path.parent), atomic_directory(path) as tmp:
+                    dataset.save_to_disk(str(tmp))
+        saved = _saved_dataset(path, len(dataset))
+        if saved is None:
+            raise ValueError(f"The pairs saved in {path} do not read back; delete that directory and rerun.")
+        return saved
 
     def regenerate_train_pairs(self, step: int) -> None:
         """Online RetMask: new pairs from the current policy replace the training pairs (same row count)."""
@@ -364,7 +371,8 @@ class RetMaskTrainer(DPOTrainer):
         info = self.retmask_info
         card.text = card.text.rstrip("\n") + "\n\n" + retmask_section(info)
         write_retmask_files(save_dir, info, self.head_scores)
-        card.save(Path(save_dir) / "README.md")
+        with atomic_path(Path(save_dir) / "README.md") as tmp:  # whole or absent
+            card.save(tmp)
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
         super().save_model(output_dir, _internal_call=_internal_call)
@@ -373,6 +381,21 @@ class RetMaskTrainer(DPOTrainer):
             self._write_card(output_dir)  # titled after the directory
 
 
+def _saved_dataset(path: Path, num_rows: int) -> Dataset | None:
+    """The dataset saved at `path` when every file it needs reads back (metadata and every row of every `.arrow`
+    file, `num_rows` of them), else None."""
+    from datasets import load_from_disk
+
+    if not (path / "state.json").is_file():
+        return None
+    try:
+        dataset = load_from_disk(str(path))
+        if not isinstance(dataset, Dataset) or len(dataset) != num_rows:
+            return None
+        dataset.data.table.validate(full=True)  # reads the memory-mapped columns to their last byte
+        return dataset
+    except Exception:  # noqa: BLE001 - JSONDecodeError, ArrowInvalid, FileNotFoundError, ...: a damaged copy
+        return None
 
 
 def _eval_splits(eval_dataset) -> dict:

@@ -10,7 +10,7 @@ from tqdm.auto import tqdm
 from ..chat import check_prompts, encode_rendered, render_user_prompt
 from ..distributed import process_state
 from ..fingerprints import fingerprint, model_fingerprint
-from ..generation import generate_batch, make_generation_config
+from ..generation import check_window, generate_batch, make_generation_config, model_window
 from ..heads import format_heads, validate_heads
 from ..store import run_resumable, write_json
 from .registry import CATEGORIES, PRIMARY, TASKS, build_suite
@@ -54,6 +54,10 @@ def generate_suite(model, tokenizer, samples: list[dict], batch_size: int = 4, h
     batches = [(f"{task}-{length}-{j // batch_size}", idx[j:j + batch_size],
                 min(budget, max_new_tokens) if max_new_tokens else budget)
                for (task, length, budget), idx in groups.items() for j in range(0, len(idx), batch_size)]
+
+    window = model_window(model)
+    for _, idx, budget in batches:  # every batch fits, before the first is generated
+        check_window([len(ids[i]) for i in idx], budget, window, what="sample", fix="pass shorter `lengths`")
 
     def run(batch) -> dict:
         _, idx, budget = batch

@@ -1,7 +1,8 @@
 """Generation backends: how a batch of prompts is decoded with some rows' retrieval heads masked.
 
 `batch.py` holds the backend protocol (`GenerateBackend`, plain `model.generate`) and `generate_batch`, which pads,
-seeds and cuts at EOS for every backend; `static.py` the static-cache backend (`StaticCacheBackend`); `make_backend`
+seeds and cuts at EOS for every backend; `static.py` the static-cache backend (`StaticCacheBackend`); `window.py` the
+check of prompts + `max_new_tokens` against the model's window that every generating stage makes; `make_backend`
 picks one by name. A new backend is a `GenerateBackend` subclass in its own file, named in `GENERATION_BACKENDS`.
 """
 
@@ -10,9 +11,11 @@ from __future__ import annotations
 from ..validation import check_choice
 from .batch import DEFAULT_BACKEND, GenerateBackend, eos_ids, generate_batch, make_generation_config, model_device
 from .static import RowHeadMask, StaticCacheBackend
+from .window import check_window, model_window
 
 __all__ = ["DEFAULT_BACKEND", "GENERATION_BACKENDS", "GenerateBackend", "RowHeadMask", "StaticCacheBackend",
-           "eos_ids", "generate_batch", "make_backend", "make_generation_config", "model_device"]
+           "check_window", "eos_ids", "generate_batch", "make_backend", "make_generation_config", "model_device",
+           "model_window"]
 
 GENERATION_BACKENDS = ("auto", "generate", "static")
 """Names of the pair-generation backends: `generate` (`model.generate`, dynamic cache, masked rows apart), `static`

@@ -13,6 +13,7 @@ from trl.trainer.utils import pad
 from ..chat import check_prompt_ids
 from ..masking import mask_heads
 from ..validation import check_int, check_number
+from .window import check_window, model_window
 
 __all__ = ["DEFAULT_BACKEND", "GenerateBackend", "eos_ids", "generate_batch", "make_generation_config", "model_device"]
 
@@ -109,10 +110,13 @@ def generate_batch(model, tokenizer, prompt_ids: Sequence[Sequence[int]], genera
     Rows are left-padded for this call only (TRL's `pad`; the tokenizer is not touched, and one without a pad token
     works). Each row is cut after its first EOS, the EOS kept, so its length is the number of generated tokens.
     With `seed`, sampling is reproducible and the global RNG state is left as it was. The model runs in eval mode and
-    gets its mode back. `backend` decodes (default: `GenerateBackend`). Bad input is refused before generating.
+    gets its mode back. `backend` decodes (default: `GenerateBackend`). Bad input is refused before generating,
+    rows that with `max_new_tokens` would not fit the model's window included (`check_window`).
     """
     check_prompt_ids(prompt_ids)
     config = generation_config if generation_config is not None else model.generation_config
+    check_window([len(ids) for ids in prompt_ids], config.max_new_tokens or 0, model_window(model), what="row",
+                 fix="shorten the prompts or lower `max_new_tokens`")
     if (config.num_return_sequences or 1) != 1 or (config.num_beams or 1) != 1:
         raise ValueError("generate_batch returns one sequence per prompt: set num_return_sequences=1 and num_beams=1.")
     heads = list(heads or ())

@@ -6,6 +6,8 @@ This module stays light (no torch): `trl-retmask --help` imports only it."""
 
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 STAGES = {
@@ -87,14 +89,44 @@ def load_yaml(path, what: str = "Config file"):
     return yaml.safe_load(path.read_text(encoding="utf-8"))
 
 
-def check_config_argv(argv) -> None:
-    """Check the file of `--config FILE` (TRL's parser reads it with no limits) before parsing."""
-    argv = list(argv)
-    for i, arg in enumerate(argv):
-        if arg == "--config" and i + 1 < len(argv):
-            load_yaml(argv[i + 1])
-        elif arg.startswith("--config="):
-            load_yaml(arg.split("=", 1)[1])
+@contextmanager
+def config_argv(argv) -> Iterator[list[str]]:
+    """`argv` for TRL's parser, which reads one `--config FILE` with no limits: every file is checked first
+    (`load_yaml`), and several are merged in the order given (a later file's values win, `env` mappings merged
+    alike) into one temporary file, removed after parsing."""
+    argv, rest, files = list(argv), [], []
+    i = 0
+    while i < len(argv):
+        if argv[i] == "--config" and i + 1 < len(argv):
+            files.append(argv[i + 1])
+            i += 2
+            continue
+        if argv[i].startswith("--config="):
+            files.append(argv[i].split("=", 1)[1])
+        else:
+            rest.append(argv[i])
+        i += 1
+    configs = [load_yaml(f) for f in files]
+    for f, config in zip(files, configs):
+        if not isinstance(config, dict):
+            raise ValueError(f"Config file {str(f)!r} must hold a YAML mapping of argument names to values.")
+    if len(files) <= 1:
+        yield rest + (["--config", files[0]] if files else [])
+        return
+    import tempfile
+
+    import yaml
+
+    merged = {}
+    for config in configs:
+        env = {**(merged.get("env") or {}), **(config.get("env") or {})}
+        merged.update(config)
+        if env:
+            merged["env"] = env
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", prefix="trl_retmask_config_", encoding="utf-8") as f:
+        yaml.safe_dump(merged, f)
+        f.flush()
+        yield rest + ["--config", f.name]
 
 
 def unknown_flag_hint(parser, message: str) -> str:
@@ -115,9 +147,9 @@ def parse_stage_args(parser, argv=None):
     """`parser.parse_args_and_config(argv)` with the `--config` file checked first and unknown flags answered with
     the nearest existing one."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    check_config_argv(argv)
     try:
-        return parser.parse_args_and_config(argv)
+        with config_argv(argv) as args:
+            return parser.parse_args_and_config(args)
     except ValueError as e:
         if "not used by the HfArgumentParser" in str(e) or "Unknown arguments from config" in str(e):
             raise ValueError(unknown_flag_hint(parser, str(e))) from None

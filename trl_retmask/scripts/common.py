@@ -10,7 +10,9 @@ from pathlib import Path
 
 from ..distributed import process_state
 from ..heads import HeadSelectionArguments, select_heads
+from ..locks import check_directory
 from ..models import DEFAULT_MODEL, load_model_and_tokenizer
+from ..prompts import check_dataset_name
 from ..scores import resolve_head_scores
 from ..validation import check_int, check_number
 from . import STAGES
@@ -87,6 +89,7 @@ class NiahGridArguments(OverwriteArguments):
         check_list("depths", self.depths, minimum=0, maximum=100)
         check_int("num_needles", self.num_needles, minimum=1, optional=True)
         check_int("max_new_tokens", self.max_new_tokens, minimum=1)
+        check_output_dir("output_dir", self.output_dir)
 
     def load_needles(self):
         from ..niah import load_needles
@@ -135,6 +138,7 @@ class PromptDataArguments:
 
     def __post_init__(self):
         check_int("max_prompts", self.max_prompts, minimum=1, optional=True)
+        check_dataset_name(self.dataset_name)
 
 
 # --------------------------------------------------------------------------------------------- helpers
@@ -180,6 +184,26 @@ def check_writable_file(name: str, path, overwrite: bool = False, example: str =
     if not parent.is_dir() or not os.access(parent, os.W_OK):
         raise ValueError(f"`{name}` {str(path)!r} cannot be written: {str(parent)!r} is not a writable directory.")
     return path
+
+
+def check_output_dir(name: str, path, *, read_only_ok: bool = True) -> Path | None:
+    """A directory this run can write into, checked before any model loads: not a file (nor under one), and either
+    existing or creatable (its nearest existing parent writable). `read_only_ok`: an existing directory this process
+    cannot write is let through, since a complete result there is read without writing (a read-only cache); a run
+    that must write there is then refused by its result store, with one line. None stays None."""
+    if path is None:
+        return None
+    path = check_directory(path, name)
+    if path.is_dir():
+        if read_only_ok or os.access(path, os.W_OK | os.X_OK):
+            return path
+        parent = path
+    else:
+        parent = next(p for p in path.parents if p.exists())
+        if os.access(parent, os.W_OK | os.X_OK):
+            return path
+    raise ValueError(f"`{name}` {str(path)!r} cannot be written: {str(parent)!r} is not a writable directory. Choose "
+                     "a directory you can write, or change its permissions.")
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):

@@ -24,6 +24,7 @@ from .common import (
     ModelStageArguments,
     OverwriteArguments,
     check_list,
+    check_output_dir,
     load_model,
     scores_before_loading,
     stage_heads,
@@ -62,6 +63,7 @@ class EvalScriptArguments(OverwriteArguments, ModelStageArguments):
         check_int("n_per_task", self.n_per_task, minimum=1)
         check_seed("eval_seed", self.eval_seed)
         check_int("batch_size", self.batch_size, minimum=1)
+        check_output_dir("output_dir", self.output_dir)
         if self.name is not None:
             check_file_name("name", self.name)
             check_result_files(self.output_dir, self.name, self.overwrite)

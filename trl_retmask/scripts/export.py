@@ -21,6 +21,7 @@ from . import parse_stage_args, run_stage
 from .common import (
     ModelStageArguments,
     OverwriteArguments,
+    check_output_dir,
     load_model,
     print_json,
     scores_before_loading,
@@ -56,6 +57,7 @@ def main(script_args: ExportScriptArguments, selection: HeadSelectionArguments, 
     # Checked before loading (and again by export_masked_model, from the loaded model's config).
     source = resolve_model_path(model_args.model_name_or_path)
     check_export_dir(script_args.output_dir, script_args.overwrite, source=source)
+    check_output_dir("output_dir", script_args.output_dir, read_only_ok=False)
     scores = scores_before_loading(selection, model_args)
     model, tokenizer = load_model(model_args, script_args.trust_remote_code)
     heads = stage_heads(selection, model, scores)

@@ -16,6 +16,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..atomic import write_text
 from ..heads import HeadSelectionArguments, format_head, format_heads
 from ..models import DEFAULT_MODEL
 from ..scores import resolve_head_scores
@@ -90,7 +91,7 @@ def main(script_args: HeadsScriptArguments, selection: HeadSelectionArguments) -
     if scores.trained_heads is not None:
         out["trained_with"] = format_heads(scores.trained_heads)
     if script_args.save_heads:
-        Path(script_args.save_heads).write_text(json.dumps(format_heads(selected)))
+        write_text(script_args.save_heads, json.dumps(format_heads(selected)))
         out["saved_heads"] = str(script_args.save_heads)
     if script_args.plot:
         out["heatmap"] = str(scores.plot(script_args.plot, heads=selected))

@@ -23,6 +23,7 @@ from . import parse_stage_args, run_stage
 from .common import (
     OverwriteArguments,
     PromptDataArguments,
+    check_output_dir,
     check_writable_file,
     load_model,
     print_json,
@@ -55,6 +56,8 @@ def main(script_args: PairsScriptArguments, training_args, model_args) -> dict:
     from ..pairs import generate_pairs
     from ..prompts import load_prompts
 
+    if training_args.cache_pairs:
+        check_output_dir("pairs_cache_dir", training_args.pairs_dir)
     scores = scores_before_loading(training_args, model_args)
     model, tokenizer = load_model(model_args, training_args.trust_remote_code)
     heads = stage_heads(training_args, model, scores)
@@ -64,9 +67,23 @@ def main(script_args: PairsScriptArguments, training_args, model_args) -> dict:
     )
     result = {"output": script_args.output, "masked_heads": format_heads(heads), **pairs.stats.to_dict()}
     if process_state().is_main_process:
-        pairs.to_dataset().to_json(script_args.output, lines=True)
+        write_pairs(pairs.to_dataset(), script_args.output, script_args.overwrite)
     print_json(result)
     return result
+
+
+def write_pairs(dataset, output, overwrite: bool = False) -> None:
+    """The pairs as JSONL at `output`, whole or not at all; a file created there while they were generated is kept
+    unless `overwrite` (the check at parse time is repeated at the final rename)."""
+    from ..atomic import atomic_path
+
+    try:
+        with atomic_path(output, overwrite=overwrite) as tmp:
+            dataset.to_json(str(tmp), lines=True)
+    except FileExistsError:
+        raise ValueError(f"`output` {str(output)!r} was created by someone else while the pairs were generated; it "
+                         "is kept and the pairs are not written. Rerun with another --output (the pair cache makes "
+                         "it quick), or pass --overwrite True to replace that file.") from None
 
 
 def make_parser(subparsers=None, prog: str | None = None):

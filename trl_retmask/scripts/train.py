@@ -27,13 +27,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..atomic import write_text
 from ..detection import AUTHORS_CONTEXT_LENGTHS, AUTHORS_DEPTHS
 from ..distributed import limit_cpu_training_memory, process_state
 from ..heads import format_heads, select_heads
 from ..models import load_model_and_tokenizer, model_init_kwargs
 from ..validation import check_int
-from . import check_config_argv, load_yaml, run_stage
-from .common import PromptDataArguments, check_list, stage_parser
+from . import config_argv, load_yaml, run_stage
+from .common import OverwriteArguments, PromptDataArguments, check_list, check_output_dir, stage_parser
 
 RECIPE_DIRS = (Path(__file__).resolve().parents[1] / "recipes", Path(__file__).resolve().parents[2] / "recipes")
 """Where recipe YAMLs are found: inside the installed package (the wheel maps `recipes/` there), then the checkout."""
@@ -78,7 +79,7 @@ def recipe_defaults(name_or_path) -> dict[str, Any]:
 
 
 @dataclass
-class TrainScriptArguments(PromptDataArguments):
+class TrainScriptArguments(PromptDataArguments, OverwriteArguments):
     r"""
     Script arguments of `trl-retmask train` and the recipes (besides `RetMaskConfig` and `ModelConfig`).
 
@@ -104,6 +105,8 @@ class TrainScriptArguments(PromptDataArguments):
             Greedy answer length in the NIAH evaluation.
         ignore_bias_buffers (`bool`, *optional*, defaults to `False`):
             DDP work-around for boolean buffers (as in TRL's scripts).
+        overwrite (`bool`, *optional*, defaults to `False`):
+            Discard the records of another detection run in `<output_dir>/detection` (`--detect_heads`).
         compare_heads_with (`str`, *optional*):
             A model with published head scores (bundled name, file or Hub repo); the run summary reports how many
             heads the same selection takes from them beside the heads masked here (the olmo3 recipe compares its
@@ -178,9 +181,9 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None, recipe: s
                defaults: dict[str, Any] | None = None):
     """(script_args, training_args, model_args): defaults < recipe YAML < `--config` < command line."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    check_config_argv(argv)
     parser = make_parser(prog=prog, recipe=recipe_in(argv) or recipe, defaults=defaults)
-    parsed = parser.parse_args_and_config(args=argv)
+    with config_argv(argv) as args:
+        parsed = parser.parse_args_and_config(args=args)
     check_args(*parsed)
     return parsed
 
@@ -189,6 +192,14 @@ def check_args(script_args, training_args, model_args) -> None:
     """What the dataclasses cannot check alone, before any model work."""
     check_parallelism(training_args)
     check_quantized_training(training_args, model_args)
+    check_output_dirs(training_args)
+
+
+def check_output_dirs(training_args) -> None:
+    """`output_dir` and the pair cache can be written: refused before the model loads, not after minutes."""
+    check_output_dir("output_dir", training_args.output_dir, read_only_ok=False)
+    if training_args.cache_pairs:
+        check_output_dir("pairs_cache_dir", training_args.pairs_dir)
 
 
 def check_parallelism(training_args) -> None:
@@ -244,7 +255,7 @@ def detect_heads(script_args, training_args, model, tokenizer):
     out = Path(training_args.output_dir) / "detection"
     scores = detect_retrieval_heads(
         model, tokenizer, context_lengths=script_args.detect_context_lengths, depths=script_args.detect_depths,
-        max_new_tokens=script_args.detect_max_new_tokens, output_dir=str(out),
+        max_new_tokens=script_args.detect_max_new_tokens, output_dir=str(out), overwrite=script_args.overwrite,
     )
     if process_state().is_main_process:
         scores.save_pretrained(out)
@@ -359,8 +370,7 @@ def main(script_args: TrainScriptArguments, training_args, model_args) -> dict:
     summary["pair_stats"] = {split: stats.to_dict() for split, stats in trainer.pair_stats.items()}
     summary["timings_s"]["total"] = time.time() - t0
     if trainer.accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "retmask_recipe_summary.json").write_text(json.dumps(summary, indent=2, default=str))
+        write_text(out / "retmask_recipe_summary.json", json.dumps(summary, indent=2, default=str))
         trainer.accelerator.print(json.dumps({k: v for k, v in summary.items() if k != "sparsity"}, indent=2,
                                              default=str))
     if training_args.push_to_hub:
