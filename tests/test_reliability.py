@@ -252,10 +252,10 @@ def test_several_config_files_merge_in_order(tmp_path):
     a, b = tmp_path / "a.yaml", tmp_path / "b.yaml"
     a.write_text(yaml.safe_dump({"mask_top_k": 5, "show": 2, "env": {"RETMASK_A": "1", "RETMASK_B": "a"}}))
     b.write_text(yaml.safe_dump({"show": 4, "env": {"RETMASK_B": "b"}}))
-    (args,) = parse_stage_args(heads.make_parser(), ["--config", str(a), f"--config={b}"])
-    assert (args.mask_top_k, args.show) == (5, 4)  # b's value wins, a's others stay
+    args, selection = parse_stage_args(heads.make_parser(), ["--config", str(a), f"--config={b}"])
+    assert (selection.mask_top_k, args.show) == (5, 4)  # b's value wins, a's others stay
     assert (os.environ.pop("RETMASK_A"), os.environ.pop("RETMASK_B")) == ("1", "b")
-    (args,) = parse_stage_args(heads.make_parser(), ["--config", str(a), "--config", str(b), "--show", "7"])
+    args, _ = parse_stage_args(heads.make_parser(), ["--config", str(a), "--config", str(b), "--show", "7"])
     assert args.show == 7  # the command line still wins
     for name in ("RETMASK_A", "RETMASK_B"):
         os.environ.pop(name, None)
