@@ -122,7 +122,7 @@ def _failing_open(real_open):
 def _pairs_argv(tiny, output, *extra):
     return ["pairs", "--model_name_or_path", str(tiny["model"]), "--dataset_name", str(tiny["data"]), "--heads",
             "0-1,2-3", "--temperature", "0", "--max_new_tokens", "3", "--max_prompts", "4", "--output", str(output),
-            "--output_dir", str(Path(output).parent / "run"), *extra]
+            "--output_dir", f"{Path(output).parent}-run", *extra]  # the pair cache, beside the output's directory
 
 
 def test_pairs_output_cut_by_a_full_disk_is_not_left_behind(tiny, tmp_path, monkeypatch, capsys):
