@@ -2,9 +2,10 @@
 
 Rows (each time-boxed; an error becomes a row, the others still run):
 1. pair generation tokens/s through `generate_pairs` (what users get: encoding, batching, decoding included) with
-   each backend: `static` (one batch of chosen + rejected rows, static cache, compiled decode) vs `generate` (two
+   each backend: `vllm` (the colocated engine, the masked layers' o_proj weights swapped in for the rejected rows)
+   vs `static` (one batch of chosen + rejected rows, static cache, compiled decode) vs `generate` (two
    `model.generate` calls, the second under `mask_heads`) vs bare `generate`, and the fraction of the bandwidth
-   limit (rows per step x HBM bandwidth / weight bytes);
+   limit (rows per step x HBM bandwidth / weight bytes); the vLLM rows only where vLLM can serve the model;
 2. mask overhead (forward with `mask_heads` / without; per-row mask active / inactive);
 3. detection vs plain greedy generation at 8K and 32K tokens (time, peak memory);
 4. a DPO step (TRL's DPOTrainer.training_step + optimizer step) with and without Liger;
@@ -140,6 +141,7 @@ def text_prompts(tokenizer, n: int, length: int) -> list[str]:
 
 def bench_generation(args) -> list[dict]:
     from trl_retmask.generation import StaticCacheBackend
+    from trl_retmask.generation.vllm import VLLMBackend, can_serve, close_engine
     from trl_retmask.pairs import generate_pairs
 
     tiny = args.tiny
@@ -178,10 +180,24 @@ def bench_generation(args) -> list[dict]:
     with StaticCacheBackend() as static:
         first_s = pairs_s(static, 0)
         static_s = min(pairs_s(static, seed) for seed in (1, 2))
+    vllm_rows = [row("generate_pairs, backend vllm: skipped (vLLM not installed, or it cannot serve this shape here)",
+                     float("nan"), "tok/s")]
+    if can_serve(model):  # the engine is built from the config and gets the model's random weights pushed
+        vllm = VLLMBackend()
+        vllm_first_s = pairs_s(vllm, 0)  # builds the engine (CUDA graphs), pushes the weights
+        vllm_s = min(pairs_s(vllm, seed) for seed in (1, 2))
+        close_engine()
+        vllm_rows = [
+            row(f"generate_pairs, backend vllm ({batch} prompts x 2 roles, colocated engine, o_proj swapped)",
+                2 * batch * new / vllm_s, "tok/s", ">= 25,790 (10x the issue's 2,579) on an H200"),
+            row("generate_pairs vllm / generate", plain_s / vllm_s, "x"),
+            row("generate_pairs vllm / static", static_s / vllm_s, "x"),
+            row("generate_pairs vllm: first call (engine start, weights pushed)", vllm_first_s, "s"),
+        ]
     tbps, source = bandwidth_tbps()
     limit = 2 * batch / (weight_bytes(model) / (tbps * 1e12))
     fast = 2 * batch * new / static_s
-    return [
+    return vllm_rows + [
         row(f"bare generate, batch {batch}, {new} new tokens (1 role)", batch * new / bare_s, "tok/s"),
         row("generate_pairs, backend generate (2 calls, the 2nd under mask_heads)", 2 * batch * new / plain_s,
             "tok/s"),

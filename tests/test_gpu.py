@@ -122,9 +122,9 @@ def test_generate_pairs_static_backend_on_cuda(tiny_tokenizer):
     model = make_tiny_model("llama").cuda()
     greedy = dict(temperature=0.0, max_new_tokens=8, batch_size=2, show_progress=False)
     plain = generate_pairs(model, tiny_tokenizer, PROMPTS, HEADS, backend="generate", **greedy)
-    auto = generate_pairs(model, tiny_tokenizer, PROMPTS, HEADS, backend="auto", **greedy)  # static on CUDA
-    assert (auto.chosen, auto.rejected) == (plain.chosen, plain.rejected)
-    assert auto.fingerprint == plain.fingerprint == ""  # no cache dir
+    static = generate_pairs(model, tiny_tokenizer, PROMPTS, HEADS, backend="static", **greedy)
+    assert (static.chosen, static.rejected) == (plain.chosen, plain.rejected)
+    assert static.fingerprint == plain.fingerprint == ""  # no cache dir
     sampled = dict(temperature=1.0, max_new_tokens=8, batch_size=2, show_progress=False, seed=3)
     a = generate_pairs(model, tiny_tokenizer, PROMPTS, HEADS, backend="static", **sampled)
     b = generate_pairs(model, tiny_tokenizer, PROMPTS, HEADS, backend="static", **sampled)

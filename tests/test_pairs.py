@@ -504,8 +504,8 @@ def test_errors_before_generation(model, tiny_tokenizer):
         generate_pairs(model, tiny_tokenizer, PROMPTS, [])
     with pytest.raises(ValueError, match=r"^template_kwargs has 1 entries for 2 prompts\.$"):
         generate_pairs(model, tiny_tokenizer, PROMPTS[:2], HEADS, template_kwargs=[{}])
-    with pytest.raises(ValueError, match="`backend` must be one of auto, generate, static"):
-        generate_pairs(model, tiny_tokenizer, PROMPTS, HEADS, backend="vllm")
+    with pytest.raises(ValueError, match="`backend` must be one of auto, generate, static, vllm"):
+        generate_pairs(model, tiny_tokenizer, PROMPTS, HEADS, backend="tgi")
 
 
 @pytest.mark.real_model
@@ -515,7 +515,7 @@ def test_real_model_pairs(smollm2):
     chats = [[{"role": "user", "content": "What is the capital of France?"}],
              [{"role": "user", "content": "Name a colour of the sky."}]]
     pairs = generate_pairs(model, tokenizer, chats, heads, temperature=0.0, max_new_tokens=5, batch_size=2,
-                           show_progress=False)
+                           show_progress=False, backend="generate")  # "auto" may pick vLLM: tests/test_vllm.py
 
     def one(chat, masked):
         ids = tokenizer.apply_chat_template(chat, add_generation_prompt=True, return_tensors="pt", return_dict=True)
@@ -729,6 +729,7 @@ def test_chat_prompts_get_no_second_bos_and_auto_backend_sees_the_model(model, t
                                                      bos_tok(text)["input_ids"]]
     seen = []
     real = pairs_module.make_backend
-    monkeypatch.setattr(pairs_module, "make_backend", lambda choice, m=None: seen.append((choice, m)) or real(choice, m))
+    monkeypatch.setattr(pairs_module, "make_backend",
+                        lambda choice, m=None, vllm=None: seen.append((choice, m)) or real(choice, m, vllm))
     generate_pairs(model, tiny_tokenizer, PROMPTS[:1], HEADS, temperature=0.0, max_new_tokens=2, show_progress=False)
     assert seen == [("auto", model)]

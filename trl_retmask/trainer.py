@@ -30,6 +30,7 @@ from trl.trainer.utils import (
 from .atomic import atomic_directory, atomic_path
 from .config import RetMaskConfig
 from .distributed import from_main_process, gathered_for_generation, process_state, unwrapped_for_generation
+from .generation.vllm import close_engine
 from .liger import apply_liger_kernels
 from .locks import directory_lock
 from .model_card import PAPER, retmask_section, write_retmask_files
@@ -188,6 +189,8 @@ class RetMaskTrainer(DPOTrainer):
                                     for k, d in eval_dataset.items()}
                 elif eval_dataset is not None:
                     eval_dataset = self._complete(eval_dataset, model, tokenizer, args, "eval")
+            if not args.online:  # a vLLM engine's weights and KV cache would sit idle through training
+                close_engine()
 
         # Reference = the initial, unmasked policy. TRL would reload it from `config._name_or_path`, which fails for a
         # model built in memory and silently differs from one modified after loading; a copy is exact. With PEFT

@@ -59,12 +59,14 @@ class GenerateBackend:
     rows flagged `masked` in a call of their own under `mask_heads`. The default, and the best on a CPU.
 
     Subclasses (e.g. `static.StaticCacheBackend`) return the same tokens for greedy decoding. `joint` says
-    whether rows of both kinds share one decode loop (and so one seeded random stream); a backend that keeps state
-    (hooks, a compiled step) releases it in `close()`.
+    whether rows of both kinds share one decode loop (and so one seeded random stream); `row_seeded` that each row
+    samples from a seed of its own (`seeds=`, one per row: `vllm.VLLMBackend`) rather than from the batch's stream; a
+    backend that keeps state (hooks, a compiled step, an engine) releases it in `close()`.
     """
 
     name = "generate"
     joint = False
+    row_seeded = False
 
     def __call__(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor, generation_config, *,
                  heads: Sequence = (), masked: Sequence[bool]) -> list[list[int]]:
@@ -103,15 +105,16 @@ def eos_ids(config) -> set[int]:
 
 def generate_batch(model, tokenizer, prompt_ids: Sequence[Sequence[int]], generation_config=None, *, heads=None,
                    masked: Sequence[bool] | None = None, seed: int | None = None,
-                   backend: GenerateBackend | None = None) -> list[list[int]]:
+                   backend: GenerateBackend | None = None, row_seeds: Sequence[int] | None = None) -> list[list[int]]:
     """New token ids per prompt: one batched decode, `heads` ((layer, head) pairs) masked in the rows flagged by
     `masked` (default: every row when `heads` are given).
 
     Rows are left-padded for this call only (TRL's `pad`; the tokenizer is not touched, and one without a pad token
     works). Each row is cut after its first EOS, the EOS kept, so its length is the number of generated tokens.
     With `seed`, sampling is reproducible and the global RNG state is left as it was. The model runs in eval mode and
-    gets its mode back. `backend` decodes (default: `GenerateBackend`). Bad input is refused before generating,
-    rows that with `max_new_tokens` would not fit the model's window included (`check_window`).
+    gets its mode back. `backend` decodes (default: `GenerateBackend`). `row_seeds` (one per prompt) seed the rows
+    of a backend that samples each row apart (`backend.row_seeded`); others ignore them. Bad input is refused before
+    generating, rows that with `max_new_tokens` would not fit the model's window included (`check_window`).
     """
     check_prompt_ids(prompt_ids)
     config = generation_config if generation_config is not None else model.generation_config
@@ -123,6 +126,8 @@ def generate_batch(model, tokenizer, prompt_ids: Sequence[Sequence[int]], genera
     masked = [bool(heads)] * len(prompt_ids) if masked is None else [bool(m) for m in masked]
     if len(masked) != len(prompt_ids):
         raise ValueError(f"Got {len(masked)} `masked` flags for {len(prompt_ids)} prompts: give one flag per prompt.")
+    if row_seeds is not None and len(row_seeds) != len(prompt_ids):
+        raise ValueError(f"Got {len(row_seeds)} `row_seeds` for {len(prompt_ids)} prompts: give one seed per prompt.")
     if any(masked) and not heads:
         raise ValueError("Rows are flagged `masked` but no heads are given: pass the `heads` to mask.")
     pad_id = next((p for p in (tokenizer.pad_token_id, config.pad_token_id, *sorted(eos_ids(config)))
@@ -142,7 +147,9 @@ def generate_batch(model, tokenizer, prompt_ids: Sequence[Sequence[int]], genera
         with rng, torch.no_grad():
             if seed is not None:
                 torch.manual_seed(seed)
-            new = (backend or DEFAULT_BACKEND)(model, input_ids, attention_mask, config, heads=heads, masked=masked)
+            backend = backend or DEFAULT_BACKEND
+            seeds = {"seeds": list(row_seeds)} if backend.row_seeded and row_seeds is not None else {}
+            new = backend(model, input_ids, attention_mask, config, heads=heads, masked=masked, **seeds)
     finally:
         model.train(was_training)
     stop = eos_ids(config)

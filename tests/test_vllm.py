@@ -1,0 +1,203 @@
+"""The vLLM backend on the embedded model (fp32): its greedy pairs are the transformers backend's, chosen and rejected;
+the engine gets the policy's weights back when decoding fails; sampling is seeded per prompt; online regeneration
+decodes the updated policy. One engine serves the module (the process's engine is reused while the model's config
+and the settings stay the same). Bad `vllm_*` settings fail before any model loads (no vLLM needed for those)."""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import pytest
+import torch
+from datasets import Dataset
+
+from tests.conftest import skip_unless_ci
+from trl_retmask import RetMaskConfig, RetMaskTrainer
+from trl_retmask.generation import make_backend
+from trl_retmask.generation.batch import DEFAULT_BACKEND, generate_batch, make_generation_config
+from trl_retmask.generation.vllm import VLLMBackend, VLLMSettings, sampling_params, vllm_available
+from trl_retmask.masking import mask_heads
+from trl_retmask.pairs import generate_pairs
+from trl_retmask.scores import HeadScores
+
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB: the engine's KV cache, small for the tests
+
+QUESTIONS = ["What is the capital of France?", "Write a haiku about rain.", "Explain gravity to a child.",
+             "List three fruits.", "Who wrote Hamlet?", "What is 2+2?", "Name a colour of the sky.",
+             "Describe a cat in one sentence.", "Give me a tip for sleeping well.",
+             "What is the boiling point of water?"]
+CHATS = [[{"role": "user", "content": q}] for q in QUESTIONS]
+HEADS = HeadScores.from_pretrained("SmolLM2-135M-Instruct").select(top_k=20)  # the bundled scores' top 20
+GREEDY = dict(temperature=0.0, max_new_tokens=12, show_progress=False)
+
+
+@pytest.fixture(scope="module")
+def engine_model(smollm2):
+    """The embedded model and its tokenizer, with vLLM required (skipped without it locally, failing in CI)."""
+    if not vllm_available():
+        skip_unless_ci("vLLM is not installed (pip install 'trl_retmask[vllm]'; scripts/setup.sh does it)")
+    return smollm2
+
+
+def reference(model, tokenizer, chat, heads=(), max_new_tokens=12):
+    """An independent greedy decode: one prompt, `model.generate`, `mask_heads` for the rejected side."""
+    ids = tokenizer.apply_chat_template(chat, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    with torch.no_grad(), mask_heads(model, list(heads)):
+        out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False)
+    return tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+@pytest.mark.real_model
+def test_greedy_pairs_equal_the_transformers_backend(engine_model):
+    model, tokenizer = engine_model
+    vllm = generate_pairs(model, tokenizer, CHATS, HEADS, batch_size=4, backend="vllm", **GREEDY)
+    plain = generate_pairs(model, tokenizer, CHATS, HEADS, batch_size=4, backend="generate", **GREEDY)
+    assert vllm.chosen == plain.chosen and vllm.rejected == plain.rejected
+    assert sum(c != r for c, r in zip(vllm.chosen, vllm.rejected)) >= 8, "the mask must change most answers"
+    assert vllm.chosen[:2] == [reference(model, tokenizer, c) for c in CHATS[:2]]
+    assert vllm.rejected[:2] == [reference(model, tokenizer, c, HEADS) for c in CHATS[:2]]
+
+
+@pytest.mark.real_model
+def test_policy_weights_come_back_when_masked_decoding_fails(engine_model, monkeypatch):
+    model, tokenizer = engine_model
+    from trl_retmask.chat import encode_prompts
+
+    ids = encode_prompts(tokenizer, CHATS[:4])
+    config = make_generation_config(model, 12)
+    backend = VLLMBackend()
+    engine = backend.engine(model)
+    plain = generate_batch(model, tokenizer, ids, config, backend=backend)
+    masked = generate_batch(model, tokenizer, ids, config, heads=HEADS, backend=backend)
+    assert plain != masked
+    real = engine.generate
+
+    def fail(prompts, params):
+        raise RuntimeError("decoding failed")
+
+    monkeypatch.setattr(engine, "generate", fail)
+    with pytest.raises(RuntimeError, match="decoding failed"):
+        generate_batch(model, tokenizer, ids, config, heads=HEADS, backend=backend)
+    monkeypatch.setattr(engine, "generate", real)
+    assert generate_batch(model, tokenizer, ids, config, backend=backend) == plain  # unmasked weights restored
+    assert generate_batch(model, tokenizer, ids, config, heads=HEADS, backend=backend) == masked
+
+
+@pytest.mark.real_model
+def test_sampled_pairs_depend_on_the_seed_and_prompt_only(engine_model):
+    model, tokenizer = engine_model
+    sample = dict(temperature=1.0, max_new_tokens=8, show_progress=False, backend="vllm")
+    a = generate_pairs(model, tokenizer, CHATS[:6], HEADS, seed=3, batch_size=4, **sample)
+    b = generate_pairs(model, tokenizer, CHATS[:6], HEADS, seed=3, batch_size=2, **sample)  # other batch layout
+    c = generate_pairs(model, tokenizer, CHATS[:6], HEADS, seed=4, batch_size=4, **sample)
+    assert (a.chosen, a.rejected) == (b.chosen, b.rejected)
+    assert a.chosen != c.chosen and a.rejected != c.rejected
+    tail = generate_pairs(model, tokenizer, CHATS[3:6], HEADS, seed=3, batch_size=4, **sample)
+    assert tail.chosen != a.chosen[3:6], "the seed follows the prompt's index in the data, as the cache key does"
+
+
+@pytest.mark.real_model
+def test_online_regeneration_decodes_the_updated_policy(engine_model, tmp_path):
+    from transformers import TrainerCallback
+
+    model, tokenizer = engine_model
+    policy = copy.deepcopy(model)
+    snapshots = {}
+
+    class Snapshot(TrainerCallback):  # runs before the trainer's own regeneration callback
+        def on_step_end(self, args, state, control, model=None, **kw):
+            snapshots[state.global_step] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    args = RetMaskConfig(str(tmp_path), max_steps=2, regenerate_pairs_steps=1, learning_rate=3e-4,
+                         per_device_train_batch_size=2, max_new_tokens=8, temperature=0.0, max_length=64,
+                         generation_backend="vllm", cache_pairs=False, report_to="none", save_strategy="no",
+                         logging_steps=1, use_cpu=True, seed=0)
+    trainer = RetMaskTrainer(model=policy, args=args, train_dataset=Dataset.from_dict({"prompt": CHATS[:4]}),
+                             processing_class=tokenizer, callbacks=[Snapshot()],
+                             head_scores=HeadScores.from_pretrained("SmolLM2-135M-Instruct"))
+    initial = list(trainer.train_dataset.current["chosen"])
+    trainer.train()
+    assert [h["step"] for h in trainer.pair_stats_history] == [1]
+    stepped = copy.deepcopy(model)
+    stepped.load_state_dict(snapshots[1])
+    current = trainer.train_dataset.current
+    chosen = {str(row["prompt"]): row["chosen"][0]["content"] for row in current}
+    expected = {str(c): reference(stepped, tokenizer, c, max_new_tokens=8) for c in CHATS[:4]}
+    assert chosen and all(chosen[k] == expected[k] for k in chosen)
+    assert list(current["chosen"]) != initial, "the policy moved, so its answers changed"
+
+
+def test_auto_picks_vllm_where_it_can_serve_the_model(tiny_llama, smollm2):
+    assert make_backend("auto", tiny_llama) is DEFAULT_BACKEND  # head size 16: not one vLLM's CPU kernel takes
+    assert make_backend("generate", smollm2[0]) is DEFAULT_BACKEND
+    backend = make_backend("auto", smollm2[0])
+    assert isinstance(backend, VLLMBackend) == vllm_available()
+
+
+def test_cpu_head_sizes_are_vllms():
+    if not vllm_available():
+        skip_unless_ci("vLLM is not installed")
+    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+
+    from trl_retmask.generation.vllm import CPU_HEAD_SIZES
+
+    assert set(CPU_HEAD_SIZES) == set(CPUAttentionBackend.get_supported_head_sizes())
+
+
+def test_sampling_params_follow_the_generation_config(smollm2):
+    if not vllm_available():
+        skip_unless_ci("vLLM is not installed")
+    model = smollm2[0]
+    greedy = sampling_params(make_generation_config(model, 7), seed=5)
+    assert (greedy.temperature, greedy.max_tokens, greedy.seed, greedy.stop_token_ids) == (0.0, 7, None, [2])
+    sampled = sampling_params(make_generation_config(model, 9, temperature=0.6, top_p=0.9, top_k=20,
+                                                     repetition_penalty=1.1, min_p=0.05), seed=5)
+    assert (sampled.temperature, sampled.top_p, sampled.top_k, sampled.min_p, sampled.repetition_penalty,
+            sampled.seed, sampled.max_tokens) == (0.6, 0.9, 20, 0.05, 1.1, 5, 9)
+    with pytest.raises(ValueError, match="`no_repeat_ngram_size=3` has no vLLM equivalent"):
+        sampling_params(make_generation_config(model, 7, no_repeat_ngram_size=3))
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("vllm_mode", "server", "`vllm_mode='server'` is not supported"),
+    ("vllm_mode", "remote", "`vllm_mode` must be one of colocate, server"),
+    ("vllm_gpu_memory_utilization", 1.5, r"`vllm_gpu_memory_utilization` must be in \(0, 1\]"),
+    ("vllm_tensor_parallel_size", 0, "`vllm_tensor_parallel_size` must be >= 1"),
+    ("vllm_max_model_length", 0, "`vllm_max_model_length` must be >= 1"),
+    ("vllm_model_impl", "jax", "`vllm_model_impl` must be one of auto, vllm, transformers"),
+    ("vllm_enable_sleep_mode", True, "needs CUDA"),
+])
+def test_bad_vllm_settings_fail_before_any_model_loads(field, value, message, tmp_path, monkeypatch):
+    if field == "vllm_enable_sleep_mode" and torch.cuda.is_available():
+        pytest.skip("sleep mode is valid with CUDA")
+    with pytest.raises(ValueError, match=message):
+        RetMaskConfig(str(tmp_path), **{field: value})
+    with pytest.raises(ValueError, match=message):
+        VLLMSettings(**{field.removeprefix("vllm_"): value})
+
+
+def test_use_vllm_and_the_backend_agree(tmp_path, monkeypatch):
+    import trl_retmask.config as config_module
+
+    assert RetMaskConfig(str(tmp_path), use_vllm=False).generation_backend == "generate"
+    with pytest.raises(ValueError, match="`use_vllm=False` contradicts `generation_backend='vllm'`"):
+        RetMaskConfig(str(tmp_path), use_vllm=False, generation_backend="vllm")
+    with pytest.raises(ValueError, match="`use_vllm=True` contradicts `generation_backend='static'`"):
+        RetMaskConfig(str(tmp_path), use_vllm=True, generation_backend="static")
+    monkeypatch.setattr(config_module, "vllm_available", lambda: False)
+    with pytest.raises(ValueError, match=r"needs vLLM, which is not installed: pip install 'trl_retmask\[vllm\]'"):
+        RetMaskConfig(str(tmp_path), use_vllm=True)
+    monkeypatch.setattr(config_module, "vllm_available", lambda: True)
+    assert RetMaskConfig(str(tmp_path), use_vllm=True).generation_backend == "vllm"
+
+
+def test_pairs_stage_refuses_a_bad_vllm_setting_before_loading(tmp_path, monkeypatch, capsys):
+    from trl_retmask import cli
+    from trl_retmask.scripts import common
+
+    monkeypatch.setattr(common, "load_model_and_tokenizer", lambda *a, **k: pytest.fail("model loaded"))
+    (tmp_path / "x.jsonl").write_text('{"prompt": "What is the capital of France?"}\n')
+    assert cli.main(["pairs", "--dataset_name", str(tmp_path / "x.jsonl"), "--output", str(tmp_path / "p.jsonl"), "--heads", "1-1",
+                     "--output_dir", str(tmp_path), "--vllm_mode", "server"]) == 2
+    assert "`vllm_mode='server'` is not supported" in capsys.readouterr().err
