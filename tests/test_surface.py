@@ -355,7 +355,8 @@ def test_train_pipeline_detects_heads_and_runs_niah_before_and_after(tmp_path, m
     monkeypatch.setattr(detection, "score_answer", lambda reference, response: {"rouge1_recall": 1.0, "correct": True})
 
     from trl_retmask import detect_retrieval_heads
-    from trl_retmask.niah import build_niah_samples, model_max_length
+    from trl_retmask.generation import model_window
+    from trl_retmask.niah import build_niah_samples
     from trl_retmask.scripts.train import main, parse_args
 
     model_dir = save_tiny_model(tmp_path / "model")
@@ -374,7 +375,7 @@ def test_train_pipeline_detects_heads_and_runs_niah_before_and_after(tmp_path, m
     top2 = sorted(h for h, _ in sorted(detected.mean_scores().items(), key=lambda kv: (-kv[1], kv[0]))[:2])
     assert summary["masked_heads"] == [f"{l}-{h}" for l, h in top2]
 
-    samples = build_niah_samples(tokenizer, [120], [50], max_length=model_max_length(model), max_new_tokens=4)
+    samples = build_niah_samples(tokenizer, [120], [50], max_length=model_window(model), max_new_tokens=4)
     trained = AutoModelForCausalLM.from_pretrained(out).eval()
 
     def answers(m, heads=None):

@@ -294,10 +294,6 @@ def build_niah_samples(tokenizer, context_lengths: Iterable[int] = DEFAULT_CONTE
     return samples
 
 
-model_max_length = model_window
-"""The model's context window, from its config (`generation.window.model_window`)."""
-
-
 # ----------------------------------------------------------------------------------------------------- answering
 _SCORER = None
 
@@ -426,7 +422,7 @@ def evaluate_niah(model, tokenizer, heads=None, context_lengths: Iterable[int] =
     heads = validate_heads(model, heads) if heads else []
     if samples is None:
         samples = build_niah_samples(tokenizer, context_lengths, depths, needles, haystack_dir,
-                                     max_length=model_max_length(model), max_new_tokens=max_new_tokens)
+                                     max_length=model_window(model), max_new_tokens=max_new_tokens)
 
     def answer(sample: NIAHSample) -> dict:
         new = generate_answer(model, tokenizer, sample, max_new_tokens, heads=heads)
@@ -461,6 +457,6 @@ def named_grid(grid: dict) -> dict[str, float]:
 __all__ = [
     "CORRECT_THRESHOLD", "NIAHSample", "PROMPT_TEMPLATE", "accuracy_grid", "build_niah_sample", "build_niah_samples",
     "evaluate_niah", "format_prompt", "generate_answer", "haystack_token_ids", "is_correct", "load_haystack",
-    "load_haystacks", "load_needles", "model_max_length", "named_grid", "niah_generation_config", "plot_accuracy_grid",
+    "load_haystacks", "load_needles", "named_grid", "niah_generation_config", "plot_accuracy_grid",
     "rouge1_recall", "run_niah_samples", "samples_fingerprint", "samples_info", "score_answer",
 ]
