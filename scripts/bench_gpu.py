@@ -12,7 +12,7 @@ Rows (each time-boxed; an error becomes a row, the others still run):
 5. the longest sequence per GPU for full and LoRA DPO of the 8B shape at batch 1 (bisection with OOM catch).
 
 Shapes: trl_retmask/data/model_configs/*.json (Llama-3.1-8B-Instruct, Qwen3-8B, Olmo-3-7B: the published
-config.json values; llama-1b-smollm2-vocab: the issue's 1.17B shape). `--tiny` shrinks every shape and length so
+config.json values; llama-1b-smollm2-vocab: a 1.17B shape). `--tiny` shrinks every shape and length so
 that all rows run on a CPU in about a minute (how the script is tested). Through scripts/bench.py the section skips
 without CUDA. Usage:
     python scripts/bench_gpu.py [--tiny] [--only generation,mask,detection,dpo,longest] [--json out.json]
@@ -202,7 +202,7 @@ def bench_generation(args) -> list[dict]:
         row("generate_pairs, backend generate (2 calls, the 2nd under mask_heads)", 2 * batch * new / plain_s,
             "tok/s"),
         row(f"generate_pairs, backend static ({2 * batch} rows in one loop, static cache, compiled on CUDA)", fast,
-            "tok/s", ">= 25,790 (10x the issue's 2,579) on an H200"),
+            "tok/s", ">= 25,790 (10x a 2,579 tok/s baseline) on an H200"),
         row("generate_pairs static / generate", plain_s / static_s, "x"),
         row("generate_pairs static: first call (compiles)", 2 * batch * new / first_s, "tok/s"),
         row(f"bandwidth limit at {2 * batch} rows ({source}: {tbps:.2f} TB/s)", limit, "tok/s"),

@@ -4,7 +4,7 @@ Each variant runs as its own process under a small watcher whose only child is t
 `getrusage(RUSAGE_CHILDREN).ru_maxrss` is that run's peak RSS alone (no /usr/bin/time needed). Both variants run
 one after the other in this one call, with the same prompts, seeds and sizes:
 
-- baseline: the settings shipped before issue 13.4: DPO micro-batches of 4 pairs (8 sequences padded to the longest)
+- baseline: the settings shipped before the memory fix: DPO micro-batches of 4 pairs (8 sequences padded to the longest)
   x 2 accumulation steps, a deep-copied reference model, no activation checkpointing, glibc's default (dynamic)
   mmap threshold;
 - fix: the recipe as shipped: micro-batches of 1 pair x 8 accumulation steps (the same 8 pairs per optimizer step),
@@ -34,7 +34,8 @@ REPO = Path(__file__).resolve().parents[1]
 VARIANTS = {
     "baseline": {"args": ["--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "2",
                           "--precompute_ref_log_probs", "False", "--activation_checkpointing", "False"],
-                 "preamble": "import trl_retmask.distributed as r; r.limit_cpu_training_memory = lambda *a, **k: False"},
+                 "preamble": "import trl_retmask.distributed as r; "
+                             "r.limit_cpu_training_memory = lambda *a, **k: False"},
     "fix": {"args": []},
 }
 ALLOCATOR_ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "MALLOC_ARENA_MAX")
@@ -47,7 +48,8 @@ LAUNCH = ("import runpy, sys; sys.path.insert(0, sys.argv.pop(1)); exec(sys.argv
 WATCHER = (
     "import json, resource, subprocess, sys, time\n"
     "t = time.perf_counter(); rc = subprocess.call(sys.argv[1:]); wall = time.perf_counter() - t\n"
-    "print(json.dumps({'rc': rc, 'wall_s': wall, 'maxrss_kib': resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}))"
+    "rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss\n"
+    "print(json.dumps({'rc': rc, 'wall_s': wall, 'maxrss_kib': rss}))"
 )
 FIRST_LOSS = re.compile(r"'loss': '?([-0-9.e]+)")
 

@@ -42,9 +42,9 @@ def run(args):
     trainers = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name, kw in variants.items():
-            cfg = RetMaskConfig(f"{tmp}/{name}", max_steps=1, per_device_train_batch_size=batch_size, learning_rate=1e-6,
-                                report_to="none", save_strategy="no", disable_tqdm=True, max_length=512, seed=0,
-                                use_cpu=cpu, mask_top_k=10, **kw)
+            cfg = RetMaskConfig(f"{tmp}/{name}", max_steps=1, per_device_train_batch_size=batch_size,
+                                learning_rate=1e-6, report_to="none", save_strategy="no", disable_tqdm=True,
+                                max_length=512, seed=0, use_cpu=cpu, mask_top_k=10, **kw)
             trainer = RetMaskTrainer(model=copy.deepcopy(model).train(), args=cfg, train_dataset=prefs,
                                      processing_class=tokenizer)
             if kw["gradient_checkpointing"]:  # done by `train()`, which the bench bypasses

@@ -105,8 +105,8 @@ def main_command(backend: str, out_dir: Path, extra: list[str]) -> dict:
     if proc.returncode != 0:
         raise RuntimeError(f"{backend} run failed (exit {proc.returncode}); see {out_dir.with_suffix('.log')}")
     summary = json.loads((out_dir / "retmask_recipe_summary.json").read_text())
-    return {"wall_s": wall, "peak_gib": peak / 2**30, "pairs_tok_s": summary["pair_stats"]["train"]["tokens_per_second"],
-            "timings_s": summary["timings_s"]}
+    return {"wall_s": wall, "peak_gib": peak / 2**30,
+            "pairs_tok_s": summary["pair_stats"]["train"]["tokens_per_second"], "timings_s": summary["timings_s"]}
 
 
 def main(argv=None) -> int:

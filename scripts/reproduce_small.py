@@ -123,6 +123,7 @@ def train(args, out: Path, scores, strategy: str, seed: int) -> Path:
     from trl_retmask import load_model_and_tokenizer
     from trl_retmask.config import RetMaskConfig
     from trl_retmask.fingerprints import fingerprint
+    from trl_retmask.heads import format_heads
     from trl_retmask.prompts import load_prompts
     from trl_retmask.scripts.train import TrainScriptArguments, recipe_defaults
     from trl_retmask.store import cached_json
@@ -131,7 +132,8 @@ def train(args, out: Path, scores, strategy: str, seed: int) -> Path:
     save_dir = out / "models" / f"{strategy}-seed{seed}"
     fields = {f.name for f in dataclasses.fields(RetMaskConfig)}
     config = {k: v for k, v in recipe_defaults("smollm2").items() if k in fields}
-    config.update(output_dir=str(out / "runs" / f"{strategy}-seed{seed}"), mask_threshold=None, mask_top_k=args.mask_top_k, mask_strategy=strategy, mask_seed=seed, seed=seed,
+    config.update(output_dir=str(out / "runs" / f"{strategy}-seed{seed}"), mask_threshold=None,
+                  mask_top_k=args.mask_top_k, mask_strategy=strategy, mask_seed=seed, seed=seed,
                   max_new_tokens=args.max_new_tokens, generation_batch_size=args.generation_batch_size,
                   pairs_cache_dir=str(out / "pairs"), num_train_epochs=args.epochs, learning_rate=args.learning_rate,
                   bf16=args.bf16, gradient_checkpointing=False, train_sampling_strategy="group_by_length",
@@ -149,7 +151,7 @@ def train(args, out: Path, scores, strategy: str, seed: int) -> Path:
         trainer.accelerator.unwrap_model(trainer.model).save_pretrained(save_dir)
         tokenizer.save_pretrained(save_dir)
         log = trainer.state.log_history
-        return {"masked_heads": [list(h) for h in trainer.masked_heads], "num_prompts": len(prompts),
+        return {"masked_heads": format_heads(trainer.masked_heads), "num_prompts": len(prompts),
                 "steps": trainer.state.global_step, "log": [h for h in log if "loss" in h or "train_runtime" in h],
                 "pair_stats": {k: v.to_dict() for k, v in trainer.pair_stats.items()},
                 "seconds": {"train": time.time() - t,
@@ -217,8 +219,8 @@ def report(evals: dict[str, list[dict]], args, out: Path, heads: dict, timings: 
         if a in evals and b in evals:
             ra, rb = runs_of(a, b)
             comparisons[f"{a} vs {b}"] = {
-                "suite": suite_comparison([r["suite"]["per_sample"] for r in ra], [r["suite"]["per_sample"] for r in rb],
-                                          **kw),
+                "suite": suite_comparison([r["suite"]["per_sample"] for r in ra],
+                                          [r["suite"]["per_sample"] for r in rb], **kw),
                 "short_answer": paired_comparison(general_of(ra), general_of(rb), **kw), "runs": len(ra)}
     result = {"args": vars(args), "heads": heads, "models": models, "comparisons": comparisons, "seconds": timings}
     (out / "results.json").write_text(json.dumps(result, indent=2))
@@ -283,6 +285,7 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     from trl_retmask import load_model_and_tokenizer
+    from trl_retmask.heads import format_heads
     from trl_retmask.scores import resolve_head_scores
 
     out = Path(args.output_dir).resolve()  # fingerprints hold paths under it: one per directory, however spelled
@@ -329,7 +332,7 @@ def main(argv=None):
             piece(MODELS[strategy], name, trained)
     if not evals:
         raise SystemExit(f"No finished evaluation in {out}; run without --report-only first.")
-    result = report(evals, args, out, {k: [list(h) for h in v] for k, v in heads.items()}, timings)
+    result = report(evals, args, out, {k: format_heads(v) for k, v in heads.items()}, timings)
     print((out / "results.md").read_text())
     print(f"total {time.time() - t0:.0f}s")
     return result

@@ -90,8 +90,8 @@ def test_stages_build_as_subparsers_like_trl_scripts():
     sub = top.add_subparsers(dest="command")
     parser = heads.make_parser(sub)
     assert parser.prog.endswith("heads")
-    (args,) = parser.parse_args_and_config(["--mask_top_k", "3"])
-    assert args.mask_top_k == 3
+    args, selection = parser.parse_args_and_config(["--mask_top_k", "3"])
+    assert selection.mask_top_k == 3 and selection.selection["top_k"] == 3 and args.show == 10
 
 
 def test_pairs_takes_retmask_configs_generation_defaults():
@@ -126,10 +126,10 @@ def test_heads_summary_selection_heatmap_into_a_directory(capsys, tmp_path):
                              "--save_heads", str(tmp_path / "heads.json")])
     expected, means = _top_k_by_hand(8)
     assert out["layers"] == 32 and out["heads_per_layer"] == 32
-    assert out["selection"]["heads"] == ",".join(f"{layer}-{head}" for layer, head in expected)
+    assert out["selection"]["heads"] == [f"{layer}-{head}" for layer, head in expected]
     assert out["selection"]["scores"]["15-30"] == pytest.approx(means[(15, 30)], abs=1e-4)
     assert out["sparsity"]["n_above_0.1"] == sum(m >= 0.1 for m in means.values())
-    assert json.loads((tmp_path / "heads.json").read_text()) == [list(h) for h in expected]
+    assert json.loads((tmp_path / "heads.json").read_text()) == [f"{layer}-{head}" for layer, head in expected]
     assert out["heatmap"] == str(plots / "heads.png")  # the real path, inside the directory
     assert (plots / "heads.png").read_bytes()[:4] == b"\x89PNG"
     best = max(means, key=means.get)
@@ -139,7 +139,7 @@ def test_heads_summary_selection_heatmap_into_a_directory(capsys, tmp_path):
 def test_heads_random_control_avoids_retrieval_heads(capsys):
     out = _run_json(capsys, ["heads", "--head_scores", str(LLAMA_SCORES), "--mask_top_k", "8", "--mask_strategy",
                              "random_non_retrieval", "--mask_seed", "3"])
-    control = [tuple(int(x) for x in h.split("-")) for h in out["selection"]["heads"].split(",")]
+    control = [tuple(int(x) for x in h.split("-")) for h in out["selection"]["heads"]]
     retrieval, means = _top_k_by_hand(8)
     pool = sorted(set(means) - set(retrieval))
     assert control == sorted(random.Random(3).sample(pool, 8))  # --mask_seed 3 draws as random.Random(3)
@@ -204,7 +204,7 @@ def test_export_zeroes_the_selected_heads_and_refuses_a_non_empty_dir(capsys, ti
     argv = ["export", "--model_name_or_path", str(tiny["model"]), "--head_scores", str(tiny["scores"]),
             "--mask_top_k", "2", "--output_dir", str(target)]
     out = _run_json(capsys, argv)
-    assert out["masked_heads"] == "0-1,2-3"
+    assert out["masked_heads"] == ["0-1", "2-3"]
     masked = AutoModelForCausalLM.from_pretrained(target)
     original = AutoModelForCausalLM.from_pretrained(tiny["model"])
     head_dim = 16
@@ -234,12 +234,13 @@ def test_pairs_writes_a_preference_dataset(capsys, tiny, tmp_path):
     from trl_retmask.models import load_model_and_tokenizer
 
     output = tmp_path / "pairs.jsonl"
-    stats = _run_json(capsys, ["pairs", "--model_name_or_path", str(tiny["model"]), "--dataset_name",
-                               str(tiny["data"]), "--heads", "0-1,2-3", "--temperature", "0", "--max_new_tokens",
-                               "5", "--generation_batch_size", "3", "--output", str(output)])
+    argv = ["pairs", "--model_name_or_path", str(tiny["model"]), "--dataset_name", str(tiny["data"]), "--heads",
+            "0-1,2-3", "--temperature", "0", "--max_new_tokens", "5", "--generation_batch_size", "3", "--output",
+            str(output), "--output_dir", str(tmp_path / "run")]
+    stats = _run_json(capsys, argv)
     rows = [json.loads(line) for line in output.read_text().splitlines()]
     assert stats["prompts"] == len(PROMPT_TEXTS) and stats["kept"] == len(rows) > 0
-    assert stats["masked_heads"] == "0-1,2-3"
+    assert stats["masked_heads"] == ["0-1", "2-3"]
     # greedy: each chosen / rejected response is what the model says without / with those heads masked (independent
     # generate calls), and exactly the pairs whose two responses differ are kept
     model, tokenizer = load_model_and_tokenizer(str(tiny["model"]))
@@ -255,6 +256,13 @@ def test_pairs_writes_a_preference_dataset(capsys, tiny, tmp_path):
     expected = [e for e in expected if e[1].strip() != e[2].strip()]
     got = [(r["prompt"][0]["content"], r["chosen"][0]["content"], r["rejected"][0]["content"]) for r in rows]
     assert sorted(got) == sorted(expected) and stats["kept"] == len(expected)
+
+    # Cached by default where the trainer caches (<output_dir>/_retmask_pairs): a rerun generates nothing.
+    assert stats["batches_generated"] == -(-len(PROMPT_TEXTS) // 3) and stats["batches_from_cache"] == 0
+    assert any((tmp_path / "run" / "_retmask_pairs").glob("*/pairs.meta.json"))
+    again = _run_json(capsys, [*argv, "--overwrite", "True"])
+    assert again["batches_generated"] == 0 and again["batches_from_cache"] == stats["batches_generated"]
+    assert [json.loads(line) for line in output.read_text().splitlines()] == rows
 
 
 def test_pairs_checks_output_before_generation(capsys, tiny, tmp_path, monkeypatch):
@@ -281,7 +289,7 @@ def test_eval_runs_the_suite_with_heads_masked(capsys, tiny, tmp_path):
     text = capsys.readouterr().out
     assert "| tiny | rerank |" in text and "masked heads: 0-1" in text
     saved = json.loads((tmp_path / "tiny.json").read_text())
-    assert saved["config"]["heads"] == [[0, 1]] and (tmp_path / "tiny.png").is_file()
+    assert saved["config"]["heads"] == ["0-1"] and (tmp_path / "tiny.png").is_file()
     stored = [o for line in (tmp_path / "tiny.generations.rank0.jsonl").read_text().splitlines()
               for o in json.loads(line)["outputs"]]
     model, tokenizer = load_model_and_tokenizer(str(tiny["model"]))
@@ -332,7 +340,8 @@ def test_missing_model_path_and_4bit_are_refused_before_loading(capsys, monkeypa
     line = _user_error(capsys, ["niah", "--model_name_or_path", str(tmp_path / "nope"), "--heads", "0-1"])
     assert "No such model directory or Hub id" in line and "Repo id must be" not in line
     line = _user_error(capsys, ["eval", "--model_name_or_path", str(tmp_path), "--load_in_4bit", "True"])
-    assert "--load_in_4bit quantizes the model with bitsandbytes, which needs a CUDA GPU (this machine has none)" in line
+    assert ("--load_in_4bit quantizes the model with bitsandbytes, which needs a CUDA GPU (this machine has none)"
+            in line)
     line = _user_error(capsys, ["train", "--recipe", "smollm2", "--load_in_4bit", "True", "--output_dir",
                                 str(tmp_path / "o")])
     assert "--load_in_4bit" in line
@@ -406,7 +415,7 @@ def test_detect_on_the_embedded_model_writes_loadable_scores(capsys, tmp_path):
     assert list(out["top_heads"]) == [f"{l}-{h}" for (l, h), _ in scores.ranked()[:3]]
 
 
-# --------------------------------------------------------------------------------------- reliability (issue 12)
+# ------------------------------------------------------------------------------------------------ reliability
 def _no_model_loading(monkeypatch):
     from trl_retmask.scripts import common
 
@@ -441,7 +450,7 @@ def test_file_outputs_never_replace_a_checkpoint_file(capsys, tiny, tmp_path, mo
     target.write_text("old")
     assert main(["heads", "--head_scores", str(tiny["scores"]), "--save_heads", str(target), "--overwrite",
                  "True"]) == 0
-    assert json.loads(target.read_text()) == [list(h) for h in SELECTED]
+    assert json.loads(target.read_text()) == [f"{layer}-{head}" for layer, head in SELECTED]
 
 
 def test_detect_refuses_a_directory_holding_other_scores(capsys, tiny, tmp_path, monkeypatch):

@@ -189,7 +189,8 @@ def test_defaults_are_the_authors():
     defaults = {k: p.default for k, p in inspect.signature(detect_retrieval_heads).parameters.items()}
     assert {k: defaults[k] for k in authors} == authors and defaults["haystack_per_needle"] is None
     cpu = DETECTION_PRESETS["cpu"]
-    assert set(cpu["context_lengths"]) <= set(authors["context_lengths"]) and set(cpu["depths"]) <= set(authors["depths"])
+    assert set(cpu["context_lengths"]) <= set(authors["context_lengths"])
+    assert set(cpu["depths"]) <= set(authors["depths"])
     assert {k: cpu[k] for k in ("max_new_tokens", "length_buffer")} == {"max_new_tokens": 50, "length_buffer": 200}
 
 
@@ -323,7 +324,7 @@ def test_detect_resumes_after_kill(tiny_tokenizer, hay_dir, monkeypatch, tmp_pat
 
 
 def test_detect_refuses_a_directory_of_other_needles(tiny_tokenizer, hay_dir, monkeypatch, tmp_path):
-    """Issue 12.2: another needle set (or haystack, model...) must not reuse the records of a detection directory."""
+    """Another needle set (or haystack, model...) must not reuse the records of a detection directory."""
     model = make_tiny_model("qwen2")
     _forced_detect(model, tiny_tokenizer, hay_dir, tmp_path / "d", monkeypatch)
     calls = []

@@ -28,14 +28,16 @@ from tests.recipe_utils import (
 
 
 def test_worker_env_keeps_the_parents_import_path(tmp_path, monkeypatch):
-    """A worker started like the launcher's (same interpreter, inherited env, other cwd) imports what the parent does."""
+    """A worker started like the launcher's (same interpreter, inherited env, other cwd) imports what the parent
+    does."""
     extra = tmp_path / "site_extra"
     (extra / "only_here_pkg").mkdir(parents=True)
     (extra / "only_here_pkg" / "__init__.py").write_text("VALUE = 7\n")
     monkeypatch.syspath_prepend(str(extra))  # reachable by the parent only through its sys.path
     monkeypatch.setenv("PYTHONPATH", "/nonexistent/earlier/entry")
     env = worker_env(CUDA_VISIBLE_DEVICES="")
-    code = "import only_here_pkg, trl, trl_retmask, os; print(only_here_pkg.VALUE, os.environ['CUDA_VISIBLE_DEVICES'] == '')"
+    code = ("import only_here_pkg, trl, trl_retmask, os; "
+            "print(only_here_pkg.VALUE, os.environ['CUDA_VISIBLE_DEVICES'] == '')")
     proc = subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path, capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -79,7 +81,8 @@ def test_two_process_recipe_run_shares_pairs_and_trains(tmp_path):
     assert ranks[0]["pair_stats"] == ranks[1]["pair_stats"]
     assert ranks[0]["pair_stats"]["prompts"] == len(PROMPT_TEXTS)
     stats = ranks[0]["pair_stats"]
-    assert len(ranks[0]["pairs"]) == stats["kept"] == stats["prompts"] - stats["dropped_identical"] - stats["dropped_empty"]
+    assert len(ranks[0]["pairs"]) == stats["kept"] == (stats["prompts"] - stats["dropped_identical"]
+                                                       - stats["dropped_empty"])
     assert all(p["chosen"] != p["rejected"] for p in ranks[0]["pairs"])  # only identical pairs are dropped
     assert {p["prompt"][0]["content"] for p in ranks[0]["pairs"]} <= set(PROMPT_TEXTS)
     assert all(r["masked_heads"] == [list(h) for h in SELECTED] for r in ranks)

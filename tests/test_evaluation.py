@@ -22,8 +22,8 @@ from trl_retmask.evaluation import (
 from trl_retmask.evaluation.metrics.citation.citation import citation_scores
 from trl_retmask.evaluation.metrics.ndcg.ndcg import ndcg_at_k
 from trl_retmask.evaluation.metrics.substring_match.substring_match import match_any, match_fraction
-from trl_retmask.evaluation.suite import parse_ranking
-from trl_retmask.evaluation.tasks import TASKS, n_tokens
+from trl_retmask.evaluation.registry import TASKS, parse_ranking
+from trl_retmask.evaluation.tasks import n_tokens
 
 
 @pytest.fixture(scope="module")
@@ -104,8 +104,8 @@ def test_ndcg_hand_computed():
     assert ndcg_at_k(["c", "x", "b"], rel, k=2) == 0.0  # b falls outside the cut-off
     assert ndcg_at_k(["b", "b", "a"], rel) == pytest.approx((1 + 2 / 2) / (2 + 1 / 1.5849625))  # duplicates gain 0
     metric = load_metric("ndcg")  # the evaluate module, loaded from the shipped file with HF_HUB_OFFLINE=1
-    out = metric.compute(predictions=[["b", "a"], ["a"]], references=[{"ids": list(rel), "relevance": list(rel.values())}] * 2,
-                         k=1)
+    out = metric.compute(predictions=[["b", "a"], ["a"]],
+                         references=[{"ids": list(rel), "relevance": list(rel.values())}] * 2, k=1)
     assert out["ndcg"] == pytest.approx((0.5 + 1.0) / 2)
 
 
@@ -158,7 +158,7 @@ def test_evaluate_long_context_tiny(tiny_llama, tiny_tokenizer, tmp_path):
                                    output_dir=tmp_path, name="tiny", progress=False, keep_generations=True,
                                    max_new_tokens=6)
     assert set(result["scores"]) == set(CATEGORIES) and set(result["scores"]["recall"]) == {"256"}
-    assert result["config"]["heads"] == [[0, 1]] and len(result["generations"]) == len(TASKS)
+    assert result["config"]["heads"] == ["0-1"] and len(result["generations"]) == len(TASKS)
     # The mask was applied: the same answers come from a copy whose o_proj input columns of head (0, 1) are zeroed
     # by hand (the weight-space equivalent of the forward-hook mask), and the unmasked model answers otherwise.
     import copy
@@ -422,3 +422,37 @@ def test_plot_results_draws_each_models_bars_and_intervals(tmp_path, monkeypatch
     assert [tuple(np.round(s[:, 1], 6)) for s in segments] == [(40.0, 70.0), (10.0, 30.0)]
     assert bars_b.errorbar is None
     assert [t.get_text() for t in figures[0].legends[0].get_texts()] == ["a", "b"]
+
+
+def test_a_new_task_is_one_registration(tiny_tokenizer):
+    """`register(Task(...))` is all a task needs: it is built, scored per sample and per batch with its metric, and
+    averaged into its (new) category by the suite, which names it nowhere else."""
+    from trl_retmask.evaluation import registry
+
+    def echo(tokenizer, length, seed):
+        return {"task": "echo", "length": length, "seed": seed, "prompt": f"Repeat {seed}.", "reference": [str(seed)],
+                "max_new_tokens": 4}
+
+    task = registry.Task("echo", "echoes", echo, "substring_match", "recall",
+                         score=lambda ref, output: float(ref[0] in output), logged={"echo": "recall"})
+    saved = {name: dict(getattr(registry, name)) for name in ("TASKS", "CATEGORIES", "TASK_CATEGORY", "PRIMARY")}
+    try:
+        registry.register(task)
+        with pytest.raises(ValueError, match="already registered"):
+            registry.register(task)
+        with pytest.raises(ValueError, match="scored by 'recall', not 'ndcg'"):
+            registry.register(registry.Task("echo2", "echoes", echo, "ndcg", "ndcg", score=task.score))
+        samples = build_suite(tiny_tokenizer, (256,), ["echoes"], n_per_task=2, seed=5)
+        assert [(s["task"], s["category"], s["seed"]) for s in samples] == [("echo", "echoes", 5),
+                                                                             ("echo", "echoes", 6)]
+        outputs = ["it is 5", "no idea"]
+        result = score_suite(samples, outputs)
+        assert result["scores"] == {"echoes": {"256": 0.5}} and result["tasks"]["echo"]["256"]["n"] == 2
+        from trl_retmask.evaluation import sample_score
+
+        assert [sample_score(s, o) for s, o in zip(samples, outputs)] == [1.0, 0.0]
+    finally:
+        for name, value in saved.items():
+            getattr(registry, name).clear()
+            getattr(registry, name).update(value)
+    assert "echo" not in registry.TASKS and list(registry.CATEGORIES) == ["recall", "rerank", "cite"]

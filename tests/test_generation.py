@@ -127,7 +127,8 @@ def test_bad_generation_settings_are_refused():
     with pytest.raises(ValueError, match="Unknown generation settings \\['temprature'\\]"):
         make_generation_config(model, 3, temprature=0.5)
     for kwargs, name in (({"temperature": float("nan")}, "temperature"), ({"temperature": float("inf")}, "temperature"),
-                         ({"top_k": -1}, "top_k"), ({"top_p": 0.0}, "top_p"), ({"max_new_tokens": 0}, "max_new_tokens")):
+                         ({"top_k": -1}, "top_k"), ({"top_p": 0.0}, "top_p"),
+                         ({"max_new_tokens": 0}, "max_new_tokens")):
         with pytest.raises(ValueError, match=f"`{name}` must"):
             make_generation_config(model, **{"max_new_tokens": 3, **kwargs})
 

@@ -228,5 +228,6 @@ def test_bench_gpu_tiny_runs_every_row_on_the_cpu(tmp_path):
     assert not failed
     names = " ".join(r["name"] for r in rows)
     for expected in ("generate_pairs, backend static", "backend generate", "bandwidth limit", "mask_heads / none",
-                     "detection / greedy", "DPO step", "longest completion per GPU, full", "longest completion per GPU, LoRA"):
+                     "detection / greedy", "DPO step", "longest completion per GPU, full",
+                     "longest completion per GPU, LoRA"):
         assert expected in names

@@ -109,7 +109,7 @@ def test_pushed_model_gives_back_its_heads(hub, tiny_tokenizer, tmp_path):
     assert card.index("## Citations") < card.index("## RetMask")
 
     back = HeadScores.from_pretrained("me/tiny-retmask")
-    assert back.masked_heads == trainer.masked_heads == SCORES.select(top_k=2)
+    assert back.trained_heads == trainer.masked_heads == SCORES.select(top_k=2)
     assert back.mean_scores() == SCORES.mean_scores()
     assert json.loads(files["retmask.json"])["selection"]["top_k"] == 2
 
@@ -120,7 +120,7 @@ def test_head_scores_push_and_download(hub):
     assert hub.created == ["me/scores"] and set(hub.repos["me/scores"]) == {"retmask_head_scores.json"}
     back = HeadScores.from_pretrained("me/scores")
     assert (back.num_layers, back.num_heads) == (3, 4) and back.mean_scores() == partial.mean_scores()
-    assert back.masked_heads is None  # a bare score repo records no training
+    assert back.trained_heads is None  # a bare score repo records no training
 
     hub.repos["me/empty"] = {}
     with pytest.raises(ValueError, match="holds no retmask_head_scores.json"):

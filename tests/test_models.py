@@ -152,7 +152,8 @@ def test_quantization_is_refused_without_cuda_or_bitsandbytes(monkeypatch, cuda,
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: (object() if bnb else None) if name == "bitsandbytes" else real_find_spec(name, *a))
+                        lambda name, *a: ((object() if bnb else None) if name == "bitsandbytes"
+                                          else real_find_spec(name, *a)))
     for flag in ("load_in_4bit", "load_in_8bit"):
         with pytest.raises(ValueError) as error:
             models.model_init_kwargs(ModelConfig(model_name_or_path="x", **{flag: True}))

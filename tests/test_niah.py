@@ -239,7 +239,7 @@ def _answer_needle(model, tok, sample, max_new_tokens, heads=None):
 
 @pytest.mark.parametrize("change", ["needles", "haystack", "model", "generation_config", "heads"])
 def test_niah_resume_refuses_a_directory_of_other_inputs(tiny_tokenizer, hay_dir, tmp_path, monkeypatch, change):
-    """Issue 12.2: resuming into a directory made with other needles, another haystack, model, generation settings
+    """Resuming into a directory made with other needles, another haystack, model, generation settings
     or heads must not reuse its records; it is refused, and `overwrite=True` redoes them."""
     import trl_retmask.niah as niah
 

@@ -177,7 +177,8 @@ def test_generation_settings_reach_the_decoder_and_timing_is_per_decode(model, t
 
 def test_special_tokens_never_reach_the_responses(model, tiny_tokenizer):
     """A special token generated inside a response (here BOS, made the likeliest token by a `sequence_bias`) is not
-    part of the response text, for string prompts (prompt + response decoded) and chat prompts (response decoded alone)."""
+    part of the response text, for string prompts (prompt + response decoded) and chat prompts (response decoded
+    alone)."""
     bos = tiny_tokenizer.bos_token_id
     prompts = [PROMPTS[0], CHATS[1]]
     pairs = generate_pairs(model, tiny_tokenizer, prompts, HEADS, temperature=0.0, max_new_tokens=4, batch_size=2,
@@ -302,12 +303,13 @@ def test_interrupted_generation_resumes_to_identical_pairs(model, tiny_tokenizer
     other = generate_pairs(model, tiny_tokenizer, prompts, HEADS, **{**kw, "seed": 8})
     assert (other.chosen, other.rejected) != (reference.chosen, reference.rejected)
     meta = json.loads(next((tmp_path / "b").glob("*/pairs.meta.json")).read_text())
-    assert meta["info"]["heads"] == [list(h) for h in HEADS] and meta["info"]["num_prompts"] == len(prompts)
+    assert meta["info"]["heads"] == [f"{layer}-{head}" for layer, head in HEADS]
+    assert meta["info"]["num_prompts"] == len(prompts)
 
 
 def test_model_generation_config_is_part_of_the_fingerprint(tiny_tokenizer, tmp_path):
     """Changing the model's own generation defaults (repetition_penalty, eos_token_id) changes the pairs: the cache
-    must not serve the old ones (issue 12.2)."""
+    must not serve the old ones."""
     model = make_tiny_model("llama")
     kw = dict(temperature=0.0, max_new_tokens=3, batch_size=4, cache_dir=tmp_path, show_progress=False)
     counter = CountingGenerate(model)

@@ -75,7 +75,8 @@ def test_max_prompts_stops_reading_at_the_limit(tmp_path, caplog):
     """`max_prompts` is exact (N kept prompts, all when N equals or exceeds what there is) and reading stops at the
     N-th kept prompt: rows after it are neither kept nor counted as dropped."""
     path = write_jsonl(tmp_path / "synth.jsonl", SYNTH_ROWS)
-    for limit, kept, dropped in ((1, ["keep me"], "none"), (2, ["keep me", "also kept"], "1 empty, 1 redacted, 1 duplicate"),
+    for limit, kept, dropped in ((1, ["keep me"], "none"),
+                                 (2, ["keep me", "also kept"], "1 empty, 1 redacted, 1 duplicate"),
                                  (3, ["keep me", "also kept", "keep me"], "1 empty, 1 redacted, 1 duplicate"),
                                  (4, ["keep me", "also kept", "keep me"], "1 empty, 1 redacted, 1 duplicate")):
         caplog.clear()

@@ -122,7 +122,7 @@ def _failing_open(real_open):
 def _pairs_argv(tiny, output, *extra):
     return ["pairs", "--model_name_or_path", str(tiny["model"]), "--dataset_name", str(tiny["data"]), "--heads",
             "0-1,2-3", "--temperature", "0", "--max_new_tokens", "3", "--max_prompts", "4", "--output", str(output),
-            *extra]
+            "--output_dir", f"{Path(output).parent}-run", *extra]  # the pair cache, beside the output's directory
 
 
 def test_pairs_output_cut_by_a_full_disk_is_not_left_behind(tiny, tmp_path, monkeypatch, capsys):
@@ -252,10 +252,10 @@ def test_several_config_files_merge_in_order(tmp_path):
     a, b = tmp_path / "a.yaml", tmp_path / "b.yaml"
     a.write_text(yaml.safe_dump({"mask_top_k": 5, "show": 2, "env": {"RETMASK_A": "1", "RETMASK_B": "a"}}))
     b.write_text(yaml.safe_dump({"show": 4, "env": {"RETMASK_B": "b"}}))
-    (args,) = parse_stage_args(heads.make_parser(), ["--config", str(a), f"--config={b}"])
-    assert (args.mask_top_k, args.show) == (5, 4)  # b's value wins, a's others stay
+    args, selection = parse_stage_args(heads.make_parser(), ["--config", str(a), f"--config={b}"])
+    assert (selection.mask_top_k, args.show) == (5, 4)  # b's value wins, a's others stay
     assert (os.environ.pop("RETMASK_A"), os.environ.pop("RETMASK_B")) == ("1", "b")
-    (args,) = parse_stage_args(heads.make_parser(), ["--config", str(a), "--config", str(b), "--show", "7"])
+    args, _ = parse_stage_args(heads.make_parser(), ["--config", str(a), "--config", str(b), "--show", "7"])
     assert args.show == 7  # the command line still wins
     for name in ("RETMASK_A", "RETMASK_B"):
         os.environ.pop(name, None)

@@ -61,7 +61,8 @@ def test_reproduce_small_resumes_after_interruption(reproduce, tmp_path, monkeyp
 
     calls.update(train=[], generate=0, interrupt=None)  # resumed: only the control is trained and evaluated
     first = reproduce.main(argv)
-    assert calls["train"] == ["random_non_retrieval"] and calls["generate"] == 5  # 4 suite batches (1 per task) + 1 short-answer
+    # 4 suite batches (1 per task) + 1 short-answer
+    assert calls["train"] == ["random_non_retrieval"] and calls["generate"] == 5
 
     calls.update(train=[], generate=0)  # finished: nothing is computed again, the report is the same
     assert reproduce.main(argv) == first == json.loads((out / "results.json").read_text())
@@ -88,7 +89,8 @@ def test_reproduce_small_resumes_after_interruption(reproduce, tmp_path, monkeyp
         # Independent two-sided sign-flip p-value: every sign pattern of the non-zero differences enumerated (the
         # strata are equal-sized, so the stratified mean is the plain mean); the report's is exact or 200 draws.
         nonzero = diff[diff != 0]
-        flips = [abs(sum(s * d for s, d in zip(signs, nonzero))) for signs in itertools.product((-1, 1), repeat=len(nonzero))]
+        flips = [abs(sum(s * d for s, d in zip(signs, nonzero)))
+                 for signs in itertools.product((-1, 1), repeat=len(nonzero))]
         exact = sum(f >= abs(nonzero.sum()) - 1e-12 for f in flips) / len(flips)  # one pattern (p = 1) when none
         assert overall["p_value"] == pytest.approx(exact, abs=0 if overall["exact"] else 0.12)
     assert first["models"]["base"]["suite"]["overall"]["mean"] == pytest.approx(base.mean())

@@ -167,10 +167,10 @@ def test_save_pretrained_from_pretrained_directory(tmp_path):
     path = scores.save_pretrained(tmp_path / "model")
     assert path.name == "retmask_head_scores.json"
     back = HeadScores.from_pretrained(tmp_path / "model")
-    assert back.scores == scores.scores and back.masked_heads is None
+    assert back.scores == scores.scores and back.trained_heads is None
     # A RetMask output dir also says which heads it was trained with.
     (tmp_path / "model" / "retmask.json").write_text(json.dumps({"masked_heads": [[2, 3], [0, 1]]}))
-    assert HeadScores.from_pretrained(str(tmp_path / "model")).masked_heads == [(0, 1), (2, 3)]
+    assert HeadScores.from_pretrained(str(tmp_path / "model")).trained_heads == [(0, 1), (2, 3)]
     (tmp_path / "model" / "retmask.json").write_text(json.dumps({"masked_heads": [[7, 0]]}))
     with pytest.raises(ValueError, match="outside its score grid"):
         HeadScores.from_pretrained(tmp_path / "model")
@@ -179,7 +179,8 @@ def test_save_pretrained_from_pretrained_directory(tmp_path):
 # ------------------------------------------------------------------------------------------ selection arguments
 def test_selection_arguments_and_select_heads(tmp_path):
     from tests.tiny import make_tiny_model
-    from trl_retmask.scores import HeadSelectionArguments, resolve_head_scores, select_heads
+    from trl_retmask.heads import HeadSelectionArguments, select_heads
+    from trl_retmask.scores import resolve_head_scores
 
     model = make_tiny_model("llama")  # 3 layers x 4 heads
     path = HeadScores(GRID).save(tmp_path / "s.json")
@@ -215,18 +216,30 @@ def test_selection_arguments_and_select_heads(tmp_path):
     ({"mask_seed": 2**32}, r"mask_seed` must be a seed in \[0, 2\*\*32 - 1\], got 4294967296"),
     ({"head_scores": ""}, "head_scores` must be a path"),
     ({"head_scores": 3}, "head_scores` must be a path"),
-    ({"mask_threshold": None}, "Set `mask_threshold` or `mask_top_k`"),
+    ({"mask_threshold": None, "head_scores": "s.json"}, "Set `mask_threshold` or `mask_top_k`"),
+    ({"heads": "1-2", "mask_top_k": 2}, "Give either `heads` or a selection"),
+    ({"heads": "1-2,1-2"}, "lists 1-2 more than once"),
 ])
 def test_selection_arguments_refuse_bad_values(kwargs, match):
-    from trl_retmask.scores import HeadSelectionArguments
+    from trl_retmask.heads import HeadSelectionArguments
 
     with pytest.raises(ValueError, match=match):
         HeadSelectionArguments(**kwargs)
 
 
+def test_no_rule_masks_nothing_in_the_selection_but_is_refused_by_the_trainer_config(tmp_path):
+    from trl_retmask import RetMaskConfig
+    from trl_retmask.heads import HeadSelectionArguments
+
+    assert not HeadSelectionArguments(mask_threshold=None).masks
+    assert HeadSelectionArguments(mask_threshold=None, heads="0-1").masks
+    with pytest.raises(ValueError, match="RetMask masks heads: set `mask_threshold` or `mask_top_k`"):
+        RetMaskConfig(str(tmp_path), mask_threshold=None, report_to="none")
+
+
 def test_seed_range_is_inclusive_and_checked_in_every_config(tmp_path):
     from trl_retmask import RetMaskConfig
-    from trl_retmask.scores import HeadSelectionArguments
+    from trl_retmask.heads import HeadSelectionArguments
     from trl_retmask.scripts.eval import EvalScriptArguments
 
     for seed in (0, 2**32 - 1):  # both ends are valid seeds
@@ -247,7 +260,8 @@ def test_single_numbers_and_empty_lists_are_scores():
     assert all(type(v) is float for vals in s.scores.values() for v in vals)
     assert s.mean_scores() == {(0, 0): 0.25, (0, 1): 1.0, (1, 0): 0.0, (1, 1): 0.75}
     assert repr(s) == "HeadScores(2 layers x 2 heads, 4 scored)"
-    with pytest.raises(ValueError, match=r"Malformed scores for head '0-0': expected a list of finite numbers, got True"):
+    with pytest.raises(ValueError,
+                       match=r"Malformed scores for head '0-0': expected a list of finite numbers, got True"):
         HeadScores({"0-0": True})
     with pytest.raises(ValueError, match=r"got \[1, False\]"):
         HeadScores({"0-0": [1, False]})
@@ -281,7 +295,8 @@ def test_load_reads_the_first_line_and_nested_dirs(tmp_path):
     path.write_text('\n  {"0-0": [0.5]}  \n\n')
     assert HeadScores.load(path).scores == {(0, 0): [0.5]}
     path.write_text("[]")
-    with pytest.raises(ValueError, match=r"one non-empty JSON object \{\"LAYER-HEAD\": \[\.\.\.\]\}; got list \(empty\)\.$"):
+    with pytest.raises(ValueError,
+                       match=r"one non-empty JSON object \{\"LAYER-HEAD\": \[\.\.\.\]\}; got list \(empty\)\.$"):
         HeadScores.load(path)
     path.write_text("3")
     with pytest.raises(ValueError, match=r"got int\.$"):
@@ -302,9 +317,9 @@ def test_masked_heads_record(tmp_path):
     d = tmp_path / "model"
     HeadScores(GRID).save_pretrained(d)
     (d / "retmask.json").write_text(json.dumps({"masked_heads": ["2-3", [0, 0]]}))
-    assert HeadScores.from_pretrained(d).masked_heads == [(0, 0), (2, 3)]  # last layer/head: inside
+    assert HeadScores.from_pretrained(d).trained_heads == [(0, 0), (2, 3)]  # last layer/head: inside
     (d / "retmask.json").write_text(json.dumps({"masked_heads": []}))
-    assert HeadScores.from_pretrained(d).masked_heads is None
+    assert HeadScores.from_pretrained(d).trained_heads is None
     for bad in ([[3, 0]], [[0, 4]]):
         (d / "retmask.json").write_text(json.dumps({"masked_heads": bad}))
         with pytest.raises(ValueError, match="retmask.json lists masked heads .* outside its score grid"):
@@ -373,7 +388,8 @@ def test_plot_boxes_the_given_heads(tmp_path, monkeypatch):
 
 
 def test_selection_arguments_forms(tmp_path):
-    from trl_retmask.scores import HeadSelectionArguments, resolve_head_scores, select_heads
+    from trl_retmask.heads import HeadSelectionArguments, select_heads
+    from trl_retmask.scores import resolve_head_scores
 
     path = HeadScores(GRID).save(tmp_path / "s.json")
     args = HeadSelectionArguments(head_scores=path, mask_top_k=2, mask_threshold=0.5, mask_strategy="random",
@@ -427,7 +443,8 @@ def test_error_messages_in_full(tmp_path):
     """Each refusal's whole text (the problem and the fix), so that no part of a message is lost unnoticed."""
     from types import SimpleNamespace
 
-    from trl_retmask.scores import HeadSelectionArguments, bundled_models, resolve_head_scores
+    from trl_retmask.heads import HeadSelectionArguments, select_heads
+    from trl_retmask.scores import bundled_models, resolve_head_scores
 
     bundled = "Llama-3.1-8B-Instruct, Olmo-3-7B-Think, Qwen3-8B, SmolLM2-135M-Instruct"
     assert ", ".join(bundled_models()) == bundled
@@ -449,8 +466,10 @@ def test_error_messages_in_full(tmp_path):
          "threshold=None, top_k=None."),
         (lambda: HeadScores({"0-0": [1], "0-1": [0.5]}).select(top_k=2, strategy="random_non_retrieval"),
          "Cannot draw 2 random_non_retrieval heads from 0 candidates; select fewer retrieval heads."),
-        (lambda: HeadSelectionArguments(mask_threshold=None, mask_top_k=None),
+        (lambda: HeadSelectionArguments(head_scores="s.json", mask_threshold=None, mask_top_k=None),
          "Set `mask_threshold` or `mask_top_k` to choose the heads to mask."),
+        (lambda: select_heads(HeadSelectionArguments(mask_threshold=None), None),
+         "Set `heads`, `mask_threshold` or `mask_top_k` to choose the heads to mask."),
         (lambda: HeadScores.load(missing),
          f"Head-score file {missing} does not exist. Pass a file or directory written by `trl-retmask detect` (or "
          f"the original retrieval-head tools), or a model id with bundled scores: {bundled}."),

@@ -148,7 +148,7 @@ rank = process_state().process_index
 end_processes()
 assert not torch.distributed.is_initialized()
 end_processes()  # a no-op once the group is gone
-print("rank", rank, "ok")
+print(f"rank {{rank}} ok", flush=True)  # one write: the two ranks share stdout
 """
 
 

@@ -1,4 +1,4 @@
-"""Every public surface with an assertion on its effect (issue 14, item 2): the package root's exports, each
+"""Every public surface with an assertion on its effect: the package root's exports, each
 `RetMaskConfig` field RetMask adds, the recipe pipeline's optional paths and the stages run for real, each checked
 against an independent computation (a hand-made `model.generate`, `random.Random`, a hand-filtered list).
 docs/testing.md maps each surface item to its test."""
@@ -63,9 +63,9 @@ def pairs_of(trainer) -> dict:
 # ------------------------------------------------------------------------------------------------ package root
 EXPORTS = {
     "DEFAULT_MODEL": "models", "load_model_and_tokenizer": "models", "export_masked_model": "masking",
-    "head_layout": "masking", "mask_heads": "masking", "validate_heads": "masking", "STRATEGIES": "scores",
-    "HeadScores": "scores", "HeadSelectionArguments": "scores", "resolve_head_scores": "scores",
-    "select_heads": "scores", "RetMaskConfig": "config", "RetMaskTrainer": "trainer", "generate_pairs": "pairs",
+    "head_layout": "masking", "mask_heads": "masking", "validate_heads": "heads", "STRATEGIES": "heads",
+    "HeadScores": "scores", "HeadSelectionArguments": "heads", "resolve_head_scores": "scores",
+    "select_heads": "heads", "RetMaskConfig": "config", "RetMaskTrainer": "trainer", "generate_pairs": "pairs",
     "detect_retrieval_heads": "detection", "evaluate_niah": "niah", "evaluate_long_context": "evaluation",
     "LongContextEvalCallback": "evaluation",
 }
@@ -355,12 +355,14 @@ def test_train_pipeline_detects_heads_and_runs_niah_before_and_after(tmp_path, m
     monkeypatch.setattr(detection, "score_answer", lambda reference, response: {"rouge1_recall": 1.0, "correct": True})
 
     from trl_retmask import detect_retrieval_heads
-    from trl_retmask.niah import build_niah_samples, model_max_length
+    from trl_retmask.generation import model_window
+    from trl_retmask.niah import build_niah_samples
     from trl_retmask.scripts.train import main, parse_args
 
     model_dir = save_tiny_model(tmp_path / "model")
     out = tmp_path / "run"
-    argv = _train_argv(model_dir, write_chat_log(tmp_path / "chat.jsonl"), out, "--mask_top_k", "2", "--max_prompts", "8",
+    argv = _train_argv(model_dir, write_chat_log(tmp_path / "chat.jsonl"), out, "--mask_top_k", "2",
+                       "--max_prompts", "8",
                        "--detect_context_lengths", "300", "--detect_depths", "50", "--detect_max_new_tokens", "3",
                        "--niah_context_lengths", "120", "--niah_depths", "50", "--niah_max_new_tokens", "4")
     script_args, training_args, model_args = parse_args(argv)
@@ -373,7 +375,7 @@ def test_train_pipeline_detects_heads_and_runs_niah_before_and_after(tmp_path, m
     top2 = sorted(h for h, _ in sorted(detected.mean_scores().items(), key=lambda kv: (-kv[1], kv[0]))[:2])
     assert summary["masked_heads"] == [f"{l}-{h}" for l, h in top2]
 
-    samples = build_niah_samples(tokenizer, [120], [50], max_length=model_max_length(model), max_new_tokens=4)
+    samples = build_niah_samples(tokenizer, [120], [50], max_length=model_window(model), max_new_tokens=4)
     trained = AutoModelForCausalLM.from_pretrained(out).eval()
 
     def answers(m, heads=None):
@@ -409,7 +411,7 @@ def test_pairs_file_trains_without_generation(capsys, tmp_path, monkeypatch):
     pairs_file = tmp_path / "pairs.jsonl"
     assert cli_main(["pairs", "--model_name_or_path", str(model_dir), "--dataset_name",
                      str(write_chat_log(tmp_path / "chat.jsonl")), "--heads", "0-1,2-3", "--temperature", "1.0",
-                     "--max_new_tokens", "5", "--output", str(pairs_file)]) == 0
+                     "--max_new_tokens", "5", "--output", str(pairs_file), "--output_dir", str(tmp_path / "run")]) == 0
     rows = [json.loads(line) for line in pairs_file.read_text().splitlines()]
     assert len(rows) >= 4
     import trl_retmask.pairs
@@ -563,7 +565,8 @@ def test_suite_answers_skip_special_tokens_and_its_store_names_what_changed(tiny
     model = make_tiny_model("llama")
     model.config._name_or_path = "org/tiny"
     bos = tiny_tokenizer.bos_token_id
-    assert bos not in (tiny_tokenizer.eos_token_id, None) and tiny_tokenizer.bos_token in tiny_tokenizer.all_special_tokens
+    assert bos not in (tiny_tokenizer.eos_token_id, None)
+    assert tiny_tokenizer.bos_token in tiny_tokenizer.all_special_tokens
     handle = make_greedy(model, bos)  # a special token that does not end generation
     samples = build_suite(tiny_tokenizer, (256,), ["niah_single"], 2, 0)
     assert generate(model, tiny_tokenizer, ["the man said"], 4) == [""]
@@ -577,7 +580,8 @@ def test_suite_answers_skip_special_tokens_and_its_store_names_what_changed(tiny
     for change, named in ((dict(max_new_tokens=4), "max_new_tokens"), (dict(max_new_tokens=3, heads=[(0, 1)]), "heads"),
                           (dict(max_new_tokens=3, samples=samples[:1]), "num_samples")):
         data = change.pop("samples", samples)
-        with pytest.raises(ValueError, match=rf"results of another run: they depend on other inputs \({named} differ\)"):
+        with pytest.raises(ValueError,
+                           match=rf"results of another run: they depend on other inputs \({named} differ\)"):
             generate_suite(model, tiny_tokenizer, data, **change, **kw)
     model.config._name_or_path = "org/renamed"  # the name is only informative: same weights, records reused
     assert generate_suite(model, tiny_tokenizer, samples, max_new_tokens=3, **kw) == \

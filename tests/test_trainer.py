@@ -16,7 +16,7 @@ from tests.test_pairs import HEADS, CountingGenerate, independent
 from tests.tiny import PREFS, CheckpointingProbe, make_tiny_model
 from trl_retmask import HeadScores
 from trl_retmask.config import RetMaskConfig
-from trl_retmask.scores import select_heads
+from trl_retmask.heads import select_heads
 from trl_retmask.trainer import RetMaskTrainer
 from trl_retmask.truncation import truncate_prompt
 
@@ -63,7 +63,8 @@ def test_training_lowers_loss_reference_is_initial_policy_and_card(tiny_tokenize
             logp = m(ids).logits[0, :-1].float().log_softmax(-1).gather(-1, ids[0, 1:, None])[:, 0]
         return logp[len(p_ids) - 1:].sum().item()
 
-    margins = [(completion_logp(trainer.model, r["prompt"], r["chosen"]) - completion_logp(ref, r["prompt"], r["chosen"]))
+    margins = [(completion_logp(trainer.model, r["prompt"], r["chosen"])
+                - completion_logp(ref, r["prompt"], r["chosen"]))
                - (completion_logp(trainer.model, r["prompt"], r["rejected"])
                   - completion_logp(ref, r["prompt"], r["rejected"])) for r in trainer.train_dataset]
     assert sum(margins) / len(margins) > 0.1, margins
@@ -83,7 +84,7 @@ def test_training_lowers_loss_reference_is_initial_policy_and_card(tiny_tokenize
         assert f"| {layer} | {head} | {score:.4f} |" in card
     assert f"| kept | {stats.kept} |" in card and f"| dropped_identical | {stats.dropped_identical} |" in card
     info = json.loads((save_dir / "retmask.json").read_text())
-    assert info["masked_heads"] == [list(h) for h in HEADS]
+    assert info["masked_heads"] == [f"{layer}-{head}" for layer, head in HEADS]  # the one saved form
     assert info["pair_stats"]["train"]["kept"] == stats.kept
     trainer.create_model_card()
     trainer.create_model_card()  # regenerated, never spliced twice
@@ -101,9 +102,41 @@ def test_training_lowers_loss_reference_is_initial_policy_and_card(tiny_tokenize
     # The saved directory gives back the scores (same layout, every head) and exactly the heads trained with.
     back = HeadScores.from_pretrained(save_dir)
     assert (back.num_layers, back.num_heads) == (3, 4) and back.mean_scores() == SCORES.mean_scores()
-    assert back.masked_heads == HEADS
+    assert back.trained_heads == HEADS
     heads, _ = select_heads(RetMaskConfig(str(tmp_path / "x"), report_to="none", bf16=False), model, save_dir)
     assert heads == HEADS
+
+
+def test_heads_handed_in_are_not_selected_again_and_explicit_heads_need_no_scores(tiny_tokenizer, tmp_path,
+                                                                                  monkeypatch):
+    """A caller that selected the heads (the train script) hands them in with their scores: the trainer only checks
+    them. Explicit `heads` in the config mask exactly those, with no scores, and the card says so."""
+    import trl_retmask.trainer as trainer_module
+
+    def never(*a, **k):
+        raise AssertionError("selected twice")
+
+    with monkeypatch.context() as m:
+        m.setattr(trainer_module, "select_heads", never)
+        trainer = RetMaskTrainer(model=make_tiny_model("llama"), args=config(tmp_path, mask_top_k=1),
+                                 train_dataset=PREFS, processing_class=tiny_tokenizer, head_scores=SCORES,
+                                 masked_heads=[(2, 3), "1-0"])
+    assert trainer.masked_heads == [(1, 0), (2, 3)] and trainer.head_scores is SCORES
+    with pytest.raises(ValueError, match=r"Heads \[\(3, 0\)\] are out of range"):
+        RetMaskTrainer(model=make_tiny_model("llama"), args=config(tmp_path), train_dataset=PREFS,
+                       processing_class=tiny_tokenizer, head_scores=SCORES, masked_heads=[(3, 0)])
+
+    trainer = RetMaskTrainer(model=make_tiny_model("llama"), args=config(tmp_path, heads="2-3,0-2"),
+                             train_dataset=PREFS, processing_class=tiny_tokenizer)
+    assert trainer.masked_heads == [(0, 2), (2, 3)] and trainer.head_scores is None
+    trainer.save_model(str(tmp_path / "saved"))
+    info = json.loads((tmp_path / "saved" / "retmask.json").read_text())
+    assert info["masked_heads"] == ["0-2", "2-3"] and info["selection"] == {"heads": ["2-3", "0-2"]}
+    assert info["sparsity"] is None and not (tmp_path / "saved" / "retmask_head_scores.json").exists()
+    assert "2 heads, given explicitly." in (tmp_path / "saved" / "README.md").read_text()
+    with pytest.raises(ValueError, match="`args.heads` names the heads to mask"):
+        RetMaskTrainer(model=make_tiny_model("llama"), args=config(tmp_path, heads="2-3"), train_dataset=PREFS,
+                       processing_class=tiny_tokenizer, head_scores=SCORES)
 
 
 def test_card_of_the_embedded_checkpoint_names_its_hub_base_model(tiny_tokenizer, tmp_path, monkeypatch):
@@ -546,7 +579,8 @@ def test_liger_is_refused_without_cuda_and_trls_flag_is_refused(tmp_path, monkey
 
 def test_liger_without_the_package_names_the_extra(tmp_path, monkeypatch):
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "liger_kernel" else real(name, *a))
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "liger_kernel" else real(name, *a))
     with pytest.raises(ValueError, match=r"pip install 'trl_retmask\[liger\]'"):
         RetMaskConfig(str(tmp_path), report_to="none", liger_kernels=True)
 
@@ -722,7 +756,7 @@ def test_config_refuses_non_finite_and_wrong_types(tmp_path, kwargs, match):
 def test_config_is_one_vocabulary_with_the_selection_arguments(tmp_path):
     from trl import TrlParser
 
-    from trl_retmask.scores import HeadSelectionArguments
+    from trl_retmask.heads import HeadSelectionArguments
 
     assert issubclass(RetMaskConfig, HeadSelectionArguments)
     (args,) = TrlParser((RetMaskConfig,)).parse_args_and_config(
@@ -911,7 +945,6 @@ def test_pair_statistics_callback_logs_each_split_once():
 
 
 def test_dataset_shapes_and_cache_location(tmp_path):
-    from types import SimpleNamespace
 
     from datasets import IterableDataset
 
@@ -930,11 +963,13 @@ def test_dataset_shapes_and_cache_location(tmp_path):
             f"`x` has columns {list(columns)}, but RetMask needs a `prompt` column (prompts to complete with pairs) or "
             "`chosen`/`rejected` columns (preference pairs). Rename the prompt column, e.g. "
             "`dataset.rename_column('question', 'prompt')`.")
-    cache_dir = RetMaskTrainer._cache_dir
-    args = SimpleNamespace(cache_pairs=True, pairs_cache_dir=None, output_dir=str(tmp_path))
-    assert cache_dir(None, args) == str(tmp_path / "_retmask_pairs")  # `_*` is skipped by push_to_hub
-    assert cache_dir(None, SimpleNamespace(**{**vars(args), "pairs_cache_dir": "/c"})) == "/c"
-    assert cache_dir(None, SimpleNamespace(**{**vars(args), "cache_pairs": False, "pairs_cache_dir": "/c"})) is None
+    # The pair cache is decided in one place, the config, with one default for every entry point.
+    def cache_dir(**kw):
+        return RetMaskConfig(str(tmp_path), report_to="none", bf16=False, **kw).pair_generation_kwargs["cache_dir"]
+
+    assert cache_dir() == str(tmp_path / "_retmask_pairs")  # `_*` is skipped by push_to_hub
+    assert cache_dir(pairs_cache_dir="/c") == "/c"
+    assert cache_dir(cache_pairs=False, pairs_cache_dir="/c") is None
 
 
 def test_precomputed_reference_log_probs_are_the_initial_policys_and_live_on_shared_disk(tiny_tokenizer, tmp_path):

@@ -198,6 +198,6 @@ def test_pairs_stage_refuses_a_bad_vllm_setting_before_loading(tmp_path, monkeyp
 
     monkeypatch.setattr(common, "load_model_and_tokenizer", lambda *a, **k: pytest.fail("model loaded"))
     (tmp_path / "x.jsonl").write_text('{"prompt": "What is the capital of France?"}\n')
-    assert cli.main(["pairs", "--dataset_name", str(tmp_path / "x.jsonl"), "--output", str(tmp_path / "p.jsonl"), "--heads", "1-1",
-                     "--output_dir", str(tmp_path), "--vllm_mode", "server"]) == 2
+    assert cli.main(["pairs", "--dataset_name", str(tmp_path / "x.jsonl"), "--output", str(tmp_path / "p.jsonl"),
+                     "--heads", "1-1", "--output_dir", str(tmp_path), "--vllm_mode", "server"]) == 2
     assert "`vllm_mode='server'` is not supported" in capsys.readouterr().err

@@ -13,12 +13,12 @@ _LAZY = {
     "export_masked_model": "masking",
     "head_layout": "masking",
     "mask_heads": "masking",
-    "validate_heads": "masking",
-    "STRATEGIES": "scores",
+    "validate_heads": "heads",
+    "STRATEGIES": "heads",
     "HeadScores": "scores",
-    "HeadSelectionArguments": "scores",
+    "HeadSelectionArguments": "heads",
     "resolve_head_scores": "scores",
-    "select_heads": "scores",
+    "select_heads": "heads",
     "RetMaskConfig": "config",
     "RetMaskTrainer": "trainer",
     "generate_pairs": "pairs",
@@ -47,9 +47,10 @@ if TYPE_CHECKING:  # pragma: no cover
     from .config import RetMaskConfig  # noqa: F401
     from .detection import detect_retrieval_heads  # noqa: F401
     from .evaluation import LongContextEvalCallback, evaluate_long_context  # noqa: F401
-    from .masking import export_masked_model, head_layout, mask_heads, validate_heads  # noqa: F401
+    from .heads import STRATEGIES, HeadSelectionArguments, select_heads, validate_heads  # noqa: F401
+    from .masking import export_masked_model, head_layout, mask_heads  # noqa: F401
     from .models import DEFAULT_MODEL, load_model_and_tokenizer  # noqa: F401
     from .niah import evaluate_niah  # noqa: F401
     from .pairs import generate_pairs  # noqa: F401
-    from .scores import STRATEGIES, HeadScores, HeadSelectionArguments, resolve_head_scores, select_heads  # noqa: F401
+    from .scores import HeadScores, resolve_head_scores  # noqa: F401
     from .trainer import RetMaskTrainer  # noqa: F401

@@ -98,6 +98,7 @@ def row_template_kwargs(row: dict) -> dict | None:
             raise ValueError(f"The `tools` column holds a string that is not JSON ({e}): {tools!r:.80}") from None
     extra = row.get("chat_template_kwargs") or {}
     if not isinstance(extra, dict):
-        raise ValueError(f"The `chat_template_kwargs` column must hold dicts, got {type(extra).__name__}: {extra!r:.80}")
+        raise ValueError(f"The `chat_template_kwargs` column must hold dicts, got {type(extra).__name__}: "
+                         f"{extra!r:.80}")
     kwargs = {**({"tools": tools} if tools is not None else {}), **extra}
     return kwargs or None

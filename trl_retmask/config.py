@@ -7,6 +7,7 @@ import math
 import os
 import warnings
 from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -14,8 +15,8 @@ from trl import DPOConfig
 
 from .generation import GENERATION_BACKENDS
 from .generation.vllm import VLLMSettings, vllm_available
+from .heads import HeadSelectionArguments
 from .liger import check_liger
-from .scores import HeadSelectionArguments
 from .truncation import SIDES
 from .validation import check_bool, check_choice, check_int, check_number, check_seed
 
@@ -31,6 +32,8 @@ def accelerator_available() -> bool:
     return False
 
 
+PAIRS_SUBDIR = "_retmask_pairs"
+"""The pair cache's folder under `output_dir` when `pairs_cache_dir` is not set."""
 GENERATION_FIELDS = ("max_new_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty")
 """Generation settings with a field of their own in `RetMaskConfig` (not to be repeated in `generation_kwargs`)."""
 ONE_SEQUENCE = ("do_sample", "num_beams", "num_return_sequences")
@@ -73,9 +76,10 @@ class RetMaskConfig(HeadSelectionArguments, DPOConfig):
     contrastive pairs are generated (chosen = the policy, rejected = the same policy with those heads masked).
 
     Parameters:
-        > Parameters that choose the masked heads: those of [`HeadSelectionArguments`] (`head_scores`,
+        > Parameters that choose the masked heads: those of [`HeadSelectionArguments`] (`heads`, `head_scores`,
         `mask_threshold`, `mask_top_k`, `mask_strategy`, `mask_seed`). With `head_scores=None` the trainer uses its
-        `head_scores` argument, and failing that the scores found for the policy's own name.
+        `head_scores` argument, and failing that the scores found for the policy's own name; explicit `heads` need
+        no scores.
 
         > Parameters that control the DPO sequences (with `max_length` of `DPOConfig`, 1024). Their defaults are the
         truncation of the authors' runs (TRL 0.24's defaults), done by `RetMaskTrainer`'s collator around TRL's: no
@@ -288,8 +292,8 @@ class RetMaskConfig(HeadSelectionArguments, DPOConfig):
     )
 
     def __post_init__(self):
-        # Cheap checks first: a bad value must fail here, not after minutes of generation. The selection fields are
-        # checked by HeadSelectionArguments.__post_init__, which then runs DPOConfig's.
+        # Cheap checks first: a bad value must fail here, not after minutes of generation (the selection fields by
+        # `check_selection`, then DPOConfig's own).
         check_int("max_new_tokens", self.max_new_tokens, minimum=1)
         check_number("temperature", self.temperature, low=0)
         check_number("top_p", self.top_p, low=0, high=1, low_open=True)
@@ -329,7 +333,11 @@ class RetMaskConfig(HeadSelectionArguments, DPOConfig):
                              "sequences itself: `truncation_side=\"left\"` (the default) keeps their last `max_length` "
                              "tokens, as TRL 0.24's keep_end did. Remove `truncation_mode`.")
         self._resolve_device_defaults()
-        super().__post_init__()  # HeadSelectionArguments' checks, then DPOConfig's
+        self.check_selection()
+        if not self.masks:
+            raise ValueError("RetMask masks heads: set `mask_threshold` or `mask_top_k` (a selection from scores), or "
+                             "`heads`.")
+        DPOConfig.__post_init__(self)
         if isinstance(self.generation_kwargs, str):  # DPOConfig parsed it from JSON (CLI)
             raise ValueError(f"`generation_kwargs` must be a JSON object, got {self.generation_kwargs!r}.")
         if self.generation_kwargs is not None and not isinstance(self.generation_kwargs, dict):
@@ -374,7 +382,9 @@ class RetMaskConfig(HeadSelectionArguments, DPOConfig):
     def _resolve_device_defaults(self):
         """TRL's bf16 + gradient checkpointing on a GPU; fp32 without checkpointing on a CPU, loudly."""
         # transformers 5 renamed gradient_checkpointing to activation_checkpointing; either set explicitly wins.
-        ckpt = self.activation_checkpointing if self.activation_checkpointing is not None else self.gradient_checkpointing
+        ckpt = self.activation_checkpointing
+        if ckpt is None:
+            ckpt = self.gradient_checkpointing
         if self.use_cpu or not accelerator_available():
             chosen = []
             if self.bf16 is None and not self.fp16:
@@ -398,6 +408,20 @@ class RetMaskConfig(HeadSelectionArguments, DPOConfig):
     def online(self) -> bool:
         """Whether the pairs are regenerated from the current policy during training."""
         return self.regenerate_pairs_steps is not None or self.regenerate_pairs_each_epoch
+
+    @property
+    def pairs_dir(self) -> str:
+        """Where generated pairs live on disk, for every entry point (trainer, `trl-retmask pairs`, `train`):
+        `pairs_cache_dir`, else `<output_dir>/_retmask_pairs` (`push_to_hub` skips `_*` paths)."""
+        return self.pairs_cache_dir or str(Path(self.output_dir) / PAIRS_SUBDIR)
+
+    @property
+    def pair_generation_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments of `generate_pairs` this config decides: the generation settings, the batch size and
+        the cache directory (`pairs_dir`, None without `cache_pairs`). The trainer and the `pairs` stage pass exactly
+        these, so both make (and cache) the same pairs."""
+        return {**self.generation_settings, "batch_size": self.generation_batch_size,
+                "cache_dir": self.pairs_dir if self.cache_pairs else None}
 
     @property
     def generation_settings(self) -> dict[str, Any]:

@@ -26,13 +26,13 @@ import torch
 
 from trl_retmask.distributed import process_state
 from trl_retmask.fingerprints import fingerprint, model_fingerprint
+from trl_retmask.generation import model_window
 from trl_retmask.masking import attention_modules, head_layout
 from trl_retmask.niah import (
     NIAHSample,
     accuracy_grid,
     build_niah_samples,
     generate_answer,
-    model_max_length,
     niah_generation_config,
     plot_accuracy_grid,
     run_niah_samples,
@@ -225,7 +225,7 @@ def detect_retrieval_heads(model, tokenizer, context_lengths: Iterable[int] = AU
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}.")
     num_layers, num_heads, _ = head_layout(model)
     samples = build_niah_samples(tokenizer, context_lengths, depths, needles, haystack_dir,
-                                 max_length=model_max_length(model), max_new_tokens=max_new_tokens,
+                                 max_length=model_window(model), max_new_tokens=max_new_tokens,
                                  length_buffer=length_buffer, haystack_per_needle=haystack_per_needle)
     missing = sorted({s.needle_index for s in samples if s.answer_span is None})
     if missing:

@@ -3,6 +3,7 @@ config and weights), so a cache is reused only for the same inputs."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -61,47 +62,56 @@ def hash_weights(model: torch.nn.Module) -> str:
     offloaded = {n: m for n, m in model.named_modules() if has_offloaded_params(m)}
     h = hashlib.sha256()
     seen = {}  # tied weights (embeddings / LM head) are hashed once
-    onloaded = None  # (name, context) of the offloaded module whose weights are loaded now
-    try:
-        for name, t in sorted(model.state_dict().items()):
+    with contextlib.ExitStack() as onloaded:  # one offloaded module's weights on the CPU at a time
+        onloaded_owner = None
+        for name, t in sorted(model.state_dict().items()):  # a module's weights are contiguous in this order
             param = params.get(name)
             zero3 = getattr(param, "ds_id", None) is not None  # ZeRO-3: this process holds a partition
+            owner = None if zero3 else _offload_owner(name, t, offloaded)
             h.update(f"{name}|{t.dtype}|{tuple(param.ds_shape if zero3 else t.shape)}".encode())
-            owner = None
-            if zero3:
-                key = ("zero3", id(param))
-            elif t.device.type == "meta":
-                owner = max((n for n in offloaded if name.startswith(f"{n}.") or n == ""), key=len, default=None)
-                if owner is None:
-                    raise ValueError(f"Weight {name!r} is on the meta device with no offloaded copy behind it (the "
-                                     "model was built without loading its weights): load the checkpoint first.")
-                key = ("offloaded", id(param) if param is not None else name)
-            else:
-                key = (t.device, t.data_ptr(), t.dtype, tuple(t.shape), t.stride())
-            elsewhere = zero3 or owner is not None  # the full tensor is not this placeholder
-            if key in seen or (t.numel() == 0 and not elsewhere):
+            key = _storage_key(name, t, param, zero3, owner)
+            if key in seen or (t.numel() == 0 and not zero3 and owner is None):
                 h.update(f"={seen.get(key, '')}".encode())
                 continue
             seen[key] = name
-            if zero3:
-                import deepspeed
-
-                with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
-                    t = param.detach().contiguous().cpu().clone()
-            elif owner is not None:
-                if onloaded is None or onloaded[0] != owner:
-                    if onloaded is not None:
-                        onloaded[1].__exit__(None, None, None)
-                    context = align_module_device(offloaded[owner], "cpu")
-                    context.__enter__()
-                    onloaded = (owner, context)
-                t = offloaded[owner].state_dict()[name[len(owner) + 1:] if owner else name]
-            t = t.detach().contiguous().cpu()
-            h.update(t.view(torch.uint8).numpy().tobytes())
-    finally:
-        if onloaded is not None:
-            onloaded[1].__exit__(None, None, None)
+            if owner is not None and owner != onloaded_owner:
+                onloaded.close()
+                onloaded.enter_context(align_module_device(offloaded[owner], "cpu"))
+                onloaded_owner = owner
+            h.update(_weight_bytes(name, t, param, zero3, owner, offloaded))
     return h.hexdigest()
+
+
+def _offload_owner(name: str, t: torch.Tensor, offloaded: dict) -> str | None:
+    """The offloaded module behind weight `name` when the module holds only its meta placeholder; else None."""
+    if t.device.type != "meta":
+        return None
+    owner = max((n for n in offloaded if name.startswith(f"{n}.") or n == ""), key=len, default=None)
+    if owner is None:
+        raise ValueError(f"Weight {name!r} is on the meta device with no offloaded copy behind it (the model was "
+                         "built without loading its weights): load the checkpoint first.")
+    return owner
+
+
+def _storage_key(name: str, t: torch.Tensor, param, zero3: bool, owner: str | None) -> tuple:
+    """What identifies a weight's storage, so tied weights are hashed once."""
+    if zero3:
+        return ("zero3", id(param))
+    if owner is not None:
+        return ("offloaded", id(param) if param is not None else name)
+    return (t.device, t.data_ptr(), t.dtype, tuple(t.shape), t.stride())
+
+
+def _weight_bytes(name: str, t: torch.Tensor, param, zero3: bool, owner: str | None, offloaded: dict) -> bytes:
+    """The full weight's bytes: a ZeRO-3 partition gathered, an offloaded weight read from its (onloaded) module."""
+    if zero3:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
+            t = param.detach().contiguous().cpu().clone()
+    elif owner is not None:
+        t = offloaded[owner].state_dict()[name[len(owner) + 1:] if owner else name]
+    return t.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes()
 
 
 def model_fingerprint(model) -> str:

@@ -10,15 +10,14 @@ from __future__ import annotations
 
 import contextlib
 import json
-import re
 from collections.abc import Iterable
-from numbers import Integral
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from .atomic import atomic_directory, write_text
+from .heads import format_heads, validate_heads
 
 SUPPORTED = "Llama, Qwen2, Qwen3, Mistral, OLMo2/OLMo3, Gemma/Gemma2/Gemma3, Phi3 and other decoders whose attention " \
             "modules have an `o_proj` output projection and a `layer_idx`"
@@ -40,30 +39,6 @@ def head_layout(model_or_config) -> tuple[int, int, int]:
                          f"attention heads. Supported: {SUPPORTED}.") from e
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // num_heads
     return num_layers, num_heads, int(head_dim)
-
-
-def parse_head(key) -> tuple[int, int]:
-    """A head as `(layer, head)` from `"LAYER-HEAD"` (the score-file key, e.g. `"12-3"`) or a pair of ints."""
-    if isinstance(key, str):
-        if re.fullmatch(r"[0-9]+-[0-9]+", key.strip()):
-            layer, head = key.strip().split("-")
-            return int(layer), int(head)
-    elif isinstance(key, (tuple, list)) and len(key) == 2 and all(
-            isinstance(k, Integral) and not isinstance(k, bool) for k in key):
-        if key[0] >= 0 and key[1] >= 0:
-            return int(key[0]), int(key[1])
-    raise ValueError(f"Malformed head key {key!r}: expected 'LAYER-HEAD' (e.g. '12-3') or a (layer, head) pair.")
-
-
-def validate_heads(model_or_config, heads: Iterable) -> list[tuple[int, int]]:
-    """Normalise heads to a sorted list of (layer, head) ints; ValueError if any lies outside the model."""
-    num_layers, num_heads, _ = head_layout(model_or_config)
-    out = sorted({parse_head(h) for h in heads})
-    bad = [(l, h) for l, h in out if not (0 <= l < num_layers and 0 <= h < num_heads)]
-    if bad:
-        raise ValueError(f"Heads {bad[:8]} are out of range: the model has layers 0..{num_layers - 1} and query heads "
-                         f"0..{num_heads - 1}. Check that the head scores belong to this model.")
-    return out
 
 
 def attention_modules(model: nn.Module) -> dict[int, nn.Module]:
@@ -192,5 +167,5 @@ def export_masked_model(model: nn.Module, heads: Iterable, save_dir, tokenizer=N
         if tokenizer is not None:
             tokenizer.save_pretrained(target)
         write_text(Path(target) / "retmask_masked_heads.json",
-                   json.dumps({"masked_heads": [f"{l}-{h}" for l, h in validate_heads(model, heads)]}, indent=1))
+                   json.dumps({"masked_heads": format_heads(validate_heads(model, heads))}, indent=1))
     return save_dir

@@ -9,6 +9,7 @@ import textwrap
 from pathlib import Path
 
 from .atomic import write_text
+from .heads import format_head, parse_head
 from .scores import HEAD_SCORES_FILE, RETMASK_FILE
 
 __all__ = ["HEAD_SCORES_FILE", "PAPER", "RETMASK_FILE", "retmask_section", "write_retmask_files"]
@@ -24,7 +25,7 @@ PAPER = {
             booktitle     = {Findings of the Association for Computational Linguistics: ACL 2026},
             eprint        = {2601.11020},
             archivePrefix = {arXiv},
-        }"""),
+        }"""),  # noqa: E501 (BibTeX lines are not wrapped)
 }
 DPO_CITATION = textwrap.dedent("""\
     @inproceedings{rafailov2023direct,
@@ -32,7 +33,7 @@ DPO_CITATION = textwrap.dedent("""\
         author       = {Rafael Rafailov and Archit Sharma and Eric Mitchell and Christopher D. Manning and Stefano Ermon and Chelsea Finn},
         year         = 2023,
         booktitle    = {Advances in Neural Information Processing Systems 36},
-    }""")
+    }""")  # noqa: E501
 
 
 def _fmt(v) -> str:
@@ -48,16 +49,20 @@ def retmask_section(info: dict) -> str:
     )
     lines += ["", "### Masked heads", ""]
     sel = info.get("selection", {})
-    lines.append(
-        f"{len(info['masked_heads'])} heads, selected with strategy `{sel.get('strategy')}`, threshold "
-        f"`{sel.get('threshold')}`, top-k `{sel.get('top_k')}`, seed `{sel.get('seed')}`"
-        f"{' from `' + str(sel['source']) + '`' if sel.get('source') else ''}. Scores are mean retrieval scores; "
-        f"the full score file is `{HEAD_SCORES_FILE}`."
-    )
+    if "heads" in sel:
+        lines.append(f"{len(info['masked_heads'])} heads, given explicitly.")
+    else:
+        lines.append(
+            f"{len(info['masked_heads'])} heads, selected with strategy `{sel.get('strategy')}`, threshold "
+            f"`{sel.get('threshold')}`, top-k `{sel.get('top_k')}`, seed `{sel.get('seed')}`"
+            f"{' from `' + str(sel['source']) + '`' if sel.get('source') else ''}. Scores are mean retrieval scores; "
+            f"the full score file is `{HEAD_SCORES_FILE}`."
+        )
     lines += ["", "| layer | head | retrieval score |", "|---:|---:|---:|"]
-    scores = info.get("head_scores", {})
-    for layer, head in info["masked_heads"]:
-        s = scores.get(f"{layer}-{head}")
+    scores = info.get("head_scores") or {}
+    for key in info["masked_heads"]:
+        layer, head = parse_head(key)
+        s = scores.get(format_head((layer, head)))
         lines.append(f"| {layer} | {head} | {'' if s is None else f'{s:.4f}'} |")
     if info.get("sparsity"):
         lines += ["", "### Sparsity of the retrieval scores", "", "| statistic | value |", "|---|---:|"]

@@ -214,7 +214,8 @@ def load_model_and_tokenizer(name_or_path=DEFAULT_MODEL, *, trust_remote_code: b
         kwargs.pop("revision", None)  # the converted local checkpoint has no revisions
     path = resolve_model_path(name_or_path)
     check_model_path(path)
-    shared = {"trust_remote_code": trust_remote_code, **({"revision": kwargs["revision"]} if "revision" in kwargs else {})}
+    shared = {"trust_remote_code": trust_remote_code,
+              **({"revision": kwargs["revision"]} if "revision" in kwargs else {})}
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs, trust_remote_code=trust_remote_code)
     tokenizer = AutoTokenizer.from_pretrained(path, **shared)
     tokenizer.padding_side = "left"

@@ -19,7 +19,7 @@ from .chat import encode_rendered, render_user_prompt
 from .distributed import process_state
 from .fingerprints import fingerprint, model_fingerprint
 from .generation import check_window, generate_batch, make_generation_config, model_window
-from .masking import validate_heads
+from .heads import format_heads, validate_heads
 from .store import run_resumable, write_json
 
 DATA_DIR = Path(__file__).parent / "data"
@@ -294,10 +294,6 @@ def build_niah_samples(tokenizer, context_lengths: Iterable[int] = DEFAULT_CONTE
     return samples
 
 
-model_max_length = model_window
-"""The model's context window, from its config (`generation.window.model_window`)."""
-
-
 # ----------------------------------------------------------------------------------------------------- answering
 _SCORER = None
 
@@ -426,7 +422,7 @@ def evaluate_niah(model, tokenizer, heads=None, context_lengths: Iterable[int] =
     heads = validate_heads(model, heads) if heads else []
     if samples is None:
         samples = build_niah_samples(tokenizer, context_lengths, depths, needles, haystack_dir,
-                                     max_length=model_max_length(model), max_new_tokens=max_new_tokens)
+                                     max_length=model_window(model), max_new_tokens=max_new_tokens)
 
     def answer(sample: NIAHSample) -> dict:
         new = generate_answer(model, tokenizer, sample, max_new_tokens, heads=heads)
@@ -437,14 +433,14 @@ def evaluate_niah(model, tokenizer, heads=None, context_lengths: Iterable[int] =
     if output_dir is not None:
         fp = fingerprint(kind="niah", model=model_fingerprint(model), samples=samples_fingerprint(samples),
                          generation=niah_generation_config(model, max_new_tokens), heads=heads)
-    info = {**samples_info(model, samples), "heads": heads, "max_new_tokens": max_new_tokens}
+    info = {**samples_info(model, samples), "heads": format_heads(heads), "max_new_tokens": max_new_tokens}
     records = run_niah_samples(samples, answer, output_dir, name="niah", fingerprint=fp, info=info,
                                overwrite=overwrite, desc="NIAH eval")
     grid = accuracy_grid(records)
     accuracy = sum(r["correct"] for r in records) / max(len(records), 1)
     if output_dir is not None and process_state().is_main_process:
-        summary = {"accuracy": accuracy, "num_samples": len(records), "heads": heads,
-                   "grid": {f"{k[0]}@{k[1]:g}": v for k, v in grid.items()}}
+        summary = {"accuracy": accuracy, "num_samples": len(records), "heads": format_heads(heads),
+                   "grid": named_grid(grid)}
         png = Path(output_dir) / "niah_grid.png"
         if write_json(Path(output_dir) / "niah_summary.json", summary) or not png.is_file():
             plot_accuracy_grid(grid, png, title=f"NIAH accuracy ({len(heads)} heads masked)")
@@ -453,9 +449,14 @@ def evaluate_niah(model, tokenizer, heads=None, context_lengths: Iterable[int] =
     return {"accuracy": accuracy, "grid": grid, "num_samples": len(records), "records": records}
 
 
+def named_grid(grid: dict) -> dict[str, float]:
+    """An accuracy grid keyed `"LENGTH@DEPTH"` (e.g. `"1024@50"`), as the summaries save and print it."""
+    return {f"{length}@{depth:g}": value for (length, depth), value in grid.items()}
+
+
 __all__ = [
     "CORRECT_THRESHOLD", "NIAHSample", "PROMPT_TEMPLATE", "accuracy_grid", "build_niah_sample", "build_niah_samples",
     "evaluate_niah", "format_prompt", "generate_answer", "haystack_token_ids", "is_correct", "load_haystack",
-    "load_haystacks", "load_needles", "model_max_length", "niah_generation_config", "plot_accuracy_grid",
+    "load_haystacks", "load_needles", "named_grid", "niah_generation_config", "plot_accuracy_grid",
     "rouge1_recall", "run_niah_samples", "samples_fingerprint", "samples_info", "score_answer",
 ]

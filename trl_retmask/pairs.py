@@ -1,14 +1,19 @@
 """Contrastive pair generation: chosen = the policy, rejected = the same policy with its retrieval heads masked.
 
 Prompts are encoded as TRL's DPOTrainer encodes them, generated in batches (`generation.generate_batch` through a
-backend: a colocated vLLM engine with the heads masked in its weights, `model.generate`, or the static-cache loop
-that decodes a batch's chosen and rejected rows together), shared across accelerate processes batch by batch and gathered (`store.run_resumable`),
-and cached on disk under a fingerprint of everything the pairs depend on (model weights and generation config,
-generation settings, backend, prompts, heads), so reruns skip it and interrupted runs resume. Every decode is seeded
-from (seed, batch index, role) alone (under vLLM every row from (seed, prompt index, role)), so the pairs do not depend on the process count or on where a run was
-interrupted, and the chosen responses do not depend on the heads: they are cached apart (fingerprint without heads),
-so runs that differ only in the masked heads (RetMask and its random-head control, a sweep over k) share them when
-they share a cache directory; a batch whose chosen responses are cached decodes its rejected rows only.
+backend: a colocated vLLM engine with the heads masked in its weights, `model.generate`, or the static-cache loop that
+decodes a batch's chosen and rejected rows together), shared across accelerate processes batch by batch and gathered
+(`store.run_resumable`), and cached on disk under a fingerprint of everything the pairs depend on (model weights and
+generation config, generation settings, backend, prompts, heads), so reruns skip it and interrupted runs resume. Every
+decode is seeded from (seed, batch index, role) alone (under vLLM every row from (seed, prompt index, role)), so the
+pairs do not depend on the process count or on where a run was interrupted, and the chosen responses do not depend on
+the heads: they are cached apart (fingerprint without heads), so runs that differ only in the masked heads (RetMask and
+its random-head control, a sweep over k) share them when they share a cache directory; a batch whose chosen responses
+are cached decodes its rejected rows only.
+
+`generate_pairs` is the public function; `PairGeneration` holds its steps (inputs, batches, fingerprints, one batch's
+decode, the run), each readable on its own. `GeneratedPairs.completions` is the one conversion of pairs to TRL's
+preference columns.
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ from .generation import (
     make_generation_config,
     model_window,
 )
-from .masking import validate_heads
+from .heads import format_heads, validate_heads
 from .store import ResultStore, run_resumable
 
 CACHE_VERSION = 3
@@ -81,14 +86,16 @@ class GeneratedPairs:
     def kept_indices(self) -> list[int]:
         return [i for i, k in enumerate(self.keep) if k]
 
+    def completions(self) -> dict[str, list]:
+        """The kept pairs' `chosen` and `rejected` columns as TRL expects them (conversational prompts get
+        assistant-message completions): the one conversion of pairs to preference data."""
+        kept = self.kept_indices
+        return {role: [as_completion(self.prompts[i], texts[i]) for i in kept]
+                for role, texts in (("chosen", self.chosen), ("rejected", self.rejected))}
+
     def to_dataset(self) -> Dataset:
-        """The kept pairs as a TRL preference dataset (conversational prompts get assistant-message completions)."""
-        rows = {"prompt": [], "chosen": [], "rejected": []}
-        for i in self.kept_indices:
-            rows["prompt"].append(self.prompts[i])
-            rows["chosen"].append(as_completion(self.prompts[i], self.chosen[i]))
-            rows["rejected"].append(as_completion(self.prompts[i], self.rejected[i]))
-        return Dataset.from_dict(rows)
+        """The kept pairs as a TRL preference dataset (prompt, chosen, rejected)."""
+        return Dataset.from_dict({"prompt": [self.prompts[i] for i in self.kept_indices], **self.completions()})
 
 
 def as_completion(prompt, text: str):
@@ -146,7 +153,8 @@ def generate_pairs(
     process returns the full, ordered set. With `cache_dir`, finished batches are stored there and reused (see module
     docstring). Bad input (no or empty prompts, heads outside the model) is refused before any generation.
 
-    `backend`: one of `GENERATION_BACKENDS` or a `GenerateBackend`. `"vllm"` decodes with the process's vLLM engine
+    `backend`: one of `GENERATION_BACKENDS` or a `GenerateBackend` (`generation.make_backend`). `"vllm"` decodes with
+    the process's vLLM engine
     (`generation.vllm`; `vllm`: its `VLLMSettings` fields), the rejected rows with the masked layers' `o_proj` weights
     swapped in; `"generate"` decodes chosen and rejected rows in two `model.generate` calls (the rejected under
     `mask_heads`); `"static"` decodes them in one loop with a static KV cache, compiled on CUDA (`generation.static`);
@@ -160,90 +168,123 @@ def generate_pairs(
     A pair is kept unless its responses are identical (whitespace stripped; two empty ones are identical), as the
     authors filter; `drop_empty=True` also drops a pair with one empty response (applied after the cache: no
     regeneration). `keep_reasoning=False` trains on the answers alone: the text up to a closing `</think>` is removed
-    (`strip_reasoning`) before the filter, also after the cache.
+    (`strip_reasoning`) before the filter, also after the cache. The work is done by a `PairGeneration`,
+    whose steps can be read one at a time.
     """
-    if len(prompts) == 0:
-        raise ValueError("No prompts to generate pairs for: the prompt dataset is empty.")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
-    decoder = make_backend(backend, model, vllm)  # checks the name; a static backend hooks the model on first use
-    heads = sorted({(int(layer), int(head)) for layer, head in heads})
-    if not heads:
-        raise ValueError("No heads to mask: the selection is empty. Lower `mask_threshold` or set `mask_top_k`.")
-    validate_heads(model, heads)
-    prompts = list(prompts)
-    check_prompts(prompts)
-    if template_kwargs is not None and len(template_kwargs) != len(prompts):
-        raise ValueError(f"template_kwargs has {len(template_kwargs)} entries for {len(prompts)} prompts.")
-    prompt_ids = encode_prompts(tokenizer, prompts, template_kwargs)
-    check_prompt_ids(prompt_ids)
-    config = make_generation_config(model, max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                                    **(generation_kwargs or {}))
-    check_window([len(ids) for ids in prompt_ids], max_new_tokens, model_window(model))  # before any decode
+    generation = PairGeneration(model, tokenizer, prompts, heads, max_new_tokens=max_new_tokens,
+                                temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
+                                generation_kwargs=generation_kwargs, batch_size=batch_size, backend=backend,
+                                template_kwargs=template_kwargs, vllm=vllm)
+    return generation.run(cache_dir, drop_empty=drop_empty, keep_reasoning=keep_reasoning, desc=desc,
+                          show_progress=show_progress)
 
-    # Longest prompts first: little padding per batch, and an out-of-memory shows up at once.
-    order = sorted(range(len(prompts)), key=lambda i: -len(prompt_ids[i]))
-    batches = [(b, order[i:i + batch_size]) for b, i in enumerate(range(0, len(order), batch_size))]
 
-    fp = chosen_store = None
-    if cache_dir is not None:
-        inputs = fingerprint(v=CACHE_VERSION, model=model_fingerprint(model), generation=config, seed=seed,
-                             batch_size=batch_size, prompts=prompts, prompt_ids=prompt_ids, backend=decoder.name)
-        fp, chosen_fp = from_main_process((fingerprint(inputs=inputs, heads=heads), fingerprint(inputs=inputs)))
-        chosen_store = ResultStore(Path(cache_dir) / f"chosen-{chosen_fp[:20]}", "chosen", chosen_fp,
-                                   info={"num_prompts": len(prompts)}, cache=True)
-    expected = {_batch_key(batch): batch[1] for batch in batches}
-    chosen_done = chosen_store.open(lambda k, r: _valid_part(r, "chosen", expected.get(k)),
-                                    complete=lambda records: expected.keys() <= records.keys()) if chosen_store else {}
+class PairGeneration:
+    """One pair generation, step by step: the inputs checked and encoded (`__init__`), the batches (longest prompts
+    first), the cache fingerprints (`fingerprints`), one batch's decode (`decode`) and pair (`pair`), and the whole
+    run over the resumable store (`run`). `generate_pairs` is its public face."""
 
-    def decode(b: int, idx: list[int], roles: tuple[str, ...]) -> dict[str, dict]:
+    def __init__(self, model, tokenizer, prompts: list, heads, *, max_new_tokens: int, temperature: float,
+                 top_p: float, top_k: int | None, seed: int, generation_kwargs: dict | None, batch_size: int,
+                 backend: str | GenerateBackend, template_kwargs: Sequence[dict | None] | None,
+                 vllm: dict | None = None):
+        if len(prompts) == 0:
+            raise ValueError("No prompts to generate pairs for: the prompt dataset is empty.")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+        self.backend = backend
+        self.decoder = make_backend(backend, model, vllm)  # checks the name; a static backend hooks the model
+        self.heads = sorted({(int(layer), int(head)) for layer, head in heads})
+        if not self.heads:
+            raise ValueError("No heads to mask: the selection is empty. Lower `mask_threshold` or set `mask_top_k`.")
+        validate_heads(model, self.heads)
+        self.prompts = list(prompts)
+        check_prompts(self.prompts)
+        if template_kwargs is not None and len(template_kwargs) != len(self.prompts):
+            raise ValueError(f"template_kwargs has {len(template_kwargs)} entries for {len(self.prompts)} prompts.")
+        self.model, self.tokenizer, self.seed, self.batch_size = model, tokenizer, seed, batch_size
+        self.prompt_ids = encode_prompts(tokenizer, self.prompts, template_kwargs)
+        check_prompt_ids(self.prompt_ids)
+        self.config = make_generation_config(model, max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                                             **(generation_kwargs or {}))
+        check_window([len(ids) for ids in self.prompt_ids], max_new_tokens, model_window(model))  # before any decode
+        # Longest prompts first: little padding per batch, and an out-of-memory shows up at once.
+        order = sorted(range(len(self.prompts)), key=lambda i: -len(self.prompt_ids[i]))
+        self.batches = [(b, order[i:i + batch_size]) for b, i in enumerate(range(0, len(order), batch_size))]
+        self.generated = 0  # batches decoded by this process (the rest came from the cache)
+        self.chosen_done: dict[str, dict] = {}
+        self.chosen_store: ResultStore | None = None
+
+    def fingerprints(self) -> tuple[str, str]:
+        """(pairs, chosen): what the pairs depend on, and the same without the heads (the chosen responses do not
+        depend on them, so runs that differ only in the heads share them). The main process's, on every process."""
+        inputs = fingerprint(v=CACHE_VERSION, model=model_fingerprint(self.model), generation=self.config,
+                             seed=self.seed, batch_size=self.batch_size, prompts=self.prompts,
+                             prompt_ids=self.prompt_ids, backend=self.decoder.name)
+        return from_main_process((fingerprint(inputs=inputs, heads=self.heads), fingerprint(inputs=inputs)))
+
+    def decode(self, b: int, idx: list[int], roles: tuple[str, ...]) -> dict[str, dict]:
         """The `roles` responses for the prompts `idx` of batch `b`: one decode when the backend decodes masked and
         plain rows together, else one per role; each seeded from (seed, batch, its first role), or each row from
         (seed, prompt, role) where the backend samples rows apart (vLLM)."""
         parts = {}
-        for group in [roles] if decoder.joint else [(role,) for role in roles]:
+        for group in [roles] if self.decoder.joint else [(role,) for role in roles]:
             start = time.perf_counter()
-            new = generate_batch(model, tokenizer, [prompt_ids[i] for i in idx] * len(group), config, heads=heads,
+            new = generate_batch(self.model, self.tokenizer, [self.prompt_ids[i] for i in idx] * len(group),
+                                 self.config, heads=self.heads,
                                  masked=[role == "rejected" for role in group for _ in idx],
-                                 seed=seed * 1_000_003 + b * 2 + (group[0] == "rejected"), backend=decoder,
-                                 row_seeds=[seed * 1_000_003 + i * 2 + (role == "rejected") for role in group
+                                 seed=self.seed * 1_000_003 + b * 2 + (group[0] == "rejected"), backend=self.decoder,
+                                 row_seeds=[self.seed * 1_000_003 + i * 2 + (role == "rejected") for role in group
                                             for i in idx])
             seconds = (time.perf_counter() - start) / len(group)  # a joint decode's time is shared equally
             for k, role in enumerate(group):
                 rows = new[k * len(idx):(k + 1) * len(idx)]
-                texts = _decode_completions(tokenizer, [prompts[i] for i in idx], [prompt_ids[i] for i in idx], rows)
+                texts = _decode_completions(self.tokenizer, [self.prompts[i] for i in idx],
+                                            [self.prompt_ids[i] for i in idx], rows)
                 parts[role] = {role: texts, f"{role}_tokens": [len(row) for row in rows], "seconds": seconds}
         return parts
 
-    generated = 0
-
-    def pair(batch) -> dict:
-        nonlocal generated
+    def pair(self, batch) -> dict:
+        """One batch's record: its chosen responses (from the shared chosen cache, else decoded and stored there)
+        and its rejected responses."""
         b, idx = batch
-        chosen = chosen_done.get(_batch_key(batch))
-        parts = decode(b, idx, ROLES if chosen is None else ("rejected",))
+        chosen = self.chosen_done.get(_batch_key(batch))
+        parts = self.decode(b, idx, ROLES if chosen is None else ("rejected",))
         if chosen is None:
             chosen = {"indices": idx, **parts["chosen"]}
-            if chosen_store is not None:  # same prompts and settings, other heads: shared
-                chosen_store.append({"key": _batch_key(batch), **chosen})
+            if self.chosen_store is not None:  # same prompts and settings, other heads: shared
+                self.chosen_store.append({"key": _batch_key(batch), **chosen})
         rejected = parts["rejected"]
-        generated += 1
+        self.generated += 1
         return {**chosen, **rejected, "seconds": chosen["seconds"] + rejected["seconds"]}
 
-    try:
-        results = run_resumable(batches, pair, Path(cache_dir) / fp[:20] if fp else None, name="pairs",
-                                fingerprint=fp or "", key=_batch_key,
-                                verify=lambda batch, r: all(_valid_part(r, role, batch[1]) for role in ROLES),
-                                info={"heads": heads, "num_prompts": len(prompts)}, cache=True, desc=desc,
-                                show_progress=show_progress)
-    finally:
-        if chosen_store is not None:
-            chosen_store.close()
-        if decoder is not backend:  # made here: release its hooks
-            decoder.close()
-    if process_state().num_processes > 1:
-        generated = sum(gather_object([generated]))
-    return _assemble(prompts, results, fp or "", generated, drop_empty, keep_reasoning)
+    def run(self, cache_dir=None, *, drop_empty: bool = False, keep_reasoning: bool = True,
+            desc: str = "RetMask pairs", show_progress: bool = True) -> GeneratedPairs:
+        """Every batch through `run_resumable` (shared across processes; stored under `cache_dir` when given), then
+        the pairs assembled in input order and filtered."""
+        fp = None
+        if cache_dir is not None:
+            fp, chosen_fp = self.fingerprints()
+            self.chosen_store = ResultStore(Path(cache_dir) / f"chosen-{chosen_fp[:20]}", "chosen", chosen_fp,
+                                            info={"num_prompts": len(self.prompts)}, cache=True)
+            expected = {_batch_key(batch): batch[1] for batch in self.batches}
+            self.chosen_done = self.chosen_store.open(lambda k, r: _valid_part(r, "chosen", expected.get(k)),
+                                                      complete=lambda records: expected.keys() <= records.keys())
+        try:
+            results = run_resumable(self.batches, self.pair, Path(cache_dir) / fp[:20] if fp else None, name="pairs",
+                                    fingerprint=fp or "", key=_batch_key,
+                                    verify=lambda batch, r: all(_valid_part(r, role, batch[1]) for role in ROLES),
+                                    info={"heads": format_heads(self.heads), "num_prompts": len(self.prompts)},
+                                    cache=True, desc=desc, show_progress=show_progress)
+        finally:
+            if self.chosen_store is not None:
+                self.chosen_store.close()
+            if self.decoder is not self.backend:  # made here: release its hooks
+                self.decoder.close()
+        generated = self.generated
+        if process_state().num_processes > 1:
+            generated = sum(gather_object([generated]))
+        return _assemble(self.prompts, results, fp or "", generated, drop_empty, keep_reasoning)
 
 
 def _batch_key(batch) -> str:
@@ -352,8 +393,7 @@ def complete_prompt_dataset(
             f"{s.dropped_empty} empty): masking these heads does not change the model's answers. Mask more or other "
             "heads (`mask_threshold` / `mask_top_k`), sample (`temperature` > 0), or raise `max_new_tokens`."
         )
-    kept = pairs.kept_indices
-    out = dataset.select(kept)
-    out = out.add_column("chosen", [as_completion(pairs.prompts[i], pairs.chosen[i]) for i in kept])
-    out = out.add_column("rejected", [as_completion(pairs.prompts[i], pairs.rejected[i]) for i in kept])
+    out = dataset.select(pairs.kept_indices)
+    for role, column in pairs.completions().items():
+        out = out.add_column(role, column)
     return out, s

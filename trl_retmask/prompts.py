@@ -114,7 +114,8 @@ def _load_raw_dataset(script_args, split: str):
                             split=split, streaming=script_args.dataset_streaming)
     except ConnectionError as e:  # offline (HF_HUB_OFFLINE=1) or unreachable: say what was looked for
         raise ValueError(f"`dataset_name` {name!r} is neither a local file or directory nor reachable on the Hub "
-                         f"({' '.join(str(e).split())[:200]}). Check the path, or go online for a Hub dataset.") from None
+                         f"({' '.join(str(e).split())[:200]}). Check the path, or go online for a Hub "
+                         "dataset.") from None
 
 
 def shipped_prompts():
@@ -125,7 +126,8 @@ def shipped_prompts():
     for f in sorted(SHIPPED_PROMPTS_DIR.glob("*.jsonl")):
         rows.extend(json.loads(line) for line in f.read_text(encoding="utf-8").splitlines() if line.strip())
     if not rows:
-        raise ValueError(f"No shipped prompt set found in {SHIPPED_PROMPTS_DIR}; pass --dataset_name with your prompts.")
+        raise ValueError(f"No shipped prompt set found in {SHIPPED_PROMPTS_DIR}; pass --dataset_name with your "
+                         "prompts.")
     return Dataset.from_list([r if isinstance(r, dict) else {"prompt": r} for r in rows])
 
 
@@ -143,7 +145,8 @@ def _prompt_column(script_args, columns) -> str:
     candidates = [c for c in PROMPT_COLUMNS if columns is None or c in columns]
     if not candidates:
         if _is_synth_without_turns(script_args.dataset_name, columns):
-            raise ValueError(f"No user turns in {script_args.dataset_name!r} (columns: {columns}). {MISSING_USER_TURNS}")
+            raise ValueError(f"No user turns in {script_args.dataset_name!r} (columns: {columns}). "
+                             f"{MISSING_USER_TURNS}")
         raise ValueError(f"No prompt column in {script_args.dataset_name!r} (columns: {columns}). Name it with "
                          f"--prompt_column (tried {', '.join(PROMPT_COLUMNS)}).")
     return candidates[0]
@@ -208,18 +211,19 @@ def load_prompts(script_args, split: str | None = None, tokenizer=None):
     logger.info("Prompts from %s (column %r, filter %s): kept %d, dropped %s.", source, column,
                 "on" if filtered else "off", counts["kept"], dropped)
     if not prompts:
-        if column in CHAT_LOG_COLUMNS and counts["empty"] and _is_synth_without_turns(script_args.dataset_name, columns):
+        if (column in CHAT_LOG_COLUMNS and counts["empty"]
+                and _is_synth_without_turns(script_args.dataset_name, columns)):
             raise ValueError(f"No user turns in column {column!r} of {source}. {MISSING_USER_TURNS}")
         raise ValueError(f"No non-empty prompt in column {column!r} of {source} (dropped: {dropped}). A chat-log "
                          "column needs messages with role 'user' (or 'human'); pass --prompt_column to use another.")
-    rows = [{"prompt": [{"role": "user", "content": p}]} for p in prompts]
-    if script_args.enable_thinking is not None:
-        if tokenizer is None:
-            raise ValueError("`enable_thinking` renders prompts with the chat template: pass the tokenizer.")
-        rows = [{"prompt": tokenizer.apply_chat_template(r["prompt"], add_generation_prompt=True, tokenize=False,
-                                                         enable_thinking=script_args.enable_thinking)}
-                for r in rows]
-    return Dataset.from_list(rows)
+    if script_args.enable_thinking is None:
+        return Dataset.from_list([{"prompt": [{"role": "user", "content": p}]} for p in prompts])
+    if tokenizer is None:
+        raise ValueError("`enable_thinking` renders prompts with the chat template: pass the tokenizer.")
+    from .chat import render_user_prompt
+
+    return Dataset.from_list([{"prompt": render_user_prompt(tokenizer, p, enable_thinking=script_args.enable_thinking)}
+                              for p in prompts])
 
 
 __all__ = ["CHAT_LOG_COLUMNS", "MISSING_USER_TURNS", "PROMPT_COLUMNS", "authors_skip_reason", "first_user_turn",

@@ -2,7 +2,7 @@
 
 File format (shared with the original retrieval-head tools): one JSON object on one line,
 ``{"LAYER-HEAD": [score per sample, ...], ...}`` covering every head of the model. A head's retrieval score is the
-mean of its list. `HeadSelectionArguments` + `select_heads` are the one way every entry point picks the heads to mask.
+mean of its list. `heads.HeadSelectionArguments` + `heads.select_heads` pick the heads to mask from them.
 """
 
 from __future__ import annotations
@@ -12,18 +12,16 @@ import math
 import os
 import random
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from .atomic import write_text
-from .masking import head_layout, parse_head
-from .validation import check_choice, check_int, check_number, check_seed
+from .heads import STRATEGIES, format_head, format_heads, parse_head
+from .masking import head_layout
+from .validation import check_int, check_number
 
-STRATEGIES = ("retrieval", "random_non_retrieval", "random")
-"""How heads are chosen: the retrieval heads, or as many random non-retrieval / random heads (the paper's controls)."""
 HEAD_SCORES_FILE = "retmask_head_scores.json"
 """Name of the score file in a model directory or Hub repository (what `RetMaskTrainer` saves beside the weights)."""
 RETMASK_FILE = "retmask.json"
@@ -100,11 +98,11 @@ class HeadScores:
             missing = _first_missing(parsed, self.num_layers, self.num_heads)
             raise ValueError(
                 f"Scores must cover every head of the model: {len(parsed)} of {self.num_layers} layers x "
-                f"{self.num_heads} heads are given; missing e.g. {', '.join(f'{l}-{h}' for l, h in missing)}. Use a "
+                f"{self.num_heads} heads are given; missing e.g. {', '.join(format_heads(missing))}. Use a "
                 "complete score file (as `trl-retmask detect` writes), or pass num_layers/num_heads explicitly."
             )
         self.scores = parsed
-        self.masked_heads: list[tuple[int, int]] | None = None
+        self.trained_heads: list[tuple[int, int]] | None = None
         """Heads a RetMask model was trained with, when loaded from its directory or Hub repo (`retmask.json`)."""
 
     def __repr__(self) -> str:
@@ -143,7 +141,7 @@ class HeadScores:
 
     def to_dict(self) -> dict[str, list[float]]:
         """The file content: every head of the grid in (layer, head) order, unscored heads as `[0.0]`."""
-        return {f"{l}-{h}": self.scores.get((l, h), [0.0]) for l in range(self.num_layers)
+        return {format_head((l, h)): self.scores.get((l, h), [0.0]) for l in range(self.num_layers)
                 for h in range(self.num_heads)}
 
     def save(self, path) -> Path:
@@ -161,7 +159,7 @@ class HeadScores:
         output directory), the bundled files (matched by model id or basename), or a Hub repository that holds
         `retmask_head_scores.json` (downloaded with huggingface_hub; cached, so it also works offline once fetched).
 
-        From a RetMask model's directory or repo, `masked_heads` holds the heads it was trained with.
+        From a RetMask model's directory or repo, `trained_heads` holds the heads it was trained with.
         """
         text = str(name_or_path)
         path = Path(text).expanduser()
@@ -212,10 +210,10 @@ class HeadScores:
         if record_path.is_file():
             try:
                 heads = json.loads(record_path.read_text()).get("masked_heads")
-                scores.masked_heads = sorted(parse_head(h) for h in heads) if heads else None
+                scores.trained_heads = sorted(parse_head(h) for h in heads) if heads else None
             except (ValueError, AttributeError, TypeError) as e:
                 raise ValueError(f"{record_path} is not a valid RetMask record ({e}).") from None
-            bad = [h for h in scores.masked_heads or [] if h[0] >= scores.num_layers or h[1] >= scores.num_heads]
+            bad = [h for h in scores.trained_heads or [] if h[0] >= scores.num_layers or h[1] >= scores.num_heads]
             if bad:
                 raise ValueError(f"{record_path} lists masked heads {bad[:5]} outside its score grid.")
         return scores
@@ -362,73 +360,6 @@ def _is_repo_id(text: str) -> bool:
     return True
 
 
-# ------------------------------------------------------------------------------------------------- selection
-@dataclass
-class HeadSelectionArguments:
-    r"""
-    Which heads to mask: the one vocabulary of `RetMaskConfig`, every `trl-retmask` stage and the recipes.
-
-    Parameters:
-        head_scores (`str`, *optional*):
-            Where the retrieval scores come from: a score file, a directory holding `retmask_head_scores.json` (e.g.
-            a RetMask model), a model id with bundled scores, or a Hub repo holding `retmask_head_scores.json`. If
-            `None`, the scores found for the model's own name or path.
-        mask_threshold (`float`, *optional*, defaults to `0.1`):
-            Mask the heads whose mean retrieval score is at least this value, in (0, 1] (ignored when `mask_top_k`
-            is set).
-        mask_top_k (`int`, *optional*):
-            Mask the `k` highest-scoring heads instead of thresholding.
-        mask_strategy (`str`, *optional*, defaults to `"retrieval"`):
-            `"retrieval"` masks the selected retrieval heads; `"random_non_retrieval"` masks as many random heads
-            outside them and `"random"` as many random heads of any kind (the paper's controls).
-        mask_seed (`int`, *optional*, defaults to `0`):
-            Seed of the random strategies.
-    """
-
-    head_scores: str | None = field(
-        default=None,
-        metadata={"help": "Retrieval scores: a score file, a directory or Hub repo holding retmask_head_scores.json, "
-                          "or a model id with bundled scores. Defaults to the scores found for the model's name."},
-    )
-    mask_threshold: float | None = field(
-        default=0.1,
-        metadata={"help": "Mask the heads whose mean retrieval score is at least this value, in (0, 1] (unless "
-                          "mask_top_k is set)."},
-    )
-    mask_top_k: int | None = field(
-        default=None, metadata={"help": "Mask the k highest-scoring heads (replaces the threshold)."}
-    )
-    mask_strategy: str = field(
-        default="retrieval",
-        metadata={"help": "Which heads to mask: the retrieval heads, or the same number of random non-retrieval / "
-                          "random heads (controls).", "choices": list(STRATEGIES)},
-    )
-    mask_seed: int = field(default=0, metadata={"help": "Seed of the random masking strategies."})
-
-    def __post_init__(self):
-        # Cheap checks first: a bad value must fail here, not after minutes of loading or generation.
-        if isinstance(self.head_scores, os.PathLike):
-            self.head_scores = os.fspath(self.head_scores)
-        if self.head_scores is not None and (not isinstance(self.head_scores, str) or not self.head_scores.strip()):
-            raise ValueError(f"`head_scores` must be a path, model id or Hub repo id, got {self.head_scores!r}.")
-        check_number("mask_threshold", self.mask_threshold, low=0, high=1, low_open=True, optional=True)
-        check_int("mask_top_k", self.mask_top_k, minimum=1, optional=True)
-        check_choice("mask_strategy", self.mask_strategy, STRATEGIES)
-        check_seed("mask_seed", self.mask_seed)
-        if self.mask_threshold is None and self.mask_top_k is None:
-            raise ValueError("Set `mask_threshold` or `mask_top_k` to choose the heads to mask.")
-        parent = getattr(super(), "__post_init__", None)  # cooperative: RetMaskConfig mixes this with DPOConfig
-        if parent is not None:
-            parent()
-
-    @property
-    def selection(self) -> dict[str, Any]:
-        """Keyword arguments of `HeadScores.select` (top-k, when set, replaces the threshold)."""
-        threshold = None if self.mask_top_k is not None else self.mask_threshold
-        return {"threshold": threshold, "top_k": self.mask_top_k, "strategy": self.mask_strategy,
-                "seed": self.mask_seed}
-
-
 def _model_name(model) -> str:
     if isinstance(model, (str, os.PathLike)):
         return os.fspath(model)
@@ -456,10 +387,3 @@ def resolve_head_scores(source, model=None) -> HeadScores:
     if model is not None and not isinstance(model, (str, os.PathLike)):
         scores.validate(model)
     return scores
-
-
-def select_heads(args: HeadSelectionArguments, model, scores=None) -> tuple[list[tuple[int, int]], HeadScores]:
-    """The heads to mask and the scores they come from: `scores` (else `args.head_scores`, else the model's own)
-    resolved, validated against `model`, then selected with `args.selection`. The one selection path."""
-    scores = resolve_head_scores(scores if scores is not None else args.head_scores, model)
-    return scores.select(**args.selection), scores

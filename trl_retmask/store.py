@@ -84,8 +84,8 @@ class ResultStore:
             return
         files = self._rank_files() if self.dir.is_dir() else []
         if self.cache and (stored is not None or files):
-            warnings.warn(f"{self.meta_path} is missing, unreadable or of other inputs; the {len(files)} record file(s) "
-                          "there are discarded and their items redone.", UserWarning, stacklevel=3)
+            warnings.warn(f"{self.meta_path} is missing, unreadable or of other inputs; the {len(files)} record "
+                          "file(s) there are discarded and their items redone.", UserWarning, stacklevel=3)
         if stored is not None or files:
             if not self.overwrite and not self.cache:
                 if not isinstance(stored, dict) or "fingerprint" not in stored:
@@ -96,8 +96,8 @@ class ResultStore:
                     why = "they depend on other inputs" + (f" ({', '.join(changed)} differ)" if changed else
                                                            " (model weights, data or settings differ)")
                 raise ValueError(f"{self.dir} holds {self.name} results of another run: {why}. Use a fresh output "
-                                 "directory, or pass overwrite=True (`--overwrite True` on the command line) to discard them "
-                                 "and redo the work.")
+                                 "directory, or pass overwrite=True (`--overwrite True` on the command line) to "
+                                 "discard them and redo the work.")
             for path in files:
                 path.unlink()
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -291,5 +291,6 @@ def _stored_json(path: Path, fingerprint: str, overwrite: bool) -> dict | None:
             return {k: v for k, v in stored.items() if k != "fingerprint"}
         if valid and not overwrite:
             raise ValueError(f"{path} holds a result of other inputs (model, data or settings differ); delete it, "
-                             "use another output directory, or pass overwrite=True (`--overwrite True` on the command line) to recompute it.")
+                             "use another output directory, or pass overwrite=True (`--overwrite True` on the command "
+                             "line) to recompute it.")
     return None

@@ -31,12 +31,13 @@ from .atomic import atomic_directory, atomic_path
 from .config import RetMaskConfig
 from .distributed import from_main_process, gathered_for_generation, process_state, unwrapped_for_generation
 from .generation.vllm import close_engine
+from .heads import format_head, format_heads, select_heads, validate_heads
 from .liger import apply_liger_kernels
 from .locks import directory_lock
 from .model_card import PAPER, retmask_section, write_retmask_files
 from .models import hub_id_of, resolve_model_path
 from .pairs import PairStats, complete_prompt_dataset, is_prompt_only
-from .scores import HeadScores, resolve_head_scores, select_heads
+from .scores import HeadScores, resolve_head_scores
 from .truncation import TruncatingCollator, trl_truncation_off, truncate_prompt
 
 if is_wandb_available():
@@ -97,8 +98,11 @@ class RetMaskTrainer(DPOTrainer):
 
     Arguments are those of [`~trl.DPOTrainer`], plus `head_scores`: a `HeadScores`, a score file, a directory or Hub
     repo holding `retmask_head_scores.json`, or a model id with bundled scores (`HeadScores.from_pretrained`). It may
-    instead come from `args.head_scores`; failing both, the scores found for the policy's own name are used. Prompt-only datasets (`{"prompt": str}` or `{"prompt": [messages]}`), train and eval,
-    are completed with generated pairs; preference datasets (with `chosen`/`rejected`) pass through untouched.
+    instead come from `args.head_scores`; failing both, the scores found for the policy's own name are used. The
+    heads masked are `args.heads`, else the selection of `args` from those scores (`select_heads`), unless
+    `masked_heads` hands in heads already selected (from `head_scores`) by the caller, which are then only checked.
+    Prompt-only datasets (`{"prompt": str}` or `{"prompt": [messages]}`), train and eval, are completed with
+    generated pairs; preference datasets (with `chosen`/`rejected`) pass through untouched.
 
     Example:
 
@@ -129,6 +133,7 @@ class RetMaskTrainer(DPOTrainer):
         quantization_config=None,
         peft_config=None,
         head_scores: HeadScores | str | None = None,
+        masked_heads: list | None = None,
     ):
         if args is None:
             name = model if isinstance(model, str) else get_config_model_id(model.config)
@@ -143,12 +148,15 @@ class RetMaskTrainer(DPOTrainer):
         if args.online and not is_prompt_only(train_dataset):
             raise ValueError("Online RetMask regenerates pairs from prompts: `train_dataset` must be prompt-only "
                              "(`{'prompt': ...}` without chosen/rejected).")
-        if head_scores is not None and args.head_scores is not None:
+        if head_scores is not None and args.head_scores is not None and masked_heads is None:
             raise ValueError("Head scores were given twice (the `head_scores` argument and `args.head_scores`); "
                              "keep one.")
+        if args.heads and (masked_heads is not None or head_scores is not None):
+            raise ValueError("`args.heads` names the heads to mask: pass neither `masked_heads` nor `head_scores`.")
 
         # Head scores before any loading or generation: a wrong path or model id fails in a second, not minutes.
-        scores = resolve_head_scores(head_scores if head_scores is not None else args.head_scores, model)
+        source = head_scores if head_scores is not None else args.head_scores
+        scores = None if args.heads else resolve_head_scores(source, model)
 
         # The model is needed as an instance to generate the pairs before DPOTrainer processes the data.
         if isinstance(model, str):
@@ -171,7 +179,11 @@ class RetMaskTrainer(DPOTrainer):
             tokenizer.pad_token = tokenizer.eos_token
 
         # Heads: validated against the loaded model, before minutes of generation.
-        self.masked_heads, self.head_scores = select_heads(args, model, scores)
+        if masked_heads is not None:
+            self.masked_heads = validate_heads(model, masked_heads)
+            self.head_scores = resolve_head_scores(scores, model)
+        else:
+            self.masked_heads, self.head_scores = select_heads(args, model, scores)
         self.pair_stats: dict[str, PairStats] = {}
         self.pair_stats_history: list[dict] = []
         self._train_prompts = train_dataset if args.online else None
@@ -250,15 +262,9 @@ class RetMaskTrainer(DPOTrainer):
         return super()._get_train_sampler(train_dataset)
 
     # ------------------------------------------------------------------------------------------------ pairs
-    def _cache_dir(self, args: RetMaskConfig):
-        if not args.cache_pairs:
-            return None
-        return pairs_dir(args)
-
     def _complete(self, dataset, model, tokenizer, args: RetMaskConfig, name: str):
         dataset, stats = complete_prompt_dataset(
-            dataset, model, tokenizer, self.masked_heads, name=name,
-            batch_size=args.generation_batch_size, cache_dir=self._cache_dir(args), **args.generation_settings,
+            dataset, model, tokenizer, self.masked_heads, name=name, **args.pair_generation_kwargs
         )
         if stats is not None:
             self.pair_stats[name] = stats
@@ -283,7 +289,7 @@ class RetMaskTrainer(DPOTrainer):
         stored copy is reused only when it reads back whole (an older run cut short by a full disk left one whose
         `dataset_info.json` or `.arrow` file is damaged): anything else is saved again."""
         state = process_state()
-        path = Path(pairs_dir(args)) / f"dataset-{from_main_process(dataset._fingerprint)}"
+        path = Path(args.pairs_dir) / f"dataset-{from_main_process(dataset._fingerprint)}"
         with state.main_process_first():
             if state.is_main_process and _saved_dataset(path, len(dataset)) is None:
                 if path.exists():
@@ -297,13 +303,12 @@ class RetMaskTrainer(DPOTrainer):
 
     def regenerate_train_pairs(self, step: int) -> None:
         """Online RetMask: new pairs from the current policy replace the training pairs (same row count)."""
-        settings = {**self.args.generation_settings, "seed": self.args.generation_seed + step}
+        settings = {**self.args.pair_generation_kwargs, "seed": self.args.generation_seed + step}
         tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)
         try:
             with unwrapped_for_generation(self) as model:
                 dataset, stats = complete_prompt_dataset(
-                    self._train_prompts, model, tokenizer, self.masked_heads, name=f"train@{step}",
-                    batch_size=self.args.generation_batch_size, cache_dir=self._cache_dir(self.args), **settings,
+                    self._train_prompts, model, tokenizer, self.masked_heads, name=f"train@{step}", **settings
                 )
         except ValueError as e:  # every new pair dropped: keep training on the previous ones
             logger.warning("Online RetMask at step %d kept the previous pairs: %s", step, e)
@@ -318,13 +323,14 @@ class RetMaskTrainer(DPOTrainer):
     @property
     def retmask_info(self) -> dict:
         """What the card and `retmask.json` record about how this model was made."""
-        means = self.head_scores.mean_scores()
-        args = self.args
+        scores, args = self.head_scores, self.args
+        means = scores.mean_scores() if scores is not None else {}
         return {
-            "masked_heads": [list(h) for h in self.masked_heads],
-            "head_scores": {f"{layer}-{head}": means[(layer, head)] for layer, head in self.masked_heads},
-            "selection": {**args.selection, "source": args.head_scores},
-            "sparsity": self.head_scores.sparsity(),
+            "masked_heads": format_heads(self.masked_heads),
+            "head_scores": {format_head(h): means[h] for h in self.masked_heads if h in means},
+            "selection": {"heads": format_heads(args.heads)} if args.heads else {**args.selection,
+                                                                                 "source": args.head_scores},
+            "sparsity": scores.sparsity() if scores is not None else None,
             "generation": {**{k: v for k, v in args.generation_settings.items() if k != "generation_kwargs"},
                            **(args.generation_kwargs or {}), "batch_size": args.generation_batch_size},
             "pair_stats": {split: s.to_dict() for split, s in self.pair_stats.items()},
@@ -393,12 +399,6 @@ def _saved_dataset(path: Path, num_rows: int) -> Dataset | None:
         return dataset
     except Exception:  # noqa: BLE001 - JSONDecodeError, ArrowInvalid, FileNotFoundError, ...: a damaged copy
         return None
-
-
-def pairs_dir(args: RetMaskConfig) -> str:
-    """Where generated pairs live on disk: `pairs_cache_dir`, else `<output_dir>/_retmask_pairs` (push_to_hub skips
-    `_*` paths)."""
-    return args.pairs_cache_dir or str(Path(args.output_dir) / "_retmask_pairs")
 
 
 def _eval_splits(eval_dataset) -> dict:

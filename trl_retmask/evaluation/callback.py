@@ -5,15 +5,16 @@ from __future__ import annotations
 from transformers import TrainerCallback
 
 from ..distributed import unwrapped_for_generation
+from .registry import TASKS, build_suite
 from .suite import generate_suite, score_suite
-from .tasks import CATEGORIES, build_suite
 
 
 class LongContextEvalCallback(TrainerCallback):
     """Runs a fixed slice of the long-context suite during training so a run shows its long-context curve.
 
-    Logs `{prefix}/{category}/{length}` (primary score), `{prefix}/{task}/{length}` for the recall tasks and
-    `{prefix}/cite_{metric}/{length}` for the citation components with `trainer.log`, i.e. to every logger the trainer reports to (TensorBoard, W&B, log_history...).
+    Logs `{prefix}/{category}/{length}` (primary score) and what each task's registry entry names (`Task.logged`:
+    `{prefix}/{task}/{length}` for the recall tasks, `{prefix}/cite_{metric}/{length}` for the citation components)
+    with `trainer.log`, i.e. to every logger the trainer reports to (TensorBoard, W&B, log_history...).
     The samples are built once, so every evaluation scores the same prompts. Usage, as TRL's callbacks:
 
     ```python
@@ -51,11 +52,8 @@ class LongContextEvalCallback(TrainerCallback):
         logs = {f"{self.prefix}/{cat}/{n}": v for cat, by_len in result["scores"].items() for n, v in by_len.items()}
         for task, by_len in result["tasks"].items():
             for n, metrics in by_len.items():
-                if task in CATEGORIES["recall"]:
-                    logs[f"{self.prefix}/{task}/{n}"] = metrics["recall"]
-                elif task == "cite":
-                    for m in ("correctness", "citation_recall", "citation_precision"):
-                        logs[f"{self.prefix}/cite_{m}/{n}"] = metrics[m]
+                for log_name, key in TASKS[task].logged.items():
+                    logs[f"{self.prefix}/{log_name}/{n}"] = metrics[key]
         self.history.append({"step": step, **logs})
         self.trainer.log(logs)
         self._last_step = step

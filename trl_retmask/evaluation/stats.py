@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from .tasks import TASK_CATEGORY
+from .registry import TASK_CATEGORY
 
 N_RESAMPLES = 10_000
 CONFIDENCE = 0.95

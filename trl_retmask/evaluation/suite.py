@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from collections import defaultdict
 from pathlib import Path
 
@@ -12,16 +11,9 @@ from ..chat import check_prompts, encode_rendered, render_user_prompt
 from ..distributed import process_state
 from ..fingerprints import fingerprint, model_fingerprint
 from ..generation import check_window, generate_batch, make_generation_config, model_window
-from ..masking import validate_heads
+from ..heads import format_heads, validate_heads
 from ..store import run_resumable, write_json
-from .metrics import load_metric
-from .metrics.citation.citation import citation_scores
-from .metrics.ndcg.ndcg import ndcg_at_k
-from .metrics.substring_match.substring_match import match_fraction
-from .tasks import CATEGORIES, build_suite
-
-PRIMARY = {"recall": "recall", "rerank": "ndcg", "cite": "cite_avg"}
-"""The one number per category: substring recall, NDCG@10, mean of correctness and citation recall/precision."""
+from .registry import CATEGORIES, PRIMARY, TASKS, build_suite
 
 
 def _encode(tokenizer, prompts: list[str]) -> list[list[int]]:
@@ -90,23 +82,9 @@ def generate_suite(model, tokenizer, samples: list[dict], batch_size: int = 4, h
     return outputs
 
 
-def parse_ranking(text: str, ids: list[str]) -> list[str]:
-    """IDs in the order the model wrote them (known IDs only, first occurrence)."""
-    known, out = set(ids), []
-    for token in re.findall(r"\d+", text):
-        if token in known and token not in out:
-            out.append(token)
-    return out
-
-
 def sample_score(sample: dict, output: str) -> float:
-    """The primary score of one answer (its category's metric), the unit that `stats` resamples and pairs."""
-    ref = sample["reference"]
-    if sample["task"] == "rerank":
-        return ndcg_at_k(parse_ranking(output, ref["ids"]), dict(zip(ref["ids"], ref["relevance"])), 10)
-    if sample["task"] == "cite":
-        return sum(citation_scores(output, ref["answers"], ref["documents"]).values()) / 3
-    return match_fraction(output, ref)
+    """The primary score of one answer (its task's scorer), the unit that `stats` resamples and pairs."""
+    return TASKS[sample["task"]].score(sample["reference"], output)
 
 
 def score_suite(samples: list[dict], outputs: list[str]) -> dict:
@@ -118,16 +96,8 @@ def score_suite(samples: list[dict], outputs: list[str]) -> dict:
         groups[(s["task"], s["length"])].append((s, o))
     tasks: dict = defaultdict(dict)
     for (task, length), rows in groups.items():
-        preds, refs = [o for _, o in rows], [s["reference"] for s, _ in rows]
-        if task == "rerank":
-            ranked = [parse_ranking(o, r["ids"]) for o, r in zip(preds, refs)]
-            res = load_metric("ndcg").compute(predictions=ranked, references=refs, k=10)
-        elif task == "cite":
-            res = load_metric("citation").compute(predictions=preds, references=refs)
-            res["cite_avg"] = (res["correctness"] + res["citation_recall"] + res["citation_precision"]) / 3
-        else:
-            res = load_metric("substring_match").compute(predictions=preds, references=refs)
-        tasks[task][str(length)] = {**{k: float(v) for k, v in res.items()}, "n": len(rows)}
+        result = TASKS[task].compute([s for s, _ in rows], [o for _, o in rows])
+        tasks[task][str(length)] = {**result, "n": len(rows)}
     scores: dict = {}
     for cat, cat_tasks in CATEGORIES.items():
         present = [t for t in cat_tasks if t in tasks]
@@ -147,8 +117,9 @@ def evaluate_long_context(model, tokenizer, lengths=(1024, 2048), categories=Non
 
     `max_new_tokens` caps the tasks' answer budgets (quick looks only). The result is
     `{"scores": {category: {length: score}}, "tasks": {task: {length: metrics}}, "per_sample": [...], "config": ...}`
-    (`per_sample`: each sample's task, length, seed and primary score, for `stats`); with `output_dir` it is also saved as `<name>.json` and `<name>.png` there, and the generations as they finish
-    in `<name>.generations.rank<i>.jsonl` (an interrupted run resumes; see `generate_suite`).
+    (`per_sample`: each sample's task, length, seed and primary score, for `stats`); with `output_dir` it is also
+    saved as `<name>.json` and `<name>.png` there, and the generations as they finish in
+    `<name>.generations.rank<i>.jsonl` (an interrupted run resumes; see `generate_suite`).
     """
     if not name or Path(name).name != name or name in (".", ".."):
         raise ValueError(f"name {name!r} must be a plain file name (it names <output_dir>/<name>.json).")
@@ -163,7 +134,7 @@ def evaluate_long_context(model, tokenizer, lengths=(1024, 2048), categories=Non
     result["per_sample"] = [{"task": s["task"], "length": s["length"], "seed": s["seed"], "score": sample_score(s, o)}
                             for s, o in zip(samples, outputs)]
     result["config"] = {"lengths": sorted({s["length"] for s in samples}), "categories": categories,
-                        "n_per_task": n_per_task, "seed": seed, "heads": [list(h) for h in heads or []],
+                        "n_per_task": n_per_task, "seed": seed, "heads": format_heads(heads),
                         "model": getattr(model.config, "_name_or_path", "")}
     if keep_generations:
         result["generations"] = [{"task": s["task"], "length": s["length"], "seed": s["seed"], "output": o,

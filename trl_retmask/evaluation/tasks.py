@@ -1,4 +1,5 @@
-"""Task generators of the long-context suite, in the spirit of HELMET, built offline from the suite's own text.
+"""Task builders of the long-context suite, in the spirit of HELMET, built offline from the suite's own text
+(`registry.TASKS` names each with its category, metric and scorers).
 
 The filler is `data/eval/suite/` (a middle part of Dracula that neither detection's haystack nor the shipped
 training prompts contain), so the suite measures retrieval from text the model was neither scored nor trained on.
@@ -22,17 +23,8 @@ from pathlib import Path
 from ..chat import encode_rendered, render_user_prompt
 from ..niah import load_haystack
 
-CATEGORIES = {
-    "recall": ("niah_single", "niah_multikey", "niah_multivalue", "json_kv"),
-    "rerank": ("rerank",),
-    "cite": ("cite",),
-}
-"""Suite categories and their tasks (HELMET's synthetic recall, passage re-ranking, generation with citations)."""
-
 SUITE_TEXT_DIR = Path(__file__).resolve().parent.parent / "data" / "eval" / "suite"
 """The suite's filler text (disjoint from the detection haystack and from the training prompts)."""
-
-TASK_CATEGORY = {task: cat for cat, tasks in CATEGORIES.items() for task in tasks}
 
 _ADJ = ("amber", "brisk", "calm", "dusty", "eager", "faint", "gentle", "hollow", "icy", "jolly", "keen", "lucky",
         "mellow", "nimble", "olive", "proud", "quiet", "rusty", "silent", "tidy", "upbeat", "vivid", "wary",
@@ -48,7 +40,8 @@ _TOWNS = ("Brackenford", "Quellmoor", "Ashcombe Vale", "Windrell", "Harrowgate C
           "Corvalis Point", "Elderwick", "Fenhollow", "Marrowby", "Sallowdene")
 _MAKERS = ("Jorund Pell", "Ilse Varrow", "Benedikt Sorrel", "Calla Dunmore", "Hesper Lowe", "Matthias Greave",
            "Odile Fenwick", "Rurik Hale", "Sabine Oakes", "Tavish Morrow")
-_MENTIONS = ("Many travellers had heard stories about the {obj}.", "Nobody in the village had seen the {obj} for years.",
+_MENTIONS = ("Many travellers had heard stories about the {obj}.",
+             "Nobody in the village had seen the {obj} for years.",
              "Some said the {obj} was older than the church itself.", "Children were warned never to touch the {obj}.")
 
 
@@ -143,7 +136,7 @@ def _numbers(rng: random.Random, k: int) -> list[str]:
 
 
 def _sample(task, length, seed, prompt, reference, max_new_tokens, **meta):
-    return {"task": task, "category": TASK_CATEGORY[task], "length": length, "seed": seed, "prompt": prompt,
+    return {"task": task, "length": length, "seed": seed, "prompt": prompt,
             "reference": reference, "max_new_tokens": max_new_tokens, "meta": meta}
 
 
@@ -278,33 +271,3 @@ def cite(tokenizer, length: int, seed: int = 0) -> dict:
     prompt = _CITE.format(context=context, question=question)
     return _sample("cite", length, seed, prompt, {"answers": [town, maker], "documents": docs}, 80,
                    question=question, supporting=[a + 1, b + 1])
-
-
-TASKS = {"niah_single": niah_single, "niah_multikey": niah_multikey, "niah_multivalue": niah_multivalue,
-         "json_kv": json_kv, "rerank": rerank, "cite": cite}
-
-
-def resolve_tasks(categories=None) -> list[str]:
-    """Task names from category or task names (None = every category); ValueError on unknown names."""
-    names = list(CATEGORIES) if categories is None else ([categories] if isinstance(categories, str) else categories)
-    tasks = []
-    for name in names:
-        if name in CATEGORIES:
-            tasks += [t for t in CATEGORIES[name] if t not in tasks]
-        elif name in TASKS:
-            tasks += [name] if name not in tasks else []
-        else:
-            raise ValueError(f"Unknown category or task {name!r}; choose from categories {list(CATEGORIES)} "
-                             f"or tasks {list(TASKS)}.")
-    return tasks
-
-
-def build_suite(tokenizer, lengths=(1024,), categories=None, n_per_task: int = 4, seed: int = 0) -> list[dict]:
-    """All samples for the given lengths and categories (or task names); sample i of a task uses seed `seed + i`."""
-    if n_per_task < 1:
-        raise ValueError(f"n_per_task must be >= 1, got {n_per_task}.")
-    lengths = [lengths] if isinstance(lengths, int) else list(lengths)
-    if not lengths or any(int(n) < 128 for n in lengths):
-        raise ValueError(f"lengths must be token counts >= 128, got {lengths}.")
-    tasks = resolve_tasks(categories)
-    return [TASKS[t](tokenizer, int(n), seed + i) for n in lengths for t in tasks for i in range(n_per_task)]

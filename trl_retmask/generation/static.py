@@ -1,5 +1,5 @@
-"""The static-cache generation backend: static KV cache, compiled decode step, and a per-row head mask, so that one decode
-loop serves chosen (policy) and rejected (masked policy) rows.
+"""The static-cache generation backend: static KV cache, compiled decode step, and a per-row head mask, so that one
+decode loop serves chosen (policy) and rejected (masked policy) rows.
 
 Decoding is memory-bound: every step reads all weights once, whatever the batch. Decoding chosen and rejected rows in
 one batch halves the weight reads of two separate `generate` calls, and a static KV cache with a compiled decode step

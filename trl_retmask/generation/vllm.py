@@ -220,7 +220,8 @@ class _Engine:
             kwargs["kv_cache_memory_bytes"] = CPU_KV_CACHE_BYTES
         dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
         self.llm = LLM(
-            model=self._dir.name, skip_tokenizer_init=True, load_format="dummy", dtype=str(dtype).removeprefix("torch."),
+            model=self._dir.name, skip_tokenizer_init=True, load_format="dummy",
+            dtype=str(dtype).removeprefix("torch."),
             tensor_parallel_size=settings.tensor_parallel_size, gpu_memory_utilization=settings.gpu_memory_utilization,
             max_model_len=settings.max_model_length, enable_sleep_mode=settings.enable_sleep_mode,
             model_impl=settings.model_impl, seed=state.process_index,
@@ -355,5 +356,5 @@ class VLLMBackend(GenerateBackend):
         self._synced = None
 
 
-__all__ = ["CPU_HEAD_SIZES", "VLLMBackend", "VLLMSettings", "can_serve", "close_engine", "engine_for", "masked_o_proj_weights", "policy_weights",
-           "sampling_params", "vllm_available"]
+__all__ = ["CPU_HEAD_SIZES", "VLLMBackend", "VLLMSettings", "can_serve", "close_engine", "engine_for",
+           "masked_o_proj_weights", "policy_weights", "sampling_params", "vllm_available"]

@@ -9,11 +9,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..distributed import process_state
+from ..heads import HeadSelectionArguments, select_heads
 from ..locks import check_directory
-from ..masking import parse_head, validate_heads
 from ..models import DEFAULT_MODEL, load_model_and_tokenizer
 from ..prompts import check_dataset_name
-from ..scores import HeadSelectionArguments, resolve_head_scores, select_heads
+from ..scores import resolve_head_scores
 from ..validation import check_int, check_number
 from . import STAGES
 
@@ -55,74 +55,6 @@ class ModelStageArguments:
     )
 
 
-def parse_heads(text) -> list[tuple[int, int]] | None:
-    """`"3-1,14-6"` (or a list of heads) as `[(3, 1), (14, 6)]`; None stays None."""
-    if text is None:
-        return None
-    heads = [parse_head(h) for h in (text.replace(",", " ").split() if isinstance(text, str) else text)]
-    if not heads:
-        raise ValueError("`heads` is empty: give heads like '3-1,14-6' (LAYER-HEAD).")
-    repeated = sorted({h for h in heads if heads.count(h) > 1})
-    if repeated:  # likely a typo for another head: refuse rather than mask fewer heads than were listed
-        raise ValueError(f"`heads` lists {', '.join(f'{l}-{h}' for l, h in repeated)} more than once; give each head "
-                         "once.")
-    return heads
-
-
-@dataclass
-class ExplicitHeadsArguments:
-    r"""
-    Parameters:
-        heads (`str`, *optional*):
-            Explicit heads `"LAYER-HEAD,LAYER-HEAD"` (e.g. `"3-1,14-6"`) instead of a selection from scores.
-    """
-
-    heads: str | None = field(
-        default=None, metadata={"help": "Explicit heads 'LAYER-HEAD,...' (e.g. '3-1,14-6') instead of a selection."}
-    )
-
-    def __post_init__(self):
-        self.heads = parse_heads(self.heads)
-        parent = getattr(super(), "__post_init__", None)
-        if parent is not None:
-            parent()
-
-
-def check_heads_or_selection(heads, selection: HeadSelectionArguments) -> None:
-    if heads and (selection.head_scores is not None or selection.mask_top_k is not None):
-        raise ValueError("Give either `heads` or a selection from scores (`head_scores`/`mask_top_k`), not both.")
-
-
-@dataclass
-class HeadMaskArguments(ExplicitHeadsArguments, HeadSelectionArguments):
-    """The heads to mask: `heads` explicitly, or a selection from retrieval scores (`HeadSelectionArguments`)."""
-
-    def __post_init__(self):
-        super().__post_init__()
-        check_heads_or_selection(self.heads, self)
-
-
-@dataclass
-class OptionalHeadMaskArguments(HeadMaskArguments):
-    """For evaluation stages: nothing is masked unless heads or a selection are given."""
-
-    mask_threshold: float | None = field(
-        default=None,
-        metadata={"help": "Mask the heads whose mean retrieval score is at least this value, in (0, 1]. Evaluation "
-                          "stages mask nothing unless this, `mask_top_k`, `head_scores` or `heads` is given."},
-    )
-
-    @property
-    def masks(self) -> bool:
-        return any(v is not None for v in (self.heads, self.head_scores, self.mask_top_k, self.mask_threshold))
-
-    def __post_init__(self):
-        if self.head_scores is None and self.mask_top_k is None and self.mask_threshold is None:
-            self.heads = parse_heads(self.heads)  # explicit heads or no mask: no selection to check
-            return
-        super().__post_init__()
-
-
 @dataclass
 class NiahGridArguments(OverwriteArguments):
     r"""
@@ -158,9 +90,6 @@ class NiahGridArguments(OverwriteArguments):
         check_int("num_needles", self.num_needles, minimum=1, optional=True)
         check_int("max_new_tokens", self.max_new_tokens, minimum=1)
         check_output_dir("output_dir", self.output_dir)
-        parent = getattr(super(), "__post_init__", None)
-        if parent is not None:
-            parent()
 
     def load_needles(self):
         from ..niah import load_needles
@@ -210,9 +139,6 @@ class PromptDataArguments:
     def __post_init__(self):
         check_int("max_prompts", self.max_prompts, minimum=1, optional=True)
         check_dataset_name(self.dataset_name)
-        parent = getattr(super(), "__post_init__", None)
-        if parent is not None:
-            parent()
 
 
 # --------------------------------------------------------------------------------------------- helpers
@@ -224,27 +150,17 @@ def load_model(model_args, trust_remote_code: bool = False):
     return model.eval(), tokenizer
 
 
-def scores_before_loading(selection: HeadSelectionArguments, model_args, heads=None):
+def scores_before_loading(selection: HeadSelectionArguments, model_args):
     """The retrieval scores `selection` picks from, read before the model is loaded (a wrong path fails in a
-    second); None when explicit `heads` are given or nothing is masked."""
-    if heads or getattr(selection, "masks", True) is False:
+    second); None when explicit `heads` are given or nothing is masked. `select_heads` then takes them."""
+    if selection.heads or not selection.masks:
         return None
     return resolve_head_scores(selection.head_scores, model_args.model_name_or_path)
 
 
-def heads_to_mask(selection: HeadSelectionArguments, model, scores=None, heads=None) -> list[tuple[int, int]] | None:
-    """The heads to mask, checked against `model`: explicit `heads` (default `selection.heads`), else the selection
-    from the scores (validated against the model by `select_heads`); None when an evaluation stage masks nothing."""
-    heads = heads if heads is not None else getattr(selection, "heads", None)
-    if heads:
-        return validate_heads(model, heads)
-    if getattr(selection, "masks", True) is False:
-        return None
-    return select_heads(selection, model, scores)[0]
-
-
-def format_heads(heads) -> str:
-    return ",".join(f"{layer}-{head}" for layer, head in heads or [])
+def stage_heads(selection: HeadSelectionArguments, model, scores=None):
+    """The heads a stage masks (`select_heads` on the loaded model); None when `selection` masks nothing."""
+    return select_heads(selection, model, scores)[0] if selection.masks else None
 
 
 def print_json(obj) -> None:
@@ -294,9 +210,10 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
     """The module docstring as written (its command examples), and every field's default."""
 
 
-def stage_parser(name: str, dataclass_types, subparsers=None, prog: str | None = None, description: str | None = None):
+def stage_parser(name: str, dataclass_types, subparsers=None, prog: str | None = None, description: str | None = None,
+                 defaults: dict | None = None):
     """A stage's `TrlParser` (standalone, or added to a `TrlParser`'s subparsers as `trl/scripts/*.py` do); stages
-    that load a model default to the embedded one."""
+    that load a model default to the embedded one; `defaults` replace fields' defaults for this stage."""
     from trl import TrlParser
 
     kwargs = {"description": description, "formatter_class": HelpFormatter}
@@ -306,5 +223,12 @@ def stage_parser(name: str, dataclass_types, subparsers=None, prog: str | None =
         parser = TrlParser(dataclass_types, prog=prog or f"trl-retmask {name}", **kwargs)
     if any(getattr(t, "__name__", "") == "ModelConfig" for t in dataclass_types):
         parser.set_defaults_with_config(model_name_or_path=DEFAULT_MODEL)
+    if defaults:
+        parser.set_defaults_with_config(**defaults)
     return parser
+
+
+MASK_NOTHING = {"mask_threshold": None}
+"""Defaults of the evaluation stages: nothing is masked unless `heads`, `head_scores`, `mask_threshold` or
+`mask_top_k` is given."""
 

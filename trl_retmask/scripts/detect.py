@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..distributed import process_state
+from ..heads import format_head
 from ..scores import HEAD_SCORES_FILE
 from . import parse_stage_args, run_stage
 from .common import (
@@ -92,7 +93,7 @@ def main(script_args: DetectScriptArguments, model_args) -> dict:
         if script_args.save:
             saved.append(str(scores.save(script_args.save)))
     result = {"saved": saved, "seconds": round(time.perf_counter() - start, 1),
-              "top_heads": {f"{l}-{h}": round(s, 4) for (l, h), s in scores.ranked()[: script_args.show]},
+              "top_heads": {format_head(h): round(s, 4) for h, s in scores.ranked()[: script_args.show]},
               "sparsity": scores.sparsity()}
     print_json(result)
     return result

@@ -16,26 +16,26 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..distributed import process_state
+from ..heads import HeadSelectionArguments, format_heads
 from ..validation import check_int, check_seed
 from . import parse_stage_args, run_stage
 from .common import (
+    MASK_NOTHING,
     ModelStageArguments,
-    OptionalHeadMaskArguments,
     OverwriteArguments,
     check_list,
     check_output_dir,
-    format_heads,
-    heads_to_mask,
     load_model,
     scores_before_loading,
+    stage_heads,
     stage_parser,
 )
 
 
 @dataclass
-class EvalScriptArguments(OptionalHeadMaskArguments, OverwriteArguments, ModelStageArguments):
+class EvalScriptArguments(OverwriteArguments, ModelStageArguments):
     r"""
-    Arguments of `trl-retmask eval`.
+    Arguments of `trl-retmask eval` besides the heads to mask (`HeadSelectionArguments`, none by default).
 
     Parameters:
         lengths (`list[int]`, *optional*, defaults to `[1024, 2048]`): Context lengths (tokens).
@@ -67,7 +67,6 @@ class EvalScriptArguments(OptionalHeadMaskArguments, OverwriteArguments, ModelSt
         if self.name is not None:
             check_file_name("name", self.name)
             check_result_files(self.output_dir, self.name, self.overwrite)
-        super().__post_init__()
 
 
 def check_file_name(field_name: str, name: str) -> None:
@@ -90,12 +89,12 @@ def check_result_files(output_dir, name: str, overwrite: bool = False) -> None:
                          "another `name` or `output_dir`, or pass --overwrite True.")
 
 
-def main(script_args: EvalScriptArguments, model_args) -> dict:
+def main(script_args: EvalScriptArguments, selection: HeadSelectionArguments, model_args) -> dict:
     from ..evaluation import evaluate_long_context, format_table
 
-    scores = scores_before_loading(script_args, model_args, script_args.heads)
+    scores = scores_before_loading(selection, model_args)
     model, tokenizer = load_model(model_args, script_args.trust_remote_code)
-    heads = heads_to_mask(script_args, model, scores)
+    heads = stage_heads(selection, model, scores)
     name = script_args.name or Path(str(model_args.model_name_or_path).rstrip("/")).name
     check_file_name("name", name)
     check_result_files(script_args.output_dir, name, script_args.overwrite)
@@ -106,7 +105,7 @@ def main(script_args: EvalScriptArguments, model_args) -> dict:
     if process_state().is_main_process:
         print(format_table({name: result}))
         if heads:
-            print(f"(masked heads: {format_heads(heads)})")
+            print(f"(masked heads: {','.join(format_heads(heads))})")
         if script_args.output_dir:
             saved = [p for p in (Path(script_args.output_dir) / f"{name}{s}" for s in (".json", ".png")) if p.is_file()]
             print(f"(saved: {', '.join(map(str, saved))})")
@@ -116,7 +115,8 @@ def main(script_args: EvalScriptArguments, model_args) -> dict:
 def make_parser(subparsers=None, prog: str | None = None):
     from trl import ModelConfig
 
-    return stage_parser("eval", (EvalScriptArguments, ModelConfig), subparsers, prog, __doc__)
+    return stage_parser("eval", (EvalScriptArguments, HeadSelectionArguments, ModelConfig), subparsers, prog, __doc__,
+                        defaults=MASK_NOTHING)
 
 
 if __name__ == "__main__":

@@ -14,28 +14,27 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass, field
 
+from ..heads import HeadSelectionArguments, format_heads
 from ..masking import check_export_dir, export_masked_model
 from ..models import resolve_model_path
 from . import parse_stage_args, run_stage
 from .common import (
-    HeadMaskArguments,
     ModelStageArguments,
     OverwriteArguments,
     check_output_dir,
-    format_heads,
-    heads_to_mask,
     load_model,
     print_json,
     scores_before_loading,
+    stage_heads,
     stage_parser,
 )
 
 
 @dataclass
-class ExportScriptArguments(HeadMaskArguments, OverwriteArguments, ModelStageArguments):
+class ExportScriptArguments(OverwriteArguments, ModelStageArguments):
     r"""
-    Arguments of `trl-retmask export`: the heads (`HeadMaskArguments`; by default the selection of `RetMaskConfig`
-    from the model's bundled scores) and where the checkpoint goes.
+    Arguments of `trl-retmask export` besides the heads (`HeadSelectionArguments`; by default the selection of
+    `RetMaskConfig` from the model's bundled scores): where the checkpoint goes.
 
     Parameters:
         output_dir (`str`):
@@ -49,10 +48,9 @@ class ExportScriptArguments(HeadMaskArguments, OverwriteArguments, ModelStageArg
     def __post_init__(self):
         if not self.output_dir:
             raise ValueError("`output_dir` is required: the directory of the masked checkpoint (--output_dir DIR).")
-        super().__post_init__()
 
 
-def main(script_args: ExportScriptArguments, model_args) -> dict:
+def main(script_args: ExportScriptArguments, selection: HeadSelectionArguments, model_args) -> dict:
     if model_args.load_in_4bit or model_args.load_in_8bit:
         raise ValueError("export writes plain weights with heads zeroed; a quantized model cannot be exported: drop "
                          "--load_in_4bit/--load_in_8bit.")
@@ -60,9 +58,9 @@ def main(script_args: ExportScriptArguments, model_args) -> dict:
     source = resolve_model_path(model_args.model_name_or_path)
     check_export_dir(script_args.output_dir, script_args.overwrite, source=source)
     check_output_dir("output_dir", script_args.output_dir, read_only_ok=False)
-    scores = scores_before_loading(script_args, model_args, script_args.heads)
+    scores = scores_before_loading(selection, model_args)
     model, tokenizer = load_model(model_args, script_args.trust_remote_code)
-    heads = heads_to_mask(script_args, model, scores)
+    heads = stage_heads(selection, model, scores)
     path = export_masked_model(model, heads, script_args.output_dir, tokenizer=tokenizer,
                                overwrite=script_args.overwrite)
     result = {"saved": str(path), "masked_heads": format_heads(heads), "n_heads": len(heads)}
@@ -73,7 +71,8 @@ def main(script_args: ExportScriptArguments, model_args) -> dict:
 def make_parser(subparsers=None, prog: str | None = None):
     from trl import ModelConfig
 
-    return stage_parser("export", (ExportScriptArguments, ModelConfig), subparsers, prog, __doc__)
+    return stage_parser("export", (ExportScriptArguments, HeadSelectionArguments, ModelConfig), subparsers, prog,
+                        __doc__)
 
 
 if __name__ == "__main__":

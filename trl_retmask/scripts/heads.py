@@ -17,20 +17,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..atomic import write_text
+from ..heads import HeadSelectionArguments, format_head, format_heads
 from ..models import DEFAULT_MODEL
-from ..scores import HeadSelectionArguments, resolve_head_scores
+from ..scores import resolve_head_scores
 from . import parse_stage_args, run_stage
-from .common import OverwriteArguments, check_writable_file, format_heads, stage_parser
+from .common import OverwriteArguments, check_writable_file, stage_parser
 
 HEATMAP_NAME = "heads.png"
 """File name of the heatmap when `--plot` names a directory."""
 
 
 @dataclass
-class HeadsScriptArguments(HeadSelectionArguments, OverwriteArguments):
+class HeadsScriptArguments(OverwriteArguments):
     r"""
-    Arguments of `trl-retmask heads`: the scores and selection (`HeadSelectionArguments`; `head_scores` defaults to
-    the embedded model's bundled scores) plus what to show and write.
+    Arguments of `trl-retmask heads` besides the scores and selection (`HeadSelectionArguments`; `head_scores`
+    defaults to the embedded model's bundled scores): what to show and write.
 
     Parameters:
         show (`int`, *optional*, defaults to `10`):
@@ -38,12 +39,13 @@ class HeadsScriptArguments(HeadSelectionArguments, OverwriteArguments):
         plot (`str`, *optional*):
             Save a layers x heads heatmap (selection boxed): a `.png` file, or a directory (then `DIR/heads.png`).
         save_heads (`str`, *optional*):
-            Write the selected heads as a JSON list of `[layer, head]`.
+            Write the selected heads as a JSON list of `"LAYER-HEAD"`.
     """
 
     show: int = field(default=10, metadata={"help": "Print the top N heads."})
     plot: str | None = field(default=None, metadata={"help": "Heatmap PNG file, or a directory (DIR/heads.png)."})
-    save_heads: str | None = field(default=None, metadata={"help": "Write the selected heads as JSON [[layer, head]]."})
+    save_heads: str | None = field(default=None,
+                                   metadata={"help": "Write the selected heads as a JSON list of 'LAYER-HEAD'."})
 
     def __post_init__(self):
         if self.show < 0:
@@ -54,7 +56,6 @@ class HeadsScriptArguments(HeadSelectionArguments, OverwriteArguments):
             check_image_format(self.plot)
         if self.save_heads is not None:
             check_writable_file("save_heads", self.save_heads, self.overwrite, example="heads.json")
-        super().__post_init__()
 
 
 def heatmap_path(plot) -> Path:
@@ -77,20 +78,20 @@ def check_image_format(path) -> None:
                          f"{', '.join(sorted(formats))} (e.g. heads.png), or a directory.")
 
 
-def main(script_args: HeadsScriptArguments) -> dict:
-    source = script_args.head_scores or DEFAULT_MODEL
+def main(script_args: HeadsScriptArguments, selection: HeadSelectionArguments) -> dict:
+    source = selection.head_scores or DEFAULT_MODEL
     scores = resolve_head_scores(source)
-    selected = scores.select(**script_args.selection)
+    selected = sorted(selection.heads) if selection.heads else scores.select(**selection.selection)
     means = scores.mean_scores()
     out = {"source": source, "layers": scores.num_layers, "heads_per_layer": scores.num_heads,
            "sparsity": scores.sparsity(),
-           "top": {f"{l}-{h}": round(s, 4) for (l, h), s in scores.ranked()[: script_args.show]},
-           "selection": {**script_args.selection, "n_heads": len(selected), "heads": format_heads(selected),
-                         "scores": {f"{l}-{h}": round(means[(l, h)], 4) for l, h in selected}}}
-    if scores.masked_heads is not None:
-        out["trained_with"] = format_heads(scores.masked_heads)
+           "top": {format_head(h): round(s, 4) for h, s in scores.ranked()[: script_args.show]},
+           "selection": {**selection.selection, "n_heads": len(selected), "heads": format_heads(selected),
+                         "scores": {format_head(h): round(means[h], 4) for h in selected}}}
+    if scores.trained_heads is not None:
+        out["trained_with"] = format_heads(scores.trained_heads)
     if script_args.save_heads:
-        write_text(script_args.save_heads, json.dumps([list(h) for h in selected]))
+        write_text(script_args.save_heads, json.dumps(format_heads(selected)))
         out["saved_heads"] = str(script_args.save_heads)
     if script_args.plot:
         out["heatmap"] = str(scores.plot(script_args.plot, heads=selected))
@@ -99,7 +100,7 @@ def main(script_args: HeadsScriptArguments) -> dict:
 
 
 def make_parser(subparsers=None, prog: str | None = None):
-    return stage_parser("heads", (HeadsScriptArguments,), subparsers, prog, __doc__)
+    return stage_parser("heads", (HeadsScriptArguments, HeadSelectionArguments), subparsers, prog, __doc__)
 
 
 if __name__ == "__main__":

@@ -15,30 +15,32 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..heads import HeadSelectionArguments
 from . import parse_stage_args, run_stage
 from .common import (
+    MASK_NOTHING,
     ModelStageArguments,
     NiahGridArguments,
-    OptionalHeadMaskArguments,
-    heads_to_mask,
     load_model,
     print_json,
     scores_before_loading,
+    stage_heads,
     stage_parser,
 )
 
 
 @dataclass
-class NiahScriptArguments(NiahGridArguments, OptionalHeadMaskArguments, ModelStageArguments):
-    """Arguments of `trl-retmask niah`: the NIAH grid and, optionally, the heads to mask."""
+class NiahScriptArguments(NiahGridArguments, ModelStageArguments):
+    """Arguments of `trl-retmask niah` besides the heads to mask (`HeadSelectionArguments`, none by default): the
+    NIAH grid."""
 
 
-def main(script_args: NiahScriptArguments, model_args) -> dict:
-    from ..niah import evaluate_niah
+def main(script_args: NiahScriptArguments, selection: HeadSelectionArguments, model_args) -> dict:
+    from ..niah import evaluate_niah, named_grid
 
-    scores = scores_before_loading(script_args, model_args, script_args.heads)
+    scores = scores_before_loading(selection, model_args)
     model, tokenizer = load_model(model_args, script_args.trust_remote_code)
-    heads = heads_to_mask(script_args, model, scores)
+    heads = stage_heads(selection, model, scores)
     result = evaluate_niah(
         model, tokenizer, heads=heads, context_lengths=script_args.context_lengths, depths=script_args.depths,
         needles=script_args.load_needles(), haystack_dir=script_args.haystack_dir,
@@ -46,7 +48,7 @@ def main(script_args: NiahScriptArguments, model_args) -> dict:
         overwrite=script_args.overwrite,
     )
     summary = {"accuracy": result["accuracy"], "num_samples": result["num_samples"], "masked_heads": len(heads or []),
-               "grid": {f"{length}@{depth:g}": acc for (length, depth), acc in result["grid"].items()}}
+               "grid": named_grid(result["grid"])}
     if script_args.output_dir:
         summary["saved"] = [str(Path(script_args.output_dir) / f) for f in ("niah_summary.json", "niah_grid.png")]
     print_json(summary)
@@ -56,7 +58,8 @@ def main(script_args: NiahScriptArguments, model_args) -> dict:
 def make_parser(subparsers=None, prog: str | None = None):
     from trl import ModelConfig
 
-    return stage_parser("niah", (NiahScriptArguments, ModelConfig), subparsers, prog, __doc__)
+    return stage_parser("niah", (NiahScriptArguments, HeadSelectionArguments, ModelConfig), subparsers, prog, __doc__,
+                        defaults=MASK_NOTHING)
 
 
 if __name__ == "__main__":

@@ -6,8 +6,10 @@ trl-retmask pairs --model_name_or_path M --dataset_name prompts.jsonl --output p
 ```
 
 Head selection and generation use `RetMaskConfig`'s fields and defaults (`--max_new_tokens`, `--temperature`,
-`--top_p`, `--top_k`, `--generation_batch_size`, `--generation_seed`, `--pairs_cache_dir`, ...), so pairs made here
-are the pairs the trainer would make. Under `accelerate launch` the prompts are split across processes.
+`--top_p`, `--top_k`, `--generation_batch_size`, `--generation_seed`, ...), so pairs made here are the pairs the
+trainer would make. They are cached where the trainer caches them (`--pairs_cache_dir`, default
+`<output_dir>/_retmask_pairs`; `--cache_pairs False` for none): a rerun reads them back and an interrupted run
+resumes. Under `accelerate launch` the prompts are split across processes.
 """
 
 from __future__ import annotations
@@ -16,27 +18,25 @@ import sys
 from dataclasses import dataclass, field
 
 from ..distributed import process_state
+from ..heads import format_heads
 from . import parse_stage_args, run_stage
 from .common import (
-    ExplicitHeadsArguments,
     OverwriteArguments,
     PromptDataArguments,
-    check_heads_or_selection,
     check_output_dir,
     check_writable_file,
-    format_heads,
-    heads_to_mask,
     load_model,
     print_json,
     scores_before_loading,
+    stage_heads,
     stage_parser,
 )
 
 
 @dataclass
-class PairsScriptArguments(PromptDataArguments, ExplicitHeadsArguments, OverwriteArguments):
+class PairsScriptArguments(PromptDataArguments, OverwriteArguments):
     r"""
-    Arguments of `trl-retmask pairs` besides `RetMaskConfig` (selection, generation) and `ModelConfig`.
+    Arguments of `trl-retmask pairs` besides `RetMaskConfig` (heads, generation) and `ModelConfig`.
 
     Parameters:
         output (`str`):
@@ -56,17 +56,14 @@ def main(script_args: PairsScriptArguments, training_args, model_args) -> dict:
     from ..pairs import generate_pairs
     from ..prompts import load_prompts
 
-    check_heads_or_selection(script_args.heads, training_args)
     if training_args.cache_pairs:
-        check_output_dir("pairs_cache_dir", training_args.pairs_cache_dir)
-    scores = scores_before_loading(training_args, model_args, script_args.heads)
+        check_output_dir("pairs_cache_dir", training_args.pairs_dir)
+    scores = scores_before_loading(training_args, model_args)
     model, tokenizer = load_model(model_args, training_args.trust_remote_code)
-    heads = heads_to_mask(training_args, model, scores, heads=script_args.heads)
+    heads = stage_heads(training_args, model, scores)
     prompts = load_prompts(script_args, tokenizer=tokenizer)
-    pairs = generate_pairs(  # the trainer's own settings (RetMaskConfig.generation_settings), nothing restated
-        model, tokenizer, prompts["prompt"], heads, **training_args.generation_settings,
-        batch_size=training_args.generation_batch_size,
-        cache_dir=training_args.pairs_cache_dir if training_args.cache_pairs else None,
+    pairs = generate_pairs(  # the trainer's own settings and cache (RetMaskConfig.pair_generation_kwargs)
+        model, tokenizer, prompts["prompt"], heads, **training_args.pair_generation_kwargs
     )
     result = {"output": script_args.output, "masked_heads": format_heads(heads), **pairs.stats.to_dict()}
     if process_state().is_main_process:

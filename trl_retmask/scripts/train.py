@@ -30,8 +30,8 @@ from typing import Any
 from ..atomic import write_text
 from ..detection import AUTHORS_CONTEXT_LENGTHS, AUTHORS_DEPTHS
 from ..distributed import limit_cpu_training_memory, process_state
+from ..heads import format_heads, select_heads
 from ..models import load_model_and_tokenizer, model_init_kwargs
-from ..scores import select_heads
 from ..validation import check_int
 from . import config_argv, load_yaml, run_stage
 from .common import OverwriteArguments, PromptDataArguments, check_list, check_output_dir, stage_parser
@@ -41,7 +41,7 @@ RECIPE_DIRS = (Path(__file__).resolve().parents[1] / "recipes", Path(__file__).r
 
 
 def recipe_path(name_or_path) -> Path:
-    """The YAML of a recipe name (`smollm2`, `llama31`, `qwen3`, `olmo3`, `olmo3_think`) or a YAML file path."""
+    """The YAML of a recipe name (a `<name>.yaml` of `recipes/`, see `recipe_names`) or a YAML file path."""
     path = Path(str(name_or_path)).expanduser()
     if path.suffix in (".yaml", ".yml"):
         if not path.is_file():
@@ -55,7 +55,8 @@ def recipe_path(name_or_path) -> Path:
 
 
 def accelerate_config_path(name) -> Path | None:
-    """A shipped accelerate config (`recipes/accelerate/<name>.yaml`: single_gpu, multi_gpu, zero1, zero2, zero3, fsdp2)."""
+    """A shipped accelerate config (`recipes/accelerate/<name>.yaml`: single_gpu, multi_gpu, zero1, zero2, zero3,
+    fsdp2)."""
     for folder in RECIPE_DIRS:
         if (folder / "accelerate" / f"{name}.yaml").is_file():
             return folder / "accelerate" / f"{name}.yaml"
@@ -63,6 +64,7 @@ def accelerate_config_path(name) -> Path | None:
 
 
 def recipe_names() -> list[str]:
+    """The shipped recipes: the YAML files of `recipes/` (a new model's recipe is a new file there)."""
     folder = next((d for d in RECIPE_DIRS if d.is_dir()), None)
     return sorted(p.stem for p in folder.glob("*.yaml")) if folder else []
 
@@ -83,7 +85,7 @@ class TrainScriptArguments(PromptDataArguments, OverwriteArguments):
 
     Parameters:
         recipe (`str`, *optional*):
-            Recipe whose YAML defaults apply (`smollm2`, `llama31`, `qwen3`, `olmo3`, `olmo3_think`, or a YAML file).
+            Recipe whose YAML defaults apply: the name of a `recipes/<name>.yaml` (e.g. `smollm2`), or a YAML file.
         detect_heads (`bool`, *optional*, defaults to `False`):
             Detect the retrieval heads with NIAH before training instead of reading `head_scores`/bundled scores.
         detect_context_lengths (`list[int]`, *optional*, defaults to the authors' 20 lengths from 0 to 5000):
@@ -111,8 +113,8 @@ class TrainScriptArguments(PromptDataArguments, OverwriteArguments):
             detected Olmo-3-7B-Instruct heads with the authors' Olmo-3-7B-Think scores).
     """
 
-    recipe: str | None = field(default=None, metadata={"help": "Recipe whose YAML defaults apply (smollm2, "
-                                                               "llama31, qwen3, olmo3, olmo3_think, or a YAML file)."})
+    recipe: str | None = field(default=None, metadata={"help": "Recipe whose YAML defaults apply: the name of a "
+                                                               "recipes/<name>.yaml (e.g. smollm2), or a YAML file."})
     detect_heads: bool = field(default=False, metadata={"help": "Detect retrieval heads (NIAH) before training."})
     detect_context_lengths: list[int] = field(
         default_factory=lambda: list(AUTHORS_CONTEXT_LENGTHS),
@@ -195,11 +197,9 @@ def check_args(script_args, training_args, model_args) -> None:
 
 def check_output_dirs(training_args) -> None:
     """`output_dir` and the pair cache can be written: refused before the model loads, not after minutes."""
-    from ..trainer import pairs_dir
-
     check_output_dir("output_dir", training_args.output_dir, read_only_ok=False)
     if training_args.cache_pairs:
-        check_output_dir("pairs_cache_dir", pairs_dir(training_args))
+        check_output_dir("pairs_cache_dir", training_args.pairs_dir)
 
 
 def check_parallelism(training_args) -> None:
@@ -262,18 +262,18 @@ def detect_heads(script_args, training_args, model, tokenizer):
     return scores
 
 
-def resolve_scores(script_args, training_args, model, tokenizer):
-    """(heads, scores): `--head_scores`, else detection when `--detect_heads`, else the model's bundled scores;
-    validated against the model and selected by `select_heads` (the trainer's own path)."""
+def resolve_heads(script_args, training_args, model, tokenizer):
+    """(heads, scores), once per run: `--heads`, else the selection from `--head_scores`, else from detection when
+    `--detect_heads`, else from the model's bundled scores (`select_heads`). The trainer takes both as they are."""
     detected = None
-    if script_args.detect_heads and not training_args.head_scores:
+    if script_args.detect_heads and not training_args.head_scores and not training_args.heads:
         detected = detect_heads(script_args, training_args, model, tokenizer)
     return select_heads(training_args, model, detected)
 
 
 def niah_accuracy(script_args, model, tokenizer, heads=None, output_dir=None) -> dict:
     """NIAH accuracy of `model` (optionally with `heads` masked) on the evaluation grid, in a fresh `output_dir`."""
-    from ..niah import evaluate_niah
+    from ..niah import evaluate_niah, named_grid
 
     state = process_state()
     if output_dir is not None:  # fresh: the per-sample files would otherwise resume a previous run's answers
@@ -287,7 +287,7 @@ def niah_accuracy(script_args, model, tokenizer, heads=None, output_dir=None) ->
                            output_dir=output_dir)
     model.train(was_training)
     return {"accuracy": result["accuracy"], "num_samples": result["num_samples"],
-            "grid": {f"{length}@{depth:g}": acc for (length, depth), acc in result["grid"].items()}}
+            "grid": named_grid(result["grid"])}
 
 
 def compare_heads(heads, reference: str, training_args) -> dict:
@@ -299,9 +299,9 @@ def compare_heads(heads, reference: str, training_args) -> dict:
             "reference_heads": len(resolve_head_scores(reference).select(**selection))}
 
 
-def build_trainer(script_args, training_args, model_args, model=None, tokenizer=None, head_scores=None,
+def build_trainer(script_args, training_args, model_args, model=None, tokenizer=None, heads=None, head_scores=None,
                   train_dataset=None, eval_dataset=None):
-    """A `RetMaskTrainer` ready to `train()`: loads what is not given (model, prompts, scores)."""
+    """A `RetMaskTrainer` ready to `train()`: loads what is not given (model, prompts, heads and their scores)."""
     from trl import get_peft_config
 
     from ..prompts import load_prompts
@@ -309,8 +309,8 @@ def build_trainer(script_args, training_args, model_args, model=None, tokenizer=
 
     if model is None:
         model, tokenizer = load_model(model_args, training_args)
-    if head_scores is None:
-        head_scores = resolve_scores(script_args, training_args, model, tokenizer)[1]
+    if heads is None:
+        heads, head_scores = resolve_heads(script_args, training_args, model, tokenizer)
     if train_dataset is None:
         train_dataset = load_prompts(script_args, tokenizer=tokenizer)
     if eval_dataset is None and training_args.eval_strategy != "no":
@@ -318,7 +318,7 @@ def build_trainer(script_args, training_args, model_args, model=None, tokenizer=
     trainer = RetMaskTrainer(
         model=model, args=training_args, train_dataset=train_dataset, eval_dataset=eval_dataset,
         processing_class=tokenizer, peft_config=get_peft_config(model_args),
-        head_scores=None if training_args.head_scores else head_scores,  # the trainer refuses them twice
+        **({} if training_args.heads else {"masked_heads": heads, "head_scores": head_scores}),
     )
     if script_args.ignore_bias_buffers:
         import torch
@@ -338,9 +338,10 @@ def main(script_args: TrainScriptArguments, training_args, model_args) -> dict:
     model, tokenizer = load_model(model_args, training_args)
     # Prompts before detection and NIAH: a dataset without usable user turns must fail in seconds, not hours.
     train_dataset = load_prompts(script_args, tokenizer=tokenizer)
-    heads, head_scores = resolve_scores(script_args, training_args, model, tokenizer)
-    summary: dict[str, Any] = {"model": model_args.model_name_or_path, "masked_heads": [f"{l}-{h}" for l, h in heads],
-                               "sparsity": head_scores.sparsity(), "timings_s": {"load_and_scores": time.time() - t0}}
+    heads, head_scores = resolve_heads(script_args, training_args, model, tokenizer)
+    summary: dict[str, Any] = {"model": model_args.model_name_or_path, "masked_heads": format_heads(heads),
+                               "sparsity": head_scores.sparsity() if head_scores is not None else None,
+                               "timings_s": {"load_and_scores": time.time() - t0}}
     if script_args.compare_heads_with:
         summary["heads_compared"] = compare_heads(heads, script_args.compare_heads_with, training_args)
     out = Path(training_args.output_dir)
@@ -353,7 +354,7 @@ def main(script_args: TrainScriptArguments, training_args, model_args) -> dict:
 
     t = time.time()
     trainer = build_trainer(script_args, training_args, model_args, model=model, tokenizer=tokenizer,
-                            head_scores=head_scores, train_dataset=train_dataset)
+                            heads=heads, head_scores=head_scores, train_dataset=train_dataset)
     summary["timings_s"]["pairs_and_setup"] = time.time() - t
     t = time.time()
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)

@@ -1,4 +1,5 @@
-"""Answer correctness and citation recall / precision (HELMET / ALCE generation with citations), checked by construction.
+"""Answer correctness and citation recall / precision (HELMET / ALCE generation with citations), checked by
+construction.
 
 ALCE judges support with an NLI model; the suite's documents are synthetic, so whether a document supports a
 statement is known exactly: it does when it contains the gold answer that the statement states.
