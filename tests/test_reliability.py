@@ -207,6 +207,8 @@ def test_a_directory_that_is_a_file_is_named_as_such(tmp_path):
 @pytest.fixture
 def no_loading(monkeypatch):
     import trl_retmask.models
+    import trl_retmask.scripts.common
+    import trl_retmask.scripts.train  # imported before the patch, or it would bind the fake loader for good
 
     monkeypatch.setattr(trl_retmask.models, "load_model_and_tokenizer", lambda *a, **k: pytest.fail("loaded"))
     monkeypatch.setattr("trl_retmask.scripts.common.load_model_and_tokenizer", lambda *a, **k: pytest.fail("loaded"))
