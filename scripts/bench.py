@@ -58,8 +58,9 @@ def print_row(section: str, row: dict) -> dict:
     """Print one result row as it arrives (long runs show progress); returns it tagged with its section."""
     value = row["value"]
     shown = f"{value:.3f}" if isinstance(value, float) else str(value)
-    print(f"{section:10s} {row['name']:60s} {shown:>12s} {row.get('unit', ''):8s} goal {row.get('goal', '')}",
-          flush=True)
+    print(
+        f"{section:10s} {row['name']:60s} {shown:>12s} {row.get('unit', ''):8s} goal {row.get('goal', '')}", flush=True
+    )
     return {"section": section, **row}
 
 

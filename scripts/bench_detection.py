@@ -44,8 +44,9 @@ def _fixed_length_generate(model, tok, sample, n: int):
     config = niah_generation_config(model, n, stop_at_eos=False)
     ids = torch.tensor([sample.input_ids])
     with torch.inference_mode():
-        return model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=config)[0,
-                                                                                                        ids.shape[1]:]
+        return model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=config)[
+            0, ids.shape[1] :
+        ]
 
 
 def _detect_one(model, tok, sample, n: int):
@@ -144,10 +145,17 @@ def run(args) -> list[dict]:
     _fixed_length_generate(model, tok, sample, 2)  # warm-up
     plain = _timed(lambda: _fixed_length_generate(model, tok, sample, NEW_TOKENS), repeats)
     ours = _timed(lambda: _detect_one(model, tok, sample, NEW_TOKENS), repeats)
-    rows.append({"name": f"detection time / plain generate ({length} tok, {NEW_TOKENS} new)", "value": ours / plain,
-                 "unit": "x", "goal": "<= 1.25"})
-    rows.append({"name": f"detection time per sample ({length} tok, {NEW_TOKENS} new)", "value": ours, "unit": "s",
-                 "goal": "-"})
+    rows.append(
+        {
+            "name": f"detection time / plain generate ({length} tok, {NEW_TOKENS} new)",
+            "value": ours / plain,
+            "unit": "x",
+            "goal": "<= 1.25",
+        }
+    )
+    rows.append(
+        {"name": f"detection time per sample ({length} tok, {NEW_TOKENS} new)", "value": ours, "unit": "s", "goal": "-"}
+    )
 
     model.set_attn_implementation("eager")
     t0 = time.perf_counter()
@@ -155,19 +163,49 @@ def run(args) -> list[dict]:
     reference = time.perf_counter() - t0
     model.set_attn_implementation("sdpa")
     positions, scores = _detect_one(model, tok, sample, NEW_TOKENS)
-    rows.append({"name": f"speed-up over reference algorithm (eager + head loop, {length} tok)",
-                 "value": reference / ours, "unit": "x", "goal": "> 1"})
-    rows.append({"name": "argmax agreement with reference (positions)",
-                 "value": float((positions == ref_positions).float().mean()), "unit": "frac", "goal": "~1"})
-    rows.append({"name": "max |score - reference score|",
-                 "value": float((scores - torch.tensor(ref_score)).abs().max()), "unit": "", "goal": "0"})
+    rows.append(
+        {
+            "name": f"speed-up over reference algorithm (eager + head loop, {length} tok)",
+            "value": reference / ours,
+            "unit": "x",
+            "goal": "> 1",
+        }
+    )
+    rows.append(
+        {
+            "name": "argmax agreement with reference (positions)",
+            "value": float((positions == ref_positions).float().mean()),
+            "unit": "frac",
+            "goal": "~1",
+        }
+    )
+    rows.append(
+        {
+            "name": "max |score - reference score|",
+            "value": float((scores - torch.tensor(ref_score)).abs().max()),
+            "unit": "",
+            "goal": "0",
+        }
+    )
 
     mem_plain = _memory(model_name, mem_length, "plain")
     mem_ours = _memory(model_name, mem_length, "detect")
-    rows.append({"name": f"peak memory increase, detection / plain generation ({mem_length} tok)",
-                 "value": mem_ours / mem_plain, "unit": "x", "goal": "<= 1.2"})
-    rows.append({"name": f"peak memory increase of plain generation ({mem_length} tok)", "value": mem_plain,
-                 "unit": "MiB", "goal": "-"})
+    rows.append(
+        {
+            "name": f"peak memory increase, detection / plain generation ({mem_length} tok)",
+            "value": mem_ours / mem_plain,
+            "unit": "x",
+            "goal": "<= 1.2",
+        }
+    )
+    rows.append(
+        {
+            "name": f"peak memory increase of plain generation ({mem_length} tok)",
+            "value": mem_plain,
+            "unit": "MiB",
+            "goal": "-",
+        }
+    )
     return rows
 
 

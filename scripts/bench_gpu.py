@@ -53,9 +53,18 @@ def load_config(name: str, tiny: bool):
     values = json.loads((CONFIGS / f"{name}.json").read_text())
     if tiny:
         kv_ratio = values["num_attention_heads"] // values.get("num_key_value_heads", values["num_attention_heads"])
-        values.update(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-                      num_key_value_heads=max(1, 4 // kv_ratio), head_dim=16, vocab_size=512,
-                      bos_token_id=1, eos_token_id=2, pad_token_id=0)
+        values.update(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=max(1, 4 // kv_ratio),
+            head_dim=16,
+            vocab_size=512,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=0,
+        )
         if "layer_types" in values:
             values["layer_types"] = values["layer_types"][:4]
         if values.get("sliding_window"):
@@ -135,8 +144,10 @@ def text_prompts(tokenizer, n: int, length: int) -> list[str]:
     """`n` plain-text prompts of about `length` tokens (a few shorter), from the tokenizer's own words."""
     words = [w for w in tokenizer.get_vocab() if w.isalpha()]
     g = torch.Generator().manual_seed(0)
-    return [" ".join(words[j] for j in torch.randint(len(words), (length - 1 - i % 7,), generator=g).tolist())
-            for i in range(n)]
+    return [
+        " ".join(words[j] for j in torch.randint(len(words), (length - 1 - i % 7,), generator=g).tolist())
+        for i in range(n)
+    ]
 
 
 def bench_generation(args) -> list[dict]:
@@ -151,8 +162,15 @@ def bench_generation(args) -> list[dict]:
     heads = some_heads(model)
     prompts = text_prompts(tok, batch, prompt_len)
     # Sampled, fixed-length responses (min_new_tokens = max_new_tokens) so that every path does the same work.
-    settings = dict(max_new_tokens=new, temperature=0.6, top_p=1.0, top_k=0, batch_size=batch, show_progress=False,
-                    generation_kwargs={"min_new_tokens": new})
+    settings = dict(
+        max_new_tokens=new,
+        temperature=0.6,
+        top_p=1.0,
+        top_k=0,
+        batch_size=batch,
+        show_progress=False,
+        generation_kwargs={"min_new_tokens": new},
+    )
 
     def timed(fn):
         sync()
@@ -168,8 +186,9 @@ def bench_generation(args) -> list[dict]:
         _, bare_s = timed(lambda: model.generate(**enc, **bare_kw))
 
     def pairs_s(backend, seed):
-        pairs, seconds = timed(lambda: generate_pairs(model, tok, prompts, heads, seed=seed, backend=backend,
-                                                      **settings))
+        pairs, seconds = timed(
+            lambda: generate_pairs(model, tok, prompts, heads, seed=seed, backend=backend, **settings)
+        )
         tokens = pairs.stats.generated_tokens
         assert tokens == 2 * batch * new, f"fixed-length generation expected, got {tokens} tokens"
         return seconds
@@ -180,16 +199,25 @@ def bench_generation(args) -> list[dict]:
     with StaticCacheBackend() as static:
         first_s = pairs_s(static, 0)
         static_s = min(pairs_s(static, seed) for seed in (1, 2))
-    vllm_rows = [row("generate_pairs, backend vllm: skipped (vLLM not installed, or it cannot serve this shape here)",
-                     float("nan"), "tok/s")]
+    vllm_rows = [
+        row(
+            "generate_pairs, backend vllm: skipped (vLLM not installed, or it cannot serve this shape here)",
+            float("nan"),
+            "tok/s",
+        )
+    ]
     if can_serve(model):  # the engine is built from the config and gets the model's random weights pushed
         vllm = VLLMBackend()
         vllm_first_s = pairs_s(vllm, 0)  # builds the engine (CUDA graphs), pushes the weights
         vllm_s = min(pairs_s(vllm, seed) for seed in (1, 2))
         close_engine()
         vllm_rows = [
-            row(f"generate_pairs, backend vllm ({batch} prompts x 2 roles, colocated engine, o_proj swapped)",
-                2 * batch * new / vllm_s, "tok/s", ">= 25,790 (10x the issue's 2,579) on an H200"),
+            row(
+                f"generate_pairs, backend vllm ({batch} prompts x 2 roles, colocated engine, o_proj swapped)",
+                2 * batch * new / vllm_s,
+                "tok/s",
+                ">= 25,790 (10x the issue's 2,579) on an H200",
+            ),
             row("generate_pairs vllm / generate", plain_s / vllm_s, "x"),
             row("generate_pairs vllm / static", static_s / vllm_s, "x"),
             row("generate_pairs vllm: first call (engine start, weights pushed)", vllm_first_s, "s"),
@@ -199,10 +227,13 @@ def bench_generation(args) -> list[dict]:
     fast = 2 * batch * new / static_s
     return vllm_rows + [
         row(f"bare generate, batch {batch}, {new} new tokens (1 role)", batch * new / bare_s, "tok/s"),
-        row("generate_pairs, backend generate (2 calls, the 2nd under mask_heads)", 2 * batch * new / plain_s,
-            "tok/s"),
-        row(f"generate_pairs, backend static ({2 * batch} rows in one loop, static cache, compiled on CUDA)", fast,
-            "tok/s", ">= 25,790 (10x a 2,579 tok/s baseline) on an H200"),
+        row("generate_pairs, backend generate (2 calls, the 2nd under mask_heads)", 2 * batch * new / plain_s, "tok/s"),
+        row(
+            f"generate_pairs, backend static ({2 * batch} rows in one loop, static cache, compiled on CUDA)",
+            fast,
+            "tok/s",
+            ">= 25,790 (10x a 2,579 tok/s baseline) on an H200",
+        ),
         row("generate_pairs static / generate", plain_s / static_s, "x"),
         row("generate_pairs static: first call (compiles)", 2 * batch * new / first_s, "tok/s"),
         row(f"bandwidth limit at {2 * batch} rows ({source}: {tbps:.2f} TB/s)", limit, "tok/s"),
@@ -248,8 +279,10 @@ def bench_mask(args) -> list[dict]:
                 rm.active = False
 
             off_s, on_s = _interleaved(lambda: model(x2), active, 5)
-    return [row(f"forward {length} tok: mask_heads / none", masked_s / plain_s, "x", "<= 1.05"),
-            row(f"forward 2x{length} tok: per-row mask active / inactive", on_s / off_s, "x", "<= 1.05")]
+    return [
+        row(f"forward {length} tok: mask_heads / none", masked_s / plain_s, "x", "<= 1.05"),
+        row(f"forward 2x{length} tok: per-row mask active / inactive", on_s / off_s, "x", "<= 1.05"),
+    ]
 
 
 def bench_detection(args) -> list[dict]:
@@ -274,9 +307,11 @@ def bench_detection(args) -> list[dict]:
             sync()
             results[name] = (time.perf_counter() - t, peak_gib())
         (g_s, g_m), (d_s, d_m) = results["generate"], results["detect"]
-        out += [row(f"detection / greedy generation, {length} tok + {new} new: time", d_s / g_s, "x", "<= 1.2"),
-                row(f"detection / greedy generation, {length} tok: peak memory", d_m / g_m, "x", "~1"),
-                row(f"detection at {length} tok: peak memory", d_m, "GiB")]
+        out += [
+            row(f"detection / greedy generation, {length} tok + {new} new: time", d_s / g_s, "x", "<= 1.2"),
+            row(f"detection / greedy generation, {length} tok: peak memory", d_m / g_m, "x", "~1"),
+            row(f"detection at {length} tok: peak memory", d_m, "GiB"),
+        ]
     return out
 
 
@@ -294,21 +329,31 @@ def make_trainer(model, liger: bool, lora: bool = False):
 
     tok = _tokenizer()
     cuda = device().type == "cuda"
-    cfg = DPOConfig(output_dir=tempfile.mkdtemp(prefix="bench_gpu_dpo_"), per_device_train_batch_size=1,
-                    gradient_checkpointing=True, bf16=cuda, use_cpu=not cuda, report_to=[], max_length=None,
-                    use_liger_kernel=liger, learning_rate=1e-6)
+    cfg = DPOConfig(
+        output_dir=tempfile.mkdtemp(prefix="bench_gpu_dpo_"),
+        per_device_train_batch_size=1,
+        gradient_checkpointing=True,
+        bf16=cuda,
+        use_cpu=not cuda,
+        report_to=[],
+        max_length=None,
+        use_liger_kernel=liger,
+        learning_rate=1e-6,
+    )
     peft_config = None
     if lora:
         from peft import LoraConfig
 
-        peft_config = LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
-                                 task_type="CAUSAL_LM")
+        peft_config = LoraConfig(
+            r=16, lora_alpha=32, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], task_type="CAUSAL_LM"
+        )
     data = Dataset.from_dict({"prompt": ["the man"], "chosen": ["went home"], "rejected": ["the sea"]})
     # TRL would load the reference from the model's path; random weights have none: pass a copy (LoRA: the adapter
     # disabled is the reference).
     ref_model = None if lora else copy.deepcopy(model).eval().requires_grad_(False)
-    trainer = DPOTrainer(model=model, ref_model=ref_model, args=cfg, train_dataset=data, processing_class=tok,
-                         peft_config=peft_config)
+    trainer = DPOTrainer(
+        model=model, ref_model=ref_model, args=cfg, train_dataset=data, processing_class=tok, peft_config=peft_config
+    )
     trainer.create_optimizer()
     trainer.current_gradient_accumulation_steps = 1  # set by Trainer's loop, which these single steps bypass
     return trainer
@@ -319,8 +364,9 @@ def dpo_step(trainer, prompt_len: int, completion_len: int) -> float:
     vocab = trainer.model.config.vocab_size
     g = torch.Generator().manual_seed(prompt_len + completion_len)
     ids = lambda n: torch.randint(3, vocab, (n,), generator=g).tolist()  # noqa: E731
-    batch = trainer.data_collator([{"prompt_ids": ids(prompt_len), "chosen_ids": ids(completion_len),
-                                    "rejected_ids": ids(completion_len)}])
+    batch = trainer.data_collator(
+        [{"prompt_ids": ids(prompt_len), "chosen_ids": ids(completion_len), "rejected_ids": ids(completion_len)}]
+    )
     batch = trainer._prepare_inputs(batch)
     trainer.model.train()
     sync()
@@ -344,8 +390,10 @@ def bench_dpo(args) -> list[dict]:
         dpo_step(trainer, prompt_len, completion)  # warm-up
         seconds = min(dpo_step(trainer, prompt_len, completion) for _ in range(2))
         tag = "with" if liger else "without"
-        out += [row(f"DPO step, {2 * (prompt_len + completion)} tok, {tag} Liger", seconds, "s"),
-                row(f"DPO step peak memory, {tag} Liger", peak_gib(), "GiB")]
+        out += [
+            row(f"DPO step, {2 * (prompt_len + completion)} tok, {tag} Liger", seconds, "s"),
+            row(f"DPO step peak memory, {tag} Liger", peak_gib(), "GiB"),
+        ]
         del trainer
     free()
     return out
@@ -386,17 +434,17 @@ def bench_longest(args) -> list[dict]:
     for lora in (False, True):
         free()
         try:
-            trainer = make_trainer(build("Llama-3.1-8B-Instruct", args.tiny), liger=device().type == "cuda",
-                                   lora=lora)
+            trainer = make_trainer(build("Llama-3.1-8B-Instruct", args.tiny), liger=device().type == "cuda", lora=lora)
         except torch.OutOfMemoryError:
             out.append(row(f"{'LoRA' if lora else 'full'} DPO, 8B shape: the model does not fit", 0, "tok"))
             continue
         length, seconds = longest_sequence(trainer, lo, hi, step, budget)
         name = "LoRA r16 qkvo" if lora else "full"
-        out += [row(f"longest completion per GPU, {name} DPO, 8B shape, batch 1 (x2: chosen+rejected)", length,
-                    "tok"),
-                row(f"  its step time ({name})", seconds, "s"),
-                row(f"  its peak memory ({name})", peak_gib(), "GiB")]
+        out += [
+            row(f"longest completion per GPU, {name} DPO, 8B shape, batch 1 (x2: chosen+rejected)", length, "tok"),
+            row(f"  its step time ({name})", seconds, "s"),
+            row(f"  its peak memory ({name})", peak_gib(), "GiB"),
+        ]
         del trainer
     free()
     return out

@@ -38,8 +38,12 @@ def run(args):
                 during = _param_bytes(model)
     added = during - _param_bytes(model)
     return [
-        {"name": f"forward {seq} tok: 10-head mask / none (median of {repeats})",
-         "value": statistics.median(m / p for m, p in zip(masked, plain)), "unit": "x", "goal": "<= 1.05"},
+        {
+            "name": f"forward {seq} tok: 10-head mask / none (median of {repeats})",
+            "value": statistics.median(m / p for m, p in zip(masked, plain)),
+            "unit": "x",
+            "goal": "<= 1.05",
+        },
         {"name": "forward time without mask (median)", "value": statistics.median(plain), "unit": "s", "goal": ""},
         {"name": "parameter+buffer bytes added by masking", "value": added, "unit": "B", "goal": "0"},
     ]

@@ -32,17 +32,28 @@ REPO = Path(__file__).resolve().parents[1]
 # What differs between the two variants: the baseline restores the old flags and skips the allocator setting (a
 # stub replaces it before the recipe imports it); the fix is the recipe's own defaults.
 VARIANTS = {
-    "baseline": {"args": ["--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "2",
-                          "--precompute_ref_log_probs", "False", "--activation_checkpointing", "False"],
-                 "preamble": "import trl_retmask.distributed as r; "
-                             "r.limit_cpu_training_memory = lambda *a, **k: False"},
+    "baseline": {
+        "args": [
+            "--per_device_train_batch_size",
+            "4",
+            "--gradient_accumulation_steps",
+            "2",
+            "--precompute_ref_log_probs",
+            "False",
+            "--activation_checkpointing",
+            "False",
+        ],
+        "preamble": "import trl_retmask.distributed as r; r.limit_cpu_training_memory = lambda *a, **k: False",
+    },
     "fix": {"args": []},
 }
 ALLOCATOR_ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "MALLOC_ARENA_MAX")
 """Dropped from both runs' environment: a caller's allocator setting would bias the comparison."""
 # Runs the recipe script as `__main__` after an optional preamble (the baseline's allocator stub).
-LAUNCH = ("import runpy, sys; sys.path.insert(0, sys.argv.pop(1)); exec(sys.argv.pop(1)); sys.argv.pop(0); "
-          "runpy.run_path(sys.argv[0], run_name='__main__')")
+LAUNCH = (
+    "import runpy, sys; sys.path.insert(0, sys.argv.pop(1)); exec(sys.argv.pop(1)); sys.argv.pop(0); "
+    "runpy.run_path(sys.argv[0], run_name='__main__')"
+)
 
 # Runs the command it is given and prints its peak RSS (KiB) and wall time: the watcher's only child is the run.
 WATCHER = (
@@ -72,8 +83,18 @@ def measure(variant: str, extra: list[str], out_dir: Path) -> dict:
     """One run of the main command in a fresh process: peak RSS (GiB), wall time, the recipe's own timings, the first
     logged DPO loss (ln 2 = 0.693 when the reference equals the initial policy) and the NIAH accuracies."""
     spec = VARIANTS[variant]
-    cmd = [sys.executable, "-c", LAUNCH, str(REPO), spec.get("preamble", "pass"), str(REPO / "recipes" / "smollm2.py"),
-           "--output_dir", str(out_dir), *extra, *spec["args"]]
+    cmd = [
+        sys.executable,
+        "-c",
+        LAUNCH,
+        str(REPO),
+        spec.get("preamble", "pass"),
+        str(REPO / "recipes" / "smollm2.py"),
+        "--output_dir",
+        str(out_dir),
+        *extra,
+        *spec["args"],
+    ]
     env = {k: v for k, v in os.environ.items() if k not in ALLOCATOR_ENV}
     env["HF_HUB_OFFLINE"] = "1"
     proc = subprocess.run([sys.executable, "-c", WATCHER, *cmd], env=env, capture_output=True, text=True)
@@ -83,10 +104,14 @@ def measure(variant: str, extra: list[str], out_dir: Path) -> dict:
     summary = json.loads((out_dir / "retmask_recipe_summary.json").read_text())
     timings = summary["timings_s"]
     loss = FIRST_LOSS.search(proc.stdout + proc.stderr)
-    return {"peak_gib": result["maxrss_kib"] / 1024**2, "wall_s": result["wall_s"], "train_s": timings.get("train"),
-            "dpo_s": (timings.get("pairs_and_setup") or 0) + (timings.get("train") or 0),
-            "first_loss": float(loss.group(1)) if loss else None,
-            **{k: summary[k]["accuracy"] for k in ("niah_before", "niah_before_masked", "niah_after") if k in summary}}
+    return {
+        "peak_gib": result["maxrss_kib"] / 1024**2,
+        "wall_s": result["wall_s"],
+        "train_s": timings.get("train"),
+        "dpo_s": (timings.get("pairs_and_setup") or 0) + (timings.get("train") or 0),
+        "first_loss": float(loss.group(1)) if loss else None,
+        **{k: summary[k]["accuracy"] for k in ("niah_before", "niah_before_masked", "niah_after") if k in summary},
+    }
 
 
 def run(args) -> list[dict]:
@@ -103,23 +128,45 @@ def run(args) -> list[dict]:
         base, fix = pair["baseline"], pair["fix"]
         tag = f" (run {i + 1})" if repeats > 1 else ""
         rows += [
-            {"name": f"main command peak RSS, baseline{tag} ({size})", "value": base["peak_gib"], "unit": "GiB",
-             "goal": "-"},
+            {
+                "name": f"main command peak RSS, baseline{tag} ({size})",
+                "value": base["peak_gib"],
+                "unit": "GiB",
+                "goal": "-",
+            },
             {"name": f"main command peak RSS, fix{tag}", "value": fix["peak_gib"], "unit": "GiB", "goal": "< 4"},
             {"name": f"main command wall time, baseline{tag}", "value": base["wall_s"], "unit": "s", "goal": "-"},
             {"name": f"main command wall time, fix{tag}", "value": fix["wall_s"], "unit": "s", "goal": "-"},
-            {"name": f"main command wall time fix / baseline{tag}", "value": fix["wall_s"] / base["wall_s"],
-             "unit": "x", "goal": "<= 1.10"},
-            {"name": f"DPO phases (pairs, setup, train) fix / baseline{tag}", "value": fix["dpo_s"] / base["dpo_s"],
-             "unit": "x", "goal": "-"},
-            {"name": f"DPO train() fix / baseline{tag}", "value": fix["train_s"] / base["train_s"], "unit": "x",
-             "goal": "-"},
+            {
+                "name": f"main command wall time fix / baseline{tag}",
+                "value": fix["wall_s"] / base["wall_s"],
+                "unit": "x",
+                "goal": "<= 1.10",
+            },
+            {
+                "name": f"DPO phases (pairs, setup, train) fix / baseline{tag}",
+                "value": fix["dpo_s"] / base["dpo_s"],
+                "unit": "x",
+                "goal": "-",
+            },
+            {
+                "name": f"DPO train() fix / baseline{tag}",
+                "value": fix["train_s"] / base["train_s"],
+                "unit": "x",
+                "goal": "-",
+            },
         ]
         for key in ("first_loss", "niah_before", "niah_before_masked", "niah_after"):
             for name, res in pair.items():
                 if res.get(key) is not None:
-                    rows.append({"name": f"{key}, {name}{tag}", "value": res[key], "unit": "",
-                                 "goal": "0.693" if key == "first_loss" else "-"})
+                    rows.append(
+                        {
+                            "name": f"{key}, {name}{tag}",
+                            "value": res[key],
+                            "unit": "",
+                            "goal": "0.693" if key == "first_loss" else "-",
+                        }
+                    )
     return rows
 
 

@@ -15,8 +15,10 @@ import warnings
 
 import torch
 
-RESPONSE = ("The answer depends on several factors, and here is a careful explanation of each of them in turn, "
-            "with an example. ") * 4
+RESPONSE = (
+    "The answer depends on several factors, and here is a careful explanation of each of them in turn, "
+    "with an example. "
+) * 4
 
 
 def run(args):
@@ -33,20 +35,42 @@ def run(args):
     batch_size = 2 if args.quick else 4
     reps = 2 if args.quick else 4
     prompts = load_prompts(TrainScriptArguments()).shuffle(seed=0).select(range(batch_size))
-    prefs = Dataset.from_list([{"prompt": p["prompt"], "chosen": [{"role": "assistant", "content": RESPONSE}],
-                                "rejected": [{"role": "assistant", "content": RESPONSE[::-1]}]} for p in prompts])
-    variants = {"fp32": dict(bf16=False, gradient_checkpointing=False),
-                "bf16": dict(bf16=True, gradient_checkpointing=False),
-                "bf16+ckpt": dict(bf16=True, gradient_checkpointing=True)}
+    prefs = Dataset.from_list(
+        [
+            {
+                "prompt": p["prompt"],
+                "chosen": [{"role": "assistant", "content": RESPONSE}],
+                "rejected": [{"role": "assistant", "content": RESPONSE[::-1]}],
+            }
+            for p in prompts
+        ]
+    )
+    variants = {
+        "fp32": dict(bf16=False, gradient_checkpointing=False),
+        "bf16": dict(bf16=True, gradient_checkpointing=False),
+        "bf16+ckpt": dict(bf16=True, gradient_checkpointing=True),
+    }
     cpu = not torch.cuda.is_available()
     trainers = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name, kw in variants.items():
-            cfg = RetMaskConfig(f"{tmp}/{name}", max_steps=1, per_device_train_batch_size=batch_size,
-                                learning_rate=1e-6, report_to="none", save_strategy="no", disable_tqdm=True,
-                                max_length=512, seed=0, use_cpu=cpu, mask_top_k=10, **kw)
-            trainer = RetMaskTrainer(model=copy.deepcopy(model).train(), args=cfg, train_dataset=prefs,
-                                     processing_class=tokenizer)
+            cfg = RetMaskConfig(
+                f"{tmp}/{name}",
+                max_steps=1,
+                per_device_train_batch_size=batch_size,
+                learning_rate=1e-6,
+                report_to="none",
+                save_strategy="no",
+                disable_tqdm=True,
+                max_length=512,
+                seed=0,
+                use_cpu=cpu,
+                mask_top_k=10,
+                **kw,
+            )
+            trainer = RetMaskTrainer(
+                model=copy.deepcopy(model).train(), args=cfg, train_dataset=prefs, processing_class=tokenizer
+            )
             if kw["gradient_checkpointing"]:  # done by `train()`, which the bench bypasses
                 trainer.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             trainer.current_gradient_accumulation_steps = 1
@@ -60,7 +84,7 @@ def run(args):
 
     times = {k: [] for k in trainers}
     for rep in range(reps + 1):
-        for name in (list(trainers) if rep % 2 == 0 else list(trainers)[::-1]):
+        for name in list(trainers) if rep % 2 == 0 else list(trainers)[::-1]:
             t = time.perf_counter()
             step(trainers[name])
             if torch.cuda.is_available():
@@ -70,9 +94,15 @@ def run(args):
     n = reps
     rows = []
     for name in ("bf16", "bf16+ckpt"):
-        rows.append({"name": f"DPO step {name} / fp32 (batch {batch_size}, {tokens} tokens, median of {n})",
-                     "value": statistics.median(a / b for a, b in zip(times[name], times["fp32"])), "unit": "x",
-                     "goal": "(context: sets the CPU default)"})
-    rows.append({"name": "DPO step fp32 time (median)", "value": statistics.median(times["fp32"]), "unit": "s",
-                 "goal": ""})
+        rows.append(
+            {
+                "name": f"DPO step {name} / fp32 (batch {batch_size}, {tokens} tokens, median of {n})",
+                "value": statistics.median(a / b for a, b in zip(times[name], times["fp32"])),
+                "unit": "x",
+                "goal": "(context: sets the CPU default)",
+            }
+        )
+    rows.append(
+        {"name": "DPO step fp32 time (median)", "value": statistics.median(times["fp32"]), "unit": "s", "goal": ""}
+    )
     return rows

@@ -19,11 +19,21 @@ import warnings
 import torch
 
 PROMPTS = [
-    "What is the capital of France?", "Name three primary colours.", "Write a haiku about the sea.",
-    "Explain what a prime number is.", "Give me a tip for learning to cook.", "What does a compiler do?",
-    "Why is the sky blue?", "Suggest a name for a black cat.", "How many legs does a spider have?",
-    "Summarise the plot of Cinderella in one sentence.", "What is 12 times 12?", "Describe autumn in two words.",
-    "Who wrote Hamlet?", "What is the boiling point of water?", "Recommend a board game for four players.",
+    "What is the capital of France?",
+    "Name three primary colours.",
+    "Write a haiku about the sea.",
+    "Explain what a prime number is.",
+    "Give me a tip for learning to cook.",
+    "What does a compiler do?",
+    "Why is the sky blue?",
+    "Suggest a name for a black cat.",
+    "How many legs does a spider have?",
+    "Summarise the plot of Cinderella in one sentence.",
+    "What is 12 times 12?",
+    "Describe autumn in two words.",
+    "Who wrote Hamlet?",
+    "What is the boiling point of water?",
+    "Recommend a board game for four players.",
     "Translate 'good morning' into Spanish.",
 ]
 
@@ -37,21 +47,32 @@ def _scores(model_name, model):
         return HeadScores.from_pretrained(model_name)
     except ValueError:
         layers, heads, _ = head_layout(model)
-        return HeadScores({f"{layer}-{head}": [((layer * heads + head) * 37 % 101) / 100] for layer in range(layers)
-                           for head in range(heads)})
+        return HeadScores(
+            {
+                f"{layer}-{head}": [((layer * heads + head) * 37 % 101) / 100]
+                for layer in range(layers)
+                for head in range(heads)
+            }
+        )
 
 
 def _bare_generate(model, tokenizer, chats, batch_size, gen_kwargs):
     """Plain batched generate over the same batches; returns (new tokens, seconds)."""
     tokens, seconds = 0, 0.0
     for i in range(0, len(chats), batch_size):
-        enc = tokenizer.apply_chat_template(chats[i:i + batch_size], add_generation_prompt=True, padding=True,
-                                            padding_side="left", return_tensors="pt", return_dict=True)
+        enc = tokenizer.apply_chat_template(
+            chats[i : i + batch_size],
+            add_generation_prompt=True,
+            padding=True,
+            padding_side="left",
+            return_tensors="pt",
+            return_dict=True,
+        )
         t = time.perf_counter()
         with torch.no_grad():
             out = model.generate(**enc, **gen_kwargs)
         seconds += time.perf_counter() - t
-        tokens += out[:, enc["input_ids"].shape[1]:].numel()
+        tokens += out[:, enc["input_ids"].shape[1] :].numel()
     return tokens, seconds
 
 
@@ -77,10 +98,24 @@ def run(args):
     rows = []
 
     # 3. Generation throughput: fixed-length responses, so both sides produce the same token count.
-    gen = dict(max_new_tokens=new_tokens, temperature=0.6, top_p=1.0, top_k=0, batch_size=batch_size,
-               generation_kwargs={"min_new_tokens": new_tokens}, show_progress=False)
-    gen_kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=True, temperature=0.6,
-                      top_p=1.0, top_k=0, pad_token_id=tokenizer.pad_token_id)
+    gen = dict(
+        max_new_tokens=new_tokens,
+        temperature=0.6,
+        top_p=1.0,
+        top_k=0,
+        batch_size=batch_size,
+        generation_kwargs={"min_new_tokens": new_tokens},
+        show_progress=False,
+    )
+    gen_kwargs = dict(
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        do_sample=True,
+        temperature=0.6,
+        top_p=1.0,
+        top_k=0,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     _bare_generate(model, tokenizer, chats[:batch_size], batch_size, {**gen_kwargs, "max_new_tokens": 2})  # warm-up
     bare_tps, pair_tps, static_tps = [], [], []
     with StaticCacheBackend() as static:
@@ -91,13 +126,25 @@ def run(args):
             pair_tps.append(pairs.stats.tokens_per_second)
             static_pairs = generate_pairs(model, tokenizer, chats, heads, seed=rep, backend=static, **gen)
             static_tps.append(static_pairs.stats.tokens_per_second)
-    rows.append({"name": f"pair generation / bare generate tok/s (batch {batch_size}, {new_tokens} new tok)",
-                 "value": statistics.median(p / b for p, b in zip(pair_tps, bare_tps)), "unit": "x",
-                 "goal": ">= 0.9"})
-    rows.append({"name": "bare generate throughput (median)", "value": statistics.median(bare_tps),
-                 "unit": "tok/s", "goal": ""})
-    rows.append({"name": "pair generation tok/s, backend static / generate (CPU, informative)",
-                 "value": statistics.median(s / p for s, p in zip(static_tps, pair_tps)), "unit": "x", "goal": ""})
+    rows.append(
+        {
+            "name": f"pair generation / bare generate tok/s (batch {batch_size}, {new_tokens} new tok)",
+            "value": statistics.median(p / b for p, b in zip(pair_tps, bare_tps)),
+            "unit": "x",
+            "goal": ">= 0.9",
+        }
+    )
+    rows.append(
+        {"name": "bare generate throughput (median)", "value": statistics.median(bare_tps), "unit": "tok/s", "goal": ""}
+    )
+    rows.append(
+        {
+            "name": "pair generation tok/s, backend static / generate (CPU, informative)",
+            "value": statistics.median(s / p for s, p in zip(static_tps, pair_tps)),
+            "unit": "x",
+            "goal": "",
+        }
+    )
 
     # 1 + 2. Step time: RetMaskTrainer vs DPOTrainer vs the floor, on one batch of the same pairs (generated above),
     # same settings, interleaved rep by rep (order reversed every other rep) so machine noise hits all alike. A step is
@@ -105,19 +152,40 @@ def run(args):
     # for all, is left out.
     prefs = pairs.to_dataset()
     if len(prefs) < 4:
-        prefs = Dataset.from_dict({"prompt": chats[:4], "chosen": [[{"role": "assistant", "content": c}]
-                                                                   for c in pairs.chosen[:4]],
-                                   "rejected": [[{"role": "assistant", "content": r}] for r in pairs.rejected[:4]]})
+        prefs = Dataset.from_dict(
+            {
+                "prompt": chats[:4],
+                "chosen": [[{"role": "assistant", "content": c}] for c in pairs.chosen[:4]],
+                "rejected": [[{"role": "assistant", "content": r}] for r in pairs.rejected[:4]],
+            }
+        )
     batch_size = 2 if args.quick else 4
-    common = dict(max_steps=1, per_device_train_batch_size=batch_size, learning_rate=1e-6, report_to="none",
-                  save_strategy="no", disable_tqdm=True, bf16=False, max_length=256, seed=0)
+    common = dict(
+        max_steps=1,
+        per_device_train_batch_size=batch_size,
+        learning_rate=1e-6,
+        report_to="none",
+        save_strategy="no",
+        disable_tqdm=True,
+        bf16=False,
+        max_length=256,
+        seed=0,
+    )
     with tempfile.TemporaryDirectory() as tmp:
-        retmask = RetMaskTrainer(model=copy.deepcopy(model).train(),
-                                 args=RetMaskConfig(f"{tmp}/retmask", mask_top_k=top_k, **common), train_dataset=prefs,
-                                 processing_class=tokenizer, head_scores=scores)
-        dpo = DPOTrainer(model=copy.deepcopy(model).train(), ref_model=copy.deepcopy(model).eval(),
-                         args=DPOConfig(f"{tmp}/dpo", gradient_checkpointing=False, **common), train_dataset=prefs,
-                         processing_class=tokenizer)
+        retmask = RetMaskTrainer(
+            model=copy.deepcopy(model).train(),
+            args=RetMaskConfig(f"{tmp}/retmask", mask_top_k=top_k, **common),
+            train_dataset=prefs,
+            processing_class=tokenizer,
+            head_scores=scores,
+        )
+        dpo = DPOTrainer(
+            model=copy.deepcopy(model).train(),
+            ref_model=copy.deepcopy(model).eval(),
+            args=DPOConfig(f"{tmp}/dpo", gradient_checkpointing=False, **common),
+            train_dataset=prefs,
+            processing_class=tokenizer,
+        )
     for trainer in (retmask, dpo):
         trainer.current_gradient_accumulation_steps = 1  # set by the training loop, which is bypassed here
     batch = next(iter(dpo.get_train_dataloader()))
@@ -139,19 +207,29 @@ def run(args):
     fns = {"retmask": lambda: step(retmask), "dpo": lambda: step(dpo), "floor": floor}
     times = {k: [] for k in fns}
     for rep in range(reps + 2):
-        for name in (list(fns) if rep % 2 == 0 else list(fns)[::-1]):
+        for name in list(fns) if rep % 2 == 0 else list(fns)[::-1]:
             t = time.perf_counter()
             fns[name]()
             if rep > 0:  # the first rep warms up
                 times[name].append(time.perf_counter() - t)
     med = {k: statistics.median(v) for k, v in times.items()}
     n = len(times["dpo"])
-    rows.append({"name": f"RetMaskTrainer step / DPOTrainer step (batch {batch_size}, median of {n})",
-                 "value": statistics.median(r / d for r, d in zip(times["retmask"], times["dpo"])), "unit": "x",
-                 "goal": "<= 1.05"})
-    rows.append({"name": f"DPO step / floor (policy fwd+bwd + ref fwd, median of {n})",
-                 "value": statistics.median(d / f for d, f in zip(times["dpo"], times["floor"])), "unit": "x",
-                 "goal": "<= 1.5"})
+    rows.append(
+        {
+            "name": f"RetMaskTrainer step / DPOTrainer step (batch {batch_size}, median of {n})",
+            "value": statistics.median(r / d for r, d in zip(times["retmask"], times["dpo"])),
+            "unit": "x",
+            "goal": "<= 1.05",
+        }
+    )
+    rows.append(
+        {
+            "name": f"DPO step / floor (policy fwd+bwd + ref fwd, median of {n})",
+            "value": statistics.median(d / f for d, f in zip(times["dpo"], times["floor"])),
+            "unit": "x",
+            "goal": "<= 1.5",
+        }
+    )
     rows.append({"name": "DPOTrainer step time (median)", "value": med["dpo"], "unit": "s", "goal": ""})
     rows.append({"name": "floor time (median)", "value": med["floor"], "unit": "s", "goal": ""})
     return rows

@@ -51,8 +51,9 @@ def run(args):
 
     def timed(backend, batch_size, seed, **kw):
         t = time.perf_counter()
-        pairs = generate_pairs(model, tokenizer, chats, heads, seed=seed, backend=backend, batch_size=batch_size,
-                               **{**sampled, **kw})
+        pairs = generate_pairs(
+            model, tokenizer, chats, heads, seed=seed, backend=backend, batch_size=batch_size, **{**sampled, **kw}
+        )
         return pairs, time.perf_counter() - t
 
     t = time.perf_counter()
@@ -69,18 +70,38 @@ def run(args):
     same = sum(a == b for a, b in zip(zip(g_vllm.chosen, g_vllm.rejected), zip(g_plain.chosen, g_plain.rejected)))
     close_engine()
     return [
-        {"name": "load average (1 min) before / after", "value": f"{load_before:.1f} / {os.getloadavg()[0]:.1f}",
-         "unit": "", "goal": ""},
+        {
+            "name": "load average (1 min) before / after",
+            "value": f"{load_before:.1f} / {os.getloadavg()[0]:.1f}",
+            "unit": "",
+            "goal": "",
+        },
         {"name": "vLLM engine start (config, weights pushed)", "value": start_s, "unit": "s", "goal": ""},
-        {"name": "torch threads (both backends, after the engine's CPU binding)", "value": threads, "unit": "",
-         "goal": ""},
-        {"name": f"generate_pairs, backend vllm ({n} prompts x 2 roles, one call)", "value": vllm_tps,
-         "unit": "tok/s", "goal": ""},
-        {"name": f"generate_pairs, backend generate ({n} prompts x 2 roles, batches of 16)", "value": plain_tps,
-         "unit": "tok/s", "goal": ""},
+        {
+            "name": "torch threads (both backends, after the engine's CPU binding)",
+            "value": threads,
+            "unit": "",
+            "goal": "",
+        },
+        {
+            "name": f"generate_pairs, backend vllm ({n} prompts x 2 roles, one call)",
+            "value": vllm_tps,
+            "unit": "tok/s",
+            "goal": "",
+        },
+        {
+            "name": f"generate_pairs, backend generate ({n} prompts x 2 roles, batches of 16)",
+            "value": plain_tps,
+            "unit": "tok/s",
+            "goal": "",
+        },
         {"name": "generate_pairs vllm / generate", "value": vllm_tps / plain_tps, "unit": "x", "goal": ">= 4"},
-        {"name": f"greedy pairs identical, vllm vs generate ({n} prompts, 16 tokens)", "value": f"{same}/{n}",
-         "unit": "", "goal": f"{n}/{n}"},
+        {
+            "name": f"greedy pairs identical, vllm vs generate ({n} prompts, 16 tokens)",
+            "value": f"{same}/{n}",
+            "unit": "",
+            "goal": f"{n}/{n}",
+        },
     ]
 
 
@@ -89,8 +110,15 @@ def main_command(backend: str, out_dir: Path, extra: list[str]) -> dict:
     import psutil
 
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    cmd = [sys.executable, str(REPO / "recipes" / "smollm2.py"), "--output_dir", str(out_dir),
-           "--generation_backend", backend, *extra]
+    cmd = [
+        sys.executable,
+        str(REPO / "recipes" / "smollm2.py"),
+        "--output_dir",
+        str(out_dir),
+        "--generation_backend",
+        backend,
+        *extra,
+    ]
     with open(out_dir.with_suffix(".log"), "w") as log:
         start = time.perf_counter()
         proc = psutil.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -105,8 +133,12 @@ def main_command(backend: str, out_dir: Path, extra: list[str]) -> dict:
     if proc.returncode != 0:
         raise RuntimeError(f"{backend} run failed (exit {proc.returncode}); see {out_dir.with_suffix('.log')}")
     summary = json.loads((out_dir / "retmask_recipe_summary.json").read_text())
-    return {"wall_s": wall, "peak_gib": peak / 2**30,
-            "pairs_tok_s": summary["pair_stats"]["train"]["tokens_per_second"], "timings_s": summary["timings_s"]}
+    return {
+        "wall_s": wall,
+        "peak_gib": peak / 2**30,
+        "pairs_tok_s": summary["pair_stats"]["train"]["tokens_per_second"],
+        "timings_s": summary["timings_s"],
+    }
 
 
 def main(argv=None) -> int:

@@ -32,8 +32,8 @@ TRAIN_TEXT = DATA / "prompts" / "sources" / "pg19_part3_train.txt"
 OUT = DATA / "prompts" / "prompts.jsonl"
 WINDOW = 50
 # Paragraphs of pg19_part3 that open the suite's part, the training part and the held-out tail.
-SUITE_START = "\"I don't see where the joke comes in there either!\" I said;"
-TRAIN_START = "\"Perhaps a body-snatcher,\" I suggested."
+SUITE_START = '"I don\'t see where the joke comes in there either!" I said;'
+TRAIN_START = '"Perhaps a body-snatcher," I suggested.'
 
 GENERAL_TEMPLATES = [
     "Explain {topic} to a ten-year-old in a short paragraph.",
@@ -46,10 +46,26 @@ GENERAL_TEMPLATES = [
     "Describe a common misconception about {topic} and correct it.",
 ]
 TOPICS = [
-    "photosynthesis", "saving money", "learning a new language", "the water cycle", "public libraries",
-    "volcanoes", "healthy sleep", "electric cars", "composting", "the history of the printing press",
-    "time management", "honey bees", "recycling plastic", "the moon's phases", "writing a good résumé",
-    "bicycles in cities", "rainforests", "first aid for small cuts", "chess openings", "baking bread",
+    "photosynthesis",
+    "saving money",
+    "learning a new language",
+    "the water cycle",
+    "public libraries",
+    "volcanoes",
+    "healthy sleep",
+    "electric cars",
+    "composting",
+    "the history of the printing press",
+    "time management",
+    "honey bees",
+    "recycling plastic",
+    "the moon's phases",
+    "writing a good résumé",
+    "bicycles in cities",
+    "rainforests",
+    "first aid for small cuts",
+    "chess openings",
+    "baking bread",
 ]
 STANDALONE = [
     "What is the difference between weather and climate?",
@@ -96,8 +112,11 @@ def split_part3(source: Path) -> None:
     suite_at, train_at, heldout_at = text.index(SUITE_START), text.index(TRAIN_START), text.index(heldout[:200])
     if not suite_at < train_at < heldout_at:
         raise ValueError(f"{source}: split markers out of order; is it PG-19 part3 (Dracula)?")
-    for path, part in ((HAYSTACK / "pg19_part3.txt", text[:suite_at]), (SUITE_TEXT, text[suite_at:train_at]),
-                       (TRAIN_TEXT, text[train_at:heldout_at])):
+    for path, part in (
+        (HAYSTACK / "pg19_part3.txt", text[:suite_at]),
+        (SUITE_TEXT, text[suite_at:train_at]),
+        (TRAIN_TEXT, text[train_at:heldout_at]),
+    ):
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(part.rstrip() + "\n", encoding="utf-8")
         print(f"wrote {path.relative_to(ROOT)} ({len(part)} characters)")
@@ -109,14 +128,15 @@ def evaluation_windows() -> set[str]:
     texts += [SUITE_TEXT.read_text(encoding="utf-8"), HELDOUT_TEXT.read_text(encoding="utf-8")]
     windows = set()
     for t in map(normalise, texts):
-        windows.update(t[i:i + WINDOW] for i in range(len(t) - WINDOW + 1))
+        windows.update(t[i : i + WINDOW] for i in range(len(t) - WINDOW + 1))
     return windows
 
 
 def excerpts(rng: random.Random, n: int, words: int = 120) -> list[str]:
     """`n` excerpts of about `words` words, starting at sentence beginnings, from the training text only."""
-    sentences = [s for s in re.split(r"(?<=[.!?])\s+", normalise(TRAIN_TEXT.read_text(encoding="utf-8")))
-                 if "Chapter:" not in s]
+    sentences = [
+        s for s in re.split(r"(?<=[.!?])\s+", normalise(TRAIN_TEXT.read_text(encoding="utf-8"))) if "Chapter:" not in s
+    ]
     banned = evaluation_windows()
     out, starts = [], list(range(len(sentences) - 50))
     rng.shuffle(starts)
@@ -126,7 +146,7 @@ def excerpts(rng: random.Random, n: int, words: int = 120) -> list[str]:
             chunk.append(sentences[i])
             i += 1
         doc = " ".join(chunk)
-        if not any(doc[j:j + WINDOW] in banned for j in range(len(doc) - WINDOW + 1)):
+        if not any(doc[j : j + WINDOW] in banned for j in range(len(doc) - WINDOW + 1)):
             out.append(doc)
         if len(out) == n:
             return out

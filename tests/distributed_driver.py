@@ -44,8 +44,9 @@ def recording_build_trainer(script_args, training_args, model_args, model=None, 
     counting_generate.tokenizer = tokenizer
     trainer = _build_trainer(script_args, training_args, model_args, model=model, tokenizer=tokenizer, **kwargs)
     ds = trainer.train_dataset
-    record["pairs"] = [{"prompt": p, "chosen": c, "rejected": r}
-                       for p, c, r in zip(ds["prompt"], ds["chosen"], ds["rejected"])]
+    record["pairs"] = [
+        {"prompt": p, "chosen": c, "rejected": r} for p, c, r in zip(ds["prompt"], ds["chosen"], ds["rejected"])
+    ]
     record["pair_stats"] = trainer.pair_stats["train"].to_dict()
     record["masked_heads"] = [list(h) for h in trainer.masked_heads]
     recording_build_trainer.trainer = trainer

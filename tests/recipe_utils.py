@@ -61,8 +61,11 @@ def write_chat_log(path: Path, n: int = 8) -> Path:
     with open(path, "w") as f:
         for i in range(n):
             text = PROMPT_TEXTS[i % len(PROMPT_TEXTS)]
-            conversation = [{"role": "user", "content": text}, {"role": "assistant", "content": "the answer"},
-                            {"role": "user", "content": "and then"}]
+            conversation = [
+                {"role": "user", "content": text},
+                {"role": "assistant", "content": "the answer"},
+                {"role": "user", "content": "and then"},
+            ]
             f.write(json.dumps({"conversation_id": str(i), "conversation": conversation, "language": "English"}) + "\n")
     return path
 
@@ -75,8 +78,29 @@ def write_head_scores(path: Path) -> Path:
 def tiny_overrides(model_dir, data_file, scores_file, output_dir, *extra: str) -> list[str]:
     """Command-line overrides that swap the recipe's Hub inputs for local tiny ones and size it for a CPU."""
     return [
-        "--model_name_or_path", str(model_dir), "--dataset_name", str(data_file), "--head_scores", str(scores_file),
-        "--output_dir", str(output_dir), "--bf16", "False", "--activation_checkpointing", "False",
-        "--max_new_tokens", "6", "--generation_batch_size", "4", "--per_device_train_batch_size", "2",
-        "--gradient_accumulation_steps", "1", "--max_length", "64", "--report_to", "none", *extra,
+        "--model_name_or_path",
+        str(model_dir),
+        "--dataset_name",
+        str(data_file),
+        "--head_scores",
+        str(scores_file),
+        "--output_dir",
+        str(output_dir),
+        "--bf16",
+        "False",
+        "--activation_checkpointing",
+        "False",
+        "--max_new_tokens",
+        "6",
+        "--generation_batch_size",
+        "4",
+        "--per_device_train_batch_size",
+        "2",
+        "--gradient_accumulation_steps",
+        "1",
+        "--max_length",
+        "64",
+        "--report_to",
+        "none",
+        *extra,
     ]

@@ -14,17 +14,36 @@ CONFIG_DIR = Path(__file__).resolve().parents[1] / "recipes" / "accelerate"
 EXPECTED = {
     "single_gpu.yaml": (DistributedType.NO, 1, {}),
     "multi_gpu.yaml": (DistributedType.MULTI_GPU, 8, {}),
-    "zero1.yaml": (DistributedType.DEEPSPEED, 4, {"ACCELERATE_USE_DEEPSPEED": "true",
-                                                  "ACCELERATE_DEEPSPEED_ZERO_STAGE": "1"}),
-    "zero2.yaml": (DistributedType.DEEPSPEED, 4, {"ACCELERATE_USE_DEEPSPEED": "true",
-                                                  "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2"}),
-    "zero3.yaml": (DistributedType.DEEPSPEED, 8, {"ACCELERATE_USE_DEEPSPEED": "true",
-                                                  "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3",
-                                                  "ACCELERATE_DEEPSPEED_ZERO3_INIT": "true",
-                                                  "ACCELERATE_DEEPSPEED_ZERO3_SAVE_16BIT_MODEL": "true"}),
-    "fsdp2.yaml": (DistributedType.FSDP, 8, {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2",
-                                             "FSDP_AUTO_WRAP_POLICY": "TRANSFORMER_BASED_WRAP",
-                                             "FSDP_ACTIVATION_CHECKPOINTING": "false"}),
+    "zero1.yaml": (
+        DistributedType.DEEPSPEED,
+        4,
+        {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "1"},
+    ),
+    "zero2.yaml": (
+        DistributedType.DEEPSPEED,
+        4,
+        {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2"},
+    ),
+    "zero3.yaml": (
+        DistributedType.DEEPSPEED,
+        8,
+        {
+            "ACCELERATE_USE_DEEPSPEED": "true",
+            "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3",
+            "ACCELERATE_DEEPSPEED_ZERO3_INIT": "true",
+            "ACCELERATE_DEEPSPEED_ZERO3_SAVE_16BIT_MODEL": "true",
+        },
+    ),
+    "fsdp2.yaml": (
+        DistributedType.FSDP,
+        8,
+        {
+            "ACCELERATE_USE_FSDP": "true",
+            "FSDP_VERSION": "2",
+            "FSDP_AUTO_WRAP_POLICY": "TRANSFORMER_BASED_WRAP",
+            "FSDP_ACTIVATION_CHECKPOINTING": "false",
+        },
+    ),
 }
 
 

@@ -33,14 +33,17 @@ LLAMA_SCORES = REPO / "trl_retmask" / "data" / "head_scores" / "Llama-3.1-8B-Ins
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")
-    return {"model": save_tiny_model(root / "model"), "data": write_chat_log(root / "prompts.jsonl"),
-            "scores": write_head_scores(root / "scores.json")}
+    return {
+        "model": save_tiny_model(root / "model"),
+        "data": write_chat_log(root / "prompts.jsonl"),
+        "scores": write_head_scores(root / "scores.json"),
+    }
 
 
 def _run_json(capsys, argv):
     assert main(argv) == 0
     out = capsys.readouterr().out
-    return json.loads(out[out.index("{"):])
+    return json.loads(out[out.index("{") :])
 
 
 def _user_error(capsys, argv) -> str:
@@ -113,8 +116,10 @@ def test_top_level_help_lists_every_stage(capsys):
 
 
 def test_no_import_circle_between_cli_and_stages():
-    code = ("import sys, trl_retmask.scripts.train, trl_retmask.scripts.pairs, trl_retmask.scripts.heads; "
-            "assert 'trl_retmask.cli' not in sys.modules")
+    code = (
+        "import sys, trl_retmask.scripts.train, trl_retmask.scripts.pairs, trl_retmask.scripts.heads; "
+        "assert 'trl_retmask.cli' not in sys.modules"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO, timeout=120)
 
 
@@ -122,8 +127,20 @@ def test_no_import_circle_between_cli_and_stages():
 def test_heads_summary_selection_heatmap_into_a_directory(capsys, tmp_path):
     plots = tmp_path / "plots"
     plots.mkdir()
-    out = _run_json(capsys, ["heads", "--head_scores", str(LLAMA_SCORES), "--mask_top_k", "8", "--plot", str(plots),
-                             "--save_heads", str(tmp_path / "heads.json")])
+    out = _run_json(
+        capsys,
+        [
+            "heads",
+            "--head_scores",
+            str(LLAMA_SCORES),
+            "--mask_top_k",
+            "8",
+            "--plot",
+            str(plots),
+            "--save_heads",
+            str(tmp_path / "heads.json"),
+        ],
+    )
     expected, means = _top_k_by_hand(8)
     assert out["layers"] == 32 and out["heads_per_layer"] == 32
     assert out["selection"]["heads"] == [f"{layer}-{head}" for layer, head in expected]
@@ -137,8 +154,20 @@ def test_heads_summary_selection_heatmap_into_a_directory(capsys, tmp_path):
 
 
 def test_heads_random_control_avoids_retrieval_heads(capsys):
-    out = _run_json(capsys, ["heads", "--head_scores", str(LLAMA_SCORES), "--mask_top_k", "8", "--mask_strategy",
-                             "random_non_retrieval", "--mask_seed", "3"])
+    out = _run_json(
+        capsys,
+        [
+            "heads",
+            "--head_scores",
+            str(LLAMA_SCORES),
+            "--mask_top_k",
+            "8",
+            "--mask_strategy",
+            "random_non_retrieval",
+            "--mask_seed",
+            "3",
+        ],
+    )
     control = [tuple(int(x) for x in h.split("-")) for h in out["selection"]["heads"]]
     retrieval, means = _top_k_by_hand(8)
     pool = sorted(set(means) - set(retrieval))
@@ -158,9 +187,18 @@ def test_detect_reads_a_config_file(tmp_path, hay_dir):
     from trl_retmask.scripts import detect
 
     config = tmp_path / "detect.yaml"
-    config.write_text(yaml.safe_dump({"model_name_or_path": "some/model", "context_lengths": [64, 128],
-                                      "depths": [0, 100], "haystack_dir": str(hay_dir), "num_needles": 2,
-                                      "dtype": "bfloat16"}))
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "model_name_or_path": "some/model",
+                "context_lengths": [64, 128],
+                "depths": [0, 100],
+                "haystack_dir": str(hay_dir),
+                "num_needles": 2,
+                "dtype": "bfloat16",
+            }
+        )
+    )
     script_args, model_args = detect.make_parser().parse_args_and_config(["--config", str(config), "--depths", "50"])
     assert script_args.context_lengths == [64, 128] and script_args.depths == [50.0]
     assert script_args.haystack_dir == str(hay_dir) and script_args.num_needles == 2
@@ -169,9 +207,19 @@ def test_detect_reads_a_config_file(tmp_path, hay_dir):
 
 def test_niah_runs_from_a_config_file_with_heads_masked(capsys, tiny, hay_dir, tmp_path):
     config = tmp_path / "niah.yaml"
-    config.write_text(yaml.safe_dump({"model_name_or_path": str(tiny["model"]), "context_lengths": [60],
-                                      "depths": [0, 100], "haystack_dir": str(hay_dir), "max_new_tokens": 3,
-                                      "heads": "0-1,2-3", "output_dir": str(tmp_path / "ev")}))
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "model_name_or_path": str(tiny["model"]),
+                "context_lengths": [60],
+                "depths": [0, 100],
+                "haystack_dir": str(hay_dir),
+                "max_new_tokens": 3,
+                "heads": "0-1,2-3",
+                "output_dir": str(tmp_path / "ev"),
+            }
+        )
+    )
     out = _run_json(capsys, ["niah", "--config", str(config)])
     assert out["num_samples"] == 6 and out["masked_heads"] == 2
     assert sorted(out["grid"]) == ["60@0", "60@100"]
@@ -181,8 +229,10 @@ def test_niah_runs_from_a_config_file_with_heads_masked(capsys, tiny, hay_dir, t
 
     model, tokenizer = load_model_and_tokenizer(str(tiny["model"]))
     kw = dict(context_lengths=[60], depths=[0, 100], haystack_dir=str(hay_dir), max_new_tokens=3)
-    stored = {r["key"]: r["response"] for r in map(json.loads, (tmp_path / "ev" / "niah.rank0.jsonl").read_text()
-                                                   .splitlines())}
+    stored = {
+        r["key"]: r["response"]
+        for r in map(json.loads, (tmp_path / "ev" / "niah.rank0.jsonl").read_text().splitlines())
+    }
     masked = {r["key"]: r["response"] for r in evaluate_niah(model, tokenizer, heads=[(0, 1), (2, 3)], **kw)["records"]}
     plain = {r["key"]: r["response"] for r in evaluate_niah(model, tokenizer, **kw)["records"]}
     assert stored == masked != plain
@@ -191,8 +241,20 @@ def test_niah_runs_from_a_config_file_with_heads_masked(capsys, tiny, hay_dir, t
 def test_niah_refuses_scores_of_another_model(capsys, tiny, tmp_path):
     other = {f"{layer}-{head}": [0.5 if (layer, head) == (0, 1) else 0.0] for layer in range(5) for head in range(4)}
     (tmp_path / "other.json").write_text(json.dumps(other))
-    line = _user_error(capsys, ["niah", "--model_name_or_path", str(tiny["model"]), "--head_scores",
-                                str(tmp_path / "other.json"), "--mask_top_k", "1", "--context_lengths", "60"])
+    line = _user_error(
+        capsys,
+        [
+            "niah",
+            "--model_name_or_path",
+            str(tiny["model"]),
+            "--head_scores",
+            str(tmp_path / "other.json"),
+            "--mask_top_k",
+            "1",
+            "--context_lengths",
+            "60",
+        ],
+    )
     assert "5 layers" in line and "3 layers" in line
 
 
@@ -201,8 +263,17 @@ def test_export_zeroes_the_selected_heads_and_refuses_a_non_empty_dir(capsys, ti
     from transformers import AutoModelForCausalLM
 
     target = tmp_path / "masked"
-    argv = ["export", "--model_name_or_path", str(tiny["model"]), "--head_scores", str(tiny["scores"]),
-            "--mask_top_k", "2", "--output_dir", str(target)]
+    argv = [
+        "export",
+        "--model_name_or_path",
+        str(tiny["model"]),
+        "--head_scores",
+        str(tiny["scores"]),
+        "--mask_top_k",
+        "2",
+        "--output_dir",
+        str(target),
+    ]
     out = _run_json(capsys, argv)
     assert out["masked_heads"] == ["0-1", "2-3"]
     masked = AutoModelForCausalLM.from_pretrained(target)
@@ -234,9 +305,25 @@ def test_pairs_writes_a_preference_dataset(capsys, tiny, tmp_path):
     from trl_retmask.models import load_model_and_tokenizer
 
     output = tmp_path / "pairs.jsonl"
-    argv = ["pairs", "--model_name_or_path", str(tiny["model"]), "--dataset_name", str(tiny["data"]), "--heads",
-            "0-1,2-3", "--temperature", "0", "--max_new_tokens", "5", "--generation_batch_size", "3", "--output",
-            str(output), "--output_dir", str(tmp_path / "run")]
+    argv = [
+        "pairs",
+        "--model_name_or_path",
+        str(tiny["model"]),
+        "--dataset_name",
+        str(tiny["data"]),
+        "--heads",
+        "0-1,2-3",
+        "--temperature",
+        "0",
+        "--max_new_tokens",
+        "5",
+        "--generation_batch_size",
+        "3",
+        "--output",
+        str(output),
+        "--output_dir",
+        str(tmp_path / "run"),
+    ]
     stats = _run_json(capsys, argv)
     rows = [json.loads(line) for line in output.read_text().splitlines()]
     assert stats["prompts"] == len(PROMPT_TEXTS) and stats["kept"] == len(rows) > 0
@@ -246,10 +333,11 @@ def test_pairs_writes_a_preference_dataset(capsys, tiny, tmp_path):
     model, tokenizer = load_model_and_tokenizer(str(tiny["model"]))
 
     def answer(text, heads=()):
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                            return_tensors="pt", return_dict=True)
+        ids = tokenizer.apply_chat_template(
+            [{"role": "user", "content": text}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+        )
         with torch.no_grad(), mask_heads(model, heads):
-            new = model.generate(**ids, max_new_tokens=5, do_sample=False)[0, ids["input_ids"].shape[1]:]
+            new = model.generate(**ids, max_new_tokens=5, do_sample=False)[0, ids["input_ids"].shape[1] :]
         return tokenizer.decode(new, skip_special_tokens=True)
 
     expected = [(t, answer(t), answer(t, SELECTED)) for t in PROMPT_TEXTS]
@@ -272,8 +360,9 @@ def test_pairs_checks_output_before_generation(capsys, tiny, tmp_path, monkeypat
     line = _user_error(capsys, ["pairs", "--model_name_or_path", str(tiny["model"]), "--output", str(tmp_path)])
     assert "is a directory" in line
     assert "--batch_size" not in line
-    assert "generation_batch_size" in _user_error(capsys, ["pairs", "--output", str(tmp_path / "p.jsonl"),
-                                                           "--generation_batch_size", "0"])
+    assert "generation_batch_size" in _user_error(
+        capsys, ["pairs", "--output", str(tmp_path / "p.jsonl"), "--generation_batch_size", "0"]
+    )
 
 
 # ------------------------------------------------------------------------------------------------- eval
@@ -283,15 +372,41 @@ def test_eval_runs_the_suite_with_heads_masked(capsys, tiny, tmp_path):
     from trl_retmask import evaluate_long_context
     from trl_retmask.models import load_model_and_tokenizer
 
-    assert main(["eval", "--model_name_or_path", str(tiny["model"]), "--lengths", "256", "--n_per_task", "1",
-                 "--categories", "rerank", "--heads", "0-1", "--output_dir", str(tmp_path), "--name", "tiny",
-                 "--eval_seed", "5", "--batch_size", "1"]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "--model_name_or_path",
+                str(tiny["model"]),
+                "--lengths",
+                "256",
+                "--n_per_task",
+                "1",
+                "--categories",
+                "rerank",
+                "--heads",
+                "0-1",
+                "--output_dir",
+                str(tmp_path),
+                "--name",
+                "tiny",
+                "--eval_seed",
+                "5",
+                "--batch_size",
+                "1",
+            ]
+        )
+        == 0
+    )
     text = capsys.readouterr().out
     assert "| tiny | rerank |" in text and "masked heads: 0-1" in text
     saved = json.loads((tmp_path / "tiny.json").read_text())
     assert saved["config"]["heads"] == ["0-1"] and (tmp_path / "tiny.png").is_file()
-    stored = [o for line in (tmp_path / "tiny.generations.rank0.jsonl").read_text().splitlines()
-              for o in json.loads(line)["outputs"]]
+    stored = [
+        o
+        for line in (tmp_path / "tiny.generations.rank0.jsonl").read_text().splitlines()
+        for o in json.loads(line)["outputs"]
+    ]
     model, tokenizer = load_model_and_tokenizer(str(tiny["model"]))
     kw = dict(lengths=(256,), categories=["rerank"], n_per_task=1, keep_generations=True, progress=False, seed=5)
     assert {s["seed"] for s in saved["per_sample"]} == {5}  # --eval_seed: sample i of a task uses seed + i
@@ -301,18 +416,21 @@ def test_eval_runs_the_suite_with_heads_masked(capsys, tiny, tmp_path):
     assert saved["per_sample"] == evaluate_long_context(model, tokenizer, heads=[(0, 1)], **kw)["per_sample"]
 
 
-@pytest.mark.parametrize("argv,message", [
-    (["eval", "--name", "../x"], "plain file name"),
-    (["eval", "--batch_size", "0"], "batch_size"),
-    (["eval", "--lengths", "0"], "lengths"),
-    (["niah", "--num_needles", "-1"], "num_needles"),
-    (["niah", "--depths", "120"], "depths"),
-    (["detect", "--max_new_tokens", "0"], "max_new_tokens"),
-    (["niah", "--mask_top_k", "0"], "mask_top_k"),
-    (["heads", "--no_such_flag", "1"], "no_such_flag"),
-    (["export", "--output_dir", "x", "--heads", "0-1", "--mask_top_k", "3"], "either `heads`"),
-    (["heads", "--head_scores", "no/such/dir/scores.json"], "does not exist"),
-])
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["eval", "--name", "../x"], "plain file name"),
+        (["eval", "--batch_size", "0"], "batch_size"),
+        (["eval", "--lengths", "0"], "lengths"),
+        (["niah", "--num_needles", "-1"], "num_needles"),
+        (["niah", "--depths", "120"], "depths"),
+        (["detect", "--max_new_tokens", "0"], "max_new_tokens"),
+        (["niah", "--mask_top_k", "0"], "mask_top_k"),
+        (["heads", "--no_such_flag", "1"], "no_such_flag"),
+        (["export", "--output_dir", "x", "--heads", "0-1", "--mask_top_k", "3"], "either `heads`"),
+        (["heads", "--head_scores", "no/such/dir/scores.json"], "does not exist"),
+    ],
+)
 def test_bad_values_are_one_line_errors(capsys, argv, message):
     assert message in _user_error(capsys, argv)
 
@@ -335,15 +453,18 @@ def test_missing_model_path_and_4bit_are_refused_before_loading(capsys, monkeypa
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the same refusal on a CUDA machine
 
-    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained",
-                        lambda *a, **k: pytest.fail("loaded a model"))
+    monkeypatch.setattr(
+        transformers.AutoModelForCausalLM, "from_pretrained", lambda *a, **k: pytest.fail("loaded a model")
+    )
     line = _user_error(capsys, ["niah", "--model_name_or_path", str(tmp_path / "nope"), "--heads", "0-1"])
     assert "No such model directory or Hub id" in line and "Repo id must be" not in line
     line = _user_error(capsys, ["eval", "--model_name_or_path", str(tmp_path), "--load_in_4bit", "True"])
-    assert ("--load_in_4bit quantizes the model with bitsandbytes, which needs a CUDA GPU (this machine has none)"
-            in line)
-    line = _user_error(capsys, ["train", "--recipe", "smollm2", "--load_in_4bit", "True", "--output_dir",
-                                str(tmp_path / "o")])
+    assert (
+        "--load_in_4bit quantizes the model with bitsandbytes, which needs a CUDA GPU (this machine has none)" in line
+    )
+    line = _user_error(
+        capsys, ["train", "--recipe", "smollm2", "--load_in_4bit", "True", "--output_dir", str(tmp_path / "o")]
+    )
     assert "--load_in_4bit" in line
 
 
@@ -361,14 +482,29 @@ def test_train_recipe_yaml_defaults_are_parsed():
 
 def test_train_runs_a_recipe_with_trl_style_overrides(tiny, tmp_path):
     out = tmp_path / "trained"
-    argv = ["train", "--recipe", "smollm2", *tiny_overrides(tiny["model"], tiny["data"], tiny["scores"], out),
-            "--mask_top_k", "2", "--niah_eval", "False", "--max_steps", "1",
-            "--compare_heads_with", "allenai/Olmo-3-7B-Think"]
+    argv = [
+        "train",
+        "--recipe",
+        "smollm2",
+        *tiny_overrides(tiny["model"], tiny["data"], tiny["scores"], out),
+        "--mask_top_k",
+        "2",
+        "--niah_eval",
+        "False",
+        "--max_steps",
+        "1",
+        "--compare_heads_with",
+        "allenai/Olmo-3-7B-Think",
+    ]
     assert main(argv) == 0
     summary = json.loads((out / "retmask_recipe_summary.json").read_text())
     assert summary["masked_heads"] == ["0-1", "2-3"]
-    assert summary["heads_compared"] == {"selection": {"threshold": None, "top_k": 2}, "masked_here": 2,
-                                         "reference": "allenai/Olmo-3-7B-Think", "reference_heads": 2}
+    assert summary["heads_compared"] == {
+        "selection": {"threshold": None, "top_k": 2},
+        "masked_here": 2,
+        "reference": "allenai/Olmo-3-7B-Think",
+        "reference_heads": 2,
+    }
     assert (out / "model.safetensors").is_file()
     assert json.loads((out / "retmask_head_scores.json").read_text()) == HEAD_SCORES
 
@@ -376,8 +512,18 @@ def test_train_runs_a_recipe_with_trl_style_overrides(tiny, tmp_path):
 def test_train_launches_through_accelerate_with_a_config(monkeypatch, tmp_path):
     launched = {}
     monkeypatch.setattr(cli, "launch_training", lambda launch, script: launched.update(launch=launch, script=script))
-    argv = ["--recipe", "smollm2", "--accelerate_config", "zero1", "--num_processes", "2", "--learning_rate", "1e-6",
-            "--output_dir", str(tmp_path)]
+    argv = [
+        "--recipe",
+        "smollm2",
+        "--accelerate_config",
+        "zero1",
+        "--num_processes",
+        "2",
+        "--learning_rate",
+        "1e-6",
+        "--output_dir",
+        str(tmp_path),
+    ]
     assert main(["train", *argv]) == 0
     config = launched["launch"][launched["launch"].index("--config_file") + 1]
     assert Path(config).name == "zero1.yaml" and Path(config).is_file()
@@ -386,8 +532,7 @@ def test_train_launches_through_accelerate_with_a_config(monkeypatch, tmp_path):
     # what accelerate would run: the training module with the script arguments
     from accelerate.commands.launch import launch_command_parser
 
-    args = launch_command_parser().parse_args([*launched["launch"], "--module", cli.TRAIN_MODULE,
-                                               *launched["script"]])
+    args = launch_command_parser().parse_args([*launched["launch"], "--module", cli.TRAIN_MODULE, *launched["script"]])
     assert args.module and args.training_script == "trl_retmask.scripts.train" and args.num_processes == 2
 
 
@@ -408,8 +553,22 @@ def test_unknown_recipe_is_a_one_line_error(capsys):
 def test_detect_on_the_embedded_model_writes_loadable_scores(capsys, tmp_path):
     from trl_retmask.scores import HeadScores
 
-    out = _run_json(capsys, ["detect", "--context_lengths", "512", "--depths", "0", "--num_needles", "2",
-                             "--output_dir", str(tmp_path), "--show", "3"])
+    out = _run_json(
+        capsys,
+        [
+            "detect",
+            "--context_lengths",
+            "512",
+            "--depths",
+            "0",
+            "--num_needles",
+            "2",
+            "--output_dir",
+            str(tmp_path),
+            "--show",
+            "3",
+        ],
+    )
     scores = HeadScores.from_pretrained(tmp_path)  # the directory, as `--head_scores DIR`
     assert (scores.num_layers, scores.num_heads) == (30, 9)
     assert list(out["top_heads"]) == [f"{l}-{h}" for (l, h), _ in scores.ranked()[:3]]
@@ -424,8 +583,10 @@ def _no_model_loading(monkeypatch):
 
 def test_package_root_is_lazy():
     """`trl-retmask --help` must not pay for torch/TRL (it took ~6 s when the root imported them eagerly)."""
-    code = ("import sys, trl_retmask, trl_retmask.cli; assert 'torch' not in sys.modules and 'trl' not in sys.modules; "
-            "from trl_retmask import RetMaskTrainer, RetMaskConfig, HeadScores, mask_heads; print(HeadScores.__name__)")
+    code = (
+        "import sys, trl_retmask, trl_retmask.cli; assert 'torch' not in sys.modules and 'trl' not in sys.modules; "
+        "from trl_retmask import RetMaskTrainer, RetMaskConfig, HeadScores, mask_heads; print(HeadScores.__name__)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
     assert out.returncode == 0 and out.stdout.strip() == "HeadScores", out.stderr
 
@@ -440,16 +601,21 @@ def test_file_outputs_never_replace_a_checkpoint_file(capsys, tiny, tmp_path, mo
     assert "already exists" in line and "--overwrite True" in line and config.read_bytes() == before
     line = _user_error(capsys, ["detect", "--model_name_or_path", str(tiny["model"]), "--save", str(config)])
     assert "already exists" in line and config.read_bytes() == before
-    line = _user_error(capsys, ["eval", "--model_name_or_path", str(tiny["model"]), "--output_dir",
-                                str(tiny["model"]), "--name", "config"])
+    line = _user_error(
+        capsys,
+        ["eval", "--model_name_or_path", str(tiny["model"]), "--output_dir", str(tiny["model"]), "--name", "config"],
+    )
     assert "config.json" in line and config.read_bytes() == before
-    line = _user_error(capsys, ["export", "--model_name_or_path", str(tiny["model"]), "--heads", "0-1",
-                                "--output_dir", str(config / "sub")])
+    line = _user_error(
+        capsys,
+        ["export", "--model_name_or_path", str(tiny["model"]), "--heads", "0-1", "--output_dir", str(config / "sub")],
+    )
     assert "is a file" in line
     target = tmp_path / "heads.json"
     target.write_text("old")
-    assert main(["heads", "--head_scores", str(tiny["scores"]), "--save_heads", str(target), "--overwrite",
-                 "True"]) == 0
+    assert (
+        main(["heads", "--head_scores", str(tiny["scores"]), "--save_heads", str(target), "--overwrite", "True"]) == 0
+    )
     assert json.loads(target.read_text()) == [f"{layer}-{head}" for layer, head in SELECTED]
 
 
@@ -470,10 +636,30 @@ def test_niah_resume_refuses_other_inputs_and_overwrite_redoes(capsys, tiny, tmp
     needles = []
     for i, answer in enumerate(("seven", "night")):
         needles.append(tmp_path / f"n{i}.jsonl")
-        needles[-1].write_text(json.dumps({"needle": f"the magic number is {answer}",
-                                           "question": "what is the magic number", "real_needle": answer}))
-    argv = ["niah", "--model_name_or_path", str(tiny["model"]), "--context_lengths", "60", "--depths", "50",
-            "--haystack_dir", str(hay_dir), "--max_new_tokens", "2", "--output_dir", str(tmp_path / "out")]
+        needles[-1].write_text(
+            json.dumps(
+                {
+                    "needle": f"the magic number is {answer}",
+                    "question": "what is the magic number",
+                    "real_needle": answer,
+                }
+            )
+        )
+    argv = [
+        "niah",
+        "--model_name_or_path",
+        str(tiny["model"]),
+        "--context_lengths",
+        "60",
+        "--depths",
+        "50",
+        "--haystack_dir",
+        str(hay_dir),
+        "--max_new_tokens",
+        "2",
+        "--output_dir",
+        str(tmp_path / "out"),
+    ]
     assert main([*argv, "--needles", str(needles[0])]) == 0
     assert "another run" in _user_error(capsys, [*argv, "--needles", str(needles[1])])
     assert main([*argv, "--needles", str(needles[1]), "--overwrite", "True"]) == 0
@@ -483,14 +669,17 @@ def test_niah_resume_refuses_other_inputs_and_overwrite_redoes(capsys, tiny, tmp
         assert (tmp_path / "out" / name).read_text() == (tmp_path / "fresh" / name).read_text()
 
 
-@pytest.mark.parametrize("argv,message", [
-    (["niah", "--heads", "0-1,0-1"], "more than once"),
-    (["heads", "--mask_topk", "3"], "did you mean --mask_top_k?"),
-    (["heads", "--plot", "heatmap.txt"], "not an image format"),
-    (["pairs", "--output", "p.jsonl", "--generation_kwargs", '{"max_new_tokens": 5}'], "field of its own"),
-    (["pairs", "--output", "p.jsonl", "--generation_kwargs", '{"repetiton_penalty": 1.1}'], "not fields of"),
-    (["pairs", "--output", "p.jsonl", "--beta", "nan"], "`beta` must be a finite number"),
-])
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["niah", "--heads", "0-1,0-1"], "more than once"),
+        (["heads", "--mask_topk", "3"], "did you mean --mask_top_k?"),
+        (["heads", "--plot", "heatmap.txt"], "not an image format"),
+        (["pairs", "--output", "p.jsonl", "--generation_kwargs", '{"max_new_tokens": 5}'], "field of its own"),
+        (["pairs", "--output", "p.jsonl", "--generation_kwargs", '{"repetiton_penalty": 1.1}'], "not fields of"),
+        (["pairs", "--output", "p.jsonl", "--beta", "nan"], "`beta` must be a finite number"),
+    ],
+)
 def test_more_bad_values_are_one_line_errors(capsys, argv, message, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert message in _user_error(capsys, argv)
@@ -513,5 +702,6 @@ def test_pairs_generation_kwargs_json_becomes_a_dict():
     from trl_retmask.scripts.pairs import make_parser
 
     _, training_args, _ = make_parser().parse_args_and_config(
-        ["--output", "unused.jsonl", "--generation_kwargs", '{"repetition_penalty": 1.1, "no_repeat_ngram_size": 3}'])
+        ["--output", "unused.jsonl", "--generation_kwargs", '{"repetition_penalty": 1.1, "no_repeat_ngram_size": 3}']
+    )
     assert training_args.generation_kwargs == {"repetition_penalty": 1.1, "no_repeat_ngram_size": 3}

@@ -33,8 +33,9 @@ def tiny_tokenizer(tmp_path_factory):
     return make_book_tokenizer(tmp_path_factory.mktemp("book_tok"))
 
 
-def forced_generation(tokenizer, answers: dict, calls: list | None = None, fail_after: int | None = None,
-                      on_sample=None):
+def forced_generation(
+    tokenizer, answers: dict, calls: list | None = None, fail_after: int | None = None, on_sample=None
+):
     """A `generate_answer` that runs the real model forward passes but emits the given answer text per needle
     (`answers[needle_index]`, or `answers(sample)`)."""
 
@@ -49,9 +50,12 @@ def forced_generation(tokenizer, answers: dict, calls: list | None = None, fail_
         target = tokenizer(text, add_special_tokens=False)["input_ids"][:max_new_tokens]
         ids = torch.tensor([sample.input_ids])
         p = ids.shape[1]
-        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
-                             generation_config=make_generation_config(model, len(target)),
-                             prefix_allowed_tokens_fn=lambda _, x: [target[len(x) - p]])
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            generation_config=make_generation_config(model, len(target)),
+            prefix_allowed_tokens_fn=lambda _, x: [target[len(x) - p]],
+        )
         return out[0, p:].tolist()
 
     return generate
@@ -61,11 +65,13 @@ def test_copy_scores_by_hand():
     sequence = torch.tensor([5, 6, 7, 8, 9, 10, 6, 7, 99])
     generated = torch.tensor([6, 7, 99])  # sequence[6:] = prompt (6 tokens) + generated
     span = (1, 4)  # needle tokens 6, 7, 8
-    positions = torch.tensor([  # [steps, layers=1, heads=4]
-        [[1, 6, 2, 0]],  # step 0 (generates 6): head0 copies; head1 points at a 6 outside the needle; head2 at a 7
-        [[2, 7, 2, 2]],  # step 1 (generates 7): head0, head2, head3 copy; head1 points at a 7 outside the needle
-        [[1, 8, 3, 8]],  # step 2 (generates 99): nobody copies (99 is not in the needle)
-    ])
+    positions = torch.tensor(
+        [  # [steps, layers=1, heads=4]
+            [[1, 6, 2, 0]],  # step 0 (generates 6): head0 copies; head1 points at a 6 outside the needle; head2 at a 7
+            [[2, 7, 2, 2]],  # step 1 (generates 7): head0, head2, head3 copy; head1 points at a 7 outside the needle
+            [[1, 8, 3, 8]],  # step 2 (generates 99): nobody copies (99 is not in the needle)
+        ]
+    )
     expected = torch.tensor([[2 / 3, 0.0, 1 / 3, 1 / 3]])
     assert torch.allclose(copy_scores(positions, generated, sequence, span), expected)
 
@@ -85,9 +91,17 @@ def test_copy_span_at_the_ends_of_the_sequence():
     generated = torch.tensor([4, 5])
     positions = torch.tensor([[[0, 3, 4, 1]], [[1, 4, 0, 4]]])  # [steps=2, layers=1, heads=4]
     for span in ((0, 2), (3, 5)):
-        expected = [[sum(span[0] <= int(positions[t, 0, h]) < span[1]
-                         and int(sequence[positions[t, 0, h]]) == int(generated[t]) for t in range(2))
-                     / (span[1] - span[0]) for h in range(4)]]
+        expected = [
+            [
+                sum(
+                    span[0] <= int(positions[t, 0, h]) < span[1]
+                    and int(sequence[positions[t, 0, h]]) == int(generated[t])
+                    for t in range(2)
+                )
+                / (span[1] - span[0])
+                for h in range(4)
+            ]
+        ]
         assert copy_scores(positions, generated, sequence, span).tolist() == expected
     assert copy_scores(positions, generated, sequence, (0, 2)).tolist() == [[1.0, 0.0, 0.0, 0.0]]
     assert copy_scores(positions, generated, sequence, (3, 5)).tolist() == [[0.0, 1.0, 0.0, 0.5]]
@@ -105,11 +119,25 @@ def test_last_row_argmax_matches_a_per_head_loop(mask_kind):
     keep = torch.ones(b, kv, dtype=torch.bool)
     for i, j in enumerate(padded):
         keep[i, j] = False
-    mask = {"none": None, "2d": keep.long(), "4d_bool": keep[:, None, None, :].expand(b, 1, q_len, kv),
-            "4d_float": torch.where(keep, 0.0, float("-inf"))[:, None, None, :].expand(b, 1, q_len, kv)}[mask_kind]
-    expected = torch.tensor([[int(torch.where(keep[i] if mask is not None else torch.ones(kv, dtype=torch.bool),
-                                              logits[i, h], float("-inf")).argmax()) for h in range(hq)]
-                             for i in range(b)])
+    mask = {
+        "none": None,
+        "2d": keep.long(),
+        "4d_bool": keep[:, None, None, :].expand(b, 1, q_len, kv),
+        "4d_float": torch.where(keep, 0.0, float("-inf"))[:, None, None, :].expand(b, 1, q_len, kv),
+    }[mask_kind]
+    expected = torch.tensor(
+        [
+            [
+                int(
+                    torch.where(
+                        keep[i] if mask is not None else torch.ones(kv, dtype=torch.bool), logits[i, h], float("-inf")
+                    ).argmax()
+                )
+                for h in range(hq)
+            ]
+            for i in range(b)
+        ]
+    )
     got = last_row_argmax(query, key, mask)
     assert torch.equal(got, expected)
     if mask is not None:
@@ -117,8 +145,14 @@ def test_last_row_argmax_matches_a_per_head_loop(mask_kind):
 
 
 # ------------------------------------------------------------------------ the authors' loop, independently
-def authors_scores(model, tokenizer, prompt_ids: list[int], real_needle: str, output_ids: list[int],
-                   span: tuple[int, int] | None = None) -> list[list[float]]:
+def authors_scores(
+    model,
+    tokenizer,
+    prompt_ids: list[int],
+    real_needle: str,
+    output_ids: list[int],
+    span: tuple[int, int] | None = None,
+) -> list[list[float]]:
     """Their `find_needle_idx` + `decode` + `retrieval_calculate` (YoumiMa/RetMask, retrieval_head_detection.py):
     eager attention with `output_attentions`, prefill all but the last prompt token, then one step per output token
     feeding the previous one, and per layer and head `attn[layer][0][head][-1].topk(1)`. `output_ids` are the tokens
@@ -128,7 +162,7 @@ def authors_scores(model, tokenizer, prompt_ids: list[int], real_needle: str, ou
         needle_ids = tokenizer(real_needle, add_special_tokens=False)["input_ids"]
         span = (-1, -1)
         for i in range(len(prompt_ids)):
-            overlap = len(set(prompt_ids[i:i + len(needle_ids)]) & set(needle_ids)) / len(set(needle_ids))
+            overlap = len(set(prompt_ids[i : i + len(needle_ids)]) & set(needle_ids)) / len(set(needle_ids))
             if overlap > 0.9:
                 span = (i, i + len(needle_ids))
                 break
@@ -172,8 +206,9 @@ def test_scores_equal_the_authors_loop(arch, tiny_tokenizer, hay_dir, monkeypatc
         output = tiny_tokenizer(answers[s.needle_index], add_special_tokens=False)["input_ids"][:20]
         reference = torch.tensor(authors_scores(model, tiny_tokenizer, s.input_ids, s.answer, output)).flatten()
         assert torch.allclose(ours[k], reference, atol=1e-6), (s.key, ours[k], reference)
-        old = torch.tensor(authors_scores(model, tiny_tokenizer, s.input_ids, s.answer, output,
-                                          span=s.needle_span)).flatten()
+        old = torch.tensor(
+            authors_scores(model, tiny_tokenizer, s.input_ids, s.answer, output, span=s.needle_span)
+        ).flatten()
         needle_len, answer_len = s.needle_end - s.needle_start, s.answer_end - s.answer_start
         lead_in_hits += (old * needle_len - reference * answer_len).round().sum().item()
     assert ours.max() > 0 and lead_in_hits > 0  # both kinds of copying happened: the comparison means something
@@ -181,8 +216,28 @@ def test_scores_equal_the_authors_loop(arch, tiny_tokenizer, hay_dir, monkeypatc
 
 def test_defaults_are_the_authors():
     authors = DETECTION_PRESETS["authors"]
-    assert list(authors["context_lengths"]) == [0, 263, 526, 789, 1053, 1316, 1579, 1842, 2105, 2368, 2632, 2895,
-                                                3158, 3421, 3684, 3947, 4211, 4474, 4737, 5000]
+    assert list(authors["context_lengths"]) == [
+        0,
+        263,
+        526,
+        789,
+        1053,
+        1316,
+        1579,
+        1842,
+        2105,
+        2368,
+        2632,
+        2895,
+        3158,
+        3421,
+        3684,
+        3947,
+        4211,
+        4474,
+        4737,
+        5000,
+    ]
     assert list(authors["context_lengths"]) == np.round(np.linspace(0, 5000, 20)).astype(int).tolist()
     assert list(authors["depths"]) == [0, 11, 22, 33, 44, 56, 67, 78, 89, 100]
     assert authors["max_new_tokens"] == 50 and authors["length_buffer"] == 200
@@ -201,8 +256,16 @@ def test_detection_decodes_past_eos(tiny_tokenizer, hay_dir, tmp_path):
     assert model.generation_config.eos_token_id == eos  # so that an EOS stop would end the decode at once
     make_greedy(model, eos)  # EOS is the greedy token at every step
     with pytest.raises(ValueError, match="none of the"):
-        detect_retrieval_heads(model, tiny_tokenizer, context_lengths=[0], depths=[0], needles=[NEEDLE],
-                               max_new_tokens=7, haystack_dir=hay_dir, output_dir=tmp_path)
+        detect_retrieval_heads(
+            model,
+            tiny_tokenizer,
+            context_lengths=[0],
+            depths=[0],
+            needles=[NEEDLE],
+            max_new_tokens=7,
+            haystack_dir=hay_dir,
+            output_dir=tmp_path,
+        )
     record = json.loads((tmp_path / "detect.rank0.jsonl").read_text().splitlines()[0])
     assert record["num_new_tokens"] == 7 and record["response"] == ""
     assert len(record["scores"]) == 3 * 4 and (tmp_path / "niah_grid.png").is_file()  # the grid even on failure
@@ -210,11 +273,20 @@ def test_detection_decodes_past_eos(tiny_tokenizer, hay_dir, tmp_path):
 
 def test_real_needle_outside_the_needle_is_refused(tiny_tokenizer, hay_dir):
     needle = {**NEEDLE, "real_needle": "water"}
-    with pytest.raises(ValueError, match=r"^The real_needle of needle\(s\) \[0\] does not occur in its needle "
-                                         r"\(case-insensitive\): detection scores copies of the real_needle's tokens, "
-                                         r"so it must be part of the needle\.$"):
-        detect_retrieval_heads(make_tiny_model("llama"), tiny_tokenizer, context_lengths=[0], depths=[0],
-                               needles=[needle], haystack_dir=hay_dir)
+    with pytest.raises(
+        ValueError,
+        match=r"^The real_needle of needle\(s\) \[0\] does not occur in its needle "
+        r"\(case-insensitive\): detection scores copies of the real_needle's tokens, "
+        r"so it must be part of the needle\.$",
+    ):
+        detect_retrieval_heads(
+            make_tiny_model("llama"),
+            tiny_tokenizer,
+            context_lengths=[0],
+            depths=[0],
+            needles=[needle],
+            haystack_dir=hay_dir,
+        )
 
 
 def _reference_argmax(model, prompt: list[int], new: list[int]) -> torch.Tensor:
@@ -278,13 +350,26 @@ def test_detect_scores_match_hand_computation(tiny_tokenizer, hay_dir, monkeypat
 
     monkeypatch.setattr(detection, "last_row_argmax", stub_argmax)
     # The lead-in needle is answered with the whole needle (correct); the other with a wrong answer (excluded).
-    monkeypatch.setattr(detection, "generate_answer", forced_generation(
-        tiny_tokenizer, {0: LEADIN_NEEDLE["needle"], 1: "the man went home . it"},
-        on_sample=lambda s: current.update(sample=s)))
+    monkeypatch.setattr(
+        detection,
+        "generate_answer",
+        forced_generation(
+            tiny_tokenizer,
+            {0: LEADIN_NEEDLE["needle"], 1: "the man went home . it"},
+            on_sample=lambda s: current.update(sample=s),
+        ),
+    )
     model = make_tiny_model("llama")
-    scores = detect_retrieval_heads(model, tiny_tokenizer, context_lengths=[260], depths=[0, 50],
-                                    needles=[LEADIN_NEEDLE, OTHER], max_new_tokens=17, haystack_dir=hay_dir,
-                                    output_dir=tmp_path / "out")
+    scores = detect_retrieval_heads(
+        model,
+        tiny_tokenizer,
+        context_lengths=[260],
+        depths=[0, 50],
+        needles=[LEADIN_NEEDLE, OTHER],
+        max_new_tokens=17,
+        haystack_dir=hay_dir,
+        output_dir=tmp_path / "out",
+    )
     # 17 needle tokens generated: 11 of the lead-in ("the best ... is to"), then the 6 of the answer
     # ("read a story with your mother"), the span. head0 copies 6/6 of it, head2 the even steps 12, 14, 16 (3/6),
     # head3 only lead-in tokens: 0 (the whole-needle span gave it 11/17).
@@ -300,13 +385,33 @@ def test_detect_scores_match_hand_computation(tiny_tokenizer, hay_dir, monkeypat
     assert json.loads((out / "sparsity.json").read_text())["num_correct"] == 2
 
 
-def _forced_detect(model, tok, hay_dir, out, monkeypatch, needles=(LEADIN_NEEDLE, OTHER), overwrite=False,
-                   max_new_tokens=6, length_buffer=0, **kw):
-    monkeypatch.setattr(detection, "generate_answer",
-                        forced_generation(tok, {i: n["real_needle"] for i, n in enumerate(needles)}, **kw))
-    return detect_retrieval_heads(model, tok, context_lengths=[50, 80], depths=[0, 50, 100], needles=list(needles),
-                                  max_new_tokens=max_new_tokens, haystack_dir=hay_dir, output_dir=out,
-                                  overwrite=overwrite, length_buffer=length_buffer)
+def _forced_detect(
+    model,
+    tok,
+    hay_dir,
+    out,
+    monkeypatch,
+    needles=(LEADIN_NEEDLE, OTHER),
+    overwrite=False,
+    max_new_tokens=6,
+    length_buffer=0,
+    **kw,
+):
+    monkeypatch.setattr(
+        detection, "generate_answer", forced_generation(tok, {i: n["real_needle"] for i, n in enumerate(needles)}, **kw)
+    )
+    return detect_retrieval_heads(
+        model,
+        tok,
+        context_lengths=[50, 80],
+        depths=[0, 50, 100],
+        needles=list(needles),
+        max_new_tokens=max_new_tokens,
+        haystack_dir=hay_dir,
+        output_dir=out,
+        overwrite=overwrite,
+        length_buffer=length_buffer,
+    )
 
 
 def test_detect_resumes_after_kill(tiny_tokenizer, hay_dir, monkeypatch, tmp_path):
@@ -331,12 +436,14 @@ def test_detect_refuses_a_directory_of_other_needles(tiny_tokenizer, hay_dir, mo
     with pytest.raises(ValueError, match="needles.*differ.*overwrite=True"):
         _forced_detect(model, tiny_tokenizer, hay_dir, tmp_path / "d", monkeypatch, needles=(OTHER,), calls=calls)
     assert calls == []  # refused before any work
-    redone = _forced_detect(model, tiny_tokenizer, hay_dir, tmp_path / "d", monkeypatch, needles=(OTHER,),
-                            overwrite=True)
+    redone = _forced_detect(
+        model, tiny_tokenizer, hay_dir, tmp_path / "d", monkeypatch, needles=(OTHER,), overwrite=True
+    )
     fresh = _forced_detect(model, tiny_tokenizer, hay_dir, tmp_path / "fresh", monkeypatch, needles=(OTHER,))
     assert redone.scores == fresh.scores
-    assert json.loads((tmp_path / "d" / "head_scores.json").read_text()) == \
-        json.loads((tmp_path / "fresh" / "head_scores.json").read_text())
+    assert json.loads((tmp_path / "d" / "head_scores.json").read_text()) == json.loads(
+        (tmp_path / "fresh" / "head_scores.json").read_text()
+    )
 
 
 @pytest.mark.parametrize("damage", ["one head short", "no scores"])
@@ -357,14 +464,18 @@ def test_detect_redoes_a_record_of_the_wrong_layout(tiny_tokenizer, hay_dir, mon
     assert calls == [record["key"]] and again.scores == full.scores
 
 
-@pytest.mark.parametrize("change,named", [
-    ({"model": {"seed": 1}}, r"\(model weights, data or settings differ\)"),  # same layout and name, other weights
-    ({"model": {"num_hidden_layers": 2}}, r"\(layout differ\)"),
-    ({"max_new_tokens": 5}, r"\(max_new_tokens differ\)"),
-    ({"length_buffer": 8}, r"\(length_buffer, samples differ\)"),
-])
-def test_detect_refuses_a_directory_of_another_model_or_settings(tiny_tokenizer, hay_dir, monkeypatch, tmp_path,
-                                                                  change, named):
+@pytest.mark.parametrize(
+    "change,named",
+    [
+        ({"model": {"seed": 1}}, r"\(model weights, data or settings differ\)"),  # same layout and name, other weights
+        ({"model": {"num_hidden_layers": 2}}, r"\(layout differ\)"),
+        ({"max_new_tokens": 5}, r"\(max_new_tokens differ\)"),
+        ({"length_buffer": 8}, r"\(length_buffer, samples differ\)"),
+    ],
+)
+def test_detect_refuses_a_directory_of_another_model_or_settings(
+    tiny_tokenizer, hay_dir, monkeypatch, tmp_path, change, named
+):
     """Records are reused only for the same weights, layout, decode budget and prompts; the refusal names what
     changed and comes before any sample runs."""
     _forced_detect(make_tiny_model("qwen2"), tiny_tokenizer, hay_dir, tmp_path / "d", monkeypatch)
@@ -376,9 +487,17 @@ def test_detect_refuses_a_directory_of_another_model_or_settings(tiny_tokenizer,
     assert calls == []
     if "max_new_tokens" in change:  # the default is to refuse, not to overwrite
         with pytest.raises(ValueError, match=named):
-            detect_retrieval_heads(model, tiny_tokenizer, context_lengths=[50, 80], depths=[0, 50, 100],
-                                   needles=[LEADIN_NEEDLE, OTHER], haystack_dir=hay_dir, output_dir=tmp_path / "d",
-                                   length_buffer=0, **change)
+            detect_retrieval_heads(
+                model,
+                tiny_tokenizer,
+                context_lengths=[50, 80],
+                depths=[0, 50, 100],
+                needles=[LEADIN_NEEDLE, OTHER],
+                haystack_dir=hay_dir,
+                output_dir=tmp_path / "d",
+                length_buffer=0,
+                **change,
+            )
 
 
 def test_max_new_tokens_bounds_and_the_window_edge(tiny_tokenizer, hay_dir, monkeypatch):
@@ -392,15 +511,21 @@ def test_max_new_tokens_bounds_and_the_window_edge(tiny_tokenizer, hay_dir, monk
     assert len(one.scores[(0, 0)]) == 1  # one correct sample, scored from a single generated token
 
     window = model.config.max_position_embeddings
-    longest = max(len(s.input_ids) for s in build_niah_samples(tiny_tokenizer, [400], [0, 100], [NEEDLE], hay_dir,
-                                                                   length_buffer=0))
+    longest = max(
+        len(s.input_ids)
+        for s in build_niah_samples(tiny_tokenizer, [400], [0, 100], [NEEDLE], hay_dir, length_buffer=0)
+    )
     room = window - longest
     assert 0 < room < 200
     detect_retrieval_heads(model, tiny_tokenizer, context_lengths=[400], depths=[0, 100], max_new_tokens=room, **kw)
-    with pytest.raises(ValueError, match=rf"The longest prompt \({longest} tokens\) \+ {room + 1} new tokens exceeds "
-                                         rf"the model's window of {window} tokens"):
-        detect_retrieval_heads(model, tiny_tokenizer, context_lengths=[400], depths=[0, 100],
-                               max_new_tokens=room + 1, **kw)
+    with pytest.raises(
+        ValueError,
+        match=rf"The longest prompt \({longest} tokens\) \+ {room + 1} new tokens exceeds "
+        rf"the model's window of {window} tokens",
+    ):
+        detect_retrieval_heads(
+            model, tiny_tokenizer, context_lengths=[400], depths=[0, 100], max_new_tokens=room + 1, **kw
+        )
 
 
 def test_haystack_per_needle_reaches_the_prompts(tiny_tokenizer, hay_dir, monkeypatch):
@@ -411,15 +536,31 @@ def test_haystack_per_needle_reaches_the_prompts(tiny_tokenizer, hay_dir, monkey
 
     def prompts(**extra):
         seen = {}
-        monkeypatch.setattr(detection, "generate_answer", forced_generation(
-            tiny_tokenizer, {0: "five", 1: "water"}, on_sample=lambda s: seen.update({s.key: s.input_ids})))
+        monkeypatch.setattr(
+            detection,
+            "generate_answer",
+            forced_generation(
+                tiny_tokenizer, {0: "five", 1: "water"}, on_sample=lambda s: seen.update({s.key: s.input_ids})
+            ),
+        )
         detect_retrieval_heads(make_tiny_model("llama"), tiny_tokenizer, haystack_dir=hay_dir, **kw, **extra)
         return seen
 
     def built(per_needle):
-        return {s.key: s.input_ids for s in build_niah_samples(
-            tiny_tokenizer, kw["context_lengths"], kw["depths"], needles, hay_dir, max_length=512, max_new_tokens=3,
-            length_buffer=0, haystack_per_needle=per_needle)}
+        return {
+            s.key: s.input_ids
+            for s in build_niah_samples(
+                tiny_tokenizer,
+                kw["context_lengths"],
+                kw["depths"],
+                needles,
+                hay_dir,
+                max_length=512,
+                max_new_tokens=3,
+                length_buffer=0,
+                haystack_per_needle=per_needle,
+            )
+        }
 
     assert built(True) != built(False)  # the setting changes the prompts
     assert prompts() == built(True)
@@ -430,19 +571,33 @@ def test_haystack_per_needle_reaches_the_prompts(tiny_tokenizer, hay_dir, monkey
 def test_few_correct_samples_warn_below_a_quarter(tiny_tokenizer, hay_dir, monkeypatch, depths, warned):
     """One correct sample: of 4 (exactly a quarter) no warning; of 5 a warning."""
     needles = [NEEDLE] if warned else [NEEDLE, OTHER]
-    monkeypatch.setattr(detection, "generate_answer", forced_generation(
-        tiny_tokenizer, lambda s: "five" if s.depth == 0 and s.needle_index == 0 else "the man went home"))
+    monkeypatch.setattr(
+        detection,
+        "generate_answer",
+        forced_generation(
+            tiny_tokenizer, lambda s: "five" if s.depth == 0 and s.needle_index == 0 else "the man went home"
+        ),
+    )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        scores = detect_retrieval_heads(make_tiny_model("llama"), tiny_tokenizer, context_lengths=[60], depths=depths,
-                                        needles=needles, max_new_tokens=3, haystack_dir=hay_dir, length_buffer=0)
+        scores = detect_retrieval_heads(
+            make_tiny_model("llama"),
+            tiny_tokenizer,
+            context_lengths=[60],
+            depths=depths,
+            needles=needles,
+            max_new_tokens=3,
+            haystack_dir=hay_dir,
+            length_buffer=0,
+        )
     assert len(scores.scores[(0, 0)]) == 1
     few = [w for w in caught if "answered correctly" in str(w.message)]
     if not warned:
         assert few == []
     else:
-        assert [str(w.message) for w in few] == ["Only 1/5 NIAH samples were answered correctly; the scores rest on "
-                                                 "few samples. Shorter contexts give more."]
+        assert [str(w.message) for w in few] == [
+            "Only 1/5 NIAH samples were answered correctly; the scores rest on few samples. Shorter contexts give more."
+        ]
         assert few[0].category is UserWarning  # (its stacklevel is not checked: a mutation tool's wrapper shifts it)
 
 
@@ -452,8 +607,11 @@ def test_finished_outputs_are_not_rewritten_and_damaged_ones_are(tiny_tokenizer,
     out = tmp_path / "d"
     scores = _forced_detect(model, tiny_tokenizer, hay_dir, out, monkeypatch)
     names = ("head_scores.json", "head_scores.png", "niah_grid.png", "sparsity.json")
-    assert json.loads((out / "sparsity.json").read_text()) == {**scores.sparsity(), "num_samples": 12,
-                                                               "num_correct": 12}
+    assert json.loads((out / "sparsity.json").read_text()) == {
+        **scores.sparsity(),
+        "num_samples": 12,
+        "num_correct": 12,
+    }
     expected = (out / "head_scores.json").read_text()
     assert json.loads(expected) == {f"{l}-{h}": v for (l, h), v in scores.scores.items()}
 
@@ -482,8 +640,11 @@ def test_unsupported_attention_is_refused_before_anything_changes(tiny_tokenizer
     assert "flex_attention" in ALL_MASK_ATTENTION_FUNCTIONS  # refused although it has a mask function
     for impl in ("flex_attention", "no_such_attention"):
         model.config._attn_implementation = impl
-        with pytest.raises(ValueError, match=rf"supports sdpa, eager and flash attention, not '{impl}'; load the "
-                                             r"model with attn_implementation='sdpa'\."):
+        with pytest.raises(
+            ValueError,
+            match=rf"supports sdpa, eager and flash attention, not '{impl}'; load the "
+            r"model with attn_implementation='sdpa'\.",
+        ):
             with record_attention_argmax(model):
                 pass
         assert model.config._attn_implementation == impl
@@ -525,18 +686,35 @@ def test_two_processes_match_one(tiny_tokenizer, hay_dir, monkeypatch, tmp_path)
 
 def test_zero_correct_samples_is_an_error(tiny_tokenizer, hay_dir):
     model = make_tiny_model("llama")  # random weights never answer
-    with pytest.raises(ValueError, match=r"^The model answered none of the 1 NIAH samples correctly \(ROUGE-1 recall "
-                                         r"> 0\.5\), so no retrieval score can be computed\. Use shorter contexts "
-                                         r"\(context_lengths\) or more new tokens\.$"):
-        detect_retrieval_heads(model, tiny_tokenizer, context_lengths=[50], depths=[50], needles=[NEEDLE],
-                               max_new_tokens=3, haystack_dir=hay_dir)
+    with pytest.raises(
+        ValueError,
+        match=r"^The model answered none of the 1 NIAH samples correctly \(ROUGE-1 recall "
+        r"> 0\.5\), so no retrieval score can be computed\. Use shorter contexts "
+        r"\(context_lengths\) or more new tokens\.$",
+    ):
+        detect_retrieval_heads(
+            model,
+            tiny_tokenizer,
+            context_lengths=[50],
+            depths=[50],
+            needles=[NEEDLE],
+            max_new_tokens=3,
+            haystack_dir=hay_dir,
+        )
 
 
 def test_bad_input_fails_before_work(tiny_tokenizer, hay_dir, tmp_path):
     model = make_tiny_model("llama")  # window 512
     with pytest.raises(ValueError, match="window"):  # 600 context tokens after the 200-token buffer
-        detect_retrieval_heads(model, tiny_tokenizer, context_lengths=[800], depths=[50], needles=[NEEDLE],
-                               max_new_tokens=32, haystack_dir=hay_dir)
+        detect_retrieval_heads(
+            model,
+            tiny_tokenizer,
+            context_lengths=[800],
+            depths=[50],
+            needles=[NEEDLE],
+            max_new_tokens=32,
+            haystack_dir=hay_dir,
+        )
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="no text"):
         detect_retrieval_heads(model, tiny_tokenizer, haystack_dir=tmp_path / "empty")

@@ -36,18 +36,27 @@ def test_worker_env_keeps_the_parents_import_path(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(extra))  # reachable by the parent only through its sys.path
     monkeypatch.setenv("PYTHONPATH", "/nonexistent/earlier/entry")
     env = worker_env(CUDA_VISIBLE_DEVICES="")
-    code = ("import only_here_pkg, trl, trl_retmask, os; "
-            "print(only_here_pkg.VALUE, os.environ['CUDA_VISIBLE_DEVICES'] == '')")
-    proc = subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path, capture_output=True, text=True,
-                          timeout=120)
+    code = (
+        "import only_here_pkg, trl, trl_retmask, os; "
+        "print(only_here_pkg.VALUE, os.environ['CUDA_VISIBLE_DEVICES'] == '')"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.split() == ["7", "True"]
     assert env["PYTHONPATH"].split(os.pathsep)[0] == str(REPO)
     assert env["PYTHONPATH"].split(os.pathsep)[-1] == "/nonexistent/earlier/entry"  # kept, not replaced
     # The replaced-PYTHONPATH environment the test used before could not import the parent-only package.
     old = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.run([sys.executable, "-c", "import only_here_pkg"], env=old, cwd=tmp_path,
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-c", "import only_here_pkg"],
+        env=old,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode != 0 and "only_here_pkg" in proc.stderr
 
 
@@ -57,9 +66,28 @@ def test_two_process_recipe_run_shares_pairs_and_trains(tmp_path):
     data = write_chat_log(tmp_path / "prompts.jsonl", n=len(PROMPT_TEXTS))
     scores = write_head_scores(tmp_path / "scores.json")
     out, reports = tmp_path / "out", tmp_path / "reports"
-    recipe_args = tiny_overrides(model_dir, data, scores, out, "--mask_top_k", "2", "--niah_eval", "False",
-                                 "--detect_heads", "False", "--generation_batch_size", "2", "--max_steps", "2",
-                                 "--temperature", "0.6", "--learning_rate", "1e-3", "--use_cpu", "True")
+    recipe_args = tiny_overrides(
+        model_dir,
+        data,
+        scores,
+        out,
+        "--mask_top_k",
+        "2",
+        "--niah_eval",
+        "False",
+        "--detect_heads",
+        "False",
+        "--generation_batch_size",
+        "2",
+        "--max_steps",
+        "2",
+        "--temperature",
+        "0.6",
+        "--learning_rate",
+        "1e-3",
+        "--use_cpu",
+        "True",
+    )
     launch_two_cpu_processes(REPO / "tests" / "distributed_driver.py", reports, *recipe_args, cwd=tmp_path, timeout=170)
 
     ranks = [json.loads((reports / f"rank{r}.json").read_text()) for r in (0, 1)]
@@ -81,8 +109,11 @@ def test_two_process_recipe_run_shares_pairs_and_trains(tmp_path):
     assert ranks[0]["pair_stats"] == ranks[1]["pair_stats"]
     assert ranks[0]["pair_stats"]["prompts"] == len(PROMPT_TEXTS)
     stats = ranks[0]["pair_stats"]
-    assert len(ranks[0]["pairs"]) == stats["kept"] == (stats["prompts"] - stats["dropped_identical"]
-                                                       - stats["dropped_empty"])
+    assert (
+        len(ranks[0]["pairs"])
+        == stats["kept"]
+        == (stats["prompts"] - stats["dropped_identical"] - stats["dropped_empty"])
+    )
     assert all(p["chosen"] != p["rejected"] for p in ranks[0]["pairs"])  # only identical pairs are dropped
     assert {p["prompt"][0]["content"] for p in ranks[0]["pairs"]} <= set(PROMPT_TEXTS)
     assert all(r["masked_heads"] == [list(h) for h in SELECTED] for r in ranks)
@@ -135,8 +166,14 @@ def test_cpu_training_memory_returns_freed_blocks_to_the_os(tmp_path, monkeypatc
     script = tmp_path / "malloc.py"
     script.write_text(MALLOC_SCRIPT.format(repo=str(REPO)))
     env = {k: v for k, v in os.environ.items() if k != "MALLOC_MMAP_THRESHOLD_"}
-    kept = {mode: int(subprocess.run([sys.executable, str(script), mode], env=env, capture_output=True, text=True,
-                                     check=True).stdout) for mode in ("default", "limit")}
+    kept = {
+        mode: int(
+            subprocess.run(
+                [sys.executable, str(script), mode], env=env, capture_output=True, text=True, check=True
+            ).stdout
+        )
+        for mode in ("default", "limit")
+    }
     assert kept["default"] >= 150 and kept["limit"] <= 20, kept  # MiB still resident of 200 freed
     # Only on the CPU, and never over the user's own setting.
     from trl_retmask.distributed import limit_cpu_training_memory

@@ -72,7 +72,7 @@ def test_rerank_gold_ids_exist(suite):
     for s in (s for s in suite if s["task"] == "rerank"):
         ids, rel = s["reference"]["ids"], s["reference"]["relevance"]
         assert len(set(ids)) == len(ids) == len(rel) >= 3 and sorted(rel)[-3:] == [1.0, 1.0, 2.0]
-        subject = s["meta"]["question"][len("Where is the "):-len(" kept?")]
+        subject = s["meta"]["question"][len("Where is the ") : -len(" kept?")]
         docs = dict(re.findall(r"\[ID: (\d+)\] Document: (.*)", s["prompt"]))
         assert list(docs) == ids
         for i, r in zip(ids, rel):
@@ -104,8 +104,9 @@ def test_ndcg_hand_computed():
     assert ndcg_at_k(["c", "x", "b"], rel, k=2) == 0.0  # b falls outside the cut-off
     assert ndcg_at_k(["b", "b", "a"], rel) == pytest.approx((1 + 2 / 2) / (2 + 1 / 1.5849625))  # duplicates gain 0
     metric = load_metric("ndcg")  # the evaluate module, loaded from the shipped file with HF_HUB_OFFLINE=1
-    out = metric.compute(predictions=[["b", "a"], ["a"]],
-                         references=[{"ids": list(rel), "relevance": list(rel.values())}] * 2, k=1)
+    out = metric.compute(
+        predictions=[["b", "a"], ["a"]], references=[{"ids": list(rel), "relevance": list(rel.values())}] * 2, k=1
+    )
     assert out["ndcg"] == pytest.approx((0.5 + 1.0) / 2)
 
 
@@ -114,13 +115,23 @@ def test_citation_hand_computed():
     pred = "It is kept in Lowmere [1][2]. It was made by Rurik Hale [2]. I hope this helps [3]."
     # claims: s1 (Lowmere, cites 1+2: supported; 1 precise), s2 (Rurik Hale, cites 2: unsupported); s3 no claim
     assert citation_scores(pred, ["Lowmere", "Rurik Hale"], docs) == {
-        "correctness": 1.0, "citation_recall": 0.5, "citation_precision": 0.25}
+        "correctness": 1.0,
+        "citation_recall": 0.5,
+        "citation_precision": 0.25,
+    }
     assert citation_scores("Lowmere.", ["Lowmere", "Rurik Hale"], docs) == {
-        "correctness": 0.5, "citation_recall": 0.0, "citation_precision": 0.0}
+        "correctness": 0.5,
+        "citation_recall": 0.0,
+        "citation_precision": 0.0,
+    }
     assert citation_scores("Made by Rurik Hale [1, 3]; kept in Lowmere [9].", ["Lowmere", "Rurik Hale"], docs) == {
-        "correctness": 1.0, "citation_recall": 1.0, "citation_precision": pytest.approx(2 / 3)}
-    out = load_metric("citation").compute(predictions=[pred], references=[{"answers": ["Lowmere", "Rurik Hale"],
-                                                                         "documents": docs}])
+        "correctness": 1.0,
+        "citation_recall": 1.0,
+        "citation_precision": pytest.approx(2 / 3),
+    }
+    out = load_metric("citation").compute(
+        predictions=[pred], references=[{"answers": ["Lowmere", "Rurik Hale"], "documents": docs}]
+    )
     assert out == pytest.approx({"correctness": 1.0, "citation_recall": 0.5, "citation_precision": 0.25})
 
 
@@ -154,9 +165,18 @@ def test_perfect_outputs_score_one(suite):
 
 # ------------------------------------------------------------------------------------------------ runner, general
 def test_evaluate_long_context_tiny(tiny_llama, tiny_tokenizer, tmp_path):
-    result = evaluate_long_context(tiny_llama, tiny_tokenizer, lengths=(256,), n_per_task=1, heads=[(0, 1)],
-                                   output_dir=tmp_path, name="tiny", progress=False, keep_generations=True,
-                                   max_new_tokens=6)
+    result = evaluate_long_context(
+        tiny_llama,
+        tiny_tokenizer,
+        lengths=(256,),
+        n_per_task=1,
+        heads=[(0, 1)],
+        output_dir=tmp_path,
+        name="tiny",
+        progress=False,
+        keep_generations=True,
+        max_new_tokens=6,
+    )
     assert set(result["scores"]) == set(CATEGORIES) and set(result["scores"]["recall"]) == {"256"}
     assert result["config"]["heads"] == ["0-1"] and len(result["generations"]) == len(TASKS)
     # The mask was applied: the same answers come from a copy whose o_proj input columns of head (0, 1) are zeroed
@@ -167,15 +187,16 @@ def test_evaluate_long_context_tiny(tiny_llama, tiny_tokenizer, tmp_path):
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     zeroed = copy.deepcopy(tiny_llama)
     with torch.no_grad():
-        zeroed.model.layers[0].self_attn.o_proj.weight[:, head_dim:2 * head_dim] = 0
+        zeroed.model.layers[0].self_attn.o_proj.weight[:, head_dim : 2 * head_dim] = 0
     kw = dict(lengths=(256,), n_per_task=1, progress=False, keep_generations=True, max_new_tokens=6)
     by_weights = evaluate_long_context(zeroed, tiny_tokenizer, **kw)
     assert [g["output"] for g in result["generations"]] == [g["output"] for g in by_weights["generations"]]
     assert result["scores"] == by_weights["scores"]
     unmasked = evaluate_long_context(tiny_llama, tiny_tokenizer, **kw)
     assert [g["output"] for g in unmasked["generations"]] != [g["output"] for g in result["generations"]]
-    assert all(len(tiny_tokenizer(g["output"], add_special_tokens=False)["input_ids"]) <= 6
-               for g in result["generations"])  # the answer budget cap holds
+    assert all(
+        len(tiny_tokenizer(g["output"], add_special_tokens=False)["input_ids"]) <= 6 for g in result["generations"]
+    )  # the answer budget cap holds
     assert json.loads((tmp_path / "tiny.json").read_text())["scores"] == result["scores"]
     assert (tmp_path / "tiny.png").read_bytes()[:4] == b"\x89PNG"
     assert not tiny_llama.training and tiny_tokenizer.padding_side == "right"  # state restored
@@ -185,19 +206,30 @@ def test_evaluate_long_context_tiny(tiny_llama, tiny_tokenizer, tmp_path):
 
 def test_suite_generations_resume_and_refuse_other_runs(tiny_tokenizer, tmp_path):
     model = make_tiny_model("llama")
-    kw = dict(lengths=(256,), categories=["recall"], n_per_task=2, output_dir=tmp_path, name="m", progress=False,
-              max_new_tokens=4, batch_size=3)
+    kw = dict(
+        lengths=(256,),
+        categories=["recall"],
+        n_per_task=2,
+        output_dir=tmp_path,
+        name="m",
+        progress=False,
+        max_new_tokens=4,
+        batch_size=3,
+    )
     first = evaluate_long_context(model, tiny_tokenizer, **kw)
-    assert sorted(p.name for p in tmp_path.glob("m.generations.*")) == ["m.generations.meta.json",
-                                                                         "m.generations.rank0.jsonl"]
+    assert sorted(p.name for p in tmp_path.glob("m.generations.*")) == [
+        "m.generations.meta.json",
+        "m.generations.rank0.jsonl",
+    ]
     inner, model.generate = model.generate, lambda *a, **k: pytest.fail("regenerated finished generations")
     assert evaluate_long_context(model, tiny_tokenizer, **kw)["scores"] == first["scores"]
     model.generate = inner
     with pytest.raises(ValueError, match="another run.*heads.*overwrite=True"):
         evaluate_long_context(model, tiny_tokenizer, heads=[(0, 1)], **kw)
     masked = evaluate_long_context(model, tiny_tokenizer, heads=[(0, 1)], overwrite=True, keep_generations=True, **kw)
-    fresh = evaluate_long_context(model, tiny_tokenizer, heads=[(0, 1)], keep_generations=True,
-                                  **{**kw, "output_dir": None})
+    fresh = evaluate_long_context(
+        model, tiny_tokenizer, heads=[(0, 1)], keep_generations=True, **{**kw, "output_dir": None}
+    )
     assert masked["generations"] == fresh["generations"]
     with pytest.raises(ValueError, match="plain file name"):
         evaluate_long_context(model, tiny_tokenizer, **{**kw, "name": "../x"})
@@ -227,8 +259,9 @@ def test_short_answer_accuracy_scores_outputs(tiny_llama, tiny_tokenizer):
     assert acc == 0.0 and len(outputs) == 2
     word = outputs[0].split()[0] if outputs[0].split() else None
     if word:  # an answer equal to what the model says counts as correct
-        acc = short_answer_accuracy(tiny_llama, tiny_tokenizer, [{"question": "what is the water ?",
-                                                                  "answers": [word]}], max_new_tokens=4)
+        acc = short_answer_accuracy(
+            tiny_llama, tiny_tokenizer, [{"question": "what is the water ?", "answers": [word]}], max_new_tokens=4
+        )
         assert acc == 1.0
 
 
@@ -241,12 +274,22 @@ def test_callback_logs_during_training(tiny_llama, tiny_tokenizer, tmp_path):
     data = Dataset.from_dict({"input_ids": ids, "labels": ids})
 
     # Generation turns activation checkpointing off; it must come back with the user's kwargs, not the default ones.
-    args = TrainingArguments(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=2, logging_steps=1,
-                             report_to=[], save_strategy="no", use_cpu=True, learning_rate=1e-3,
-                             activation_checkpointing=True, activation_checkpointing_kwargs={"use_reentrant": True})
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        max_steps=2,
+        per_device_train_batch_size=2,
+        logging_steps=1,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        learning_rate=1e-3,
+        activation_checkpointing=True,
+        activation_checkpointing_kwargs={"use_reentrant": True},
+    )
     trainer = Trainer(model=tiny_llama, args=args, train_dataset=data, processing_class=tiny_tokenizer)
-    callback = LongContextEvalCallback(trainer, lengths=(128,), categories=("recall", "cite"), n_per_task=1,
-                                       every_n_steps=2, max_new_tokens=4)
+    callback = LongContextEvalCallback(
+        trainer, lengths=(128,), categories=("recall", "cite"), n_per_task=1, every_n_steps=2, max_new_tokens=4
+    )
     trainer.add_callback(callback)
     probe = CheckpointingProbe()
     trainer.add_callback(probe)
@@ -255,9 +298,17 @@ def test_callback_logs_during_training(tiny_llama, tiny_tokenizer, tmp_path):
     assert tiny_llama.is_activation_checkpointing  # after the evaluation at the last step too
     logged = [h for h in trainer.state.log_history if "longctx/recall/128" in h]
     assert [h["step"] for h in logged] == [0, 2]
-    expected = {"longctx/recall/128", "longctx/cite/128", "longctx/niah_single/128", "longctx/niah_multikey/128",
-                "longctx/niah_multivalue/128", "longctx/json_kv/128", "longctx/cite_correctness/128",
-                "longctx/cite_citation_recall/128", "longctx/cite_citation_precision/128"}
+    expected = {
+        "longctx/recall/128",
+        "longctx/cite/128",
+        "longctx/niah_single/128",
+        "longctx/niah_multikey/128",
+        "longctx/niah_multivalue/128",
+        "longctx/json_kv/128",
+        "longctx/cite_correctness/128",
+        "longctx/cite_citation_recall/128",
+        "longctx/cite_citation_precision/128",
+    }
     assert expected <= set(logged[0]) and [h["step"] for h in callback.history] == [0, 2]
     with pytest.raises(ValueError, match="every_n_steps"):
         LongContextEvalCallback(trainer, every_n_steps=0)
@@ -268,8 +319,16 @@ def test_callback_logs_during_training(tiny_llama, tiny_tokenizer, tmp_path):
 def test_smollm2_solves_short_single_needle(smollm2):
     """The suite is answerable: the embedded model finds a single needle in a short context."""
     model, tokenizer = smollm2
-    result = evaluate_long_context(model, tokenizer, lengths=(256,), categories=["niah_single"], n_per_task=2,
-                                   seed=0, progress=False, keep_generations=True)
+    result = evaluate_long_context(
+        model,
+        tokenizer,
+        lengths=(256,),
+        categories=["niah_single"],
+        n_per_task=2,
+        seed=0,
+        progress=False,
+        keep_generations=True,
+    )
     assert result["tasks"]["niah_single"]["256"]["recall"] >= 0.5, result["generations"]
 
 
@@ -283,7 +342,7 @@ def test_suite_contexts_come_from_the_suite_text_not_the_detection_haystack(tiny
     for s, prompt in zip(samples, map(normalised, prompts)):
         if s["task"] == "json_kv":  # UUIDs only, no book text
             continue
-        own = [prompt[i:i + 50] for i in range(len(prompt) - 49)]
+        own = [prompt[i : i + 50] for i in range(len(prompt) - 49)]
         assert sum(w in suite_text for w in own) > 0.5 * len(own), s["task"]  # mostly the suite's text
     detection = windows([t.replace(SUMMARY_QUESTION, "\n") for t in detection_texts()])
     assert not shared_windows(prompts, detection)
@@ -303,8 +362,9 @@ def test_per_sample_scores_average_to_the_suite_tables(suite):
 
     outputs = [answer(s) for s in suite]
     tables = score_suite(suite, outputs)
-    records = [{**{k: s[k] for k in ("task", "length", "seed")}, "score": sample_score(s, o)}
-               for s, o in zip(suite, outputs)]
+    records = [
+        {**{k: s[k] for k in ("task", "length", "seed")}, "score": sample_score(s, o)} for s, o in zip(suite, outputs)
+    ]
     summary = suite_summary([records], n_resamples=200)
     primary = {"recall": "recall", "rerank": "ndcg", "cite": "cite_avg"}
     for task, by_len in tables["tasks"].items():
@@ -361,11 +421,12 @@ def test_statistics_against_scipy():
     def mean_diff(x, y, axis=-1):
         return np.mean(x - y, axis=axis)
 
-    exact = scipy_stats.permutation_test((a, b), mean_diff, permutation_type="samples", n_resamples=np.inf,
-                                         vectorized=True).pvalue  # all 2**16 sign patterns
+    exact = scipy_stats.permutation_test(
+        (a, b), mean_diff, permutation_type="samples", n_resamples=np.inf, vectorized=True
+    ).pvalue  # all 2**16 sign patterns
     ours = paired_comparison(a, b)  # 2**16 > 10,000: Monte Carlo
     assert not ours["exact"] and ours["p_value"] == pytest.approx(exact, abs=0.015)
-    assert paired_comparison(a, b, n_resamples=2 ** 16)["p_value"] == pytest.approx(exact)
+    assert paired_comparison(a, b, n_resamples=2**16)["p_value"] == pytest.approx(exact)
     x = (rng.random(24) < 0.4).astype(float)  # 24 correct/incorrect answers
     ref = scipy_stats.bootstrap((x,), np.mean, method="percentile", n_resamples=10_000, random_state=0)
     low, high = bootstrap_ci(x)
@@ -407,9 +468,13 @@ def test_plot_results_draws_each_models_bars_and_intervals(tmp_path, monkeypatch
     figures = []
     save = plotting.save_figure
     monkeypatch.setattr(plotting, "save_figure", lambda fig, path, **kw: figures.append(fig) or save(fig, path, **kw))
-    results = {"a": {"scores": {"recall": {"1024": 0.5, "2048": 0.25}},
-                     "intervals": {"recall": {"1024": [0.4, 0.7], "2048": [0.1, 0.3]}}},
-               "b": {"scores": {"recall": {"1024": 0.75}}}}  # no intervals, no 2048
+    results = {
+        "a": {
+            "scores": {"recall": {"1024": 0.5, "2048": 0.25}},
+            "intervals": {"recall": {"1024": [0.4, 0.7], "2048": [0.1, 0.3]}},
+        },
+        "b": {"scores": {"recall": {"1024": 0.75}}},
+    }  # no intervals, no 2048
     path = plot_results(results, tmp_path / "p.png", title="t")
     assert path.read_bytes()[:4] == b"\x89PNG"
     (ax,) = figures[0].axes
@@ -430,11 +495,24 @@ def test_a_new_task_is_one_registration(tiny_tokenizer):
     from trl_retmask.evaluation import registry
 
     def echo(tokenizer, length, seed):
-        return {"task": "echo", "length": length, "seed": seed, "prompt": f"Repeat {seed}.", "reference": [str(seed)],
-                "max_new_tokens": 4}
+        return {
+            "task": "echo",
+            "length": length,
+            "seed": seed,
+            "prompt": f"Repeat {seed}.",
+            "reference": [str(seed)],
+            "max_new_tokens": 4,
+        }
 
-    task = registry.Task("echo", "echoes", echo, "substring_match", "recall",
-                         score=lambda ref, output: float(ref[0] in output), logged={"echo": "recall"})
+    task = registry.Task(
+        "echo",
+        "echoes",
+        echo,
+        "substring_match",
+        "recall",
+        score=lambda ref, output: float(ref[0] in output),
+        logged={"echo": "recall"},
+    )
     saved = {name: dict(getattr(registry, name)) for name in ("TASKS", "CATEGORIES", "TASK_CATEGORY", "PRIMARY")}
     try:
         registry.register(task)
@@ -443,8 +521,10 @@ def test_a_new_task_is_one_registration(tiny_tokenizer):
         with pytest.raises(ValueError, match="scored by 'recall', not 'ndcg'"):
             registry.register(registry.Task("echo2", "echoes", echo, "ndcg", "ndcg", score=task.score))
         samples = build_suite(tiny_tokenizer, (256,), ["echoes"], n_per_task=2, seed=5)
-        assert [(s["task"], s["category"], s["seed"]) for s in samples] == [("echo", "echoes", 5),
-                                                                             ("echo", "echoes", 6)]
+        assert [(s["task"], s["category"], s["seed"]) for s in samples] == [
+            ("echo", "echoes", 5),
+            ("echo", "echoes", 6),
+        ]
         outputs = ["it is 5", "no idea"]
         result = score_suite(samples, outputs)
         assert result["scores"] == {"echoes": {"256": 0.5}} and result["tasks"]["echo"]["256"]["n"] == 2

@@ -12,7 +12,6 @@ REPO = Path(__file__).resolve().parents[1]
 HEADS = [(0, 1), (1, 2), (2, 0)]
 
 
-
 def test_fingerprint_is_canonical_and_refuses_unknown_types():
     assert fingerprint(a=(1, 2), b={"y": 1, "x": [3]}) == fingerprint(b={"x": (3,), "y": 1}, a=[1, 2])
     assert fingerprint(a=1) != fingerprint(a=2) and fingerprint(a=1) != fingerprint(b=1)
@@ -61,11 +60,18 @@ def test_offloaded_weights_are_hashed_as_if_in_memory(tie, tmp_path):
     make_tiny_model("llama", tie_word_embeddings=tie).save_pretrained(tmp_path / "m")
     plain = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
     assert hash_weights(plain) == _independent_weight_hash(plain.state_dict())
-    device_map = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk",
-                  "model.layers.2": "disk", "model.norm": "cpu", "lm_head": "cpu" if tie else "disk",
-                  "model.rotary_emb": "cpu"}
-    offloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "m", device_map=device_map,
-                                                     offload_folder=tmp_path / "offload")
+    device_map = {
+        "model.embed_tokens": "cpu",
+        "model.layers.0": "cpu",
+        "model.layers.1": "disk",
+        "model.layers.2": "disk",
+        "model.norm": "cpu",
+        "lm_head": "cpu" if tie else "disk",
+        "model.rotary_emb": "cpu",
+    }
+    offloaded = AutoModelForCausalLM.from_pretrained(
+        tmp_path / "m", device_map=device_map, offload_folder=tmp_path / "offload"
+    )
     on_meta = {n for n, p in offloaded.named_parameters() if p.device.type == "meta"}
     assert any(".layers.1." in n for n in on_meta)
     assert hash_weights(offloaded) == hash_weights(plain)

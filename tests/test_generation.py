@@ -15,7 +15,6 @@ REPO = Path(__file__).resolve().parents[1]
 HEADS = [(0, 1), (1, 2), (2, 0)]
 
 
-
 PROMPT_IDS = [[1, 10, 11, 12, 13, 14, 15], [1, 20, 21], [1, 30, 31, 32, 33], [1, 40]]
 
 
@@ -25,9 +24,11 @@ def _one_by_one(model, prompt_ids, config, heads=None):
     for ids in prompt_ids:
         x = torch.tensor([ids])
         with torch.no_grad(), mask_heads(model, heads or []):
-            new = model.generate(input_ids=x, attention_mask=torch.ones_like(x), generation_config=config)[0, len(ids):]
+            new = model.generate(input_ids=x, attention_mask=torch.ones_like(x), generation_config=config)[
+                0, len(ids) :
+            ]
         new = new.tolist()
-        out.append(new[:new.index(2) + 1] if 2 in new else new)  # eos_token_id = 2
+        out.append(new[: new.index(2) + 1] if 2 in new else new)  # eos_token_id = 2
     return out
 
 
@@ -75,8 +76,9 @@ def test_backend_is_pluggable_and_owns_the_mask(tiny_tokenizer):
 
     model = make_tiny_model("llama")
     config = make_generation_config(model, 3)
-    assert generate_batch(model, tiny_tokenizer, PROMPT_IDS, config, heads=HEADS, backend=Counting()) == \
-        generate_batch(model, tiny_tokenizer, PROMPT_IDS, config, heads=HEADS)
+    assert generate_batch(model, tiny_tokenizer, PROMPT_IDS, config, heads=HEADS, backend=Counting()) == generate_batch(
+        model, tiny_tokenizer, PROMPT_IDS, config, heads=HEADS
+    )
     assert calls == [(HEADS, [True] * 4)]
     assert not any(m._forward_pre_hooks for m in model.modules())  # the default backend's mask is gone
 
@@ -102,8 +104,12 @@ def test_empty_prompts_refused_alone_and_in_a_batch(tiny_tokenizer):
     for prompt_ids, index in (([[]], 0), ([[1, 5], [], [1, 6, 7]], 1)):
         with pytest.raises(ValueError, match=f"Prompt {index} encodes to no tokens"):
             generate_batch(model, tiny_tokenizer, prompt_ids, make_generation_config(model, 3))
-    for prompts, index in (([""], 0), (["a", " \n"], 1), ([[{"role": "user", "content": "x"}], []], 1),
-                           ([[{"role": "user", "content": [{"type": "text", "text": " "}]}]], 0)):
+    for prompts, index in (
+        ([""], 0),
+        (["a", " \n"], 1),
+        ([[{"role": "user", "content": "x"}], []], 1),
+        ([[{"role": "user", "content": [{"type": "text", "text": " "}]}]], 0),
+    ):
         with pytest.raises(ValueError, match=f"Prompt {index} is empty"):
             check_prompts(prompts)
     with pytest.raises(ValueError, match="Prompt 0 must be a string"):
@@ -126,9 +132,13 @@ def test_bad_generation_settings_are_refused():
     model = make_tiny_model("llama")
     with pytest.raises(ValueError, match="Unknown generation settings \\['temprature'\\]"):
         make_generation_config(model, 3, temprature=0.5)
-    for kwargs, name in (({"temperature": float("nan")}, "temperature"), ({"temperature": float("inf")}, "temperature"),
-                         ({"top_k": -1}, "top_k"), ({"top_p": 0.0}, "top_p"),
-                         ({"max_new_tokens": 0}, "max_new_tokens")):
+    for kwargs, name in (
+        ({"temperature": float("nan")}, "temperature"),
+        ({"temperature": float("inf")}, "temperature"),
+        ({"top_k": -1}, "top_k"),
+        ({"top_p": 0.0}, "top_p"),
+        ({"max_new_tokens": 0}, "max_new_tokens"),
+    ):
         with pytest.raises(ValueError, match=f"`{name}` must"):
             make_generation_config(model, **{"max_new_tokens": 3, **kwargs})
 
@@ -143,18 +153,21 @@ class Canned(GenerateBackend):
         return [list(r) for r in self.rows]
 
 
-@pytest.mark.parametrize("eos,rows,expected", [
-    (2, [[5, 6, 2], [2, 7, 8], [5, 6, 7], [9, 2, 2]], [[5, 6, 2], [2], [5, 6, 7], [9, 2]]),  # last / first / none
-    ([2, 7], [[5, 6, 7], [7, 2, 8], [5, 6, 9], [8, 2]], [[5, 6, 7], [7], [5, 6, 9], [8, 2]]),  # several EOS ids
-    (None, [[5, 2, 7]], [[5, 2, 7]]),  # no EOS: nothing cut
-])
+@pytest.mark.parametrize(
+    "eos,rows,expected",
+    [
+        (2, [[5, 6, 2], [2, 7, 8], [5, 6, 7], [9, 2, 2]], [[5, 6, 2], [2], [5, 6, 7], [9, 2]]),  # last / first / none
+        ([2, 7], [[5, 6, 7], [7, 2, 8], [5, 6, 9], [8, 2]], [[5, 6, 7], [7], [5, 6, 9], [8, 2]]),  # several EOS ids
+        (None, [[5, 2, 7]], [[5, 2, 7]]),  # no EOS: nothing cut
+    ],
+)
 def test_rows_are_cut_after_their_first_eos(eos, rows, expected):
     """An EOS at the last position keeps the whole row (EOS included); at the first, the row is the EOS alone."""
     model = make_tiny_model("llama")
     config = make_generation_config(model, 3)
     config.eos_token_id = eos
     tok = type("Tok", (), {"pad_token_id": 0})()
-    assert generate_batch(model, tok, PROMPT_IDS[:len(rows)], config, backend=Canned(rows)) == expected
+    assert generate_batch(model, tok, PROMPT_IDS[: len(rows)], config, backend=Canned(rows)) == expected
 
 
 def test_temperature_zero_is_greedy_and_any_positive_temperature_samples():

@@ -30,18 +30,20 @@ def reference(model, prompts, heads, config):
     out = []
     for p in prompts:
         with mask_heads(model, heads or []), torch.no_grad():
-            seq = model.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
-                                 generation_config=config)
-        new = seq[0, len(p):].tolist()
-        out.append(new[:new.index(config.eos_token_id) + 1] if config.eos_token_id in new else new)
+            seq = model.generate(
+                torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long), generation_config=config
+            )
+        new = seq[0, len(p) :].tolist()
+        out.append(new[: new.index(config.eos_token_id) + 1] if config.eos_token_id in new else new)
     return out
 
 
 def pairs(model, backend, prompts, heads, config, seed=None):
     """(chosen, rejected) from one `generate_batch` call: rows [plain..., masked...]."""
     n = len(prompts)
-    new = generate_batch(model, Tok(), prompts * 2, config, heads=heads, masked=[False] * n + [True] * n, seed=seed,
-                         backend=backend)
+    new = generate_batch(
+        model, Tok(), prompts * 2, config, heads=heads, masked=[False] * n + [True] * n, seed=seed, backend=backend
+    )
     return new[:n], new[n:]
 
 
@@ -92,8 +94,10 @@ def test_greedy_pairs_and_mixed_rows_equal_separate_generate(llama, stopping):
         assert hooked(llama)  # the hooks stay between calls
         # any mix of rows in one batch, in any order; the default backend agrees
         flags = [True, False, True, False]
-        mixed = [generate_batch(llama, Tok(), PROMPTS[::-1], config, heads=HEADS, masked=flags, backend=b)
-                 for b in (backend, DEFAULT_BACKEND)]
+        mixed = [
+            generate_batch(llama, Tok(), PROMPTS[::-1], config, heads=HEADS, masked=flags, backend=b)
+            for b in (backend, DEFAULT_BACKEND)
+        ]
     assert mixed[0] == mixed[1] == [rejected_ref[3], chosen_ref[2], rejected_ref[1], chosen_ref[0]]
     assert not hooked(llama)
 
@@ -108,8 +112,9 @@ def test_greedy_pairs_other_families(arch):
 
 
 def test_sampling_reproducible_and_chosen_independent_of_heads(llama):
-    config = GenerationConfig(max_new_tokens=12, do_sample=True, temperature=1.5, top_k=0, top_p=1.0,
-                              eos_token_id=None, pad_token_id=0)
+    config = GenerationConfig(
+        max_new_tokens=12, do_sample=True, temperature=1.5, top_k=0, top_p=1.0, eos_token_id=None, pad_token_id=0
+    )
     with StaticCacheBackend() as backend:
         torch.manual_seed(123)
         a = pairs(llama, backend, PROMPTS, HEADS, config, seed=7)
@@ -134,8 +139,9 @@ def test_compiled_decode_step_equal_padded_and_no_recompiles(llama, stopping):
     config, chosen_ref, rejected_ref = stopping
     torch._dynamo.reset()
     counters.clear()
-    with StaticCacheBackend(compile=True, length_multiple=16,
-                            compile_config=CompileConfig(backend="aot_eager", mode=None)) as backend:
+    with StaticCacheBackend(
+        compile=True, length_multiple=16, compile_config=CompileConfig(backend="aot_eager", mode=None)
+    ) as backend:
         assert pairs(llama, backend, PROMPTS, HEADS, config) == (chosen_ref, rejected_ref)
         graphs = counters["stats"]["unique_graphs"]
         assert graphs >= 1
@@ -153,8 +159,10 @@ def test_one_backend_follows_the_model_it_is_given(stopping):
     a, b = make_tiny_model("llama"), make_tiny_model("llama", seed=1)
     with StaticCacheBackend() as backend:
         pairs(a, backend, PROMPTS, HEADS, config)
-        assert pairs(b, backend, PROMPTS, HEADS, config) == (reference(b, PROMPTS, None, config),
-                                                             reference(b, PROMPTS, HEADS, config))
+        assert pairs(b, backend, PROMPTS, HEADS, config) == (
+            reference(b, PROMPTS, None, config),
+            reference(b, PROMPTS, HEADS, config),
+        )
         assert hooked(b) and not hooked(a)
 
 
@@ -212,8 +220,12 @@ def test_bench_gpu_skips_without_cuda_and_configs_are_the_published_shapes(capsy
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(bench.load_config(name, tiny=False))
         billions[name] = round(sum(p.numel() for p in model.parameters()) / 1e9, 2)
-    assert billions == {"Llama-3.1-8B-Instruct": 8.03, "Qwen3-8B": 8.19, "Olmo-3-7B": 7.3,
-                        "llama-1b-smollm2-vocab": 1.17}
+    assert billions == {
+        "Llama-3.1-8B-Instruct": 8.03,
+        "Qwen3-8B": 8.19,
+        "Olmo-3-7B": 7.3,
+        "llama-1b-smollm2-vocab": 1.17,
+    }
 
 
 @pytest.mark.slow
@@ -227,7 +239,14 @@ def test_bench_gpu_tiny_runs_every_row_on_the_cpu(tmp_path):
     failed = [r["name"] for r in rows if "failed" in r["name"]]
     assert not failed
     names = " ".join(r["name"] for r in rows)
-    for expected in ("generate_pairs, backend static", "backend generate", "bandwidth limit", "mask_heads / none",
-                     "detection / greedy", "DPO step", "longest completion per GPU, full",
-                     "longest completion per GPU, LoRA"):
+    for expected in (
+        "generate_pairs, backend static",
+        "backend generate",
+        "bandwidth limit",
+        "mask_heads / none",
+        "detection / greedy",
+        "DPO step",
+        "longest completion per GPU, full",
+        "longest completion per GPU, LoRA",
+    ):
         assert expected in names

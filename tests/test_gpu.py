@@ -25,17 +25,38 @@ from trl_retmask.trainer import RetMaskTrainer
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
 PROMPTS = ["the secret number is", "tell me a story about the sea", "how many boys went to school ?", "the man said"]
-SCORES = HeadScores({"0-1": [0.9, 0.7], "1-2": [0.5], "2-0": [0.3], "0-0": [0.01], "2-3": [0.02]},
-                    num_layers=3, num_heads=4)
+SCORES = HeadScores(
+    {"0-1": [0.9, 0.7], "1-2": [0.5], "2-0": [0.3], "0-0": [0.01], "2-3": [0.02]}, num_layers=3, num_heads=4
+)
 HEADS = [(0, 1), (1, 2), (2, 0)]
 
 
 def train(tmp_path, tokenizer, **kw):
-    args = RetMaskConfig(str(tmp_path / "out"), **{
-        **dict(max_steps=2, per_device_train_batch_size=2, temperature=0.0, max_new_tokens=6, report_to="none",
-               logging_steps=1, learning_rate=2e-3, save_strategy="no", disable_tqdm=True, seed=0), **kw})
-    trainer = RetMaskTrainer(model=make_tiny_model("llama"), args=args, train_dataset=Dataset.from_dict(
-        {"prompt": PROMPTS}), processing_class=tokenizer, head_scores=SCORES)
+    args = RetMaskConfig(
+        str(tmp_path / "out"),
+        **{
+            **dict(
+                max_steps=2,
+                per_device_train_batch_size=2,
+                temperature=0.0,
+                max_new_tokens=6,
+                report_to="none",
+                logging_steps=1,
+                learning_rate=2e-3,
+                save_strategy="no",
+                disable_tqdm=True,
+                seed=0,
+            ),
+            **kw,
+        },
+    )
+    trainer = RetMaskTrainer(
+        model=make_tiny_model("llama"),
+        args=args,
+        train_dataset=Dataset.from_dict({"prompt": PROMPTS}),
+        processing_class=tokenizer,
+        head_scores=SCORES,
+    )
     trainer.train()
     return trainer, [h["loss"] for h in trainer.state.log_history if "loss" in h]
 
@@ -61,7 +82,7 @@ def _argmax_positions(model, ids):
     config = GenerationConfig(max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0, eos_token_id=2)
     with record_attention_argmax(model) as recorder, torch.no_grad():
         out = model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=config)
-        return out[0, ids.shape[1]:].cpu(), recorder.positions(ids.shape[1] - 1, 6)
+        return out[0, ids.shape[1] :].cpu(), recorder.positions(ids.shape[1] - 1, 6)
 
 
 def test_detection_on_cuda_agrees_with_cpu(tiny_tokenizer):
@@ -103,8 +124,11 @@ def test_static_backend_compiled_equals_plain_generate():
         for p in prompts:
             ids = torch.tensor([p], device="cuda")
             with mask_heads(model, heads), torch.no_grad():
-                rows.append(model.generate(ids, attention_mask=torch.ones_like(ids),
-                                           generation_config=config)[0, len(p):].tolist())
+                rows.append(
+                    model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=config)[
+                        0, len(p) :
+                    ].tolist()
+                )
         return rows
 
     tok = type("Tok", (), {"pad_token_id": 0})()

@@ -40,8 +40,12 @@ class FakeHub:
 
         class Api:
             def create_repo(self, repo_id, token=None, private=None, exist_ok=False, repo_type=None, **kw):
-                hub.calls.append(("create_repo", {"repo_id": repo_id, "private": private, "exist_ok": exist_ok,
-                                                  "repo_type": repo_type}))
+                hub.calls.append(
+                    (
+                        "create_repo",
+                        {"repo_id": repo_id, "private": private, "exist_ok": exist_ok, "repo_type": repo_type},
+                    )
+                )
                 hub.created.append(repo_id)
                 hub.repos.setdefault(repo_id, {})
                 return SimpleNamespace(repo_id=repo_id)
@@ -50,8 +54,9 @@ class FakeHub:
                 root = Path(folder_path)
                 for f in sorted(root.rglob("*")):
                     rel = f.relative_to(root).as_posix()
-                    if f.is_file() and not any(fnmatch.fnmatch(rel, p) or fnmatch.fnmatch(rel.split("/")[0], p)
-                                               for p in ignore_patterns or []):
+                    if f.is_file() and not any(
+                        fnmatch.fnmatch(rel, p) or fnmatch.fnmatch(rel.split("/")[0], p) for p in ignore_patterns or []
+                    ):
                         hub.repos[repo_id][rel] = f.read_bytes()
                 return SimpleNamespace(commit_url=f"https://huggingface.co/{repo_id}/commit/fake")
 
@@ -65,8 +70,9 @@ class FakeHub:
         return Api()
 
     def download(self, repo_id, filename, *, revision=None, token=None, **kw):
-        self.calls.append(("download", {"repo_id": repo_id, "filename": filename, "revision": revision,
-                                        "token": token}))
+        self.calls.append(
+            ("download", {"repo_id": repo_id, "filename": filename, "revision": revision, "token": token})
+        )
         if not self.online:
             raise LocalEntryNotFoundError("offline and not cached")
         if repo_id not in self.repos:
@@ -92,16 +98,26 @@ def hub(monkeypatch, tmp_path):
 
 def test_pushed_model_gives_back_its_heads(hub, tiny_tokenizer, tmp_path):
     prompts = Dataset.from_dict({"prompt": PROMPTS})
-    trainer = RetMaskTrainer(model=make_tiny_model("llama"),
-                             args=config(tmp_path, max_steps=1, mask_top_k=2, hub_model_id="me/tiny-retmask"),
-                             train_dataset=prompts, processing_class=tiny_tokenizer, head_scores=SCORES)
+    trainer = RetMaskTrainer(
+        model=make_tiny_model("llama"),
+        args=config(tmp_path, max_steps=1, mask_top_k=2, hub_model_id="me/tiny-retmask"),
+        train_dataset=prompts,
+        processing_class=tiny_tokenizer,
+        head_scores=SCORES,
+    )
     trainer.train()
     trainer.push_to_hub()
 
     assert hub.created == ["me/tiny-retmask"]
     files = hub.repos["me/tiny-retmask"]
-    for name in ("model.safetensors", "config.json", "tokenizer.json", "README.md", "retmask.json",
-                 "retmask_head_scores.json"):
+    for name in (
+        "model.safetensors",
+        "config.json",
+        "tokenizer.json",
+        "README.md",
+        "retmask.json",
+        "retmask_head_scores.json",
+    ):
         assert name in files, (name, sorted(files))
     assert not any(name.startswith("_") for name in files)  # the pair cache stays local
     card = files["README.md"].decode()
@@ -139,25 +155,42 @@ def test_head_scores_hub_settings_reach_the_hub_and_refusals_say_why(hub):
     assert hub.calls == [
         ("HfApi", {"token": "hf_x"}),
         ("create_repo", {"repo_id": "me/scores", "private": True, "exist_ok": True, "repo_type": "model"}),
-        ("upload_file", {"path_in_repo": "retmask_head_scores.json", "repo_id": "me/scores", "repo_type": "model",
-                         "revision": "v2", "commit_message": "Upload RetMask head scores"})]
+        (
+            "upload_file",
+            {
+                "path_in_repo": "retmask_head_scores.json",
+                "repo_id": "me/scores",
+                "repo_type": "model",
+                "revision": "v2",
+                "commit_message": "Upload RetMask head scores",
+            },
+        ),
+    ]
     hub.calls.clear()
     scores.push_to_hub("me/scores", commit_message="rescored", create_repo=False)
     assert [c[0] for c in hub.calls] == ["HfApi", "upload_file"] and hub.calls[1][1]["commit_message"] == "rescored"
     hub.calls.clear()
     HeadScores.from_pretrained("me/scores", revision="v2", token="hf_x")
-    assert hub.calls == [("download", {"repo_id": "me/scores", "filename": name, "revision": "v2", "token": "hf_x"})
-                         for name in ("retmask_head_scores.json", "retmask.json")]
-    hint = ("Detect them with `trl-retmask detect --model_name_or_path me/nothing --output_dir DIR` and pass "
-            "`--head_scores DIR` (bundled: Llama-3.1-8B-Instruct, Olmo-3-7B-Think, Qwen3-8B, SmolLM2-135M-Instruct).")
+    assert hub.calls == [
+        ("download", {"repo_id": "me/scores", "filename": name, "revision": "v2", "token": "hf_x"})
+        for name in ("retmask_head_scores.json", "retmask.json")
+    ]
+    hint = (
+        "Detect them with `trl-retmask detect --model_name_or_path me/nothing --output_dir DIR` and pass "
+        "`--head_scores DIR` (bundled: Llama-3.1-8B-Instruct, Olmo-3-7B-Think, Qwen3-8B, SmolLM2-135M-Instruct)."
+    )
     with pytest.raises(ValueError) as e:
         HeadScores.from_pretrained("me/nothing")
-    assert str(e.value) == ("No bundled head scores for 'me/nothing', and no such Hub repo (or it is private/gated: "
-                            f"log in with `hf auth login`). {hint}")
+    assert str(e.value) == (
+        "No bundled head scores for 'me/nothing', and no such Hub repo (or it is private/gated: "
+        f"log in with `hf auth login`). {hint}"
+    )
     hub.online = False
     with pytest.raises(ValueError) as e:
         HeadScores.from_pretrained("me/nothing")
-    assert str(e.value) == ("No bundled head scores for 'me/nothing', and retmask_head_scores.json of the Hub repo "
-                            "'me/nothing' is not in the local cache while the Hub cannot be reached (offline mode, "
-                            "HF_HUB_OFFLINE=1, or no network): LocalEntryNotFoundError. Download it once online, or "
-                            f"pass a local file. {hint}")
+    assert str(e.value) == (
+        "No bundled head scores for 'me/nothing', and retmask_head_scores.json of the Hub repo "
+        "'me/nothing' is not in the local cache while the Hub cannot be reached (offline mode, "
+        "HF_HUB_OFFLINE=1, or no network): LocalEntryNotFoundError. Download it once online, or "
+        f"pass a local file. {hint}"
+    )

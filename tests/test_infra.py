@@ -62,8 +62,10 @@ def test_missing_embedded_model_fails_only_in_ci(inner, monkeypatch, ci):
         result.assert_outcomes(passed=1, skipped=1)
 
 
-def test_the_tree_passes_ruff_check_with_its_line_length():
-    """`ruff check` (pyproject's rules, E501 at 120 columns included) is part of the test run, not a separate habit."""
+@pytest.mark.parametrize("command", [["check"], ["format", "--check"]], ids=["check", "format"])
+def test_the_tree_passes_ruff(command):
+    """`ruff check` (pyproject's rules, E501 at 120 columns included) and `ruff format --check` are part of the test
+    run, not a separate habit."""
     import shutil
     import subprocess
     from pathlib import Path
@@ -72,5 +74,5 @@ def test_the_tree_passes_ruff_check_with_its_line_length():
     if ruff is None:
         pytest.skip("ruff is not installed (pip install ruff)")
     repo = Path(__file__).resolve().parents[1]
-    result = subprocess.run([ruff, "check", "--no-cache", str(repo)], cwd=repo, capture_output=True, text=True)
+    result = subprocess.run([ruff, *command, "--no-cache", str(repo)], cwd=repo, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout[-3000:]

@@ -20,7 +20,7 @@ def zeroed_copy(model, heads):
     _, _, head_dim = head_layout(ref)
     with torch.no_grad():
         for layer, head in heads:
-            ref.model.layers[layer].self_attn.o_proj.weight[:, head * head_dim:(head + 1) * head_dim] = 0
+            ref.model.layers[layer].self_attn.o_proj.weight[:, head * head_dim : (head + 1) * head_dim] = 0
     return ref
 
 
@@ -124,7 +124,7 @@ def test_gradients_flow_and_match_zeroed_copy():
     assert (q - ref.model.layers[1].self_attn.q_proj.weight.grad).abs().max() <= 1e-5
     # the masked heads receive no gradient through o_proj: their q rows get exactly zero
     _, _, d = head_layout(model)
-    assert q[0:d].abs().max() == 0 and q[3 * d:4 * d].abs().max() == 0 and q[d:2 * d].abs().max() > 0
+    assert q[0:d].abs().max() == 0 and q[3 * d : 4 * d].abs().max() == 0 and q[d : 2 * d].abs().max() > 0
 
 
 @pytest.mark.parametrize("target_modules", [["o_proj"], ["q_proj", "v_proj"]])
@@ -132,8 +132,9 @@ def test_peft_lora(target_modules):
     from peft import LoraConfig, get_peft_model
 
     base = make_tiny_model("llama")
-    peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=target_modules,
-                                                 init_lora_weights=False))
+    peft_model = get_peft_model(
+        base, LoraConfig(r=4, lora_alpha=8, target_modules=target_modules, init_lora_weights=False)
+    )
     x = ids()
     # reference: merge the (non-trivial) adapter into a copy, then zero the columns of the merged o_proj
     merged = copy.deepcopy(peft_model).merge_and_unload()
@@ -166,8 +167,10 @@ def test_bad_heads_raise_before_model_work():
     with pytest.raises(ValueError) as e:  # the message names the valid ranges and lists the first 8 bad heads
         validate_heads(model, [(3, h) for h in range(4)] + [(0, h) for h in range(4, 9)])
     bad = sorted([(3, h) for h in range(4)] + [(0, h) for h in range(4, 9)])
-    assert str(e.value).startswith(f"Heads {bad[:8]} are out of range: the model has layers 0..2 and query heads "
-                                   "0..3. Check that the head scores belong to this model.")
+    assert str(e.value).startswith(
+        f"Heads {bad[:8]} are out of range: the model has layers 0..2 and query heads "
+        "0..3. Check that the head scores belong to this model."
+    )
     assert validate_heads(model, ["2-1", (0, 3), [0, 3]]) == [(0, 3), (2, 1)]
 
 
@@ -252,8 +255,9 @@ def test_unmaskable_o_proj_and_layers_are_clear_errors():
             pass
     model = make_tiny_model("llama")
     model.model.layers[1].self_attn.o_proj = torch.nn.Linear(32, 64, bias=False)  # 4 heads x 16 = 64 expected
-    with pytest.raises(ValueError,
-                       match=r"^LlamaAttention\.o_proj takes 32 features, not num_heads x head_dim = 4 x 16"):
+    with pytest.raises(
+        ValueError, match=r"^LlamaAttention\.o_proj takes 32 features, not num_heads x head_dim = 4 x 16"
+    ):
         with mask_heads(model, [(1, 0)]):
             pass
     with mask_heads(model, [(0, 0), (2, 3)]):  # other layers still mask
@@ -279,18 +283,23 @@ def test_check_export_dir_messages_name_the_directory_and_the_fix(tmp_path):
     (busy / "x").write_text("x")
     with pytest.raises(ValueError) as e:
         check_export_dir(busy)  # overwrite defaults to False
-    assert str(e.value) == (f"Refusing to export into the non-empty directory {str(busy)!r}: its checkpoint files "
-                            "would be replaced. Choose a new directory, or pass overwrite=True (--overwrite True).")
+    assert str(e.value) == (
+        f"Refusing to export into the non-empty directory {str(busy)!r}: its checkpoint files "
+        "would be replaced. Choose a new directory, or pass overwrite=True (--overwrite True)."
+    )
     assert check_export_dir(busy, overwrite=True) == busy
     with pytest.raises(ValueError) as e:
         check_export_dir(busy, overwrite=True, source=str(busy))
-    assert str(e.value) == (f"Refusing to export into {str(busy)!r}: the model was loaded from there, and the masked "
-                            "weights would replace its only unmasked copy. Export to another directory.")
+    assert str(e.value) == (
+        f"Refusing to export into {str(busy)!r}: the model was loaded from there, and the masked "
+        "weights would replace its only unmasked copy. Export to another directory."
+    )
     (tmp_path / "f").write_text("x")
     with pytest.raises(ValueError) as e:
         check_export_dir(tmp_path / "f" / "sub")
-    assert str(e.value) == (f"Cannot export into {str(tmp_path / 'f' / 'sub')!r}: {str(tmp_path / 'f')!r} is a file. "
-                            "Choose a directory.")
+    assert str(e.value) == (
+        f"Cannot export into {str(tmp_path / 'f' / 'sub')!r}: {str(tmp_path / 'f')!r} is a file. Choose a directory."
+    )
     assert check_export_dir(tmp_path / "new" / "dir", source=str(busy)) == tmp_path / "new" / "dir"
 
 
@@ -305,15 +314,22 @@ def test_head_layout_of_models_configs_and_composite_configs():
     assert head_layout(model) == head_layout(model.config) == (3, 4, 16)
     assert head_layout(tiny_config("phi3")) == (3, 4, 16)  # no head_dim: hidden_size // heads
     # A multimodal config: the language model's layout (its text config), not the vision tower's 24 layers.
-    llava = LlavaConfig(text_config={"model_type": "llama", "num_hidden_layers": 5, "num_attention_heads": 8,
-                                     "hidden_size": 64})
+    llava = LlavaConfig(
+        text_config={"model_type": "llama", "num_hidden_layers": 5, "num_attention_heads": 8, "hidden_size": 64}
+    )
     assert head_layout(llava) == (5, 8, 8)
     # Any object with the fields will do (no get_text_config).
-    assert head_layout(SimpleNamespace(num_hidden_layers=2, num_attention_heads=3, head_dim=None, hidden_size=12)) \
-        == (2, 3, 4)
+    assert head_layout(SimpleNamespace(num_hidden_layers=2, num_attention_heads=3, head_dim=None, hidden_size=12)) == (
+        2,
+        3,
+        4,
+    )
     # An explicit head_dim wins over hidden_size // heads (Qwen3, Gemma: head_dim * heads != hidden_size).
-    assert head_layout(SimpleNamespace(num_hidden_layers=2, num_attention_heads=4, head_dim=16, hidden_size=32)) \
-        == (2, 4, 16)
+    assert head_layout(SimpleNamespace(num_hidden_layers=2, num_attention_heads=4, head_dim=16, hidden_size=32)) == (
+        2,
+        4,
+        16,
+    )
     assert head_layout(tiny_config("qwen3", head_dim=24)) == (3, 4, 24)
     with pytest.raises(ValueError, match="SimpleNamespace has no num_hidden_layers/num_attention_heads: cannot locate"):
         head_layout(SimpleNamespace(num_hidden_layers=2))

@@ -89,7 +89,7 @@ def test_real_model_answers_and_masking_changes_it(smollm2):
 
     def answer():
         out = model.generate(**enc, max_new_tokens=16, do_sample=False)
-        return tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+        return tok.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)
 
     plain = answer()
     assert "Paris" in plain
@@ -130,19 +130,21 @@ def test_model_config_reaches_model_and_tokenizer(monkeypatch, tmp_path):
             return _original(klass, name, *a, **{k: v for k, v in kw.items() if k != "revision"})
 
         monkeypatch.setattr(cls, "from_pretrained", classmethod(spy))
-    args = ModelConfig(model_name_or_path=str(path), model_revision="v1", dtype="bfloat16",
-                       attn_implementation="eager")
+    args = ModelConfig(model_name_or_path=str(path), model_revision="v1", dtype="bfloat16", attn_implementation="eager")
     model, _ = load_model_and_tokenizer(args, trust_remote_code=True)
     assert calls["model"]["revision"] == calls["tokenizer"]["revision"] == "v1"
     assert calls["model"]["trust_remote_code"] is calls["tokenizer"]["trust_remote_code"] is True
     assert model.dtype == torch.bfloat16 and model.config._attn_implementation == "eager"
 
 
-@pytest.mark.parametrize("cuda,bnb,needs", [
-    (False, False, "needs a CUDA GPU (this machine has none) and the `bitsandbytes` package"),
-    (False, True, "needs a CUDA GPU (this machine has none). "),
-    (True, False, "needs the `bitsandbytes` package (pip install bitsandbytes). "),
-])
+@pytest.mark.parametrize(
+    "cuda,bnb,needs",
+    [
+        (False, False, "needs a CUDA GPU (this machine has none) and the `bitsandbytes` package"),
+        (False, True, "needs a CUDA GPU (this machine has none). "),
+        (True, False, "needs the `bitsandbytes` package (pip install bitsandbytes). "),
+    ],
+)
 def test_quantization_is_refused_without_cuda_or_bitsandbytes(monkeypatch, cuda, bnb, needs):
     """Each missing piece is named, whatever the machine running the test has (both branches pinned)."""
     from trl import ModelConfig
@@ -151,9 +153,11 @@ def test_quantization_is_refused_without_cuda_or_bitsandbytes(monkeypatch, cuda,
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
     real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: ((object() if bnb else None) if name == "bitsandbytes"
-                                          else real_find_spec(name, *a)))
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: (object() if bnb else None) if name == "bitsandbytes" else real_find_spec(name, *a),
+    )
     for flag in ("load_in_4bit", "load_in_8bit"):
         with pytest.raises(ValueError) as error:
             models.model_init_kwargs(ModelConfig(model_name_or_path="x", **{flag: True}))
@@ -172,7 +176,8 @@ def test_quantization_is_configured_where_possible(monkeypatch):
     config = kwargs["quantization_config"]
     assert config.load_in_4bit and config.bnb_4bit_compute_dtype == torch.bfloat16
     assert kwargs["device_map"] == {"": 0}
-    plain = models.model_init_kwargs(ModelConfig(model_name_or_path="x", model_revision="v2", dtype="float16",
-                                                 attn_implementation="eager"))
+    plain = models.model_init_kwargs(
+        ModelConfig(model_name_or_path="x", model_revision="v2", dtype="float16", attn_implementation="eager")
+    )
     assert plain.get("quantization_config") is None and plain.get("device_map") is None
     assert (plain["revision"], plain["dtype"], plain["attn_implementation"]) == ("v2", "float16", "eager")

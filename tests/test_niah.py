@@ -28,9 +28,11 @@ from trl_retmask.niah import (
 )
 
 # A needle whose question repeats its lead-in ("the best thing to do in the city"); the answer part follows it.
-LEADIN_NEEDLE = {"needle": "the best thing to do in the city is to read a story with your mother .",
-                 "question": "what is the best thing to do in the city ?",
-                 "real_needle": "read a story with your mother"}
+LEADIN_NEEDLE = {
+    "needle": "the best thing to do in the city is to read a story with your mother .",
+    "question": "what is the best thing to do in the city ?",
+    "real_needle": "read a story with your mother",
+}
 
 
 def make_book_tokenizer(save_dir):
@@ -42,8 +44,9 @@ def make_book_tokenizer(save_dir):
     backend = tok.backend_tokenizer
     vocab = backend.get_vocab(with_added_tokens=False)
     backend.model = models.WordLevel(vocab={**vocab, "<book>": VOCAB - 2, "</book>": VOCAB - 1}, unk_token="<unk>")
-    backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex("</?book>"), "isolated"),
-                                                     pre_tokenizers.WhitespaceSplit()])
+    backend.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Split(Regex("</?book>"), "isolated"), pre_tokenizers.WhitespaceSplit()]
+    )
     return tok
 
 
@@ -81,15 +84,17 @@ def test_large_haystack_is_read_only_as_far_as_needed(tiny_tokenizer, tmp_path):
     full = load_haystack(tmp_path)
     assert [s.input_ids for s in samples] == [
         build_niah_sample(tiny_tokenizer, full, n, 60, d, needle_index=i).input_ids
-        for d in (0, 50, 100) for i, n in enumerate([NEEDLE, OTHER_NEEDLE])]
+        for d in (0, 50, 100)
+        for i, n in enumerate([NEEDLE, OTHER_NEEDLE])
+    ]
 
 
 @pytest.mark.parametrize("depth", [0, 50, 100])
 def test_sample_places_needle(tiny_tokenizer, depth):
     s = build_niah_sample(tiny_tokenizer, HAYSTACK, NEEDLE, 120, depth)
     # The spans hold exactly the needle's and its answer's tokens; the prompt is (close to) the requested length.
-    assert tiny_tokenizer.decode(s.input_ids[s.needle_start:s.needle_end]) == NEEDLE["needle"]
-    assert tiny_tokenizer.decode(s.input_ids[s.answer_start:s.answer_end]) == "five"
+    assert tiny_tokenizer.decode(s.input_ids[s.needle_start : s.needle_end]) == NEEDLE["needle"]
+    assert tiny_tokenizer.decode(s.input_ids[s.answer_start : s.answer_end]) == "five"
     assert abs(len(s.input_ids) - 120) <= 2
     assert s.answer == "five" and s.key == f"120-{depth}-0"
     # Depth in percent of the haystack; the needle lands at a sentence boundary ("." precedes it).
@@ -129,8 +134,10 @@ def test_prompt_is_the_authors(tiny_tokenizer, tmp_path):
     assert text == "<book>C</book>\nBased on the content of the book, Question: Q\nAnswer:"
     assert format_prompt(tiny_tokenizer, "C", "Q") == f"<|user|> {text} <|assistant|> "  # the user turn
     thinking = make_tiny_tokenizer(tmp_path / "think")
-    thinking.chat_template = ("{{ messages[0]['content'] }}{% if enable_thinking is defined and not enable_thinking %}"
-                              "<think></think>{% endif %}")
+    thinking.chat_template = (
+        "{{ messages[0]['content'] }}{% if enable_thinking is defined and not enable_thinking %}"
+        "<think></think>{% endif %}"
+    )
     assert format_prompt(thinking, "C", "Q") == text + "<think></think>"  # Qwen3-style: enable_thinking=False
     thinking.chat_template = None
     assert format_prompt(thinking, "C", "Q") == text  # plain-text models: the same text
@@ -140,13 +147,18 @@ def test_length_buffer_counts_the_context(tiny_tokenizer):
     """Detection's lengths: context (haystack + needle) = L - buffer tokens; at most buffer + needle: the needle."""
     n_needle = len(tiny_tokenizer(NEEDLE["needle"], add_special_tokens=False)["input_ids"])
     bare = build_niah_sample(tiny_tokenizer, HAYSTACK, NEEDLE, 0, 50, length_buffer=200)
-    assert bare.input_ids == tiny_tokenizer(format_prompt(tiny_tokenizer, NEEDLE["needle"], NEEDLE["question"]),
-                                            add_special_tokens=False)["input_ids"]
-    assert build_niah_sample(tiny_tokenizer, HAYSTACK, NEEDLE, 200 + n_needle, 50, length_buffer=200).input_ids \
+    assert (
+        bare.input_ids
+        == tiny_tokenizer(
+            format_prompt(tiny_tokenizer, NEEDLE["needle"], NEEDLE["question"]), add_special_tokens=False
+        )["input_ids"]
+    )
+    assert (
+        build_niah_sample(tiny_tokenizer, HAYSTACK, NEEDLE, 200 + n_needle, 50, length_buffer=200).input_ids
         == bare.input_ids
+    )
     for haystack_tokens in (1, 30, 150):  # 150: the ~100-token haystack repeats
-        s = build_niah_sample(tiny_tokenizer, HAYSTACK, NEEDLE, 200 + n_needle + haystack_tokens, 50,
-                              length_buffer=200)
+        s = build_niah_sample(tiny_tokenizer, HAYSTACK, NEEDLE, 200 + n_needle + haystack_tokens, 50, length_buffer=200)
         assert len(s.input_ids) - len(bare.input_ids) == haystack_tokens
     whole = build_niah_sample(tiny_tokenizer, HAYSTACK, NEEDLE, 120, 50)  # evaluation: the whole prompt
     assert abs(len(whole.input_ids) - 120) <= 2
@@ -161,17 +173,22 @@ def test_haystack_per_needle(tiny_tokenizer, tmp_path):
     needles = [NEEDLE, OTHER_NEEDLE, NEEDLE]
 
     def words(s):
-        return set(tiny_tokenizer.decode(s.input_ids[:s.needle_start]).split()) - {"<|user|>", "<book>"}
+        return set(tiny_tokenizer.decode(s.input_ids[: s.needle_start]).split()) - {"<|user|>", "<book>"}
 
     per = build_niah_samples(tiny_tokenizer, [60], [100], needles, tmp_path, haystack_per_needle=None)
-    assert [words(s) for s in per] == [{"the", "man", "went", "home", "."}, {"she", "said", "that", "it", "was",
-                                       "a", "long", "day", "."}, {"the", "man", "went", "home", "."}]
+    assert [words(s) for s in per] == [
+        {"the", "man", "went", "home", "."},
+        {"she", "said", "that", "it", "was", "a", "long", "day", "."},
+        {"the", "man", "went", "home", "."},
+    ]
     joined = build_niah_samples(tiny_tokenizer, [60], [100], needles, tmp_path, haystack_per_needle=False)
     assert words(joined[1]) == {"the", "man", "went", "home", "."}  # the first 60 tokens are all from part1
     (tmp_path / "part2.txt").unlink()
     one = build_niah_samples(tiny_tokenizer, [60], [100], needles, tmp_path, haystack_per_needle=None)
-    assert [s.input_ids for s in one] == [s.input_ids for s in build_niah_samples(
-        tiny_tokenizer, [60], [100], needles, tmp_path, haystack_per_needle=False)]
+    assert [s.input_ids for s in one] == [
+        s.input_ids
+        for s in build_niah_samples(tiny_tokenizer, [60], [100], needles, tmp_path, haystack_per_needle=False)
+    ]
 
 
 def test_generation_can_run_past_eos(tiny_tokenizer):
@@ -227,7 +244,8 @@ def test_run_niah_samples_resumes_without_redoing(tiny_tokenizer, hay_dir, tmp_p
     assert [r["value"] for r in resumed] == [r["value"] for r in full]
     assert [r["key"] for r in resumed] == [s.key for s in samples]
     assert [(r["context_length"], r["depth"], r["prompt_tokens"]) for r in resumed] == [
-        (s.context_length, s.depth, len(s.input_ids)) for s in samples]
+        (s.context_length, s.depth, len(s.input_ids)) for s in samples
+    ]
     with pytest.raises(ValueError, match="another run.*overwrite=True"):
         run_niah_samples(samples, fn, tmp_path / "run", name="t", fingerprint="b")
 
@@ -275,8 +293,14 @@ def test_niah_resume_refuses_a_directory_of_other_inputs(tiny_tokenizer, hay_dir
 
 def test_niah_output_dir_read_only_when_complete(tiny_tokenizer, hay_dir, tmp_path):
     model = make_tiny_model("llama")
-    kw = dict(needles=[NEEDLE], context_lengths=[60], depths=[0, 100], max_new_tokens=3, haystack_dir=hay_dir,
-              output_dir=tmp_path / "ev")
+    kw = dict(
+        needles=[NEEDLE],
+        context_lengths=[60],
+        depths=[0, 100],
+        max_new_tokens=3,
+        haystack_dir=hay_dir,
+        output_dir=tmp_path / "ev",
+    )
     first = evaluate_niah(model, tiny_tokenizer, **kw)
     files = sorted((tmp_path / "ev").iterdir())
     before = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in files}
@@ -301,9 +325,11 @@ def test_is_correct_is_the_threshold_everywhere():
 
 
 def test_accuracy_grid_and_plot(tmp_path):
-    records = [{"context_length": 512, "depth": 0.0, "correct": True},
-               {"context_length": 512, "depth": 0.0, "correct": False},
-               {"context_length": 1024, "depth": 50.0, "correct": True}]
+    records = [
+        {"context_length": 512, "depth": 0.0, "correct": True},
+        {"context_length": 512, "depth": 0.0, "correct": False},
+        {"context_length": 1024, "depth": 50.0, "correct": True},
+    ]
     grid = accuracy_grid(records)
     assert grid == {(512, 0.0): 0.5, (1024, 50.0): 1.0}
     plot_accuracy_grid(grid, tmp_path / "g.png")
@@ -314,8 +340,9 @@ def test_evaluate_niah_masks_heads(tiny_tokenizer, hay_dir, tmp_path):
     model = make_tiny_model("llama")
     samples = _samples(tiny_tokenizer, hay_dir)[:2]
     heads = [(0, 1), (2, 3)]
-    result = evaluate_niah(model, tiny_tokenizer, heads=heads, samples=samples, max_new_tokens=6,
-                           output_dir=tmp_path / "ev")
+    result = evaluate_niah(
+        model, tiny_tokenizer, heads=heads, samples=samples, max_new_tokens=6, output_dir=tmp_path / "ev"
+    )
     # Independent check: the same greedy answers come from generating under mask_heads by hand.
     for s, rec in zip(samples, result["records"]):
         with mask_heads(model, heads):
@@ -339,8 +366,8 @@ def test_real_tokenizer_needle_spans(smollm2):
     for i, needle in enumerate(load_needles()):
         for length, depth in [(512, 0), (1024, 40), (2048, 100)]:
             s = build_niah_sample(tok, haystack, needle, length, depth, needle_index=i)
-            assert tok.decode(s.input_ids[s.needle_start:s.needle_end]).strip() == needle["needle"]
-            answer = tok.decode(s.input_ids[s.answer_start:s.answer_end]).strip()
+            assert tok.decode(s.input_ids[s.needle_start : s.needle_end]).strip() == needle["needle"]
+            answer = tok.decode(s.input_ids[s.answer_start : s.answer_end]).strip()
             assert answer.lower() == needle["real_needle"].lower()  # the third needle: "because" / "Because"
             assert abs(len(s.input_ids) - length) <= 8
     assert torch.tensor(s.input_ids).max() < len(tok)
@@ -357,9 +384,29 @@ def test_cli_help_and_niah_run(tiny_tokenizer, hay_dir, tmp_path, capsys):
     model_dir = tmp_path / "tiny"
     make_tiny_model("llama").save_pretrained(model_dir)
     tiny_tokenizer.save_pretrained(model_dir)
-    assert main(["niah", "--model_name_or_path", str(model_dir), "--context_lengths", "60", "--depths", "0", "100",
-                 "--haystack_dir", str(hay_dir), "--max_new_tokens", "3", "--heads", "0-1,2-3", "--output_dir",
-                 str(tmp_path / "ev")]) == 0
+    assert (
+        main(
+            [
+                "niah",
+                "--model_name_or_path",
+                str(model_dir),
+                "--context_lengths",
+                "60",
+                "--depths",
+                "0",
+                "100",
+                "--haystack_dir",
+                str(hay_dir),
+                "--max_new_tokens",
+                "3",
+                "--heads",
+                "0-1,2-3",
+                "--output_dir",
+                str(tmp_path / "ev"),
+            ]
+        )
+        == 0
+    )
     printed = json.loads(capsys.readouterr().out)
     assert printed["num_samples"] == 6 and printed["masked_heads"] == 2
     assert sorted(printed["grid"]) == ["60@0", "60@100"]

@@ -39,8 +39,9 @@ def independent(model, tokenizer, prompt, heads=None, max_new_tokens=6, seed=Non
     n = ids["input_ids"].shape[1]
     if isinstance(prompt, list):
         return tokenizer.decode(out[0, n:], skip_special_tokens=True)
-    return tokenizer.decode(out[0], skip_special_tokens=True)[len(tokenizer.decode(out[0, :n],
-                                                                                     skip_special_tokens=True)):]
+    return tokenizer.decode(out[0], skip_special_tokens=True)[
+        len(tokenizer.decode(out[0, :n], skip_special_tokens=True)) :
+    ]
 
 
 class CountingGenerate:
@@ -65,8 +66,9 @@ def model():
 
 @pytest.fixture(scope="module")
 def greedy_pairs(model, tiny_tokenizer):
-    return generate_pairs(model, tiny_tokenizer, PROMPTS, HEADS, temperature=0.0, max_new_tokens=6, batch_size=4,
-                          show_progress=False)
+    return generate_pairs(
+        model, tiny_tokenizer, PROMPTS, HEADS, temperature=0.0, max_new_tokens=6, batch_size=4, show_progress=False
+    )
 
 
 def test_greedy_pairs_match_independent_generation(model, tiny_tokenizer, greedy_pairs):
@@ -85,7 +87,7 @@ def test_prompt_plus_response_retokenizes_to_the_generated_tokens(model, tiny_to
     for prompt, text in zip(PROMPTS, greedy_pairs.chosen):
         ids = tiny_tokenizer(prompt, return_tensors="pt")
         with torch.no_grad():
-            new = model.generate(**ids, max_new_tokens=6, do_sample=False)[0, ids["input_ids"].shape[1]:].tolist()
+            new = model.generate(**ids, max_new_tokens=6, do_sample=False)[0, ids["input_ids"].shape[1] :].tolist()
         if any(t in special or t >= len(tiny_tokenizer) for t in new):
             continue  # special or out-of-vocabulary ids vanish in decoding; nothing to compare
         assert tiny_tokenizer(prompt + text)["input_ids"] == ids["input_ids"][0].tolist() + new
@@ -94,8 +96,9 @@ def test_prompt_plus_response_retokenizes_to_the_generated_tokens(model, tiny_to
 
 
 def test_conversational_prompts_use_the_chat_template(model, tiny_tokenizer):
-    pairs = generate_pairs(model, tiny_tokenizer, CHATS, HEADS, temperature=0.0, max_new_tokens=6, batch_size=3,
-                           show_progress=False)
+    pairs = generate_pairs(
+        model, tiny_tokenizer, CHATS, HEADS, temperature=0.0, max_new_tokens=6, batch_size=3, show_progress=False
+    )
     assert pairs.chosen == [independent(model, tiny_tokenizer, c) for c in CHATS]
     assert pairs.rejected == [independent(model, tiny_tokenizer, c, HEADS) for c in CHATS]
     ds = pairs.to_dataset()
@@ -111,12 +114,23 @@ def test_filtering_and_stats(model, greedy_pairs, tiny_tokenizer):
     assert (s.prompts, s.dropped_empty, s.dropped_identical) == (len(PROMPTS), 0, sum(same))
     assert s.kept == len(PROMPTS) - sum(same) == len(p.to_dataset())
     assert p.keep == [not d for d in same]
-    strict = generate_pairs(model, tiny_tokenizer, PROMPTS, HEADS, temperature=0.0, max_new_tokens=6, batch_size=4,
-                            show_progress=False, drop_empty=True)
+    strict = generate_pairs(
+        model,
+        tiny_tokenizer,
+        PROMPTS,
+        HEADS,
+        temperature=0.0,
+        max_new_tokens=6,
+        batch_size=4,
+        show_progress=False,
+        drop_empty=True,
+    )
     empty = [not c.strip() or not r.strip() for c, r in zip(p.chosen, p.rejected)]
     assert strict.keep == [not (e or d) for e, d in zip(empty, same)]
-    assert (strict.stats.dropped_empty, strict.stats.dropped_identical) == \
-        (sum(empty), sum(d and not e for e, d in zip(empty, same)))
+    assert (strict.stats.dropped_empty, strict.stats.dropped_identical) == (
+        sum(empty),
+        sum(d and not e for e, d in zip(empty, same)),
+    )
     # Token lengths: count the generated tokens up to the first EOS, independently of the module.
     kept = p.kept_indices
     lens = p.extra["chosen_tokens"]
@@ -139,8 +153,19 @@ def test_sampled_pairs_follow_the_documented_seeds_longest_prompt_first(model, t
     prompts = ["the man said", "tell me a story about the sea"]  # the longer one second: its batch is b = 0
     lengths = [len(tiny_tokenizer(text=p)["input_ids"]) for p in prompts]
     assert lengths[1] > lengths[0]
-    pairs = generate_pairs(model, tiny_tokenizer, prompts, HEADS, temperature=1.0, top_p=1.0, max_new_tokens=6,
-                           batch_size=1, seed=5, show_progress=False, backend="generate")
+    pairs = generate_pairs(
+        model,
+        tiny_tokenizer,
+        prompts,
+        HEADS,
+        temperature=1.0,
+        top_p=1.0,
+        max_new_tokens=6,
+        batch_size=1,
+        seed=5,
+        show_progress=False,
+        backend="generate",
+    )
     for b, i in enumerate([1, 0]):
         base = 5 * 1_000_003 + 2 * b
         assert pairs.chosen[i] == independent(model, tiny_tokenizer, prompts[i], seed=base, **SAMPLE)
@@ -166,11 +191,24 @@ def test_generation_settings_reach_the_decoder_and_timing_is_per_decode(model, t
     ticks = iter(range(1000))
     monkeypatch.setattr(pairs_module, "generate_batch", spy)
     monkeypatch.setattr(pairs_module, "time", types.SimpleNamespace(perf_counter=lambda: float(next(ticks))))
-    pairs = generate_pairs(model, tiny_tokenizer, PROMPTS[:4], HEADS, temperature=0.8, top_p=0.9, top_k=7,
-                           generation_kwargs={"repetition_penalty": 1.3}, max_new_tokens=3, batch_size=2,
-                           show_progress=False, backend="generate")
-    assert len(configs) == 4 and all((c.top_p, c.top_k, c.repetition_penalty, c.temperature, c.max_new_tokens)
-                                     == (0.9, 7, 1.3, 0.8, 3) for c in configs)
+    pairs = generate_pairs(
+        model,
+        tiny_tokenizer,
+        PROMPTS[:4],
+        HEADS,
+        temperature=0.8,
+        top_p=0.9,
+        top_k=7,
+        generation_kwargs={"repetition_penalty": 1.3},
+        max_new_tokens=3,
+        batch_size=2,
+        show_progress=False,
+        backend="generate",
+    )
+    assert len(configs) == 4 and all(
+        (c.top_p, c.top_k, c.repetition_penalty, c.temperature, c.max_new_tokens) == (0.9, 7, 1.3, 0.8, 3)
+        for c in configs
+    )
     assert pairs.stats.generation_seconds == 4.0  # 2 batches x (chosen, rejected), 1 s each
     assert pairs.stats.tokens_per_second == pairs.stats.generated_tokens / 4.0
 
@@ -181,17 +219,27 @@ def test_special_tokens_never_reach_the_responses(model, tiny_tokenizer):
     alone)."""
     bos = tiny_tokenizer.bos_token_id
     prompts = [PROMPTS[0], CHATS[1]]
-    pairs = generate_pairs(model, tiny_tokenizer, prompts, HEADS, temperature=0.0, max_new_tokens=4, batch_size=2,
-                           show_progress=False, generation_kwargs={"sequence_bias": [[[bos], 50.0]]})
+    pairs = generate_pairs(
+        model,
+        tiny_tokenizer,
+        prompts,
+        HEADS,
+        temperature=0.0,
+        max_new_tokens=4,
+        batch_size=2,
+        show_progress=False,
+        generation_kwargs={"sequence_bias": [[[bos], 50.0]]},
+    )
     for i, prompt in enumerate(prompts):
         assert pairs.extra["chosen_tokens"][i] >= 2
-        assert pairs.chosen[i] == independent(model, tiny_tokenizer, prompt, max_new_tokens=4,
-                                              sequence_bias=[[[bos], 50.0]])
+        assert pairs.chosen[i] == independent(
+            model, tiny_tokenizer, prompt, max_new_tokens=4, sequence_bias=[[[bos], 50.0]]
+        )
         assert "<s>" not in pairs.chosen[i] and "<s>" not in pairs.rejected[i]
     ids = tiny_tokenizer(text=PROMPTS[0], return_tensors="pt")
     with torch.no_grad():
         raw = model.generate(**ids, max_new_tokens=4, do_sample=False, sequence_bias=[[[bos], 50.0]])
-    assert tiny_tokenizer.decode(raw[0, ids["input_ids"].shape[1]:]).startswith("<s>")  # it was generated
+    assert tiny_tokenizer.decode(raw[0, ids["input_ids"].shape[1] :]).startswith("<s>")  # it was generated
 
 
 def test_cache_skips_regenerates_on_change(model, tiny_tokenizer, tmp_path):
@@ -214,8 +262,9 @@ def test_cache_skips_regenerates_on_change(model, tiny_tokenizer, tmp_path):
         assert counter.calls == 18, "another seed must regenerate"
         generate_pairs(model, tiny_tokenizer, PROMPTS[:4], HEADS, **{**kw, "batch_size": 4})
         assert counter.calls == 20, "another batching must regenerate (1 batch x 2 roles)"
-        assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("chosen-")) and \
-            all(len(p.name) == len("chosen-") + 20 for p in tmp_path.iterdir() if p.name.startswith("chosen-"))
+        assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("chosen-")) and all(
+            len(p.name) == len("chosen-") + 20 for p in tmp_path.iterdir() if p.name.startswith("chosen-")
+        )
     finally:
         model.generate = counter.inner
 
@@ -258,15 +307,15 @@ def test_static_backend_greedy_pairs_equal_generate_backend(model, tiny_tokenize
 
 
 def test_backend_is_part_of_the_cache_fingerprint(model, tiny_tokenizer, tmp_path):
-    kw = dict(temperature=0.9, top_k=0, seed=3, max_new_tokens=4, batch_size=2, show_progress=False,
-              cache_dir=tmp_path)
+    kw = dict(temperature=0.9, top_k=0, seed=3, max_new_tokens=4, batch_size=2, show_progress=False, cache_dir=tmp_path)
     plain = generate_pairs(model, tiny_tokenizer, PROMPTS[:4], HEADS, backend="generate", **kw)
     static = generate_pairs(model, tiny_tokenizer, PROMPTS[:4], HEADS, backend="static", **kw)
     assert static.fingerprint != plain.fingerprint and static.stats.batches_from_cache == 0
     again = generate_pairs(model, tiny_tokenizer, PROMPTS[:4], HEADS, backend="static", **kw)
     assert again.stats.batches_from_cache == 2 and (again.chosen, again.rejected) == (static.chosen, static.rejected)
-    assert generate_pairs(model, tiny_tokenizer, PROMPTS[:4], HEADS, backend="auto", **kw).fingerprint == \
-        plain.fingerprint  # auto is `generate` without CUDA
+    assert (
+        generate_pairs(model, tiny_tokenizer, PROMPTS[:4], HEADS, backend="auto", **kw).fingerprint == plain.fingerprint
+    )  # auto is `generate` without CUDA
 
 
 def test_cache_fingerprint_tracks_weights(tiny_tokenizer, tmp_path):
@@ -400,8 +449,16 @@ def test_empty_prompts_are_refused_before_generation(model, tiny_tokenizer, bad,
     counter = CountingGenerate(model)
     try:
         with pytest.raises(ValueError, match=f"Prompt {0 if alone else 1} is empty"):
-            generate_pairs(model, tiny_tokenizer, prompts, HEADS, temperature=0.0, max_new_tokens=2, batch_size=4,
-                           show_progress=False)
+            generate_pairs(
+                model,
+                tiny_tokenizer,
+                prompts,
+                HEADS,
+                temperature=0.0,
+                max_new_tokens=2,
+                batch_size=4,
+                show_progress=False,
+            )
     finally:
         model.generate = counter.inner
     assert counter.calls == 0
@@ -410,8 +467,10 @@ def test_empty_prompts_are_refused_before_generation(model, tiny_tokenizer, bad,
 def test_prompts_are_encoded_as_dpo_trainer_encodes_them(tiny_tokenizer):
     """TRL 1.16's DPOTrainer tokenizes a chat prompt with `apply_chat_template(..., add_generation_prompt=True,
     tokenize=True)` and a string prompt with `tokenizer(text=...)`; pair generation must see the same ids."""
-    expected = [tiny_tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=True,
-                                                   return_dict=True)["input_ids"] for c in CHATS]
+    expected = [
+        tiny_tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+        for c in CHATS
+    ]
     expected += [tiny_tokenizer(text=p)["input_ids"] for p in PROMPTS]
     assert encode_prompts(tiny_tokenizer, CHATS + PROMPTS) == [list(x) for x in expected]
 
@@ -433,19 +492,23 @@ def test_rows_tools_and_template_kwargs_shape_the_prompt_as_in_dpo(model, tiny_t
 
     tok = copy.deepcopy(tiny_tokenizer)
     tok.chat_template = TOOLED_TEMPLATE
-    rows = {"prompt": CHATS[:3],
-            "tools": [json.dumps([{"name": "water"}]), None, None],
-            "chat_template_kwargs": [{}, {"mood": "very good"}, {}]}
+    rows = {
+        "prompt": CHATS[:3],
+        "tools": [json.dumps([{"name": "water"}]), None, None],
+        "chat_template_kwargs": [{}, {"mood": "very good"}, {}],
+    }
     ds = Dataset.from_dict(rows)
-    out, _ = complete_prompt_dataset(ds, model, tok, HEADS, temperature=0.0, max_new_tokens=6, batch_size=4,
-                                     show_progress=False, drop_empty=False)
+    out, _ = complete_prompt_dataset(
+        ds, model, tok, HEADS, temperature=0.0, max_new_tokens=6, batch_size=4, show_progress=False, drop_empty=False
+    )
     assert out.column_names == ["prompt", "tools", "chat_template_kwargs", "chosen", "rejected"]
 
     def dpo_prompt_ids(row):  # trl/trainer/dpo_trainer.py (1.16) `tokenize_fn`, verbatim kwargs
         tools = json.loads(row["tools"]) if isinstance(row["tools"], str) else row["tools"]
         kwargs = {"tools": tools, **(row.get("chat_template_kwargs") or {})}
-        return tok.apply_chat_template(row["prompt"], add_generation_prompt=True, tokenize=True, return_dict=True,
-                                       **kwargs)["input_ids"]
+        return tok.apply_chat_template(
+            row["prompt"], add_generation_prompt=True, tokenize=True, return_dict=True, **kwargs
+        )["input_ids"]
 
     expected_ids = [list(dpo_prompt_ids(r)) for r in ds]
     assert expected_ids[0][:2] == tok("<|user|> water", add_special_tokens=False)["input_ids"]
@@ -456,7 +519,7 @@ def test_rows_tools_and_template_kwargs_shape_the_prompt_as_in_dpo(model, tiny_t
 
     def greedy(ids, heads=()):
         with torch.no_grad(), mask_heads(model, list(heads)):
-            new = model.generate(input_ids=torch.tensor([ids]), max_new_tokens=6, do_sample=False)[0, len(ids):]
+            new = model.generate(input_ids=torch.tensor([ids]), max_new_tokens=6, do_sample=False)[0, len(ids) :]
         return tok.decode(new, skip_special_tokens=True)
 
     by_prompt = {json.dumps(r["prompt"]): r for r in out}
@@ -468,14 +531,16 @@ def test_rows_tools_and_template_kwargs_shape_the_prompt_as_in_dpo(model, tiny_t
         else:
             assert greedy(ids).strip() == greedy(ids, HEADS).strip()
     only_kwargs = Dataset.from_dict({"prompt": CHATS[1:2], "chat_template_kwargs": [{"mood": "very good"}]})
-    out2, _ = complete_prompt_dataset(only_kwargs, model, tok, HEADS, temperature=0.0, max_new_tokens=6,
-                                      show_progress=False)
+    out2, _ = complete_prompt_dataset(
+        only_kwargs, model, tok, HEADS, temperature=0.0, max_new_tokens=6, show_progress=False
+    )
     assert out2[0]["chosen"][0]["content"] == greedy(expected_ids[1])  # (all dropped would have raised)
     with pytest.raises(ValueError, match="`tools` column holds a string that is not JSON"):
         complete_prompt_dataset(Dataset.from_dict({"prompt": CHATS[:1], "tools": ["[{"]}), model, tok, HEADS)
     with pytest.raises(ValueError, match=r"^The `chat_template_kwargs` column must hold dicts, got str: 'mood'$"):
-        complete_prompt_dataset(Dataset.from_dict({"prompt": CHATS[:1], "chat_template_kwargs": ["mood"]}), model,
-                                tok, HEADS)
+        complete_prompt_dataset(
+            Dataset.from_dict({"prompt": CHATS[:1], "chat_template_kwargs": ["mood"]}), model, tok, HEADS
+        )
 
 
 @pytest.mark.filterwarnings("ignore:.*plain strings")  # string prompts on purpose
@@ -483,8 +548,9 @@ def test_prompt_dataset_completion_keeps_columns_and_passes_preferences(model, t
     from datasets import Dataset
 
     ds = Dataset.from_dict({"prompt": PROMPTS, "id": list(range(len(PROMPTS)))})
-    out, stats = complete_prompt_dataset(ds, model, tiny_tokenizer, HEADS, temperature=0.0, max_new_tokens=6,
-                                         batch_size=4, show_progress=False)
+    out, stats = complete_prompt_dataset(
+        ds, model, tiny_tokenizer, HEADS, temperature=0.0, max_new_tokens=6, batch_size=4, show_progress=False
+    )
     assert out.column_names == ["prompt", "id", "chosen", "rejected"]
     for row in out:
         assert row["prompt"] == PROMPTS[row["id"]]
@@ -501,8 +567,11 @@ def test_errors_before_generation(model, tiny_tokenizer):
         generate_pairs(model, tiny_tokenizer, PROMPTS, [(5, 0)])
     with pytest.raises(ValueError, match=r"^No prompts to generate pairs for: the prompt dataset is empty\.$"):
         generate_pairs(model, tiny_tokenizer, [], HEADS)
-    with pytest.raises(ValueError, match=r"^No heads to mask: the selection is empty\. Lower `mask_threshold` or set "
-                                         r"`mask_top_k`\.$"):
+    with pytest.raises(
+        ValueError,
+        match=r"^No heads to mask: the selection is empty\. Lower `mask_threshold` or set "
+        r"`mask_top_k`\.$",
+    ):
         generate_pairs(model, tiny_tokenizer, PROMPTS, [])
     with pytest.raises(ValueError, match=r"^template_kwargs has 1 entries for 2 prompts\.$"):
         generate_pairs(model, tiny_tokenizer, PROMPTS[:2], HEADS, template_kwargs=[{}])
@@ -514,16 +583,27 @@ def test_errors_before_generation(model, tiny_tokenizer):
 def test_real_model_pairs(smollm2):
     model, tokenizer = smollm2
     heads = [(layer, 0) for layer in range(0, 30, 3)]
-    chats = [[{"role": "user", "content": "What is the capital of France?"}],
-             [{"role": "user", "content": "Name a colour of the sky."}]]
-    pairs = generate_pairs(model, tokenizer, chats, heads, temperature=0.0, max_new_tokens=5, batch_size=2,
-                           show_progress=False, backend="generate")  # "auto" may pick vLLM: tests/test_vllm.py
+    chats = [
+        [{"role": "user", "content": "What is the capital of France?"}],
+        [{"role": "user", "content": "Name a colour of the sky."}],
+    ]
+    pairs = generate_pairs(
+        model,
+        tokenizer,
+        chats,
+        heads,
+        temperature=0.0,
+        max_new_tokens=5,
+        batch_size=2,
+        show_progress=False,
+        backend="generate",
+    )  # "auto" may pick vLLM: tests/test_vllm.py
 
     def one(chat, masked):
         ids = tokenizer.apply_chat_template(chat, add_generation_prompt=True, return_tensors="pt", return_dict=True)
         with torch.no_grad(), mask_heads(model, heads if masked else []):
             out = model.generate(**ids, max_new_tokens=5, do_sample=False)
-        return tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+        return tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
 
     assert pairs.chosen == [one(c, False) for c in chats]
     assert pairs.rejected == [one(c, True) for c in chats]
@@ -544,13 +624,15 @@ def test_plain_string_prompts_for_a_chat_model_warn(model, tiny_tokenizer):
         "2 of 2 prompts of the train dataset are plain strings although the tokenizer has a chat template: pairs are "
         "generated (and DPO trains) on raw text continuations, not chat answers. Pass conversational prompts "
         '({"prompt": [{"role": "user", "content": ...}]}) or render them with '
-        "`tokenizer.apply_chat_template(..., add_generation_prompt=True, tokenize=False)`.")
+        "`tokenizer.apply_chat_template(..., add_generation_prompt=True, tokenize=False)`."
+    )
     # Rendered without the generation prompt: a user turn the model would continue, not answer.
     open_turns = [tiny_tokenizer.apply_chat_template(c, tokenize=False) for c in CHATS[:2]]
     assert all("<|user|>" in t and "<|assistant|>" not in t for t in open_turns)
     with pytest.warns(UserWarning, match="^2 of 2 prompts of the eval dataset"):
-        complete_prompt_dataset(Dataset.from_dict({"prompt": open_turns}), model, tiny_tokenizer, HEADS, name="eval",
-                                **kw)
+        complete_prompt_dataset(
+            Dataset.from_dict({"prompt": open_turns}), model, tiny_tokenizer, HEADS, name="eval", **kw
+        )
     rendered = [tiny_tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=False) for c in CHATS[:2]]
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -560,17 +642,25 @@ def test_plain_string_prompts_for_a_chat_model_warn(model, tiny_tokenizer):
     import copy
 
     strict = copy.deepcopy(tiny_tokenizer)
-    strict.chat_template = ("{% for m in messages %}{% if m['role'] != 'user' %}{{ raise_exception('user turns "
-                            "only') }}{% endif %}<|user|> {{ m['content'] }} {% endfor %}"
-                            "{% if add_generation_prompt %}<|assistant|> {% endif %}")
+    strict.chat_template = (
+        "{% for m in messages %}{% if m['role'] != 'user' %}{{ raise_exception('user turns "
+        "only') }}{% endif %}<|user|> {{ m['content'] }} {% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|> {% endif %}"
+    )
     with pytest.warns(UserWarning, match="^2 of 2 prompts of the train dataset are plain strings"):
         complete_prompt_dataset(Dataset.from_dict({"prompt": PROMPTS[:2]}), model, strict, HEADS, **kw)
 
 
 # ------------------------------------------------------------------ mutation-tested edges (docs/testing.md)
 def _record(indices, chosen, rejected, chosen_tokens, rejected_tokens, seconds):
-    return {"indices": indices, "chosen": chosen, "rejected": rejected, "chosen_tokens": chosen_tokens,
-            "rejected_tokens": rejected_tokens, "seconds": seconds}
+    return {
+        "indices": indices,
+        "chosen": chosen,
+        "rejected": rejected,
+        "chosen_tokens": chosen_tokens,
+        "rejected_tokens": rejected_tokens,
+        "seconds": seconds,
+    }
 
 
 RECORDS = [  # two batches, out of input order, as the runner returns them
@@ -592,8 +682,11 @@ def test_assemble_places_responses_and_applies_the_drop_rules():
     assert (s.batches_generated, s.batches_from_cache, p.fingerprint) == (1, 1, "fp")
     assert (s.mean_chosen_tokens, s.mean_rejected_tokens) == (pytest.approx(6 / 3), pytest.approx(7 / 3))
     assert (s.generated_tokens, s.generation_seconds, s.tokens_per_second) == (18, 2.0, 9.0)
-    assert p.to_dataset().to_dict() == {"prompt": ["p0", "p2", "p4"], "chosen": [" b ", "x", " "],
-                                        "rejected": ["c", "", "y"]}
+    assert p.to_dataset().to_dict() == {
+        "prompt": ["p0", "p2", "p4"],
+        "chosen": [" b ", "x", " "],
+        "rejected": ["c", "", "y"],
+    }
 
     strict = _assemble(prompts, RECORDS, "", 2, drop_empty=True)  # an empty side is dropped before identity
     assert strict.keep == [True, False, False, False, False]
@@ -620,8 +713,14 @@ def test_stored_batch_records_are_checked_field_by_field():
     assert _valid_part({**good, "seconds": 1}, "chosen", [4, 7])  # an int time is a time
     assert not _valid_part(good, "chosen", None)  # a batch the run does not have
     assert not _valid_part(good, "chosen", [7, 4])
-    for damage in ({"chosen": "ab"}, {"chosen_tokens": (1, 2)}, {"chosen": ["a"]}, {"chosen_tokens": [1]},
-                   {"chosen": ["a", 2]}, {"chosen_tokens": [1, 2.0]}):
+    for damage in (
+        {"chosen": "ab"},
+        {"chosen_tokens": (1, 2)},
+        {"chosen": ["a"]},
+        {"chosen_tokens": [1]},
+        {"chosen": ["a", 2]},
+        {"chosen_tokens": [1, 2.0]},
+    ):
         assert not _valid_part({**good, **damage}, "chosen", [4, 7]), damage
         assert _valid_part({**good, **damage}, "rejected", [4, 7])  # the other role is untouched
     for damage in ({"seconds": "0.25"}, {"seconds": None}, {"indices": None}):
@@ -644,9 +743,12 @@ def test_prompt_forms(tiny_tokenizer):
     assert not is_prompt_only(Dataset.from_dict({"question": ["a"]}))
     streamed = IterableDataset.from_generator(lambda: iter([{"prompt": "a"}]))
     assert is_prompt_only(streamed)  # columns read from the first row when unknown
-    with pytest.raises(ValueError, match=r"^The train dataset is a prompt-only IterableDataset; pair generation "
-                                         r"needs a map-style `datasets.Dataset` \(e.g. load it without "
-                                         r"`streaming=True`\)\.$"):
+    with pytest.raises(
+        ValueError,
+        match=r"^The train dataset is a prompt-only IterableDataset; pair generation "
+        r"needs a map-style `datasets.Dataset` \(e.g. load it without "
+        r"`streaming=True`\)\.$",
+    ):
         complete_prompt_dataset(streamed, None, tiny_tokenizer, HEADS)
     with pytest.raises(ValueError, match="A prompt must be a string or a list of chat messages, got int: 3"):
         encode_prompts(tiny_tokenizer, [3])
@@ -655,8 +757,9 @@ def test_prompt_forms(tiny_tokenizer):
 def test_batch_size_edge(model, tiny_tokenizer):
     with pytest.raises(ValueError, match="batch_size must be >= 1, got 0"):
         generate_pairs(model, tiny_tokenizer, PROMPTS, HEADS, batch_size=0)
-    one = generate_pairs(model, tiny_tokenizer, PROMPTS[:2], HEADS, temperature=0.0, max_new_tokens=3, batch_size=1,
-                         show_progress=False)
+    one = generate_pairs(
+        model, tiny_tokenizer, PROMPTS[:2], HEADS, temperature=0.0, max_new_tokens=3, batch_size=1, show_progress=False
+    )
     assert one.chosen == [independent(model, tiny_tokenizer, p, max_new_tokens=3) for p in PROMPTS[:2]]
     assert one.stats.batches_generated == 2
 
@@ -669,12 +772,16 @@ def test_all_pairs_dropped_is_an_error(model, tiny_tokenizer, monkeypatch):
 
     monkeypatch.setattr(trl_retmask.pairs, "generate_batch", lambda m, t, ids, *a, **k: [[5, 6]] * len(ids))
     ds = Dataset.from_dict({"prompt": PROMPTS[:2]})
-    with pytest.raises(ValueError, match=r"^All 2 generated pairs of the train dataset were dropped \(2 identical, 0 "
-                                         r"empty\): masking these heads does not change the model's answers\. Mask "
-                                         r"more or other heads \(`mask_threshold` / `mask_top_k`\), sample "
-                                         r"\(`temperature` > 0\), or raise `max_new_tokens`\.$"):
-        complete_prompt_dataset(ds, model, tiny_tokenizer, HEADS, temperature=0.0, max_new_tokens=2,
-                                show_progress=False)
+    with pytest.raises(
+        ValueError,
+        match=r"^All 2 generated pairs of the train dataset were dropped \(2 identical, 0 "
+        r"empty\): masking these heads does not change the model's answers\. Mask "
+        r"more or other heads \(`mask_threshold` / `mask_top_k`\), sample "
+        r"\(`temperature` > 0\), or raise `max_new_tokens`\.$",
+    ):
+        complete_prompt_dataset(
+            ds, model, tiny_tokenizer, HEADS, temperature=0.0, max_new_tokens=2, show_progress=False
+        )
 
 
 def test_generate_pairs_defaults_are_the_documented_ones():
@@ -682,10 +789,32 @@ def test_generate_pairs_defaults_are_the_documented_ones():
     import inspect
 
     params = inspect.signature(generate_pairs).parameters
-    assert {k: params[k].default for k in ("max_new_tokens", "temperature", "top_p", "top_k", "seed", "batch_size",
-                                           "show_progress", "desc", "backend", "drop_empty")} == {
-        "max_new_tokens": 256, "temperature": 0.6, "top_p": 1.0, "top_k": None, "seed": 0, "batch_size": 8,
-        "show_progress": True, "desc": "RetMask pairs", "backend": "auto", "drop_empty": False}
+    assert {
+        k: params[k].default
+        for k in (
+            "max_new_tokens",
+            "temperature",
+            "top_p",
+            "top_k",
+            "seed",
+            "batch_size",
+            "show_progress",
+            "desc",
+            "backend",
+            "drop_empty",
+        )
+    } == {
+        "max_new_tokens": 256,
+        "temperature": 0.6,
+        "top_p": 1.0,
+        "top_k": None,
+        "seed": 0,
+        "batch_size": 8,
+        "show_progress": True,
+        "desc": "RetMask pairs",
+        "backend": "auto",
+        "drop_empty": False,
+    }
 
 
 def test_a_damaged_shared_chosen_part_is_generated_again(model, tiny_tokenizer, tmp_path):
@@ -723,15 +852,21 @@ def test_chat_prompts_get_no_second_bos_and_auto_backend_sees_the_model(model, t
 
     bos_tok = copy.deepcopy(tiny_tokenizer)
     bos_tok.backend_tokenizer.post_processor = TemplateProcessing(
-        single="<s> $A", special_tokens=[("<s>", bos_tok.bos_token_id)])
+        single="<s> $A", special_tokens=[("<s>", bos_tok.bos_token_id)]
+    )
     chat, text = [{"role": "user", "content": "the man said"}], "the man said"
     rendered = maybe_apply_chat_template({"prompt": chat}, bos_tok)["prompt"]
     assert bos_tok(rendered)["input_ids"][0] == bos_tok.bos_token_id  # the tokenizer adds BOS on its own
-    assert encode_prompts(bos_tok, [chat, text]) == [bos_tok(rendered, add_special_tokens=False)["input_ids"],
-                                                     bos_tok(text)["input_ids"]]
+    assert encode_prompts(bos_tok, [chat, text]) == [
+        bos_tok(rendered, add_special_tokens=False)["input_ids"],
+        bos_tok(text)["input_ids"],
+    ]
     seen = []
     real = pairs_module.make_backend
-    monkeypatch.setattr(pairs_module, "make_backend",
-                        lambda choice, m=None, vllm=None: seen.append((choice, m)) or real(choice, m, vllm))
+    monkeypatch.setattr(
+        pairs_module,
+        "make_backend",
+        lambda choice, m=None, vllm=None: seen.append((choice, m)) or real(choice, m, vllm),
+    )
     generate_pairs(model, tiny_tokenizer, PROMPTS[:1], HEADS, temperature=0.0, max_new_tokens=2, show_progress=False)
     assert seen == [("auto", model)]

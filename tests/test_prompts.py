@@ -16,8 +16,16 @@ WINDOW = 50
 
 def script_args(**kw):
     """The fields `load_prompts` reads (those of the recipes' script arguments), with their defaults."""
-    base = dict(dataset_name=None, dataset_config=None, dataset_data_files=None, dataset_train_split="train",
-                dataset_streaming=False, prompt_column=None, max_prompts=None, enable_thinking=None)
+    base = dict(
+        dataset_name=None,
+        dataset_config=None,
+        dataset_data_files=None,
+        dataset_train_split="train",
+        dataset_streaming=False,
+        prompt_column=None,
+        max_prompts=None,
+        enable_thinking=None,
+    )
     return SimpleNamespace(**{**base, **kw})
 
 
@@ -32,25 +40,52 @@ def user(text):
 
 # Rows shaped like LMSYS-Chat-1M-Synth after the merge script: `conversation` plus the authors' flags.
 SYNTH_ROWS = [
-    {"conversation": user("keep me"), "redacted": False, "empty_user_instruction_ja": False,
-     "duplicate_user_instruction_ja": None},
-    {"conversation": user("secret NAME_1"), "redacted": True, "empty_user_instruction_ja": False,
-     "duplicate_user_instruction_ja": None},
-    {"conversation": user("   "), "redacted": False, "empty_user_instruction_ja": True,
-     "duplicate_user_instruction_ja": None},
-    {"conversation": user("keep me"), "redacted": False, "empty_user_instruction_ja": False,
-     "duplicate_user_instruction_ja": "conv-0"},
-    {"conversation": user("also kept"), "redacted": False, "empty_user_instruction_ja": False,
-     "duplicate_user_instruction_ja": None},
-    {"conversation": user("keep me"), "redacted": False, "empty_user_instruction_ja": False,
-     "duplicate_user_instruction_ja": None},  # same text but not flagged: the authors keep it
+    {
+        "conversation": user("keep me"),
+        "redacted": False,
+        "empty_user_instruction_ja": False,
+        "duplicate_user_instruction_ja": None,
+    },
+    {
+        "conversation": user("secret NAME_1"),
+        "redacted": True,
+        "empty_user_instruction_ja": False,
+        "duplicate_user_instruction_ja": None,
+    },
+    {
+        "conversation": user("   "),
+        "redacted": False,
+        "empty_user_instruction_ja": True,
+        "duplicate_user_instruction_ja": None,
+    },
+    {
+        "conversation": user("keep me"),
+        "redacted": False,
+        "empty_user_instruction_ja": False,
+        "duplicate_user_instruction_ja": "conv-0",
+    },
+    {
+        "conversation": user("also kept"),
+        "redacted": False,
+        "empty_user_instruction_ja": False,
+        "duplicate_user_instruction_ja": None,
+    },
+    {
+        "conversation": user("keep me"),
+        "redacted": False,
+        "empty_user_instruction_ja": False,
+        "duplicate_user_instruction_ja": None,
+    },  # same text but not flagged: the authors keep it
 ]
 
 
 def authors_keep(record):
     """`synthesize_assistant_response.py`'s skip rule, verbatim, negated."""
-    return not (record.get("empty_user_instruction_ja", False) or record.get("duplicate_user_instruction_ja")
-                is not None or record.get("redacted", False))
+    return not (
+        record.get("empty_user_instruction_ja", False)
+        or record.get("duplicate_user_instruction_ja") is not None
+        or record.get("redacted", False)
+    )
 
 
 def contents(dataset):
@@ -67,18 +102,21 @@ def test_authors_filter_on_flagged_chat_logs(tmp_path, caplog):
     assert contents(load_prompts(script_args(dataset_name=path, max_prompts=2))) == ["keep me", "also kept"]
     # the filter can be turned off; empty turns are dropped all the same
     unfiltered = load_prompts(script_args(dataset_name=path, filter_prompts=False))
-    assert contents(unfiltered) == [first_user_turn(r["conversation"]) for r in SYNTH_ROWS
-                                    if first_user_turn(r["conversation"])]
+    assert contents(unfiltered) == [
+        first_user_turn(r["conversation"]) for r in SYNTH_ROWS if first_user_turn(r["conversation"])
+    ]
 
 
 def test_max_prompts_stops_reading_at_the_limit(tmp_path, caplog):
     """`max_prompts` is exact (N kept prompts, all when N equals or exceeds what there is) and reading stops at the
     N-th kept prompt: rows after it are neither kept nor counted as dropped."""
     path = write_jsonl(tmp_path / "synth.jsonl", SYNTH_ROWS)
-    for limit, kept, dropped in ((1, ["keep me"], "none"),
-                                 (2, ["keep me", "also kept"], "1 empty, 1 redacted, 1 duplicate"),
-                                 (3, ["keep me", "also kept", "keep me"], "1 empty, 1 redacted, 1 duplicate"),
-                                 (4, ["keep me", "also kept", "keep me"], "1 empty, 1 redacted, 1 duplicate")):
+    for limit, kept, dropped in (
+        (1, ["keep me"], "none"),
+        (2, ["keep me", "also kept"], "1 empty, 1 redacted, 1 duplicate"),
+        (3, ["keep me", "also kept", "keep me"], "1 empty, 1 redacted, 1 duplicate"),
+        (4, ["keep me", "also kept", "keep me"], "1 empty, 1 redacted, 1 duplicate"),
+    ):
         caplog.clear()
         with caplog.at_level(logging.INFO, logger="trl_retmask.prompts"):
             assert contents(load_prompts(script_args(dataset_name=path, max_prompts=limit))) == kept, limit
@@ -97,13 +135,15 @@ def test_prompt_column_chooses_the_column(tmp_path):
 def test_authors_flags_at_their_edges(tmp_path):
     """The authors' rule verbatim: any duplicate flag that is not None (even "" or False) drops the row; a falsy
     empty/redacted flag (False, None, 0) keeps it."""
-    edges = [("dup empty string", {"duplicate_user_instruction_ja": ""}),
-             ("dup false", {"duplicate_user_instruction_ja": False}),
-             ("dup none", {"duplicate_user_instruction_ja": None}),
-             ("empty zero", {"empty_user_instruction_ja": 0}),
-             ("empty none", {"empty_user_instruction_ja": None}),
-             ("redacted none", {"redacted": None}),
-             ("redacted one", {"redacted": 1})]
+    edges = [
+        ("dup empty string", {"duplicate_user_instruction_ja": ""}),
+        ("dup false", {"duplicate_user_instruction_ja": False}),
+        ("dup none", {"duplicate_user_instruction_ja": None}),
+        ("empty zero", {"empty_user_instruction_ja": 0}),
+        ("empty none", {"empty_user_instruction_ja": None}),
+        ("redacted none", {"redacted": None}),
+        ("redacted one", {"redacted": 1}),
+    ]
     base = {"redacted": False, "empty_user_instruction_ja": False, "duplicate_user_instruction_ja": None}
     rows = [{**base, "conversation": user(text), **flags} for text, flags in edges]
     path = write_jsonl(tmp_path / "edges.jsonl", rows)
@@ -127,8 +167,10 @@ def test_plain_prompt_columns_keep_duplicates_and_drop_blanks(tmp_path, caplog):
 
 
 def test_synth_without_user_turns_says_how_to_get_them(tmp_path):
-    rows = [{k: v for k, v in r.items() if k != "conversation"} | {"conversation_id": str(i)}
-            for i, r in enumerate(SYNTH_ROWS)]
+    rows = [
+        {k: v for k, v in r.items() if k != "conversation"} | {"conversation_id": str(i)}
+        for i, r in enumerate(SYNTH_ROWS)
+    ]
     path = write_jsonl(tmp_path / "lmsys-chat-1m-synth.jsonl", rows)
     with pytest.raises(ValueError, match="No user turns.*lmsys/lmsys-chat-1m.*exec_merge_lmsys-chat-1m_json_files"):
         load_prompts(script_args(dataset_name=path))
@@ -161,7 +203,7 @@ def normalised(text):
 def windows(texts):
     out = set()
     for t in map(normalised, texts):
-        out.update(t[i:i + WINDOW] for i in range(len(t) - WINDOW + 1))
+        out.update(t[i : i + WINDOW] for i in range(len(t) - WINDOW + 1))
     return out
 
 
@@ -178,8 +220,9 @@ def detection_texts():
 def evaluation_texts():
     """What the evaluation suite and the general check draw from."""
     suite = read(sorted((DATA / "eval" / "suite").glob("*.txt")))
-    short_answer = [json.loads(line)["question"] for line in (DATA / "eval" / "short_answer.jsonl").open()
-                    if line.strip()]
+    short_answer = [
+        json.loads(line)["question"] for line in (DATA / "eval" / "short_answer.jsonl").open() if line.strip()
+    ]
     return suite + [(DATA / "eval" / "heldout_pg19.txt").read_text(encoding="utf-8")] + short_answer
 
 
@@ -188,8 +231,9 @@ def training_texts():
 
 
 def shared_windows(texts, banned):
-    return sorted({w for t in map(normalised, texts) for i in range(len(t) - WINDOW + 1)
-                   if (w := t[i:i + WINDOW]) in banned})
+    return sorted(
+        {w for t in map(normalised, texts) for i in range(len(t) - WINDOW + 1) if (w := t[i : i + WINDOW]) in banned}
+    )
 
 
 def test_no_evaluation_or_detection_text_in_training_prompts():
@@ -204,8 +248,9 @@ SUMMARY_QUESTION = "Q: Can you write an appropriate summary of the above paragra
 def test_suite_text_is_disjoint_from_detection_haystack():
     suite = read(sorted((DATA / "eval" / "suite").glob("*.txt")))
     assert suite and sum(map(len, suite)) > 40_000  # enough sentences for 2048-token contexts
-    no_template = [[t.replace(SUMMARY_QUESTION, "\n") for t in texts] for texts in (evaluation_texts(),
-                                                                                     detection_texts())]
+    no_template = [
+        [t.replace(SUMMARY_QUESTION, "\n") for t in texts] for texts in (evaluation_texts(), detection_texts())
+    ]
     assert not shared_windows(no_template[0], windows(no_template[1]))
 
 
@@ -242,12 +287,14 @@ def test_dataset_folder_options_reach_load_dataset(tmp_path, monkeypatch):
     assert sorted(contents(everything)) == ["from a 0", "from a 1", "from b 0", "from b 1", "from b 2"]
     only_b = load_prompts(script_args(dataset_name=str(folder), dataset_data_files="b.jsonl"))
     assert contents(only_b) == ["from b 0", "from b 1", "from b 2"]
-    streamed = load_prompts(script_args(dataset_name=str(folder), dataset_data_files="b.jsonl",
-                                        dataset_streaming=True, max_prompts=2))
+    streamed = load_prompts(
+        script_args(dataset_name=str(folder), dataset_data_files="b.jsonl", dataset_streaming=True, max_prompts=2)
+    )
     assert contents(streamed) == ["from b 0", "from b 1"]
     assert [(c["data_files"], c["streaming"]) for c in calls] == [(None, False), ("b.jsonl", False), ("b.jsonl", True)]
-    assert isinstance(real(str(folder), data_files="b.jsonl", split="train", streaming=True),
-                      datasets.IterableDataset)  # what `streaming` gives load_prompts to iterate
+    assert isinstance(
+        real(str(folder), data_files="b.jsonl", split="train", streaming=True), datasets.IterableDataset
+    )  # what `streaming` gives load_prompts to iterate
     with pytest.raises(Exception, match="my_config"):  # a folder has no configurations: the name reaches the builder
         load_prompts(script_args(dataset_name=str(folder), dataset_config="my_config"))
     assert calls[-1]["name"] == "my_config"

@@ -43,24 +43,43 @@ RUN_DPO = "DPO/run_dpo_*.sh"
 TRL024 = "TRL 0.24 DPOConfig default (DPO/dpo/dpo_llm.py sets none)"
 ADAM = "transformers TrainingArguments default (DPO/run_dpo_*.sh sets none)"
 AUTHORS_DPO = [
-    ("learning_rate", 5e-7, RUN_DPO), ("lr_scheduler_type", "cosine_with_min_lr", RUN_DPO),
-    ("lr_scheduler_kwargs", {"min_lr": 5e-8}, RUN_DPO), ("weight_decay", 0.1, RUN_DPO),
-    ("num_train_epochs", 2, RUN_DPO), ("warmup_steps", 0.1, RUN_DPO + " --warmup_ratio 0.1"),
-    ("adam_beta2", 0.95, RUN_DPO), ("optim", "adamw_torch", RUN_DPO), ("bf16", True, RUN_DPO),
+    ("learning_rate", 5e-7, RUN_DPO),
+    ("lr_scheduler_type", "cosine_with_min_lr", RUN_DPO),
+    ("lr_scheduler_kwargs", {"min_lr": 5e-8}, RUN_DPO),
+    ("weight_decay", 0.1, RUN_DPO),
+    ("num_train_epochs", 2, RUN_DPO),
+    ("warmup_steps", 0.1, RUN_DPO + " --warmup_ratio 0.1"),
+    ("adam_beta2", 0.95, RUN_DPO),
+    ("optim", "adamw_torch", RUN_DPO),
+    ("bf16", True, RUN_DPO),
     ("activation_checkpointing", True, RUN_DPO + " --gradient_checkpointing"),
-    ("beta", 0.1, TRL024), ("loss_type", ["sigmoid"], TRL024), ("label_smoothing", 0.0, TRL024),
-    ("use_weighting", False, TRL024), ("f_divergence_type", "reverse_kl", TRL024), ("ld_alpha", None, TRL024),
-    ("loss_weights", None, TRL024), ("sync_ref_model", False, TRL024), ("disable_dropout", True, TRL024),
+    ("beta", 0.1, TRL024),
+    ("loss_type", ["sigmoid"], TRL024),
+    ("label_smoothing", 0.0, TRL024),
+    ("use_weighting", False, TRL024),
+    ("f_divergence_type", "reverse_kl", TRL024),
+    ("ld_alpha", None, TRL024),
+    ("loss_weights", None, TRL024),
+    ("sync_ref_model", False, TRL024),
+    ("disable_dropout", True, TRL024),
     ("precompute_ref_log_probs", False, TRL024),
-    ("max_prompt_length", 512, TRL024), ("max_length", 1024, TRL024),
+    ("max_prompt_length", 512, TRL024),
+    ("max_length", 1024, TRL024),
     ("truncation_side", "left", TRL024 + ": truncation_mode='keep_end'"),
-    ("adam_beta1", 0.9, ADAM), ("adam_epsilon", 1e-8, ADAM), ("max_grad_norm", 1.0, ADAM),
+    ("adam_beta1", 0.9, ADAM),
+    ("adam_epsilon", 1e-8, ADAM),
+    ("max_grad_norm", 1.0, ADAM),
 ]
 # Pairs: CRG = 2_Contrastive_Response_Generation/. The vLLM request sets temperature, top_p and max_tokens; vLLM takes
 # the rest from the model's generation_config.json, so top_k / min_p / repetition_penalty stay unset here.
 CRG = "CRG/exec_synthesize_assistant_response_using_*.sh"
-AUTHORS_SAMPLING = [("temperature", 0.6, CRG), ("top_p", 1.0, CRG), ("top_k", None, CRG), ("min_p", None, CRG),
-                    ("repetition_penalty", None, CRG)]
+AUTHORS_SAMPLING = [
+    ("temperature", 0.6, CRG),
+    ("top_p", 1.0, CRG),
+    ("top_k", None, CRG),
+    ("min_p", None, CRG),
+    ("repetition_penalty", None, CRG),
+]
 # recipe -> (model, max new tokens [CRG/exec_*.sh --max_tokens], per-device batch, grad-accum [DPO/run_dpo_*.sh],
 # heads >= 0.1 in the published scores [1_Retrieval_Head_Deactivation/head_score/*.json], or None when the authors
 # published none and the recipe detects them)
@@ -175,7 +194,10 @@ def test_8b_recipes_default_to_the_authors_settings(name, tmp_path):
     assert model_args.model_name_or_path == model_id
     assert model_args.dtype == "float32"  # their dpo_llm.py loads without a dtype: fp32 weights, bf16 autocast
     assert (args.max_new_tokens, args.per_device_train_batch_size, args.gradient_accumulation_steps) == (
-        new_tokens, batch, accumulation)
+        new_tokens,
+        batch,
+        accumulation,
+    )
     assert args.generation_settings["generation_kwargs"] == {}  # min_p / repetition_penalty: the model's own
     assert script_args.dataset_name == "tokyotech-llm/lmsys-chat-1m-synth" and script_args.filter_prompts is True
     assert script_args.enable_thinking is None  # Qwen3 thinks (its template's default); Olmo-3-Think always does
@@ -200,8 +222,11 @@ def test_olmo3_summary_compares_detected_heads_with_the_authors_olmo3_think_coun
     script_args, args, _ = parse_args(["--use_cpu", "True", "--output_dir", str(tmp_path)], recipe="olmo3")
     heads = [(0, 1), (2, 3), (5, 7)]  # whatever detection selected
     assert compare_heads(heads, script_args.compare_heads_with, args) == {
-        "selection": {"threshold": 0.1, "top_k": None}, "masked_here": 3, "reference": "allenai/Olmo-3-7B-Think",
-        "reference_heads": AUTHORS_MODELS["olmo3_think"][4]}
+        "selection": {"threshold": 0.1, "top_k": None},
+        "masked_here": 3,
+        "reference": "allenai/Olmo-3-7B-Think",
+        "reference_heads": AUTHORS_MODELS["olmo3_think"][4],
+    }
 
 
 def test_smollm2_recipe_says_where_it_departs_for_cpu_time():
@@ -212,9 +237,22 @@ def test_smollm2_recipe_says_where_it_departs_for_cpu_time():
 def test_command_line_and_config_file_override_recipe_defaults(tmp_path):
     config = tmp_path / "run.yaml"
     config.write_text("learning_rate: 1.0e-6\nnum_train_epochs: 3\nmask_top_k: 16\n")
-    _, args, model_args = parse_args(["--recipe", "llama31",
-        "--config", str(config), "--num_train_epochs", "1", "--use_peft", "True", "--use_cpu", "True",
-        "--output_dir", str(tmp_path)])
+    _, args, model_args = parse_args(
+        [
+            "--recipe",
+            "llama31",
+            "--config",
+            str(config),
+            "--num_train_epochs",
+            "1",
+            "--use_peft",
+            "True",
+            "--use_cpu",
+            "True",
+            "--output_dir",
+            str(tmp_path),
+        ]
+    )
     assert args.learning_rate == 1e-6  # config file over the recipe
     assert args.num_train_epochs == 1  # command line over the config file
     assert args.mask_top_k == 16 and args.selection["top_k"] == 16 and args.selection["threshold"] is None
@@ -233,15 +271,18 @@ def test_context_parallelism_is_refused_before_model_work(monkeypatch, tmp_path)
         parse_args(["--output_dir", str(tmp_path)], recipe="smollm2")
 
 
-@pytest.mark.parametrize("name,arch", [("llama31", "llama"), ("qwen3", "qwen3"), ("olmo3", "olmo3"),
-                                       ("olmo3_think", "olmo3"), ("smollm2", "llama")])
+@pytest.mark.parametrize(
+    "name,arch",
+    [("llama31", "llama"), ("qwen3", "qwen3"), ("olmo3", "olmo3"), ("olmo3_think", "olmo3"), ("smollm2", "llama")],
+)
 def test_recipe_builds_its_trainer(name, arch, stand_ins, tmp_path, monkeypatch):
     from trl_retmask.trainer import RetMaskTrainer
 
     extra = ["--mask_top_k", "2"] if name == "smollm2" else []  # its default k=10 would cover the tiny model
     with deprecations_recorded(monkeypatch) as deprecations:  # the whole recipe path: parsing, config, pairs, trainer
         script_args, args, model_args = parse_args(
-            tiny_overrides(stand_ins[arch], stand_ins["data"], stand_ins["scores"], tmp_path, *extra), recipe=name)
+            tiny_overrides(stand_ins[arch], stand_ins["data"], stand_ins["scores"], tmp_path, *extra), recipe=name
+        )
         trainer = build_trainer(script_args, args, model_args)
     assert not deprecations, deprecations  # TRL's deprecated settings and paths (keep_end, use_liger_kernel) unused
 
@@ -265,8 +306,9 @@ def test_recipe_builds_its_trainer(name, arch, stand_ins, tmp_path, monkeypatch)
 
 def test_recipe_script_help_shows_its_yaml_defaults():
     """`python recipes/qwen3.py --help` (a fresh interpreter, as a user runs it) lists the YAML's values."""
-    proc = subprocess.run([sys.executable, str(RECIPES / "qwen3.py"), "--help"], capture_output=True, text=True,
-                          timeout=120)
+    proc = subprocess.run(
+        [sys.executable, str(RECIPES / "qwen3.py"), "--help"], capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "Qwen/Qwen3-8B" in proc.stdout and "--enable_thinking" in proc.stdout
 
@@ -286,24 +328,42 @@ def effective_sampling(model, args: RetMaskConfig) -> dict:
     """The sampling `model.generate` applies for `args`: the pairs' generation config with transformers' global
     defaults filled in for unset fields, as generate() does."""
     settings = args.generation_settings
-    config = generation.make_generation_config(model, 8, temperature=settings["temperature"], top_p=settings["top_p"],
-                                    top_k=settings["top_k"], **settings["generation_kwargs"])
+    config = generation.make_generation_config(
+        model,
+        8,
+        temperature=settings["temperature"],
+        top_p=settings["top_p"],
+        top_k=settings["top_k"],
+        **settings["generation_kwargs"],
+    )
     config, _ = model._prepare_generation_config(config)
-    return {"do_sample": config.do_sample, "temperature": config.temperature, "top_p": config.top_p,
-            "top_k": config.top_k or 0, "min_p": config.min_p, "repetition_penalty": config.repetition_penalty}
+    return {
+        "do_sample": config.do_sample,
+        "temperature": config.temperature,
+        "top_p": config.top_p,
+        "top_k": config.top_k or 0,
+        "min_p": config.min_p,
+        "repetition_penalty": config.repetition_penalty,
+    }
 
 
-@pytest.mark.parametrize("file_fields,expected", [
-    # Qwen3-8B's file: vLLM kept its top_k 20; the request's temperature 0.6 / top_p 1.0 won over the file's
-    (QWEN3_GENERATION, dict(top_k=20, min_p=None, repetition_penalty=1.0)),
-    # Llama-3.1-8B-Instruct's file (temperature 0.6, top_p 0.9, no top_k): no top-k cut (vLLM's default; not 50)
-    (dict(do_sample=True, temperature=0.6, top_p=0.9), dict(top_k=0, min_p=None, repetition_penalty=1.0)),
-    # a file with min_p and a repetition penalty: vLLM takes both
-    (dict(do_sample=True, top_k=40, min_p=0.05, repetition_penalty=1.1),
-     dict(top_k=40, min_p=0.05, repetition_penalty=1.1)),
-    # no sampling fields at all (SmolLM2's file): plain temperature sampling
-    ({}, dict(top_k=0, min_p=None, repetition_penalty=1.0)),
-], ids=["qwen3", "llama31", "min_p_and_penalty", "none"])
+@pytest.mark.parametrize(
+    "file_fields,expected",
+    [
+        # Qwen3-8B's file: vLLM kept its top_k 20; the request's temperature 0.6 / top_p 1.0 won over the file's
+        (QWEN3_GENERATION, dict(top_k=20, min_p=None, repetition_penalty=1.0)),
+        # Llama-3.1-8B-Instruct's file (temperature 0.6, top_p 0.9, no top_k): no top-k cut (vLLM's default; not 50)
+        (dict(do_sample=True, temperature=0.6, top_p=0.9), dict(top_k=0, min_p=None, repetition_penalty=1.0)),
+        # a file with min_p and a repetition penalty: vLLM takes both
+        (
+            dict(do_sample=True, top_k=40, min_p=0.05, repetition_penalty=1.1),
+            dict(top_k=40, min_p=0.05, repetition_penalty=1.1),
+        ),
+        # no sampling fields at all (SmolLM2's file): plain temperature sampling
+        ({}, dict(top_k=0, min_p=None, repetition_penalty=1.0)),
+    ],
+    ids=["qwen3", "llama31", "min_p_and_penalty", "none"],
+)
 def test_sampling_defaults_follow_the_models_generation_config(file_fields, expected, tmp_path):
     model = model_with_generation_config(tmp_path / "model", **file_fields)
     args = RetMaskConfig(output_dir=str(tmp_path), use_cpu=True, report_to="none")
@@ -312,10 +372,19 @@ def test_sampling_defaults_follow_the_models_generation_config(file_fields, expe
 
 def test_explicit_sampling_settings_win_over_the_models_file(tmp_path):
     model = model_with_generation_config(tmp_path / "model", **QWEN3_GENERATION, min_p=0.05, repetition_penalty=1.1)
-    args = RetMaskConfig(output_dir=str(tmp_path), use_cpu=True, report_to="none", top_k=0, min_p=0.0,
-                         repetition_penalty=1.0, temperature=0.7, top_p=0.8)
-    assert effective_sampling(model, args) == dict(do_sample=True, temperature=0.7, top_p=0.8, top_k=0, min_p=0.0,
-                                                   repetition_penalty=1.0)
+    args = RetMaskConfig(
+        output_dir=str(tmp_path),
+        use_cpu=True,
+        report_to="none",
+        top_k=0,
+        min_p=0.0,
+        repetition_penalty=1.0,
+        temperature=0.7,
+        top_p=0.8,
+    )
+    assert effective_sampling(model, args) == dict(
+        do_sample=True, temperature=0.7, top_p=0.8, top_k=0, min_p=0.0, repetition_penalty=1.0
+    )
     with pytest.raises(ValueError, match="min_p"):
         RetMaskConfig(output_dir=str(tmp_path), use_cpu=True, min_p=1.5)
 
@@ -370,13 +439,18 @@ def test_qwen3_recipe_trains_on_the_reasoning(qwen3_stand_in, stand_ins, tmp_pat
     token, after the thinking-mode generation prompt (no empty think block)."""
     tokenizer = qwen3_tokenizer()
     question, reasoning, answer = "Which city?", "The user asks about a city.", "Paris."
-    rows = Dataset.from_list([{
-        "prompt": [{"role": "user", "content": question}],
-        "chosen": [{"role": "assistant", "content": f"<think>\n{reasoning}\n</think>\n\n{answer}"}],
-        "rejected": [{"role": "assistant", "content": "<think>\nno\n</think>\n\nRome."}],
-    }])
+    rows = Dataset.from_list(
+        [
+            {
+                "prompt": [{"role": "user", "content": question}],
+                "chosen": [{"role": "assistant", "content": f"<think>\n{reasoning}\n</think>\n\n{answer}"}],
+                "rejected": [{"role": "assistant", "content": "<think>\nno\n</think>\n\nRome."}],
+            }
+        ]
+    )
     script_args, args, model_args = parse_args(
-        tiny_overrides(qwen3_stand_in, stand_ins["data"], stand_ins["scores"], tmp_path), recipe="qwen3")
+        tiny_overrides(qwen3_stand_in, stand_ins["data"], stand_ins["scores"], tmp_path), recipe="qwen3"
+    )
     row = build_trainer(script_args, args, model_args, train_dataset=rows).train_dataset[0]
 
     def encode(text):
@@ -399,17 +473,25 @@ def test_qwen3_without_reasoning_trains_what_the_authors_content_only_data_rende
     rendered = tokenizer.apply_chat_template(prompt + [{"role": "assistant", "content": answer}], tokenize=False)
     assert rendered.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\nParis.<|im_end|>\n")
     assert strip_reasoning("<think>\ncut inside") == "<think>\ncut inside"  # no </think>: vLLM leaves it whole
-    results = [{"indices": [0, 1], "chosen": ["<think>a</think>X", "<think>a</think>Y"],
-                "rejected": ["<think>b</think>X", "<think>b</think>Z"], "chosen_tokens": [3, 3],
-                "rejected_tokens": [3, 3], "seconds": 1.0}]
+    results = [
+        {
+            "indices": [0, 1],
+            "chosen": ["<think>a</think>X", "<think>a</think>Y"],
+            "rejected": ["<think>b</think>X", "<think>b</think>Z"],
+            "chosen_tokens": [3, 3],
+            "rejected_tokens": [3, 3],
+            "seconds": 1.0,
+        }
+    ]
     kept = _assemble(["p", "q"], results, "", 1, False, keep_reasoning=False)
     assert kept.keep == [False, True] and kept.chosen[1] == "Y" and kept.rejected[1] == "Z"
     assert _assemble(["p", "q"], results, "", 1, False).keep == [True, True]  # the reasoning differs: kept
 
 
 @pytest.mark.parametrize("enable_thinking", [None, False], ids=["thinking", "no_thinking"])
-def test_qwen3_recipe_samples_pairs_as_the_authors_vllm(enable_thinking, qwen3_stand_in, stand_ins, tmp_path,
-                                                       monkeypatch):
+def test_qwen3_recipe_samples_pairs_as_the_authors_vllm(
+    enable_thinking, qwen3_stand_in, stand_ins, tmp_path, monkeypatch
+):
     """End to end through the recipe: pairs are sampled with Qwen3's top_k 20 (from its generation_config), T 0.6,
     top_p 1.0, after the thinking-mode prompt (thinking off on request: prompts end with an empty think block)."""
     used = []
@@ -421,7 +503,8 @@ def test_qwen3_recipe_samples_pairs_as_the_authors_vllm(enable_thinking, qwen3_s
     monkeypatch.setattr(pairs_module, "make_generation_config", recording)
     extra = [] if enable_thinking is None else ["--enable_thinking", str(enable_thinking)]
     script_args, args, model_args = parse_args(
-        tiny_overrides(qwen3_stand_in, stand_ins["data"], stand_ins["scores"], tmp_path, *extra), recipe="qwen3")
+        tiny_overrides(qwen3_stand_in, stand_ins["data"], stand_ins["scores"], tmp_path, *extra), recipe="qwen3"
+    )
     trainer = build_trainer(script_args, args, model_args)
     assert [(c.do_sample, c.temperature, c.top_p, c.top_k) for c in used] == [(True, 0.6, 1.0, 20)]
     opening = "<|im_start|>assistant\n" + ("" if enable_thinking is None else "<think>\n\n</think>\n\n")
@@ -438,23 +521,39 @@ def write_jsonl(path, rows):
 
 
 def test_recipe_applies_the_authors_prompt_filter(stand_ins, tmp_path):
-    rows = [{"conversation": [{"role": "user", "content": text}], "redacted": i % 4 == 1,
-             "empty_user_instruction_ja": False, "duplicate_user_instruction_ja": "x" if i % 4 == 2 else None}
-            for i, text in enumerate(PROMPT_TEXTS)]
+    rows = [
+        {
+            "conversation": [{"role": "user", "content": text}],
+            "redacted": i % 4 == 1,
+            "empty_user_instruction_ja": False,
+            "duplicate_user_instruction_ja": "x" if i % 4 == 2 else None,
+        }
+        for i, text in enumerate(PROMPT_TEXTS)
+    ]
     data = write_jsonl(tmp_path / "synth.jsonl", rows)
     script_args, args, model_args = parse_args(
-        tiny_overrides(stand_ins["llama"], data, stand_ins["scores"], tmp_path / "out"), recipe="llama31")
+        tiny_overrides(stand_ins["llama"], data, stand_ins["scores"], tmp_path / "out"), recipe="llama31"
+    )
     trainer = build_trainer(script_args, args, model_args)
     kept = [r for r in rows if not (r["redacted"] or r["duplicate_user_instruction_ja"] is not None)]
     assert trainer.pair_stats["train"].prompts == len(kept) == 4
 
 
 def test_recipe_on_synth_without_user_turns_says_how_to_merge(stand_ins, tmp_path):
-    rows = [{"conversation_id": str(i), "synthesized_assistant_responses": [], "redacted": False,
-             "empty_user_instruction_ja": False, "duplicate_user_instruction_ja": None} for i in range(3)]
+    rows = [
+        {
+            "conversation_id": str(i),
+            "synthesized_assistant_responses": [],
+            "redacted": False,
+            "empty_user_instruction_ja": False,
+            "duplicate_user_instruction_ja": None,
+        }
+        for i in range(3)
+    ]
     data = write_jsonl(tmp_path / "lmsys-chat-1m-synth.jsonl", rows)
     script_args, args, model_args = parse_args(
-        tiny_overrides(stand_ins["llama"], data, stand_ins["scores"], tmp_path / "out"), recipe="llama31")
+        tiny_overrides(stand_ins["llama"], data, stand_ins["scores"], tmp_path / "out"), recipe="llama31"
+    )
     with pytest.raises(ValueError, match="No user turns") as error:
         build_trainer(script_args, args, model_args)
     assert MISSING_USER_TURNS in str(error.value)
@@ -471,8 +570,18 @@ def test_ignore_bias_buffers_hides_boolean_buffers_from_ddp(ignore, stand_ins, t
     model.model.layers[0].self_attn.register_buffer("causal_bias", torch.ones(2, 2, dtype=torch.bool))
     model.model.layers[1].register_buffer("scale", torch.ones(2))
     script_args, args, model_args = parse_args(
-        tiny_overrides(stand_ins["llama"], stand_ins["data"], stand_ins["scores"], tmp_path, "--mask_top_k", "2",
-                       "--ignore_bias_buffers", str(ignore)), recipe="llama31")
+        tiny_overrides(
+            stand_ins["llama"],
+            stand_ins["data"],
+            stand_ins["scores"],
+            tmp_path,
+            "--mask_top_k",
+            "2",
+            "--ignore_bias_buffers",
+            str(ignore),
+        ),
+        recipe="llama31",
+    )
     assert script_args.ignore_bias_buffers is ignore
     tokenizer = __import__("transformers").AutoTokenizer.from_pretrained(stand_ins["llama"])
     trainer = build_trainer(script_args, args, model_args, model=model, tokenizer=tokenizer)

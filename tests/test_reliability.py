@@ -38,10 +38,12 @@ def _user_error(capsys, argv) -> str:
 
 def _disk_full_after(nbytes: int):
     """A `write` that stores `nbytes` bytes, then fails as a full disk does."""
+
     def write(f, data):
         f.write(data[:nbytes])
         f.flush()
         raise OSError(errno.ENOSPC, "No space left on device")
+
     return write
 
 
@@ -115,14 +117,32 @@ def _failing_open(real_open):
             f.close()
             raise OSError(errno.ENOSPC, "No space left on device")
         return f
+
     return fake
 
 
 # ------------------------------------------------------------------------------------------------ pairs --output
 def _pairs_argv(tiny, output, *extra):
-    return ["pairs", "--model_name_or_path", str(tiny["model"]), "--dataset_name", str(tiny["data"]), "--heads",
-            "0-1,2-3", "--temperature", "0", "--max_new_tokens", "3", "--max_prompts", "4", "--output", str(output),
-            "--output_dir", f"{Path(output).parent}-run", *extra]  # the pair cache, beside the output's directory
+    return [
+        "pairs",
+        "--model_name_or_path",
+        str(tiny["model"]),
+        "--dataset_name",
+        str(tiny["data"]),
+        "--heads",
+        "0-1,2-3",
+        "--temperature",
+        "0",
+        "--max_new_tokens",
+        "3",
+        "--max_prompts",
+        "4",
+        "--output",
+        str(output),
+        "--output_dir",
+        f"{Path(output).parent}-run",
+        *extra,
+    ]  # the pair cache, beside the output's directory
 
 
 def test_pairs_output_cut_by_a_full_disk_is_not_left_behind(tiny, tmp_path, monkeypatch, capsys):
@@ -225,15 +245,18 @@ def test_an_output_dir_that_is_a_file_is_named_before_loading(stage, tiny, tmp_p
     assert "another run" not in line and "--overwrite" not in line  # advice that would not work
 
 
-@pytest.mark.parametrize("argv", [
-    ["niah", "--output_dir", "{ro}/sub"],
-    ["eval", "--output_dir", "{ro}/sub"],
-    ["train", "--output_dir", "{ro}/out"],
-    ["train", "--output_dir", "{ro}"],  # exists but cannot be written: training must write there
-    ["train", "--output_dir", "{rw}/out", "--pairs_cache_dir", "{ro}/cache"],
-    ["pairs", "--output", "{rw}/p.jsonl", "--pairs_cache_dir", "{ro}/cache"],
-    ["export", "--output_dir", "{ro}/masked", "--heads", "0-1"],
-])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["niah", "--output_dir", "{ro}/sub"],
+        ["eval", "--output_dir", "{ro}/sub"],
+        ["train", "--output_dir", "{ro}/out"],
+        ["train", "--output_dir", "{ro}"],  # exists but cannot be written: training must write there
+        ["train", "--output_dir", "{rw}/out", "--pairs_cache_dir", "{ro}/cache"],
+        ["pairs", "--output", "{rw}/p.jsonl", "--pairs_cache_dir", "{ro}/cache"],
+        ["export", "--output_dir", "{ro}/masked", "--heads", "0-1"],
+    ],
+)
 def test_unwritable_directories_are_refused_before_loading(argv, tiny, tmp_path, capsys, monkeypatch, no_loading):
     ro, rw = tmp_path / "ro", tmp_path / "rw"
     ro.mkdir()
@@ -241,9 +264,12 @@ def test_unwritable_directories_are_refused_before_loading(argv, tiny, tmp_path,
     real = os.access
     monkeypatch.setattr(os, "access", lambda p, mode, **k: Path(p) != ro and real(p, mode, **k))  # root ignores chmod
     argv = [a.format(ro=ro, rw=rw) for a in argv]
-    line = _user_error(capsys, [argv[0], "--model_name_or_path", str(tiny["model"]), "--dataset_name",
-                                str(tiny["data"]), *argv[1:]] if argv[0] in ("train", "pairs") else
-                       [argv[0], "--model_name_or_path", str(tiny["model"]), *argv[1:]])
+    line = _user_error(
+        capsys,
+        [argv[0], "--model_name_or_path", str(tiny["model"]), "--dataset_name", str(tiny["data"]), *argv[1:]]
+        if argv[0] in ("train", "pairs")
+        else [argv[0], "--model_name_or_path", str(tiny["model"]), *argv[1:]],
+    )
     assert f"{str(ro)!r} is not a writable directory" in line
 
 
@@ -276,8 +302,20 @@ def test_several_config_files_reach_train(tmp_path):
 
 @pytest.mark.parametrize("name", ["./prompts-typo.jsonl", "data/prompts.jsonl", "~/nope/prompts", "a/b/c"])
 def test_a_missing_local_dataset_is_one_line(name, tiny, capsys, no_loading, tmp_path):
-    line = _user_error(capsys, ["pairs", "--model_name_or_path", str(tiny["model"]), "--dataset_name", name,
-                                "--output", str(tmp_path / "p.jsonl"), "--heads", "0-1"])
+    line = _user_error(
+        capsys,
+        [
+            "pairs",
+            "--model_name_or_path",
+            str(tiny["model"]),
+            "--dataset_name",
+            name,
+            "--output",
+            str(tmp_path / "p.jsonl"),
+            "--heads",
+            "0-1",
+        ],
+    )
     assert f"`dataset_name` {name!r}: no such file or directory" in line
 
 
@@ -293,8 +331,13 @@ def test_a_damaged_saved_dataset_of_the_pair_cache_is_saved_again(damage, tiny_t
     from trl_retmask.trainer import RetMaskTrainer
 
     def build():
-        return RetMaskTrainer(model=make_tiny_model("llama"), args=config(tmp_path, precompute_ref_log_probs=True),
-                              train_dataset=prompts(), processing_class=tiny_tokenizer, head_scores=SCORES)
+        return RetMaskTrainer(
+            model=make_tiny_model("llama"),
+            args=config(tmp_path, precompute_ref_log_probs=True),
+            train_dataset=prompts(),
+            processing_class=tiny_tokenizer,
+            head_scores=SCORES,
+        )
 
     pairs_folder = tmp_path / "out" / "_retmask_pairs"
     if damage == "full_disk":
@@ -359,13 +402,14 @@ def test_a_second_run_on_a_store_is_refused_and_a_killed_run_resumes(tmp_path):
     the first runs; after the first is killed (-9) mid-run, the next run resumes its records, lock file or not."""
     from trl_retmask.store import run_resumable
 
-    first = subprocess.Popen([sys.executable, "-c", RUN_SLOWLY, str(tmp_path)], cwd=REPO, stdout=subprocess.PIPE,
-                             text=True)
+    first = subprocess.Popen(
+        [sys.executable, "-c", RUN_SLOWLY, str(tmp_path)], cwd=REPO, stdout=subprocess.PIPE, text=True
+    )
     calls = []
 
     def square(item):
         calls.append(item.i)
-        return {"value": item.i ** 2}
+        return {"value": item.i**2}
 
     try:
         assert first.stdout.readline().strip() == "three done"
@@ -452,13 +496,20 @@ def test_pairs_and_the_trainer_refuse_prompts_beyond_the_window(tiny_tokenizer, 
     n = len(tiny_tokenizer(text=long_prompt)["input_ids"])  # how DPOTrainer tokenizes a string prompt
     assert 506 < n < 512
     monkeypatch.setattr(GenerateBackend, "__call__", lambda *a, **k: pytest.fail("generated"))
-    message = (rf"The longest prompt \({n} tokens\) \+ 6 new tokens exceeds the model's window of 512 tokens "
-               r"\(prompt 1; 1 of 3 prompts do not fit\); drop or shorten the longest prompts")
+    message = (
+        rf"The longest prompt \({n} tokens\) \+ 6 new tokens exceeds the model's window of 512 tokens "
+        r"\(prompt 1; 1 of 3 prompts do not fit\); drop or shorten the longest prompts"
+    )
     with pytest.raises(ValueError, match=message):
         generate_pairs(model, tiny_tokenizer, prompts, [(0, 1)], max_new_tokens=6, show_progress=False)
     with pytest.raises(ValueError, match=message):
-        RetMaskTrainer(model=model, args=config(tmp_path), train_dataset=Dataset.from_dict({"prompt": prompts}),
-                       processing_class=tiny_tokenizer, head_scores=SCORES)
+        RetMaskTrainer(
+            model=model,
+            args=config(tmp_path),
+            train_dataset=Dataset.from_dict({"prompt": prompts}),
+            processing_class=tiny_tokenizer,
+            head_scores=SCORES,
+        )
     room = 512 - n
     monkeypatch.undo()
     pairs = generate_pairs(model, tiny_tokenizer, prompts, [(0, 1)], max_new_tokens=room, show_progress=False)
@@ -470,8 +521,11 @@ def test_generate_batch_checks_every_batch_against_the_window(tiny_tokenizer):
     from trl_retmask.generation import generate_batch, make_generation_config
 
     model = make_tiny_model("llama", max_position_embeddings=16)
-    with pytest.raises(ValueError, match=r"The longest prompt \(12 tokens\) \+ 5 new tokens exceeds the model's "
-                                         r"window of 16 tokens \(row 1"):
+    with pytest.raises(
+        ValueError,
+        match=r"The longest prompt \(12 tokens\) \+ 5 new tokens exceeds the model's "
+        r"window of 16 tokens \(row 1",
+    ):
         generate_batch(model, tiny_tokenizer, [[5] * 3, [5] * 12], make_generation_config(model, 5))
     assert len(generate_batch(model, tiny_tokenizer, [[5] * 3, [5] * 12], make_generation_config(model, 4))) == 2
 
@@ -481,8 +535,10 @@ def test_the_suite_checks_prompt_and_answer_budget_against_the_window(tiny_token
     from trl_retmask.evaluation.suite import _encode, build_suite, generate_suite
 
     samples = build_suite(tiny_tokenizer, (256,), ["recall"], 1, 0)
-    need = max(len(ids) + s["max_new_tokens"] for ids, s in zip(_encode(tiny_tokenizer, [s["prompt"] for s in samples]),
-                                                               samples))
+    need = max(
+        len(ids) + s["max_new_tokens"]
+        for ids, s in zip(_encode(tiny_tokenizer, [s["prompt"] for s in samples]), samples)
+    )
     model = make_tiny_model("llama", max_position_embeddings=need - 1)  # every prompt fits; one answer budget not
     with pytest.raises(ValueError, match=rf"new tokens exceeds the model's window of {need - 1} tokens"):
         generate_suite(model, tiny_tokenizer, samples)
@@ -496,8 +552,16 @@ def test_a_second_pairs_run_on_one_cache_is_refused_and_resumes_after_a_kill(tin
     from trl_retmask.pairs import generate_pairs
 
     model = make_tiny_model("llama")
-    prompts = ["tell me a story", "the man said", "what is the sea", "the old house", "she went home",
-               "they found the", "the secret number is", "a long day"]
+    prompts = [
+        "tell me a story",
+        "the man said",
+        "what is the sea",
+        "the old house",
+        "she went home",
+        "they found the",
+        "the secret number is",
+        "a long day",
+    ]
     kw = dict(temperature=0.0, max_new_tokens=3, batch_size=2, cache_dir=tmp_path, show_progress=False)
     first = generate_pairs(model, tiny_tokenizer, prompts, [(0, 1), (2, 3)], **kw)
     (store,) = [d for d in tmp_path.iterdir() if d.is_dir() and not d.name.startswith("chosen-")]

@@ -24,12 +24,39 @@ def test_reproduce_small_resumes_after_interruption(reproduce, tmp_path, monkeyp
     from trl_retmask.trainer import RetMaskTrainer
 
     out = tmp_path / "out"
-    argv = ["--model", str(save_tiny_model(tmp_path / "model")), "--head-scores", str(write_head_scores(
-            tmp_path / "scores.json")), "--dataset-name", str(write_chat_log(tmp_path / "prompts.jsonl", 4)),
-            "--output-dir", str(out), "--mask-top-k", "2", "--seeds", "0", "--max-prompts", "4",
-            "--max-new-tokens", "4", "--generation-batch-size", "4", "--no-bf16", "--lengths", "256",
-            "--categories", "recall", "--n-per-task", "3", "--ppl-tokens", "128", "--short-answer", "3",
-            "--n-resamples", "200"]
+    argv = [
+        "--model",
+        str(save_tiny_model(tmp_path / "model")),
+        "--head-scores",
+        str(write_head_scores(tmp_path / "scores.json")),
+        "--dataset-name",
+        str(write_chat_log(tmp_path / "prompts.jsonl", 4)),
+        "--output-dir",
+        str(out),
+        "--mask-top-k",
+        "2",
+        "--seeds",
+        "0",
+        "--max-prompts",
+        "4",
+        "--max-new-tokens",
+        "4",
+        "--generation-batch-size",
+        "4",
+        "--no-bf16",
+        "--lengths",
+        "256",
+        "--categories",
+        "recall",
+        "--n-per-task",
+        "3",
+        "--ppl-tokens",
+        "128",
+        "--short-answer",
+        "3",
+        "--n-resamples",
+        "200",
+    ]
     calls = {"train": [], "generate": 0}
     inner_train, inner_generate = RetMaskTrainer.train, suite.generate_batch
 
@@ -50,8 +77,12 @@ def test_reproduce_small_resumes_after_interruption(reproduce, tmp_path, monkeyp
     with pytest.raises(KeyboardInterrupt):
         reproduce.main(argv)
     assert calls["train"] == ["retrieval", "random_non_retrieval"] and not (out / "results.json").exists()
-    assert sorted(p.stem for p in (out / "eval").glob("*.json")) == ["base", "base_masked_random",
-                                                                    "base_masked_retrieval", "retrieval-seed0"]
+    assert sorted(p.stem for p in (out / "eval").glob("*.json")) == [
+        "base",
+        "base_masked_random",
+        "base_masked_retrieval",
+        "retrieval-seed0",
+    ]
 
     partial = reproduce.main([*argv, "--report-only"])  # the finished pieces only: RetMask seed 0, no control yet
     assert calls["train"] == ["retrieval", "random_non_retrieval"]  # nothing trained or evaluated again
@@ -89,8 +120,9 @@ def test_reproduce_small_resumes_after_interruption(reproduce, tmp_path, monkeyp
         # Independent two-sided sign-flip p-value: every sign pattern of the non-zero differences enumerated (the
         # strata are equal-sized, so the stratified mean is the plain mean); the report's is exact or 200 draws.
         nonzero = diff[diff != 0]
-        flips = [abs(sum(s * d for s, d in zip(signs, nonzero)))
-                 for signs in itertools.product((-1, 1), repeat=len(nonzero))]
+        flips = [
+            abs(sum(s * d for s, d in zip(signs, nonzero))) for signs in itertools.product((-1, 1), repeat=len(nonzero))
+        ]
         exact = sum(f >= abs(nonzero.sum()) - 1e-12 for f in flips) / len(flips)  # one pattern (p = 1) when none
         assert overall["p_value"] == pytest.approx(exact, abs=0 if overall["exact"] else 0.12)
     assert first["models"]["base"]["suite"]["overall"]["mean"] == pytest.approx(base.mean())
@@ -107,13 +139,20 @@ def test_trained_models_are_compared_over_the_seeds_both_finished(reproduce, tmp
     from types import SimpleNamespace
 
     def run(scores, correct):
-        return {"suite": {"per_sample": [{"task": "niah_single", "length": 256, "seed": i, "score": s}
-                                         for i, s in enumerate(scores)]},
-                "general": {"heldout_chunks": [[10.0, 5], [12.0, 5]], "short_answer_correct": correct}}
+        return {
+            "suite": {
+                "per_sample": [
+                    {"task": "niah_single", "length": 256, "seed": i, "score": s} for i, s in enumerate(scores)
+                ]
+            },
+            "general": {"heldout_chunks": [[10.0, 5], [12.0, 5]], "short_answer_correct": correct},
+        }
 
-    evals = {"base": [run([0, 0, 0, 0], [0, 0])],
-             "RetMask": [run([1, 1, 0, 0], [1, 0]), run([1, 1, 1, 1], [1, 1])],
-             "control": [run([0, 1, 0, 0], [0, 0])]}
+    evals = {
+        "base": [run([0, 0, 0, 0], [0, 0])],
+        "RetMask": [run([1, 1, 0, 0], [1, 0]), run([1, 1, 1, 1], [1, 1])],
+        "control": [run([0, 1, 0, 0], [0, 0])],
+    }
     args = SimpleNamespace(n_resamples=200, model="m", n_per_task=4, seeds=[0, 1])
     result = reproduce.report(evals, args, tmp_path, {}, {})
     vs_control = result["comparisons"]["RetMask vs control"]

@@ -90,14 +90,17 @@ def test_validate_against_config(scores):
         scores.validate(tiny_config("llama"))
 
 
-@pytest.mark.parametrize("content,match", [
-    ("", "empty"),
-    ("{}", "non-empty JSON object"),
-    ("[1, 2]", "non-empty JSON object"),
-    ("{not json", "not valid JSON"),
-    ('{"0-x": [1]}', "Malformed head key"),
-    ('{"0-1": ["a"]}', "Malformed scores"),
-])
+@pytest.mark.parametrize(
+    "content,match",
+    [
+        ("", "empty"),
+        ("{}", "non-empty JSON object"),
+        ("[1, 2]", "non-empty JSON object"),
+        ("{not json", "not valid JSON"),
+        ('{"0-x": [1]}', "Malformed head key"),
+        ('{"0-1": ["a"]}', "Malformed scores"),
+    ],
+)
 def test_bad_files(tmp_path, content, match):
     path = tmp_path / "bad.json"
     path.write_text(content)
@@ -132,15 +135,18 @@ def test_plot_writes_png(scores, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------- hostile score files
-@pytest.mark.parametrize("content,match", [
-    ('{"30000-3000": [1.0]}', "beyond any model"),  # would be a 90M-cell dense grid
-    ('{"0-0": [1], "1-1": [1]}', "2 of 2 layers x 2 heads.*missing e.g. 0-1, 1-0"),
-    ('{"0-0": [1], "0-1": [1], "00-1": [1]}', "'0-1' and '00-1' both name layer 0 head 1"),
-    ('{"0-0": [1], "0-0": [2]}', "duplicate key '0-0'"),
-    ('{"0-0": [NaN]}', "Malformed scores"),
-    ('{"1²-0": [1]}', "Malformed head key"),
-    ("[" * 100_000 + "]" * 100_000, "nested too deeply"),  # was a RecursionError traceback
-])
+@pytest.mark.parametrize(
+    "content,match",
+    [
+        ('{"30000-3000": [1.0]}', "beyond any model"),  # would be a 90M-cell dense grid
+        ('{"0-0": [1], "1-1": [1]}', "2 of 2 layers x 2 heads.*missing e.g. 0-1, 1-0"),
+        ('{"0-0": [1], "0-1": [1], "00-1": [1]}', "'0-1' and '00-1' both name layer 0 head 1"),
+        ('{"0-0": [1], "0-0": [2]}', "duplicate key '0-0'"),
+        ('{"0-0": [NaN]}', "Malformed scores"),
+        ('{"1²-0": [1]}', "Malformed head key"),
+        ("[" * 100_000 + "]" * 100_000, "nested too deeply"),  # was a RecursionError traceback
+    ],
+)
 def test_hostile_files_refused_before_allocating(tmp_path, content, match):
     path = tmp_path / "bad.json"
     path.write_text(content)
@@ -199,27 +205,30 @@ def test_selection_arguments_and_select_heads(tmp_path):
     assert resolve_head_scores(None, "HuggingFaceTB/SmolLM2-135M-Instruct").num_layers == 30
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    ({"mask_threshold": float("nan")}, "mask_threshold` must be a finite number"),
-    ({"mask_threshold": float("inf")}, "mask_threshold` must be a finite number"),
-    ({"mask_threshold": 0.0}, r"mask_threshold` must be in \(0, 1\]"),
-    ({"mask_threshold": -0.1}, r"mask_threshold` must be in \(0, 1\]"),
-    ({"mask_threshold": True}, "mask_threshold` must be a finite number"),
-    ({"mask_top_k": 2.5}, "mask_top_k` must be an integer"),
-    ({"mask_top_k": 2.0}, "mask_top_k` must be an integer"),
-    ({"mask_top_k": True}, "mask_top_k` must be an integer"),
-    ({"mask_top_k": 0}, "mask_top_k` must be >= 1"),
-    ({"mask_strategy": "best"}, "mask_strategy` must be one of retrieval"),
-    ({"mask_seed": 1.5}, "mask_seed` must be an integer"),
-    ({"mask_seed": None}, "mask_seed` must be an integer"),
-    ({"mask_seed": -1}, r"mask_seed` must be a seed in \[0, 2\*\*32 - 1\], got -1"),
-    ({"mask_seed": 2**32}, r"mask_seed` must be a seed in \[0, 2\*\*32 - 1\], got 4294967296"),
-    ({"head_scores": ""}, "head_scores` must be a path"),
-    ({"head_scores": 3}, "head_scores` must be a path"),
-    ({"mask_threshold": None, "head_scores": "s.json"}, "Set `mask_threshold` or `mask_top_k`"),
-    ({"heads": "1-2", "mask_top_k": 2}, "Give either `heads` or a selection"),
-    ({"heads": "1-2,1-2"}, "lists 1-2 more than once"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"mask_threshold": float("nan")}, "mask_threshold` must be a finite number"),
+        ({"mask_threshold": float("inf")}, "mask_threshold` must be a finite number"),
+        ({"mask_threshold": 0.0}, r"mask_threshold` must be in \(0, 1\]"),
+        ({"mask_threshold": -0.1}, r"mask_threshold` must be in \(0, 1\]"),
+        ({"mask_threshold": True}, "mask_threshold` must be a finite number"),
+        ({"mask_top_k": 2.5}, "mask_top_k` must be an integer"),
+        ({"mask_top_k": 2.0}, "mask_top_k` must be an integer"),
+        ({"mask_top_k": True}, "mask_top_k` must be an integer"),
+        ({"mask_top_k": 0}, "mask_top_k` must be >= 1"),
+        ({"mask_strategy": "best"}, "mask_strategy` must be one of retrieval"),
+        ({"mask_seed": 1.5}, "mask_seed` must be an integer"),
+        ({"mask_seed": None}, "mask_seed` must be an integer"),
+        ({"mask_seed": -1}, r"mask_seed` must be a seed in \[0, 2\*\*32 - 1\], got -1"),
+        ({"mask_seed": 2**32}, r"mask_seed` must be a seed in \[0, 2\*\*32 - 1\], got 4294967296"),
+        ({"head_scores": ""}, "head_scores` must be a path"),
+        ({"head_scores": 3}, "head_scores` must be a path"),
+        ({"mask_threshold": None, "head_scores": "s.json"}, "Set `mask_threshold` or `mask_top_k`"),
+        ({"heads": "1-2", "mask_top_k": 2}, "Give either `heads` or a selection"),
+        ({"heads": "1-2,1-2"}, "lists 1-2 more than once"),
+    ],
+)
 def test_selection_arguments_refuse_bad_values(kwargs, match):
     from trl_retmask.heads import HeadSelectionArguments
 
@@ -260,8 +269,9 @@ def test_single_numbers_and_empty_lists_are_scores():
     assert all(type(v) is float for vals in s.scores.values() for v in vals)
     assert s.mean_scores() == {(0, 0): 0.25, (0, 1): 1.0, (1, 0): 0.0, (1, 1): 0.75}
     assert repr(s) == "HeadScores(2 layers x 2 heads, 4 scored)"
-    with pytest.raises(ValueError,
-                       match=r"Malformed scores for head '0-0': expected a list of finite numbers, got True"):
+    with pytest.raises(
+        ValueError, match=r"Malformed scores for head '0-0': expected a list of finite numbers, got True"
+    ):
         HeadScores({"0-0": True})
     with pytest.raises(ValueError, match=r"got \[1, False\]"):
         HeadScores({"0-0": [1, False]})
@@ -295,8 +305,9 @@ def test_load_reads_the_first_line_and_nested_dirs(tmp_path):
     path.write_text('\n  {"0-0": [0.5]}  \n\n')
     assert HeadScores.load(path).scores == {(0, 0): [0.5]}
     path.write_text("[]")
-    with pytest.raises(ValueError,
-                       match=r"one non-empty JSON object \{\"LAYER-HEAD\": \[\.\.\.\]\}; got list \(empty\)\.$"):
+    with pytest.raises(
+        ValueError, match=r"one non-empty JSON object \{\"LAYER-HEAD\": \[\.\.\.\]\}; got list \(empty\)\.$"
+    ):
         HeadScores.load(path)
     path.write_text("3")
     with pytest.raises(ValueError, match=r"got int\.$"):
@@ -392,8 +403,9 @@ def test_selection_arguments_forms(tmp_path):
     from trl_retmask.scores import resolve_head_scores
 
     path = HeadScores(GRID).save(tmp_path / "s.json")
-    args = HeadSelectionArguments(head_scores=path, mask_top_k=2, mask_threshold=0.5, mask_strategy="random",
-                                  mask_seed=7)
+    args = HeadSelectionArguments(
+        head_scores=path, mask_top_k=2, mask_threshold=0.5, mask_strategy="random", mask_seed=7
+    )
     assert args.head_scores == str(path)  # a PathLike becomes a string
     assert args.selection == {"threshold": None, "top_k": 2, "strategy": "random", "seed": 7}  # top-k replaces it
     assert HeadSelectionArguments().selection == {"threshold": 0.1, "top_k": None, "strategy": "retrieval", "seed": 0}
@@ -404,8 +416,9 @@ def test_selection_arguments_forms(tmp_path):
     assert resolve_head_scores(scores) is scores
     assert resolve_head_scores(scores, model=str(tmp_path)) is scores  # a name is not validated against
     assert resolve_head_scores(None, tmp_path / "s.json").scores == scores.scores  # a PathLike model name
-    heads, used = select_heads(HeadSelectionArguments(head_scores="Llama-3.1-8B-Instruct", mask_top_k=1),
-                               tiny_config("llama"), scores=scores)  # explicit scores win over args.head_scores
+    heads, used = select_heads(
+        HeadSelectionArguments(head_scores="Llama-3.1-8B-Instruct", mask_top_k=1), tiny_config("llama"), scores=scores
+    )  # explicit scores win over args.head_scores
     assert used is scores and heads == [(2, 3)]
 
 
@@ -451,39 +464,61 @@ def test_error_messages_in_full(tmp_path):
     missing = tmp_path / "x.json"
     cases = [
         (lambda: HeadScores({}), "HeadScores needs a non-empty mapping {'LAYER-HEAD': [scores...]}."),
-        (lambda: HeadScores({"0-0": [1], "0-1": [1], "00-1": [1]}),
-         "Keys '0-1' and '00-1' both name layer 0 head 1; each head must appear once."),
+        (
+            lambda: HeadScores({"0-0": [1], "0-1": [1], "00-1": [1]}),
+            "Keys '0-1' and '00-1' both name layer 0 head 1; each head must appear once.",
+        ),
         (lambda: HeadScores({"0-0": [1]}, num_layers=0), "`num_layers` must be >= 1, got 0."),
         (lambda: HeadScores({"0-0": [1]}, num_heads=0), "`num_heads` must be >= 1, got 0."),
         # one dimension given, the other inferred: the grid must still be complete
-        (lambda: HeadScores({"0-0": [1]}, num_layers=2),
-         "Scores must cover every head of the model: 1 of 2 layers x 1 heads are given; missing e.g. 1-0. Use a "
-         "complete score file (as `trl-retmask detect` writes), or pass num_layers/num_heads explicitly."),
-        (lambda: HeadScores({"0-0": [1]}).select(top_k=1, strategy="x"),
-         "Unknown mask strategy 'x'; choose one of retrieval, random_non_retrieval, random."),
-        (lambda: HeadScores({"0-0": [1]}).select(),
-         "Give exactly one of `threshold` (mask heads scoring >= it) or `top_k` (mask the k best heads); got "
-         "threshold=None, top_k=None."),
-        (lambda: HeadScores({"0-0": [1], "0-1": [0.5]}).select(top_k=2, strategy="random_non_retrieval"),
-         "Cannot draw 2 random_non_retrieval heads from 0 candidates; select fewer retrieval heads."),
-        (lambda: HeadSelectionArguments(head_scores="s.json", mask_threshold=None, mask_top_k=None),
-         "Set `mask_threshold` or `mask_top_k` to choose the heads to mask."),
-        (lambda: select_heads(HeadSelectionArguments(mask_threshold=None), None),
-         "Set `heads`, `mask_threshold` or `mask_top_k` to choose the heads to mask."),
-        (lambda: HeadScores.load(missing),
-         f"Head-score file {missing} does not exist. Pass a file or directory written by `trl-retmask detect` (or "
-         f"the original retrieval-head tools), or a model id with bundled scores: {bundled}."),
-        (lambda: HeadScores.from_pretrained(tmp_path),
-         f"The directory {str(tmp_path)!r} holds no retmask_head_scores.json. Detect them with `trl-retmask detect "
-         f"--model_name_or_path {tmp_path} --output_dir DIR` and pass `--head_scores DIR` (bundled: {bundled})."),
-        (lambda: resolve_head_scores(None, object()),
-         "No head scores given and no model name to find them by: pass `head_scores` (a score file, a directory or "
-         "Hub repo holding retmask_head_scores.json, or a bundled model id)."),
-        (lambda: resolve_head_scores(None, SimpleNamespace(config=SimpleNamespace(_name_or_path=str(tmp_path)))),
-         f"No head scores given, and none found for the model {str(tmp_path)!r}. The directory {str(tmp_path)!r} "
-         f"holds no retmask_head_scores.json. Detect them with `trl-retmask detect --model_name_or_path {tmp_path} "
-         f"--output_dir DIR` and pass `--head_scores DIR` (bundled: {bundled}). Or pass `head_scores`: a score "
-         "file, a directory or Hub repo with retmask_head_scores.json, or a bundled model id."),
+        (
+            lambda: HeadScores({"0-0": [1]}, num_layers=2),
+            "Scores must cover every head of the model: 1 of 2 layers x 1 heads are given; missing e.g. 1-0. Use a "
+            "complete score file (as `trl-retmask detect` writes), or pass num_layers/num_heads explicitly.",
+        ),
+        (
+            lambda: HeadScores({"0-0": [1]}).select(top_k=1, strategy="x"),
+            "Unknown mask strategy 'x'; choose one of retrieval, random_non_retrieval, random.",
+        ),
+        (
+            lambda: HeadScores({"0-0": [1]}).select(),
+            "Give exactly one of `threshold` (mask heads scoring >= it) or `top_k` (mask the k best heads); got "
+            "threshold=None, top_k=None.",
+        ),
+        (
+            lambda: HeadScores({"0-0": [1], "0-1": [0.5]}).select(top_k=2, strategy="random_non_retrieval"),
+            "Cannot draw 2 random_non_retrieval heads from 0 candidates; select fewer retrieval heads.",
+        ),
+        (
+            lambda: HeadSelectionArguments(head_scores="s.json", mask_threshold=None, mask_top_k=None),
+            "Set `mask_threshold` or `mask_top_k` to choose the heads to mask.",
+        ),
+        (
+            lambda: select_heads(HeadSelectionArguments(mask_threshold=None), None),
+            "Set `heads`, `mask_threshold` or `mask_top_k` to choose the heads to mask.",
+        ),
+        (
+            lambda: HeadScores.load(missing),
+            f"Head-score file {missing} does not exist. Pass a file or directory written by `trl-retmask detect` (or "
+            f"the original retrieval-head tools), or a model id with bundled scores: {bundled}.",
+        ),
+        (
+            lambda: HeadScores.from_pretrained(tmp_path),
+            f"The directory {str(tmp_path)!r} holds no retmask_head_scores.json. Detect them with `trl-retmask detect "
+            f"--model_name_or_path {tmp_path} --output_dir DIR` and pass `--head_scores DIR` (bundled: {bundled}).",
+        ),
+        (
+            lambda: resolve_head_scores(None, object()),
+            "No head scores given and no model name to find them by: pass `head_scores` (a score file, a directory or "
+            "Hub repo holding retmask_head_scores.json, or a bundled model id).",
+        ),
+        (
+            lambda: resolve_head_scores(None, SimpleNamespace(config=SimpleNamespace(_name_or_path=str(tmp_path)))),
+            f"No head scores given, and none found for the model {str(tmp_path)!r}. The directory {str(tmp_path)!r} "
+            f"holds no retmask_head_scores.json. Detect them with `trl-retmask detect --model_name_or_path {tmp_path} "
+            f"--output_dir DIR` and pass `--head_scores DIR` (bundled: {bundled}). Or pass `head_scores`: a score "
+            "file, a directory or Hub repo with retmask_head_scores.json, or a bundled model id.",
+        ),
     ]
     for make, message in cases:
         with pytest.raises((ValueError, FileNotFoundError)) as e:

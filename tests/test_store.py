@@ -13,7 +13,6 @@ REPO = Path(__file__).resolve().parents[1]
 HEADS = [(0, 1), (1, 2), (2, 0)]
 
 
-
 class Item:
     def __init__(self, i):
         self.i, self.key = i, f"item{i}"
@@ -23,7 +22,7 @@ ITEMS = [Item(i) for i in range(7)]
 
 
 def square(item):
-    return {"value": item.i ** 2}
+    return {"value": item.i**2}
 
 
 def test_resume_after_interruption_equals_an_uninterrupted_run(tmp_path):
@@ -41,18 +40,24 @@ def test_resume_after_interruption_equals_an_uninterrupted_run(tmp_path):
     interrupt, calls = False, []
     resumed = run_resumable(ITEMS, dies_at_4, tmp_path, name="t", fingerprint="f")
     assert calls == [3, 4, 5, 6]
-    assert resumed == run_resumable(ITEMS, square, None, name="t") == [
-        {"key": f"item{i}", "value": i * i} for i in range(7)]
+    assert (
+        resumed
+        == run_resumable(ITEMS, square, None, name="t")
+        == [{"key": f"item{i}", "value": i * i} for i in range(7)]
+    )
 
 
 def test_other_fingerprint_is_refused_or_redone_with_overwrite(tmp_path):
     run_resumable(ITEMS, square, tmp_path, name="t", fingerprint="f", info={"needles": ["a"]})
-    with pytest.raises(ValueError, match=f"{tmp_path} holds t results of another run.*needles differ.*fresh output "
-                                         "directory.*overwrite=True"):
+    with pytest.raises(
+        ValueError,
+        match=f"{tmp_path} holds t results of another run.*needles differ.*fresh output directory.*overwrite=True",
+    ):
         run_resumable(ITEMS, square, tmp_path, name="t", fingerprint="g", info={"needles": ["b"]})
     calls = []
-    redone = run_resumable(ITEMS, lambda it: calls.append(it.i) or {"value": -it.i}, tmp_path, name="t",
-                           fingerprint="g", overwrite=True)
+    redone = run_resumable(
+        ITEMS, lambda it: calls.append(it.i) or {"value": -it.i}, tmp_path, name="t", fingerprint="g", overwrite=True
+    )
     assert calls == list(range(7)) and [r["value"] for r in redone] == [-i for i in range(7)]
     assert json.loads((tmp_path / "t.meta.json").read_text())["fingerprint"] == "g"
     # Records without their metadata cannot be trusted either.
@@ -64,8 +69,9 @@ def test_other_fingerprint_is_refused_or_redone_with_overwrite(tmp_path):
 def test_a_matching_fingerprint_is_resumed_even_with_overwrite_and_a_bare_meta_file_is_refused(tmp_path):
     run_resumable(ITEMS, square, tmp_path / "a", name="t", fingerprint="f")
     # same run: records reused, overwrite or not (overwrite discards only another run's records)
-    assert run_resumable(ITEMS, _never, tmp_path / "a", name="t", fingerprint="f", overwrite=True) == \
-        run_resumable(ITEMS, square, None, name="t")
+    assert run_resumable(ITEMS, _never, tmp_path / "a", name="t", fingerprint="f", overwrite=True) == run_resumable(
+        ITEMS, square, None, name="t"
+    )
     # another run's metadata alone (no records yet) is refused too: the directory belongs to that run
     run_resumable([], square, tmp_path / "b", name="t", fingerprint="f")
     assert not list((tmp_path / "b").glob("t.rank*.jsonl"))
@@ -162,8 +168,9 @@ def test_two_processes_equal_one(tmp_path):
     # Each item was done once, by one process; one process resumes from both files without redoing anything.
     lines = [json.loads(line) for f in files for line in (tmp_path / "out" / f).read_text().splitlines()]
     assert sorted(r["key"] for r in lines) == sorted(it.key for it in ITEMS)
-    assert run_resumable(ITEMS, _never, tmp_path / "out", name="t", fingerprint="f") == \
-        run_resumable(ITEMS, square, None, name="t")
+    assert run_resumable(ITEMS, _never, tmp_path / "out", name="t", fingerprint="f") == run_resumable(
+        ITEMS, square, None, name="t"
+    )
 
 
 # ------------------------------------------------------------------------------------------------ JSON cache

@@ -19,17 +19,30 @@ from tests.tiny import PREFS, make_greedy, make_tiny_model, make_tiny_tokenizer
 from trl_retmask import HeadScores, RetMaskConfig, RetMaskTrainer, mask_heads
 
 # Mean scores: 4 heads >= 0.1 (the default threshold), one exactly on the 0.25 boundary used below.
-SCORES = HeadScores({"0-1": [0.9, 0.7], "1-2": [0.25], "2-0": [0.3], "0-0": [0.01], "2-3": [0.2499]},
-                    num_layers=3, num_heads=4)
+SCORES = HeadScores(
+    {"0-1": [0.9, 0.7], "1-2": [0.25], "2-0": [0.3], "0-0": [0.01], "2-3": [0.2499]}, num_layers=3, num_heads=4
+)
 RETRIEVAL = [(0, 1), (1, 2), (2, 0), (2, 3)]
 ALL_HEADS = [(layer, head) for layer in range(3) for head in range(4)]
 PROMPTS = ["the secret number is", "tell me a story about the sea", "how many boys went to school ?", "the man said"]
 
 
 def config(tmp_path, **kw):
-    base = dict(max_steps=1, per_device_train_batch_size=2, temperature=0.0, max_new_tokens=6, report_to="none",
-                logging_steps=1, learning_rate=2e-3, save_strategy="no", disable_tqdm=True, bf16=False,
-                activation_checkpointing=False, seed=0, cache_pairs=False)
+    base = dict(
+        max_steps=1,
+        per_device_train_batch_size=2,
+        temperature=0.0,
+        max_new_tokens=6,
+        report_to="none",
+        logging_steps=1,
+        learning_rate=2e-3,
+        save_strategy="no",
+        disable_tqdm=True,
+        bf16=False,
+        activation_checkpointing=False,
+        seed=0,
+        cache_pairs=False,
+    )
     return RetMaskConfig(str(tmp_path / "out"), **{**base, **kw})
 
 
@@ -38,35 +51,56 @@ def chats(texts=PROMPTS):
 
 
 def trainer_for(tokenizer, tmp_path, dataset=None, model=None, **kw):
-    return RetMaskTrainer(model=model or make_tiny_model("llama"), args=config(tmp_path, **kw),
-                          train_dataset=chats() if dataset is None else dataset, processing_class=tokenizer,
-                          head_scores=SCORES)
+    return RetMaskTrainer(
+        model=model or make_tiny_model("llama"),
+        args=config(tmp_path, **kw),
+        train_dataset=chats() if dataset is None else dataset,
+        processing_class=tokenizer,
+        head_scores=SCORES,
+    )
 
 
 def hand(model, tokenizer, text, heads=None, max_new_tokens=6, seed=None, **generate_kwargs):
     """One chat prompt alone through `model.generate` (no package code), under `mask_heads` when `heads`."""
-    ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                        return_tensors="pt", return_dict=True).to(model.device)
+    ids = tokenizer.apply_chat_template(
+        [{"role": "user", "content": text}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+    ).to(model.device)
     if seed is not None:
         torch.manual_seed(seed)
     with torch.no_grad(), mask_heads(model, heads or []):
         out = model.generate(**ids, max_new_tokens=max_new_tokens, pad_token_id=0, **generate_kwargs)
-    return tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+    return tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
 
 
 def pairs_of(trainer) -> dict:
     """{prompt text: (chosen, rejected)} of a trainer's generated training pairs."""
-    return {p[0]["content"]: (c[0]["content"], r[0]["content"]) for p, c, r in
-            zip(trainer.train_dataset["prompt"], trainer.train_dataset["chosen"], trainer.train_dataset["rejected"])}
+    return {
+        p[0]["content"]: (c[0]["content"], r[0]["content"])
+        for p, c, r in zip(
+            trainer.train_dataset["prompt"], trainer.train_dataset["chosen"], trainer.train_dataset["rejected"]
+        )
+    }
 
 
 # ------------------------------------------------------------------------------------------------ package root
 EXPORTS = {
-    "DEFAULT_MODEL": "models", "load_model_and_tokenizer": "models", "export_masked_model": "masking",
-    "head_layout": "masking", "mask_heads": "masking", "validate_heads": "heads", "STRATEGIES": "heads",
-    "HeadScores": "scores", "HeadSelectionArguments": "heads", "resolve_head_scores": "scores",
-    "select_heads": "heads", "RetMaskConfig": "config", "RetMaskTrainer": "trainer", "generate_pairs": "pairs",
-    "detect_retrieval_heads": "detection", "evaluate_niah": "niah", "evaluate_long_context": "evaluation",
+    "DEFAULT_MODEL": "models",
+    "load_model_and_tokenizer": "models",
+    "export_masked_model": "masking",
+    "head_layout": "masking",
+    "mask_heads": "masking",
+    "validate_heads": "heads",
+    "STRATEGIES": "heads",
+    "HeadScores": "scores",
+    "HeadSelectionArguments": "heads",
+    "resolve_head_scores": "scores",
+    "select_heads": "heads",
+    "RetMaskConfig": "config",
+    "RetMaskTrainer": "trainer",
+    "generate_pairs": "pairs",
+    "detect_retrieval_heads": "detection",
+    "evaluate_niah": "niah",
+    "evaluate_long_context": "evaluation",
     "LongContextEvalCallback": "evaluation",
 }
 
@@ -154,13 +188,20 @@ def test_generation_kwargs_dict_json_and_field_reach_generate(tiny_tokenizer, tm
     """`generation_kwargs` (a dict or the CLI's JSON string) and the `repetition_penalty` field reach
     `model.generate`: greedy pairs equal a hand call with the penalty, and differ from plain greedy ones."""
     model = make_tiny_model("llama")
-    expected = {p: (hand(model, tiny_tokenizer, p, repetition_penalty=10.0),
-                    hand(model, tiny_tokenizer, p, RETRIEVAL, repetition_penalty=10.0)) for p in PROMPTS}
+    expected = {
+        p: (
+            hand(model, tiny_tokenizer, p, repetition_penalty=10.0),
+            hand(model, tiny_tokenizer, p, RETRIEVAL, repetition_penalty=10.0),
+        )
+        for p in PROMPTS
+    }
     plain = {p: (hand(model, tiny_tokenizer, p), hand(model, tiny_tokenizer, p, RETRIEVAL)) for p in PROMPTS}
     assert expected != plain  # the penalty changes greedy decoding here: the test can fail
-    for kw in ({"generation_kwargs": {"repetition_penalty": 10.0}},
-               {"generation_kwargs": '{"repetition_penalty": 10.0}'},
-               {"repetition_penalty": 10.0}):
+    for kw in (
+        {"generation_kwargs": {"repetition_penalty": 10.0}},
+        {"generation_kwargs": '{"repetition_penalty": 10.0}'},
+        {"repetition_penalty": 10.0},
+    ):
         got = pairs_of(trainer_for(tiny_tokenizer, tmp_path, model=model, **kw))
         assert got == {p: pair for p, pair in expected.items() if pair[0].strip() != pair[1].strip()}, kw
 
@@ -174,13 +215,16 @@ def test_generation_seed_seeds_each_decode_as_documented(tiny_tokenizer, tmp_pat
 
     def expected(seed):
         base = seed * 1_000_003
-        return (hand(model, tiny_tokenizer, prompt, seed=base, **sample),
-                hand(model, tiny_tokenizer, prompt, RETRIEVAL, seed=base + 1, **sample))
+        return (
+            hand(model, tiny_tokenizer, prompt, seed=base, **sample),
+            hand(model, tiny_tokenizer, prompt, RETRIEVAL, seed=base + 1, **sample),
+        )
 
     assert expected(3) != expected(4)
     for kw, seed in (({"generation_seed": 3}, 3), ({"generation_seed": 4, "seed": 3}, 4), ({"seed": 3}, 3)):
-        trainer = trainer_for(tiny_tokenizer, tmp_path, chats([prompt]), model=model, temperature=1.0,
-                              max_new_tokens=8, **kw)
+        trainer = trainer_for(
+            tiny_tokenizer, tmp_path, chats([prompt]), model=model, temperature=1.0, max_new_tokens=8, **kw
+        )
         assert trainer.args.generation_seed == seed
         assert pairs_of(trainer) == {prompt: expected(seed)}, kw
 
@@ -209,8 +253,9 @@ def test_generation_batch_size_splits_the_prompts(batch_size, rows, tiny_tokeniz
         return inner(*a, **kw)
 
     model.generate = counting
-    trainer = trainer_for(tiny_tokenizer, tmp_path, chats(PROMPTS * 2), model=model, generation_batch_size=batch_size,
-                          temperature=1.0)
+    trainer = trainer_for(
+        tiny_tokenizer, tmp_path, chats(PROMPTS * 2), model=model, generation_batch_size=batch_size, temperature=1.0
+    )
     assert calls == [n for n in rows for _ in range(2)]  # chosen rows, then rejected rows, per batch
     assert trainer.pair_stats["train"].batches_generated == len(rows)
 
@@ -252,8 +297,15 @@ def test_regenerate_pairs_each_epoch_regenerates_at_each_later_epoch(tiny_tokeni
         return real(dataset, model, tokenizer, heads, name=name, **kw)
 
     monkeypatch.setattr(trainer_module, "complete_prompt_dataset", spy)
-    trainer = trainer_for(tiny_tokenizer, tmp_path, max_steps=-1, num_train_epochs=3, regenerate_pairs_each_epoch=True,
-                          temperature=1.0, generation_seed=5)
+    trainer = trainer_for(
+        tiny_tokenizer,
+        tmp_path,
+        max_steps=-1,
+        num_train_epochs=3,
+        regenerate_pairs_each_epoch=True,
+        temperature=1.0,
+        generation_seed=5,
+    )
     rows = len(trainer.train_dataset)
     steps = math.ceil(rows / 2)  # per epoch: batch 2, no accumulation
     trainer.train()
@@ -268,12 +320,21 @@ def test_dict_eval_dataset_completes_each_split_and_first_loss_is_ln2(tiny_token
     model = make_tiny_model("llama")
     expected = {p: (hand(model, tiny_tokenizer, p), hand(model, tiny_tokenizer, p, RETRIEVAL)) for p in PROMPTS}
     splits = {"first": chats(PROMPTS[:2]), "last": chats(PROMPTS[2:])}
-    trainer = RetMaskTrainer(model=model, args=config(tmp_path, per_device_eval_batch_size=2), train_dataset=chats(),
-                             eval_dataset=splits, processing_class=tiny_tokenizer, head_scores=SCORES)
+    trainer = RetMaskTrainer(
+        model=model,
+        args=config(tmp_path, per_device_eval_batch_size=2),
+        train_dataset=chats(),
+        eval_dataset=splits,
+        processing_class=tiny_tokenizer,
+        head_scores=SCORES,
+    )
     assert set(trainer.pair_stats) == {"train", "eval_first", "eval_last"}
     for name, dataset in trainer.eval_dataset.items():
-        kept = [p for p in (PROMPTS[:2] if name == "first" else PROMPTS[2:])
-                if expected[p][0].strip() != expected[p][1].strip()]
+        kept = [
+            p
+            for p in (PROMPTS[:2] if name == "first" else PROMPTS[2:])
+            if expected[p][0].strip() != expected[p][1].strip()
+        ]
         assert len(dataset) == len(kept) == trainer.pair_stats[f"eval_{name}"].kept > 0
     metrics = trainer.evaluate()
     for name in splits:
@@ -300,18 +361,19 @@ def test_masked_long_context_eval_is_generation_under_the_mask(tiny_tokenizer):
 
     model = make_tiny_model("llama")
     heads = [(0, 1), (1, 2), (2, 0), (2, 3)]
-    kw = dict(lengths=(256,), categories=["recall"], n_per_task=1, keep_generations=True, progress=False,
-              max_new_tokens=6)
+    kw = dict(
+        lengths=(256,), categories=["recall"], n_per_task=1, keep_generations=True, progress=False, max_new_tokens=6
+    )
     masked = evaluate_long_context(model, tiny_tokenizer, heads=heads, **kw)["generations"]
     plain = evaluate_long_context(model, tiny_tokenizer, **kw)["generations"]
     samples = build_suite(tiny_tokenizer, (256,), ["recall"], 1, 0)
     assert [(g["task"], g["length"]) for g in masked] == [(s["task"], s["length"]) for s in samples]
     for gen_m, gen_p, sample in zip(masked, plain, samples):
         budget = min(sample["max_new_tokens"], 6)
-        assert gen_m["output"] == hand(model, tiny_tokenizer, sample["prompt"], heads, max_new_tokens=budget,
-                                       do_sample=False)
-        assert gen_p["output"] == hand(model, tiny_tokenizer, sample["prompt"], max_new_tokens=budget,
-                                       do_sample=False)
+        assert gen_m["output"] == hand(
+            model, tiny_tokenizer, sample["prompt"], heads, max_new_tokens=budget, do_sample=False
+        )
+        assert gen_p["output"] == hand(model, tiny_tokenizer, sample["prompt"], max_new_tokens=budget, do_sample=False)
     assert [g["output"] for g in masked] != [g["output"] for g in plain]
 
 
@@ -337,10 +399,35 @@ def test_general_ability_masks_the_heads(tiny_tokenizer):
 
 # ------------------------------------------------------------------------------------------------ recipe paths
 def _train_argv(model_dir, data, out, *extra):
-    return ["--recipe", "smollm2", "--model_name_or_path", str(model_dir), "--dataset_name", str(data),
-            "--output_dir", str(out), "--bf16", "False", "--gradient_checkpointing", "False", "--max_new_tokens", "6",
-            "--generation_batch_size", "8", "--per_device_train_batch_size", "2", "--gradient_accumulation_steps",
-            "1", "--max_length", "64", "--report_to", "none", "--max_steps", "1", *extra]
+    return [
+        "--recipe",
+        "smollm2",
+        "--model_name_or_path",
+        str(model_dir),
+        "--dataset_name",
+        str(data),
+        "--output_dir",
+        str(out),
+        "--bf16",
+        "False",
+        "--gradient_checkpointing",
+        "False",
+        "--max_new_tokens",
+        "6",
+        "--generation_batch_size",
+        "8",
+        "--per_device_train_batch_size",
+        "2",
+        "--gradient_accumulation_steps",
+        "1",
+        "--max_length",
+        "64",
+        "--report_to",
+        "none",
+        "--max_steps",
+        "1",
+        *extra,
+    ]
 
 
 def test_train_pipeline_detects_heads_and_runs_niah_before_and_after(tmp_path, monkeypatch):
@@ -361,10 +448,27 @@ def test_train_pipeline_detects_heads_and_runs_niah_before_and_after(tmp_path, m
 
     model_dir = save_tiny_model(tmp_path / "model")
     out = tmp_path / "run"
-    argv = _train_argv(model_dir, write_chat_log(tmp_path / "chat.jsonl"), out, "--mask_top_k", "2",
-                       "--max_prompts", "8",
-                       "--detect_context_lengths", "300", "--detect_depths", "50", "--detect_max_new_tokens", "3",
-                       "--niah_context_lengths", "120", "--niah_depths", "50", "--niah_max_new_tokens", "4")
+    argv = _train_argv(
+        model_dir,
+        write_chat_log(tmp_path / "chat.jsonl"),
+        out,
+        "--mask_top_k",
+        "2",
+        "--max_prompts",
+        "8",
+        "--detect_context_lengths",
+        "300",
+        "--detect_depths",
+        "50",
+        "--detect_max_new_tokens",
+        "3",
+        "--niah_context_lengths",
+        "120",
+        "--niah_depths",
+        "50",
+        "--niah_max_new_tokens",
+        "4",
+    )
     script_args, training_args, model_args = parse_args(argv)
     assert script_args.detect_heads is True and script_args.niah_eval is True  # the recipe's defaults
     summary = main(script_args, training_args, model_args)
@@ -383,8 +487,13 @@ def test_train_pipeline_detects_heads_and_runs_niah_before_and_after(tmp_path, m
         for s in samples:
             ids = torch.tensor([s.input_ids])
             with torch.no_grad(), mask_heads(m, heads or []):
-                new = m.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=4,
-                                 do_sample=False, pad_token_id=0)[0, ids.shape[1]:]
+                new = m.generate(
+                    input_ids=ids,
+                    attention_mask=torch.ones_like(ids),
+                    max_new_tokens=4,
+                    do_sample=False,
+                    pad_token_id=0,
+                )[0, ids.shape[1] :]
             result[s.key] = tokenizer.decode(new, skip_special_tokens=True)
         return result
 
@@ -409,20 +518,52 @@ def test_pairs_file_trains_without_generation(capsys, tmp_path, monkeypatch):
 
     model_dir = save_tiny_model(tmp_path / "model")
     pairs_file = tmp_path / "pairs.jsonl"
-    assert cli_main(["pairs", "--model_name_or_path", str(model_dir), "--dataset_name",
-                     str(write_chat_log(tmp_path / "chat.jsonl")), "--heads", "0-1,2-3", "--temperature", "1.0",
-                     "--max_new_tokens", "5", "--output", str(pairs_file), "--output_dir", str(tmp_path / "run")]) == 0
+    assert (
+        cli_main(
+            [
+                "pairs",
+                "--model_name_or_path",
+                str(model_dir),
+                "--dataset_name",
+                str(write_chat_log(tmp_path / "chat.jsonl")),
+                "--heads",
+                "0-1,2-3",
+                "--temperature",
+                "1.0",
+                "--max_new_tokens",
+                "5",
+                "--output",
+                str(pairs_file),
+                "--output_dir",
+                str(tmp_path / "run"),
+            ]
+        )
+        == 0
+    )
     rows = [json.loads(line) for line in pairs_file.read_text().splitlines()]
     assert len(rows) >= 4
     import trl_retmask.pairs
 
     monkeypatch.setattr(trl_retmask.pairs, "generate_pairs", lambda *a, **k: pytest.fail("generated pairs"))
     scores_file = tmp_path / "scores.json"  # scores covering the tiny model's 3 x 4 heads
-    HeadScores({f"{l}-{h}": [0.5 if (l, h) in ((0, 1), (2, 3)) else 0.0] for l in range(3) for h in range(4)}
-               ).save(scores_file)
-    script_args, training_args, model_args = parse_args(_train_argv(
-        model_dir, pairs_file, tmp_path / "run", "--max_prompts", "3", "--head_scores", str(scores_file),
-        "--detect_heads", "False", "--niah_eval", "False"))
+    HeadScores({f"{l}-{h}": [0.5 if (l, h) in ((0, 1), (2, 3)) else 0.0] for l in range(3) for h in range(4)}).save(
+        scores_file
+    )
+    script_args, training_args, model_args = parse_args(
+        _train_argv(
+            model_dir,
+            pairs_file,
+            tmp_path / "run",
+            "--max_prompts",
+            "3",
+            "--head_scores",
+            str(scores_file),
+            "--detect_heads",
+            "False",
+            "--niah_eval",
+            "False",
+        )
+    )
     loaded = load_prompts(script_args)
     assert loaded.to_list() == [{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in rows[:3]]
     script_args.max_prompts = len(rows)  # exactly all rows, then one more than there are
@@ -444,9 +585,10 @@ def test_detect_stage_runs_with_its_flags(capsys, tmp_path, hay_dir, monkeypatch
     from trl_retmask.models import load_model_and_tokenizer
 
     model_dir = save_tiny_model(tmp_path / "model")
-    needles = [{"needle": "the secret number is five .", "question": "what is the secret number ?",
-                "real_needle": "five"},
-               {"needle": "the magic word is water .", "question": "what is the magic word ?", "real_needle": "water"}]
+    needles = [
+        {"needle": "the secret number is five .", "question": "what is the secret number ?", "real_needle": "five"},
+        {"needle": "the magic word is water .", "question": "what is the magic word ?", "real_needle": "water"},
+    ]
     needle_file = tmp_path / "needles.jsonl"
     needle_file.write_text("".join(json.dumps(n) + "\n" for n in needles))
     seen = {}
@@ -460,25 +602,63 @@ def test_detect_stage_runs_with_its_flags(capsys, tmp_path, hay_dir, monkeypatch
     from tests.test_detection import forced_generation
 
     # the random model cannot answer: it emits the answer, with its real forward passes (and attention) per token
-    monkeypatch.setattr(detection, "generate_answer", forced_generation(make_tiny_tokenizer(tmp_path / "tok"),
-                                                                        {0: "five"}))
+    monkeypatch.setattr(
+        detection, "generate_answer", forced_generation(make_tiny_tokenizer(tmp_path / "tok"), {0: "five"})
+    )
     out = tmp_path / "detect"
-    assert cli_main(["detect", "--model_name_or_path", str(model_dir), "--context_lengths", "240", "--depths", "0",
-                     "100", "--needles", str(needle_file), "--num_needles", "1", "--haystack_dir", str(hay_dir),
-                     "--max_new_tokens", "3", "--dtype", "bfloat16", "--attn_implementation", "eager",
-                     "--output_dir", str(out), "--show", "2", "--save", str(tmp_path / "copy.json")]) == 0
+    assert (
+        cli_main(
+            [
+                "detect",
+                "--model_name_or_path",
+                str(model_dir),
+                "--context_lengths",
+                "240",
+                "--depths",
+                "0",
+                "100",
+                "--needles",
+                str(needle_file),
+                "--num_needles",
+                "1",
+                "--haystack_dir",
+                str(hay_dir),
+                "--max_new_tokens",
+                "3",
+                "--dtype",
+                "bfloat16",
+                "--attn_implementation",
+                "eager",
+                "--output_dir",
+                str(out),
+                "--show",
+                "2",
+                "--save",
+                str(tmp_path / "copy.json"),
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
-    printed = json.loads(printed[printed.index("{"):])
+    printed = json.loads(printed[printed.index("{") :])
     assert seen["dtype"] == torch.bfloat16 and seen["attn"] == "eager"
     assert seen["needles"] == needles[:1] and seen["context_lengths"] == [240] and seen["depths"] == [0.0, 100.0]
     assert seen["max_new_tokens"] == 3 and seen["haystack_dir"] == str(hay_dir)
 
     from trl import ModelConfig
 
-    model, tokenizer = load_model_and_tokenizer(ModelConfig(model_name_or_path=str(model_dir), dtype="bfloat16",
-                                                            attn_implementation="eager"))
-    by_hand = real(model.eval(), tokenizer, context_lengths=[240], depths=[0, 100], needles=needles[:1],
-                   haystack_dir=str(hay_dir), max_new_tokens=3)
+    model, tokenizer = load_model_and_tokenizer(
+        ModelConfig(model_name_or_path=str(model_dir), dtype="bfloat16", attn_implementation="eager")
+    )
+    by_hand = real(
+        model.eval(),
+        tokenizer,
+        context_lengths=[240],
+        depths=[0, 100],
+        needles=needles[:1],
+        haystack_dir=str(hay_dir),
+        max_new_tokens=3,
+    )
     assert HeadScores.from_pretrained(out).to_dict() == by_hand.to_dict()
     assert list(printed["top_heads"]) == [f"{l}-{h}" for (l, h), _ in by_hand.ranked()[:2]]  # --show 2
     assert HeadScores.load(tmp_path / "copy.json").to_dict() == by_hand.to_dict()  # --save
@@ -495,19 +675,56 @@ def test_niah_stage_selects_heads_from_scores_and_limits_needles(capsys, tmp_pat
     from trl_retmask.niah import load_needles
 
     model_dir = save_tiny_model(tmp_path / "model")
-    scores = HeadScores({f"{l}-{h}": [0.9 if (l, h) == (1, 3) else 0.5 if (l, h) == (0, 2) else 0.1]
-                         for l in range(3) for h in range(4)})
+    scores = HeadScores(
+        {
+            f"{l}-{h}": [0.9 if (l, h) == (1, 3) else 0.5 if (l, h) == (0, 2) else 0.1]
+            for l in range(3)
+            for h in range(4)
+        }
+    )
     scores.save(tmp_path / "scores.json")
     out = tmp_path / "niah"
-    assert cli_main(["niah", "--model_name_or_path", str(model_dir), "--head_scores", str(tmp_path / "scores.json"),
-                     "--mask_top_k", "2", "--num_needles", "1", "--context_lengths", "60", "--depths", "0", "50",
-                     "--haystack_dir", str(hay_dir), "--max_new_tokens", "3", "--output_dir", str(out)]) == 0
+    assert (
+        cli_main(
+            [
+                "niah",
+                "--model_name_or_path",
+                str(model_dir),
+                "--head_scores",
+                str(tmp_path / "scores.json"),
+                "--mask_top_k",
+                "2",
+                "--num_needles",
+                "1",
+                "--context_lengths",
+                "60",
+                "--depths",
+                "0",
+                "50",
+                "--haystack_dir",
+                str(hay_dir),
+                "--max_new_tokens",
+                "3",
+                "--output_dir",
+                str(out),
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
-    assert json.loads(printed[printed.index("{"):])["masked_heads"] == 2
+    assert json.loads(printed[printed.index("{") :])["masked_heads"] == 2
     stored = {r["key"]: r["response"] for r in map(json.loads, (out / "niah.rank0.jsonl").read_text().splitlines())}
     model, tokenizer = load_model_and_tokenizer(str(model_dir))
-    api = evaluate_niah(model, tokenizer, heads=[(0, 2), (1, 3)], context_lengths=[60], depths=[0, 50],
-                        needles=load_needles()[:1], haystack_dir=str(hay_dir), max_new_tokens=3)
+    api = evaluate_niah(
+        model,
+        tokenizer,
+        heads=[(0, 2), (1, 3)],
+        context_lengths=[60],
+        depths=[0, 50],
+        needles=load_needles()[:1],
+        haystack_dir=str(hay_dir),
+        max_new_tokens=3,
+    )
     assert stored == {r["key"]: r["response"] for r in api["records"]} and len(stored) == 2
 
 
@@ -537,8 +754,9 @@ def test_suite_budgets_batch_size_bounds_and_cache_identity(tiny_tokenizer, tmp_
     budget = samples[0]["max_new_tokens"]
     assert all(s["max_new_tokens"] == budget for s in samples) and budget > 6
     outputs = generate_suite(model, tiny_tokenizer, samples, batch_size=1)
-    assert outputs == [hand(model, tiny_tokenizer, s["prompt"], max_new_tokens=budget, do_sample=False)
-                       for s in samples]
+    assert outputs == [
+        hand(model, tiny_tokenizer, s["prompt"], max_new_tokens=budget, do_sample=False) for s in samples
+    ]
     with pytest.raises(ValueError, match=r"^batch_size must be >= 1, got 0\.$"):
         generate_suite(model, tiny_tokenizer, samples, batch_size=0)
 
@@ -577,15 +795,20 @@ def test_suite_answers_skip_special_tokens_and_its_store_names_what_changed(tiny
     generate_suite(model, tiny_tokenizer, samples, max_new_tokens=3, **kw)
     meta = json.loads((tmp_path / "g.meta.json").read_text())
     assert meta["info"] == {"model": "org/tiny", "heads": [], "num_samples": 2, "max_new_tokens": 3}
-    for change, named in ((dict(max_new_tokens=4), "max_new_tokens"), (dict(max_new_tokens=3, heads=[(0, 1)]), "heads"),
-                          (dict(max_new_tokens=3, samples=samples[:1]), "num_samples")):
+    for change, named in (
+        (dict(max_new_tokens=4), "max_new_tokens"),
+        (dict(max_new_tokens=3, heads=[(0, 1)]), "heads"),
+        (dict(max_new_tokens=3, samples=samples[:1]), "num_samples"),
+    ):
         data = change.pop("samples", samples)
-        with pytest.raises(ValueError,
-                           match=rf"results of another run: they depend on other inputs \({named} differ\)"):
+        with pytest.raises(
+            ValueError, match=rf"results of another run: they depend on other inputs \({named} differ\)"
+        ):
             generate_suite(model, tiny_tokenizer, data, **change, **kw)
     model.config._name_or_path = "org/renamed"  # the name is only informative: same weights, records reused
-    assert generate_suite(model, tiny_tokenizer, samples, max_new_tokens=3, **kw) == \
-        generate_suite(model, tiny_tokenizer, samples, max_new_tokens=3, batch_size=2)
+    assert generate_suite(model, tiny_tokenizer, samples, max_new_tokens=3, **kw) == generate_suite(
+        model, tiny_tokenizer, samples, max_new_tokens=3, batch_size=2
+    )
 
 
 @pytest.mark.parametrize("damage", ["fewer outputs", "other indices", "not a list", "not strings"])

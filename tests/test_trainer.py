@@ -21,14 +21,26 @@ from trl_retmask.trainer import RetMaskTrainer
 from trl_retmask.truncation import truncate_prompt
 
 PROMPTS = ["the secret number is", "tell me a story about the sea", "how many boys went to school ?", "the man said"]
-SCORES = HeadScores({"0-1": [0.9, 0.7], "1-2": [0.5], "2-0": [0.3], "0-0": [0.01], "2-3": [0.02]},
-                    num_layers=3, num_heads=4)
+SCORES = HeadScores(
+    {"0-1": [0.9, 0.7], "1-2": [0.5], "2-0": [0.3], "0-0": [0.01], "2-3": [0.02]}, num_layers=3, num_heads=4
+)
 
 
 def config(tmp_path, **kw):
-    base = dict(max_steps=4, per_device_train_batch_size=2, temperature=0.0, max_new_tokens=6, report_to="none",
-                logging_steps=1, learning_rate=2e-3, save_strategy="no", disable_tqdm=True, bf16=False,
-                activation_checkpointing=False, seed=0)
+    base = dict(
+        max_steps=4,
+        per_device_train_batch_size=2,
+        temperature=0.0,
+        max_new_tokens=6,
+        report_to="none",
+        logging_steps=1,
+        learning_rate=2e-3,
+        save_strategy="no",
+        disable_tqdm=True,
+        bf16=False,
+        activation_checkpointing=False,
+        seed=0,
+    )
     return RetMaskConfig(str(tmp_path / "out"), **{**base, **kw})
 
 
@@ -39,8 +51,9 @@ def prompts(items=PROMPTS):
 def test_training_lowers_loss_reference_is_initial_policy_and_card(tiny_tokenizer, tmp_path):
     model = make_tiny_model("llama")
     initial = {k: v.clone() for k, v in model.state_dict().items()}
-    trainer = RetMaskTrainer(model=model, args=config(tmp_path), train_dataset=prompts(),
-                             processing_class=tiny_tokenizer, head_scores=SCORES)
+    trainer = RetMaskTrainer(
+        model=model, args=config(tmp_path), train_dataset=prompts(), processing_class=tiny_tokenizer, head_scores=SCORES
+    )
     assert trainer.masked_heads == SCORES.select(threshold=0.1) == HEADS
     trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
@@ -54,6 +67,7 @@ def test_training_lowers_loss_reference_is_initial_policy_and_card(tiny_tokenize
         torch.testing.assert_close(v.cpu(), initial[k].cpu(), rtol=0, atol=0)
     assert not any(m._forward_pre_hooks for m in ref.modules())
     assert not any(p.requires_grad for p in ref.parameters())  # frozen: no gradients kept for it
+
     # ... in the direction DPO pushes: the policy's implicit reward margin (log-ratio to the reference of chosen
     # minus rejected), computed here from the models' own log-probs, is positive on the training pairs.
     def completion_logp(m, prompt, completion):
@@ -61,12 +75,16 @@ def test_training_lowers_loss_reference_is_initial_policy_and_card(tiny_tokenize
         ids = torch.tensor([p_ids + tiny_tokenizer(completion, add_special_tokens=False)["input_ids"]], device=m.device)
         with torch.no_grad():
             logp = m(ids).logits[0, :-1].float().log_softmax(-1).gather(-1, ids[0, 1:, None])[:, 0]
-        return logp[len(p_ids) - 1:].sum().item()
+        return logp[len(p_ids) - 1 :].sum().item()
 
-    margins = [(completion_logp(trainer.model, r["prompt"], r["chosen"])
-                - completion_logp(ref, r["prompt"], r["chosen"]))
-               - (completion_logp(trainer.model, r["prompt"], r["rejected"])
-                  - completion_logp(ref, r["prompt"], r["rejected"])) for r in trainer.train_dataset]
+    margins = [
+        (completion_logp(trainer.model, r["prompt"], r["chosen"]) - completion_logp(ref, r["prompt"], r["chosen"]))
+        - (
+            completion_logp(trainer.model, r["prompt"], r["rejected"])
+            - completion_logp(ref, r["prompt"], r["rejected"])
+        )
+        for r in trainer.train_dataset
+    ]
     assert sum(margins) / len(margins) > 0.1, margins
 
     # Pair statistics reached the loggers (log history is what every reporting callback receives).
@@ -107,8 +125,9 @@ def test_training_lowers_loss_reference_is_initial_policy_and_card(tiny_tokenize
     assert heads == HEADS
 
 
-def test_heads_handed_in_are_not_selected_again_and_explicit_heads_need_no_scores(tiny_tokenizer, tmp_path,
-                                                                                  monkeypatch):
+def test_heads_handed_in_are_not_selected_again_and_explicit_heads_need_no_scores(
+    tiny_tokenizer, tmp_path, monkeypatch
+):
     """A caller that selected the heads (the train script) hands them in with their scores: the trainer only checks
     them. Explicit `heads` in the config mask exactly those, with no scores, and the card says so."""
     import trl_retmask.trainer as trainer_module
@@ -118,16 +137,31 @@ def test_heads_handed_in_are_not_selected_again_and_explicit_heads_need_no_score
 
     with monkeypatch.context() as m:
         m.setattr(trainer_module, "select_heads", never)
-        trainer = RetMaskTrainer(model=make_tiny_model("llama"), args=config(tmp_path, mask_top_k=1),
-                                 train_dataset=PREFS, processing_class=tiny_tokenizer, head_scores=SCORES,
-                                 masked_heads=[(2, 3), "1-0"])
+        trainer = RetMaskTrainer(
+            model=make_tiny_model("llama"),
+            args=config(tmp_path, mask_top_k=1),
+            train_dataset=PREFS,
+            processing_class=tiny_tokenizer,
+            head_scores=SCORES,
+            masked_heads=[(2, 3), "1-0"],
+        )
     assert trainer.masked_heads == [(1, 0), (2, 3)] and trainer.head_scores is SCORES
     with pytest.raises(ValueError, match=r"Heads \[\(3, 0\)\] are out of range"):
-        RetMaskTrainer(model=make_tiny_model("llama"), args=config(tmp_path), train_dataset=PREFS,
-                       processing_class=tiny_tokenizer, head_scores=SCORES, masked_heads=[(3, 0)])
+        RetMaskTrainer(
+            model=make_tiny_model("llama"),
+            args=config(tmp_path),
+            train_dataset=PREFS,
+            processing_class=tiny_tokenizer,
+            head_scores=SCORES,
+            masked_heads=[(3, 0)],
+        )
 
-    trainer = RetMaskTrainer(model=make_tiny_model("llama"), args=config(tmp_path, heads="2-3,0-2"),
-                             train_dataset=PREFS, processing_class=tiny_tokenizer)
+    trainer = RetMaskTrainer(
+        model=make_tiny_model("llama"),
+        args=config(tmp_path, heads="2-3,0-2"),
+        train_dataset=PREFS,
+        processing_class=tiny_tokenizer,
+    )
     assert trainer.masked_heads == [(0, 2), (2, 3)] and trainer.head_scores is None
     trainer.save_model(str(tmp_path / "saved"))
     info = json.loads((tmp_path / "saved" / "retmask.json").read_text())
@@ -135,8 +169,13 @@ def test_heads_handed_in_are_not_selected_again_and_explicit_heads_need_no_score
     assert info["sparsity"] is None and not (tmp_path / "saved" / "retmask_head_scores.json").exists()
     assert "2 heads, given explicitly." in (tmp_path / "saved" / "README.md").read_text()
     with pytest.raises(ValueError, match="`args.heads` names the heads to mask"):
-        RetMaskTrainer(model=make_tiny_model("llama"), args=config(tmp_path, heads="2-3"), train_dataset=PREFS,
-                       processing_class=tiny_tokenizer, head_scores=SCORES)
+        RetMaskTrainer(
+            model=make_tiny_model("llama"),
+            args=config(tmp_path, heads="2-3"),
+            train_dataset=PREFS,
+            processing_class=tiny_tokenizer,
+            head_scores=SCORES,
+        )
 
 
 def test_card_of_the_embedded_checkpoint_names_its_hub_base_model(tiny_tokenizer, tmp_path, monkeypatch):
@@ -148,8 +187,9 @@ def test_card_of_the_embedded_checkpoint_names_its_hub_base_model(tiny_tokenizer
     model = make_tiny_model("llama")
     model.config._name_or_path = str(local)
     prefs = Dataset.from_dict({"prompt": PROMPTS[:2], "chosen": [" yes", " no"], "rejected": [" no", " yes"]})
-    trainer = RetMaskTrainer(model=model, args=config(tmp_path), train_dataset=prefs, processing_class=tiny_tokenizer,
-                             head_scores=SCORES)
+    trainer = RetMaskTrainer(
+        model=model, args=config(tmp_path), train_dataset=prefs, processing_class=tiny_tokenizer, head_scores=SCORES
+    )
     trainer.save_model(str(tmp_path / "saved"))
     card = (tmp_path / "saved" / "README.md").read_text()
     assert "base_model: HuggingFaceTB/SmolLM2-135M-Instruct" in card
@@ -168,10 +208,18 @@ def test_card_links_the_run_trackers_and_cites_the_paper(tiny_tokenizer, tmp_pat
     import trl_retmask.trainer as trainer_module
     from trl_retmask.model_card import PAPER
 
-    trainer = RetMaskTrainer(model=make_tiny_model("llama"), args=config(tmp_path), train_dataset=PREFS,
-                             processing_class=tiny_tokenizer, head_scores=SCORES)
-    links = {"wandb": "https://wandb.ai/me/p/runs/abc", "trackio": "https://huggingface.co/spaces/me/trackio",
-             "comet": "https://www.comet.com/me/p/xyz"}
+    trainer = RetMaskTrainer(
+        model=make_tiny_model("llama"),
+        args=config(tmp_path),
+        train_dataset=PREFS,
+        processing_class=tiny_tokenizer,
+        head_scores=SCORES,
+    )
+    links = {
+        "wandb": "https://wandb.ai/me/p/runs/abc",
+        "trackio": "https://huggingface.co/spaces/me/trackio",
+        "comet": "https://www.comet.com/me/p/xyz",
+    }
     monkeypatch.setattr(trainer_module, "get_trackio_space_url", lambda: links["trackio"])
     monkeypatch.setattr(trainer_module, "get_comet_experiment_url", lambda: links["comet"])
     monkeypatch.setattr(trainer_module, "is_wandb_available", lambda: True)
@@ -191,8 +239,13 @@ def test_save_model_writes_its_card_where_it_saves_and_pushes_only_for_the_user(
     """`save_model(dir)`: weights and card in `dir` (card titled after it), nothing in `output_dir`; the user's call
     pushes when `push_to_hub` is on, Trainer's internal calls do not; only the world's main process writes the
     card (with `save_on_each_node`, another node's local main saves weights, not a card)."""
-    trainer = RetMaskTrainer(model=make_tiny_model("llama"), args=config(tmp_path), train_dataset=PREFS,
-                             processing_class=tiny_tokenizer, head_scores=SCORES)
+    trainer = RetMaskTrainer(
+        model=make_tiny_model("llama"),
+        args=config(tmp_path),
+        train_dataset=PREFS,
+        processing_class=tiny_tokenizer,
+        head_scores=SCORES,
+    )
     pushes = []
     trainer.push_to_hub = lambda **kw: pushes.append(kw)
     trainer.args.push_to_hub = True
@@ -216,9 +269,14 @@ def test_peft_trains_adapter_and_keeps_base_weights(tiny_tokenizer, tmp_path):
 
     model = make_tiny_model("llama")
     initial = {k: v.clone() for k, v in model.state_dict().items()}
-    trainer = RetMaskTrainer(model=model, args=config(tmp_path, max_steps=3), train_dataset=prompts(),
-                             processing_class=tiny_tokenizer, head_scores=SCORES,
-                             peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "o_proj"]))
+    trainer = RetMaskTrainer(
+        model=model,
+        args=config(tmp_path, max_steps=3),
+        train_dataset=prompts(),
+        processing_class=tiny_tokenizer,
+        head_scores=SCORES,
+        peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "o_proj"]),
+    )
     assert trainer.ref_model is None  # the adapter-disabled base is the reference, no copy
     lora_before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if "lora_" in n}
     trainer.train()
@@ -237,8 +295,13 @@ def test_second_trainer_reuses_cached_pairs_and_heads_change_regenerates(tiny_to
     def build(**kw):
         model = make_tiny_model("llama")
         counter = CountingGenerate(model)
-        trainer = RetMaskTrainer(model=model, args=config(tmp_path, **kw), train_dataset=prompts(),
-                                 processing_class=tiny_tokenizer, head_scores=SCORES)
+        trainer = RetMaskTrainer(
+            model=model,
+            args=config(tmp_path, **kw),
+            train_dataset=prompts(),
+            processing_class=tiny_tokenizer,
+            head_scores=SCORES,
+        )
         return trainer, counter.calls
 
     first, calls = build()
@@ -257,19 +320,31 @@ def test_conversational_prompts_and_eval_dataset(tiny_tokenizer, tmp_path):
     model = make_tiny_model("llama")
     on_cpu = copy.deepcopy(model)  # the trainer moves `model` to the training device
     chats = Dataset.from_dict({"prompt": [[{"role": "user", "content": p}] for p in PROMPTS]})
-    expected = {p: (independent(model, tiny_tokenizer, [{"role": "user", "content": p}]),
-                    independent(model, tiny_tokenizer, [{"role": "user", "content": p}], HEADS)) for p in PROMPTS}
-    trainer = RetMaskTrainer(model=model, args=config(tmp_path, max_steps=1, per_device_eval_batch_size=2),
-                             train_dataset=chats, eval_dataset=prompts(PROMPTS[::-1]),
-                             processing_class=tiny_tokenizer, head_scores=SCORES)
+    expected = {
+        p: (
+            independent(model, tiny_tokenizer, [{"role": "user", "content": p}]),
+            independent(model, tiny_tokenizer, [{"role": "user", "content": p}], HEADS),
+        )
+        for p in PROMPTS
+    }
+    trainer = RetMaskTrainer(
+        model=model,
+        args=config(tmp_path, max_steps=1, per_device_eval_batch_size=2),
+        train_dataset=chats,
+        eval_dataset=prompts(PROMPTS[::-1]),
+        processing_class=tiny_tokenizer,
+        head_scores=SCORES,
+    )
     assert set(trainer.pair_stats) == {"train", "eval"}
     for row in trainer.train_dataset:
         assert row["chosen"] == [{"role": "assistant", "content": expected[row["prompt"][0]["content"]][0]}]
         assert row["rejected"] == [{"role": "assistant", "content": expected[row["prompt"][0]["content"]][1]}]
     eval_rows = trainer.eval_dataset
     # Kept = the eval prompts whose greedy answers differ with the heads masked (computed here on the CPU copy).
-    differ = [independent(on_cpu, tiny_tokenizer, p).strip() != independent(on_cpu, tiny_tokenizer, p, HEADS).strip()
-              for p in PROMPTS]
+    differ = [
+        independent(on_cpu, tiny_tokenizer, p).strip() != independent(on_cpu, tiny_tokenizer, p, HEADS).strip()
+        for p in PROMPTS
+    ]
     assert len(eval_rows) == trainer.pair_stats["eval"].kept == sum(differ) > 0
     for row in eval_rows:
         assert row["chosen"] == independent(on_cpu, tiny_tokenizer, row["prompt"]) + tiny_tokenizer.eos_token
@@ -280,26 +355,41 @@ def test_conversational_prompts_and_eval_dataset(tiny_tokenizer, tmp_path):
 def test_preference_dataset_passes_through_unchanged(tiny_tokenizer, tmp_path):
     from trl import DPOConfig, DPOTrainer
 
-    prefs = Dataset.from_dict({"prompt": ["the man said", "where is the water"], "chosen": ["yes .", "here"],
-                               "rejected": ["no", "sea sea"]})
+    prefs = Dataset.from_dict(
+        {"prompt": ["the man said", "where is the water"], "chosen": ["yes .", "here"], "rejected": ["no", "sea sea"]}
+    )
     model = make_tiny_model("llama")
     counter = CountingGenerate(model)
-    trainer = RetMaskTrainer(model=model, args=config(tmp_path), train_dataset=prefs,
-                             processing_class=tiny_tokenizer, head_scores=SCORES)
+    trainer = RetMaskTrainer(
+        model=model, args=config(tmp_path), train_dataset=prefs, processing_class=tiny_tokenizer, head_scores=SCORES
+    )
     assert counter.calls == 0 and trainer.pair_stats == {}
-    plain = DPOTrainer(model=make_tiny_model("llama"), ref_model=make_tiny_model("llama"),
-                       args=DPOConfig(str(tmp_path / "plain"), report_to="none", bf16=False), train_dataset=prefs,
-                       processing_class=tiny_tokenizer)
+    plain = DPOTrainer(
+        model=make_tiny_model("llama"),
+        ref_model=make_tiny_model("llama"),
+        args=DPOConfig(str(tmp_path / "plain"), report_to="none", bf16=False),
+        train_dataset=prefs,
+        processing_class=tiny_tokenizer,
+    )
     assert trainer.train_dataset.to_dict() == plain.train_dataset.to_dict()
 
 
 def test_head_sources_and_strategies(tiny_tokenizer, tmp_path):
     path = SCORES.save(tmp_path / "scores.json")
-    t = RetMaskTrainer(model=make_tiny_model("llama"), args=config(tmp_path, head_scores=str(path), mask_top_k=2),
-                       train_dataset=PREFS, processing_class=tiny_tokenizer)
+    t = RetMaskTrainer(
+        model=make_tiny_model("llama"),
+        args=config(tmp_path, head_scores=str(path), mask_top_k=2),
+        train_dataset=PREFS,
+        processing_class=tiny_tokenizer,
+    )
     assert t.masked_heads == [(0, 1), (1, 2)]
-    t = RetMaskTrainer(model=make_tiny_model("llama"), args=config(tmp_path, mask_strategy="random_non_retrieval"),
-                       train_dataset=PREFS, processing_class=tiny_tokenizer, head_scores=SCORES)
+    t = RetMaskTrainer(
+        model=make_tiny_model("llama"),
+        args=config(tmp_path, mask_strategy="random_non_retrieval"),
+        train_dataset=PREFS,
+        processing_class=tiny_tokenizer,
+        head_scores=SCORES,
+    )
     assert len(t.masked_heads) == 3 and not set(t.masked_heads) & set(HEADS)
     assert t.masked_heads == SCORES.select(threshold=0.1, strategy="random_non_retrieval", seed=0)
 
@@ -308,8 +398,9 @@ def test_model_given_as_path(tiny_tokenizer, tmp_path):
     model = make_tiny_model("llama")
     model.save_pretrained(tmp_path / "m")
     tiny_tokenizer.save_pretrained(tmp_path / "m")
-    t = RetMaskTrainer(model=str(tmp_path / "m"), args=config(tmp_path, max_new_tokens=4), train_dataset=prompts(),
-                       head_scores=SCORES)
+    t = RetMaskTrainer(
+        model=str(tmp_path / "m"), args=config(tmp_path, max_new_tokens=4), train_dataset=prompts(), head_scores=SCORES
+    )
     for k, v in t.ref_model.state_dict().items():
         torch.testing.assert_close(v.cpu(), model.state_dict()[k].cpu(), rtol=0, atol=0)
     row = t.train_dataset[0]
@@ -317,8 +408,12 @@ def test_model_given_as_path(tiny_tokenizer, tmp_path):
     assert t.args.model_init_kwargs is None  # consumed by the load: DPOTrainer neither reloads nor warns
     # Scores of another layout are refused against the loaded model (a path has no layout before loading).
     with pytest.raises(ValueError, match="the score file belongs to another model"):
-        RetMaskTrainer(model=str(tmp_path / "m"), args=config(tmp_path), train_dataset=prompts(),
-                       head_scores=HeadScores({"5-1": [0.9]}, num_layers=30, num_heads=9))
+        RetMaskTrainer(
+            model=str(tmp_path / "m"),
+            args=config(tmp_path),
+            train_dataset=prompts(),
+            head_scores=HeadScores({"5-1": [0.9]}, num_layers=30, num_heads=9),
+        )
 
 
 class _Stop(Exception):
@@ -343,24 +438,34 @@ def test_named_model_is_loaded_with_the_users_settings(tiny_tokenizer, tmp_path,
     monkeypatch.setattr(trainer_module, "create_model_from_path", create)
     monkeypatch.setattr(trainer_module, "resolve_model_path", lambda name: f"/models/{name}")
     quant = object()  # stands for a BitsAndBytesConfig
-    RetMaskTrainer(model="org/model", args=config(tmp_path, model_init_kwargs={"dtype": "float32"},
-                                                  trust_remote_code=True),
-                   train_dataset=PREFS, processing_class=tiny_tokenizer, head_scores=SCORES, quantization_config=quant)
-    assert loaded == [("/models/org/model", {"dtype": "float32", "quantization_config": quant,
-                                             "trust_remote_code": True})]
+    RetMaskTrainer(
+        model="org/model",
+        args=config(tmp_path, model_init_kwargs={"dtype": "float32"}, trust_remote_code=True),
+        train_dataset=PREFS,
+        processing_class=tiny_tokenizer,
+        head_scores=SCORES,
+        quantization_config=quant,
+    )
+    assert loaded == [
+        ("/models/org/model", {"dtype": "float32", "quantization_config": quant, "trust_remote_code": True})
+    ]
 
     def stop(path, **kwargs):
         loaded.append((path, kwargs))
         raise _Stop
 
     monkeypatch.setattr(trainer_module, "create_model_from_path", stop)
-    for kind, device_map in ((DistributedType.NO, "auto"), (DistributedType.MULTI_GPU, None),
-                             (DistributedType.DEEPSPEED, None)):
+    for kind, device_map in (
+        (DistributedType.NO, "auto"),
+        (DistributedType.MULTI_GPU, None),
+        (DistributedType.DEEPSPEED, None),
+    ):
         args = config(tmp_path, model_init_kwargs={"device_map": "auto"})
         args.distributed_state = types.SimpleNamespace(distributed_type=kind)
         with pytest.raises(_Stop):
-            RetMaskTrainer(model="org/model", args=args, train_dataset=PREFS, processing_class=tiny_tokenizer,
-                           head_scores=SCORES)
+            RetMaskTrainer(
+                model="org/model", args=args, train_dataset=PREFS, processing_class=tiny_tokenizer, head_scores=SCORES
+            )
         assert loaded[-1][1] == {"device_map": device_map, "trust_remote_code": False}
 
 
@@ -383,8 +488,13 @@ def test_tokenizer_from_the_model_or_a_processor_gets_a_pad_token(tiny_tokenizer
 
     def build(processing_class, **kw):
         with pytest.raises(_Stop):
-            RetMaskTrainer(model=model, args=config(tmp_path, **kw), train_dataset=prompts(),
-                           processing_class=processing_class, head_scores=SCORES)
+            RetMaskTrainer(
+                model=model,
+                args=config(tmp_path, **kw),
+                train_dataset=prompts(),
+                processing_class=processing_class,
+                head_scores=SCORES,
+            )
         assert selected[-1] is model  # heads are selected against the loaded model
 
     unpadded = copy.deepcopy(tiny_tokenizer)
@@ -396,17 +506,22 @@ def test_tokenizer_from_the_model_or_a_processor_gets_a_pad_token(tiny_tokenizer
     build(padded)
     assert padded.pad_token == tiny_tokenizer.pad_token
     requests = []
-    monkeypatch.setattr(trainer_module, "AutoTokenizer", types.SimpleNamespace(
-        from_pretrained=lambda name, **kw: requests.append((name, kw)) or copy.deepcopy(tiny_tokenizer)))
+    monkeypatch.setattr(
+        trainer_module,
+        "AutoTokenizer",
+        types.SimpleNamespace(
+            from_pretrained=lambda name, **kw: requests.append((name, kw)) or copy.deepcopy(tiny_tokenizer)
+        ),
+    )
     build(None, trust_remote_code=True)
     assert requests == [("org/tiny", {"trust_remote_code": True})]
     with pytest.raises(TypeError, match=r"^`processing_class` must be a tokenizer \(or a processor holding one\)\.$"):
-        RetMaskTrainer(model=model, args=config(tmp_path), train_dataset=prompts(), processing_class=object(),
-                       head_scores=SCORES)
+        RetMaskTrainer(
+            model=model, args=config(tmp_path), train_dataset=prompts(), processing_class=object(), head_scores=SCORES
+        )
 
 
-def test_pairs_are_generated_on_the_training_device_unless_the_model_is_placed(tiny_tokenizer, tmp_path,
-                                                                                monkeypatch):
+def test_pairs_are_generated_on_the_training_device_unless_the_model_is_placed(tiny_tokenizer, tmp_path, monkeypatch):
     """Before generating, the policy moves to `args.device` (where Trainer would put it) unless it was placed by a
     `device_map` or is sharded by ZeRO-3; generation then runs on the (gathered) policy itself."""
     import trl_retmask.trainer as trainer_module
@@ -427,8 +542,9 @@ def test_pairs_are_generated_on_the_training_device_unless_the_model_is_placed(t
         moves = []
         model.to = lambda *a, moves=moves, model=model, **kw: moves.append(a) or model
         with pytest.raises(_Stop):
-            RetMaskTrainer(model=model, args=args, train_dataset=prompts(), processing_class=tiny_tokenizer,
-                           head_scores=SCORES)
+            RetMaskTrainer(
+                model=model, args=args, train_dataset=prompts(), processing_class=tiny_tokenizer, head_scores=SCORES
+            )
         assert moves == ([(args.device,)] if moved else []) and gathered[-1] is model
 
 
@@ -447,21 +563,41 @@ def test_dpo_trainer_arguments_pass_through(tiny_tokenizer, tmp_path):
     def metrics(_):
         return {}
 
-    t = RetMaskTrainer(model=model, args=config(tmp_path), train_dataset=PREFS, processing_class=tiny_tokenizer,
-                       head_scores=SCORES, data_collator=collator, compute_metrics=metrics, callbacks=[callback],
-                       optimizers=(optimizer, scheduler))
+    t = RetMaskTrainer(
+        model=model,
+        args=config(tmp_path),
+        train_dataset=PREFS,
+        processing_class=tiny_tokenizer,
+        head_scores=SCORES,
+        data_collator=collator,
+        compute_metrics=metrics,
+        callbacks=[callback],
+        optimizers=(optimizer, scheduler),
+    )
     assert t.data_collator.collator is collator and t.compute_metrics is metrics
     assert t.optimizer is optimizer and t.lr_scheduler is scheduler and callback in t.callback_handler.callbacks
     with pytest.raises(ValueError, match="your model is already instantiated"):
-        RetMaskTrainer(model=model, args=config(tmp_path), train_dataset=PREFS, processing_class=tiny_tokenizer,
-                       head_scores=SCORES, quantization_config=object())
+        RetMaskTrainer(
+            model=model,
+            args=config(tmp_path),
+            train_dataset=PREFS,
+            processing_class=tiny_tokenizer,
+            head_scores=SCORES,
+            quantization_config=object(),
+        )
 
 
 def test_prompt_only_eval_beside_a_preference_train_set_gets_pairs(tiny_tokenizer, tmp_path):
     prefs = Dataset.from_dict({"prompt": ["the man said"], "chosen": ["yes ."], "rejected": ["no"]})
     model = make_tiny_model("llama")
-    t = RetMaskTrainer(model=model, args=config(tmp_path), train_dataset=prefs, eval_dataset=prompts(PROMPTS[:2]),
-                       processing_class=tiny_tokenizer, head_scores=SCORES)
+    t = RetMaskTrainer(
+        model=model,
+        args=config(tmp_path),
+        train_dataset=prefs,
+        eval_dataset=prompts(PROMPTS[:2]),
+        processing_class=tiny_tokenizer,
+        head_scores=SCORES,
+    )
     assert list(t.pair_stats) == ["eval"] and t.pair_stats["eval"].prompts == 2
     assert len(t.eval_dataset) == t.pair_stats["eval"].kept > 0
 
@@ -471,33 +607,67 @@ def test_clear_errors_before_generation(tiny_tokenizer, tmp_path):
     counter = CountingGenerate(model)
     wrong = HeadScores({"5-1": [0.9]}, num_layers=30, num_heads=9)
     with pytest.raises(ValueError, match="another model"):
-        RetMaskTrainer(model=model, args=config(tmp_path), train_dataset=prompts(), processing_class=tiny_tokenizer,
-                       head_scores=wrong)
-    with pytest.raises(ValueError, match=r"^Head scores were given twice \(the `head_scores` argument and "
-                                         r"`args.head_scores`\); keep one\.$"):
-        RetMaskTrainer(model=model, args=config(tmp_path, head_scores="x.json"), train_dataset=prompts(),
-                       processing_class=tiny_tokenizer, head_scores=SCORES)
+        RetMaskTrainer(
+            model=model,
+            args=config(tmp_path),
+            train_dataset=prompts(),
+            processing_class=tiny_tokenizer,
+            head_scores=wrong,
+        )
+    with pytest.raises(
+        ValueError,
+        match=r"^Head scores were given twice \(the `head_scores` argument and "
+        r"`args.head_scores`\); keep one\.$",
+    ):
+        RetMaskTrainer(
+            model=model,
+            args=config(tmp_path, head_scores="x.json"),
+            train_dataset=prompts(),
+            processing_class=tiny_tokenizer,
+            head_scores=SCORES,
+        )
     with pytest.raises(ValueError, match="No head scores given and no model name to find them by"):
         RetMaskTrainer(model=model, args=config(tmp_path), train_dataset=prompts(), processing_class=tiny_tokenizer)
     model.config._name_or_path = "org/unknown"  # the scores are looked up by the policy's own name
     with pytest.raises(ValueError, match="No head scores given, and none found for the model 'org/unknown'"):
         RetMaskTrainer(model=model, args=config(tmp_path), train_dataset=prompts(), processing_class=tiny_tokenizer)
-    with pytest.raises(TypeError, match=r"`args` must be a RetMaskConfig \(it adds the masking and generation "
-                                        r"settings\), got DPOConfig\. Build it with RetMaskConfig\("):
+    with pytest.raises(
+        TypeError,
+        match=r"`args` must be a RetMaskConfig \(it adds the masking and generation "
+        r"settings\), got DPOConfig\. Build it with RetMaskConfig\(",
+    ):
         from trl import DPOConfig
 
-        RetMaskTrainer(model=model, args=DPOConfig(str(tmp_path), bf16=False), train_dataset=prompts(),
-                       processing_class=tiny_tokenizer, head_scores=SCORES)
+        RetMaskTrainer(
+            model=model,
+            args=DPOConfig(str(tmp_path), bf16=False),
+            train_dataset=prompts(),
+            processing_class=tiny_tokenizer,
+            head_scores=SCORES,
+        )
     assert counter.calls == 0
     with pytest.raises(ValueError, match="^`train_dataset` has columns \\['question'\\].*needs a `prompt` column"):
-        RetMaskTrainer(model=model, args=config(tmp_path), train_dataset=Dataset.from_dict({"question": ["a"]}),
-                       processing_class=tiny_tokenizer, head_scores=SCORES)
+        RetMaskTrainer(
+            model=model,
+            args=config(tmp_path),
+            train_dataset=Dataset.from_dict({"question": ["a"]}),
+            processing_class=tiny_tokenizer,
+            head_scores=SCORES,
+        )
     with pytest.raises(ValueError, match="eval_dataset` has columns"):
-        RetMaskTrainer(model=model, args=config(tmp_path), train_dataset=prompts(),
-                       eval_dataset=Dataset.from_dict({"text": ["a"]}), processing_class=tiny_tokenizer,
-                       head_scores=SCORES)
-    with pytest.raises(ValueError, match=r"^`train_dataset` is required: prompts \(`\{'prompt': \.\.\.\}`\) or "
-                                         r"preference pairs\.$"):
+        RetMaskTrainer(
+            model=model,
+            args=config(tmp_path),
+            train_dataset=prompts(),
+            eval_dataset=Dataset.from_dict({"text": ["a"]}),
+            processing_class=tiny_tokenizer,
+            head_scores=SCORES,
+        )
+    with pytest.raises(
+        ValueError,
+        match=r"^`train_dataset` is required: prompts \(`\{'prompt': \.\.\.\}`\) or "
+        r"preference pairs\.$",
+    ):
         RetMaskTrainer(model=model, args=config(tmp_path), processing_class=tiny_tokenizer, head_scores=SCORES)
     assert counter.calls == 0
 
@@ -511,8 +681,9 @@ def test_default_output_dir_is_named_after_the_model(tiny_tokenizer, tmp_path, m
     tiny_tokenizer.save_pretrained(tmp_path / "org" / "tiny-llamaX")
 
     def output_dir(m):
-        return RetMaskTrainer(model=m, train_dataset=PREFS, processing_class=tiny_tokenizer,
-                              head_scores=SCORES).args.output_dir
+        return RetMaskTrainer(
+            model=m, train_dataset=PREFS, processing_class=tiny_tokenizer, head_scores=SCORES
+        ).args.output_dir
 
     assert output_dir("org/tiny-llamaX/") == "tiny-llamaX-RetMask"  # a path given as a string, trailing slash
     model.config._name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -528,8 +699,13 @@ def test_all_pairs_dropped_is_an_error(tiny_tokenizer, tmp_path):
     assert one == independent(model, tiny_tokenizer, "the man said", [(2, 3)], max_new_tokens=1)
     scores = HeadScores({"2-3": [0.9]}, num_layers=3, num_heads=4)
     with pytest.raises(ValueError, match=r"All 1 generated pairs of the train dataset were dropped \(1 identical"):
-        RetMaskTrainer(model=model, args=config(tmp_path, max_new_tokens=1), train_dataset=prompts(["the man said"]),
-                       processing_class=tiny_tokenizer, head_scores=scores)
+        RetMaskTrainer(
+            model=model,
+            args=config(tmp_path, max_new_tokens=1),
+            train_dataset=prompts(["the man said"]),
+            processing_class=tiny_tokenizer,
+            head_scores=scores,
+        )
 
 
 def test_cpu_defaults_and_liger(tmp_path):
@@ -579,8 +755,9 @@ def test_liger_is_refused_without_cuda_and_trls_flag_is_refused(tmp_path, monkey
 
 def test_liger_without_the_package_names_the_extra(tmp_path, monkeypatch):
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: None if name == "liger_kernel" else real(name, *a))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "liger_kernel" else real(name, *a)
+    )
     with pytest.raises(ValueError, match=r"pip install 'trl_retmask\[liger\]'"):
         RetMaskConfig(str(tmp_path), report_to="none", liger_kernels=True)
 
@@ -597,10 +774,12 @@ def test_liger_kernels_patch_the_policy_through_liger_kernel(peft, tiny_tokenize
     args.liger_kernels = True  # set after construction: the config refuses it on this CUDA-less machine
     model = make_tiny_model("llama")
     policy = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"], task_type="CAUSAL_LM")) if peft else model
-    trainer = RetMaskTrainer(model=policy, args=args, train_dataset=PREFS, processing_class=tiny_tokenizer,
-                             head_scores=SCORES)
-    assert len(calls) == 1 and calls[0][0] is model and calls[0][1] == {"rope": False,
-                                                                         "fused_linear_cross_entropy": False}
+    trainer = RetMaskTrainer(
+        model=policy, args=args, train_dataset=PREFS, processing_class=tiny_tokenizer, head_scores=SCORES
+    )
+    assert (
+        len(calls) == 1 and calls[0][0] is model and calls[0][1] == {"rope": False, "fused_linear_cross_entropy": False}
+    )
     assert trainer.args.use_liger_kernel is False
     with pytest.raises(ValueError, match="fused_linear_cross_entropy"):
         from trl_retmask.liger import apply_liger_kernels
@@ -629,10 +808,24 @@ def test_real_model_one_step_with_bundled_scores(smollm2, tmp_path):
     """No head scores passed: the file bundled for the policy's own name (SmolLM2-135M-Instruct) is used."""
     model, tokenizer = smollm2
     model = copy.deepcopy(model)
-    chats = Dataset.from_dict({"prompt": [[{"role": "user", "content": "What is the capital of France?"}],
-                                          [{"role": "user", "content": "Name a colour of the sky."}]]})
-    args = config(tmp_path, max_steps=1, max_new_tokens=4, temperature=0.6, mask_top_k=20, learning_rate=1e-6,
-                  cache_pairs=False, max_length=64)
+    chats = Dataset.from_dict(
+        {
+            "prompt": [
+                [{"role": "user", "content": "What is the capital of France?"}],
+                [{"role": "user", "content": "Name a colour of the sky."}],
+            ]
+        }
+    )
+    args = config(
+        tmp_path,
+        max_steps=1,
+        max_new_tokens=4,
+        temperature=0.6,
+        mask_top_k=20,
+        learning_rate=1e-6,
+        cache_pairs=False,
+        max_length=64,
+    )
     trainer = RetMaskTrainer(model=model, args=args, train_dataset=chats, processing_class=tokenizer)
     assert trainer.masked_heads == HeadScores.from_pretrained("SmolLM2-135M-Instruct").select(top_k=20)
     trainer.train()
@@ -650,9 +843,14 @@ def test_online_mode_regenerates_pairs_from_the_current_policy(tiny_tokenizer, t
 
     model = make_tiny_model("llama")
     counter = CountingGenerate(model)
-    trainer = RetMaskTrainer(model=model, args=config(tmp_path, regenerate_pairs_steps=2, learning_rate=2e-2),
-                             train_dataset=prompts(), processing_class=tiny_tokenizer, head_scores=SCORES,
-                             callbacks=[Snapshot()])
+    trainer = RetMaskTrainer(
+        model=model,
+        args=config(tmp_path, regenerate_pairs_steps=2, learning_rate=2e-2),
+        train_dataset=prompts(),
+        processing_class=tiny_tokenizer,
+        head_scores=SCORES,
+        callbacks=[Snapshot()],
+    )
     initial_chosen = list(trainer.train_dataset.current["chosen"])
     assert counter.calls == 2
     trainer.train()
@@ -669,11 +867,18 @@ def test_online_mode_regenerates_pairs_from_the_current_policy(tiny_tokenizer, t
         assert row["rejected"] == independent(policy, tiny_tokenizer, row["prompt"], HEADS) + "</s>"
     assert list(current["chosen"]) != initial_chosen, "the policy moved, so its answers (and the pairs) changed"
     assert any("pairs/train/kept" in h and h.get("step") == 2 for h in trainer.state.log_history)
-    with pytest.raises(ValueError, match=r"^Online RetMask regenerates pairs from prompts: `train_dataset` must be "
-                                         r"prompt-only \(`\{'prompt': \.\.\.\}` without chosen/rejected\)\.$"):
-        RetMaskTrainer(model=make_tiny_model("llama"), args=config(tmp_path, regenerate_pairs_each_epoch=True),
-                       train_dataset=Dataset.from_dict({"prompt": ["a"], "chosen": ["b"], "rejected": ["c"]}),
-                       processing_class=tiny_tokenizer, head_scores=SCORES)
+    with pytest.raises(
+        ValueError,
+        match=r"^Online RetMask regenerates pairs from prompts: `train_dataset` must be "
+        r"prompt-only \(`\{'prompt': \.\.\.\}` without chosen/rejected\)\.$",
+    ):
+        RetMaskTrainer(
+            model=make_tiny_model("llama"),
+            args=config(tmp_path, regenerate_pairs_each_epoch=True),
+            train_dataset=Dataset.from_dict({"prompt": ["a"], "chosen": ["b"], "rejected": ["c"]}),
+            processing_class=tiny_tokenizer,
+            head_scores=SCORES,
+        )
 
 
 def test_group_by_length_sorts_by_prompt_plus_longer_completion(tiny_tokenizer, tmp_path):
@@ -684,10 +889,20 @@ def test_group_by_length_sorts_by_prompt_plus_longer_completion(tiny_tokenizer, 
     chosen = [" yes" * (1 + i % 3) for i in range(n_rows)]
     rejected = [" no" * (1 + (i + 1) % 4) for i in range(n_rows)]
     prefs = Dataset.from_dict({"prompt": prompts, "chosen": chosen, "rejected": rejected})
-    args = config(tmp_path, max_steps=1, per_device_train_batch_size=3, gradient_accumulation_steps=1,
-                  train_sampling_strategy="group_by_length")
-    trainer = RetMaskTrainer(model=make_tiny_model("llama"), args=args, train_dataset=prefs,
-                             processing_class=tiny_tokenizer, head_scores=SCORES)
+    args = config(
+        tmp_path,
+        max_steps=1,
+        per_device_train_batch_size=3,
+        gradient_accumulation_steps=1,
+        train_sampling_strategy="group_by_length",
+    )
+    trainer = RetMaskTrainer(
+        model=make_tiny_model("llama"),
+        args=args,
+        train_dataset=prefs,
+        processing_class=tiny_tokenizer,
+        head_scores=SCORES,
+    )
     sampler = trainer._get_train_sampler()
     order = list(sampler)
     assert sorted(order) == list(range(n_rows))
@@ -701,7 +916,7 @@ def test_group_by_length_sorts_by_prompt_plus_longer_completion(tiny_tokenizer, 
     assert len(set(lengths)) > 3 and sampler.lengths == lengths
     mega = min(n_rows // (3 * 4), 50) * 3  # transformers' megabatch (6 rows here), each sorted longest first;
     for start in range(0, n_rows, mega):  # the overall longest row is swapped to the front, so skip the heads
-        chunk = [lengths[i] for i in order[start + 1:start + mega]]
+        chunk = [lengths[i] for i in order[start + 1 : start + mega]]
         assert chunk == sorted(chunk, reverse=True)
     assert lengths[order[0]] == max(lengths)
     trainer.train()  # the grouped order feeds a real step
@@ -716,38 +931,41 @@ def test_online_mode_refuses_length_grouping(tmp_path):
     assert config(tmp_path, regenerate_pairs_steps=2).online
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    ({"mask_strategy": "best"}, "mask_strategy"),
-    ({"mask_threshold": 0.0}, "mask_threshold"),
-    ({"mask_threshold": float("nan")}, "mask_threshold"),
-    ({"mask_top_k": 2.5}, "mask_top_k"),
-    ({"mask_top_k": True}, "mask_top_k"),
-    ({"temperature": -1.0}, "temperature"),
-    ({"temperature": float("nan")}, "temperature"),
-    ({"temperature": float("inf")}, "temperature"),
-    ({"top_p": float("nan")}, "top_p"),
-    ({"top_p": 0.0}, "top_p"),
-    ({"top_k": -1}, "top_k"),
-    ({"top_k": 1.5}, "top_k"),
-    ({"max_new_tokens": 0}, "max_new_tokens"),
-    ({"max_new_tokens": 8.0}, "max_new_tokens"),
-    ({"generation_batch_size": 0}, "generation_batch_size"),
-    ({"generation_seed": 1.5}, "generation_seed"),
-    ({"regenerate_pairs_steps": 0}, "regenerate_pairs_steps"),
-    ({"max_prompt_length": 0}, "max_prompt_length"),
-    ({"truncation_mode": "keep_end"}, r"deprecated by TRL.*truncation_side=\"left\""),  # before TRL's FutureWarning
-    ({"truncation_side": "middle"}, "`truncation_side` must be one of left, right"),
-    ({"keep_reasoning": "yes"}, "keep_reasoning"),
-    ({"max_length": 1}, "max_length"),
-    ({"cache_pairs": "yes"}, "cache_pairs"),
-    ({"generation_kwargs": ["top_k"]}, "generation_kwargs"),
-    ({"generation_kwargs": {"max_new_tokens": 5}}, "field of its own"),  # failed after loading ("multiple values")
-    ({"generation_kwargs": {"top_k": 5}}, "field of its own"),
-    ({"generation_kwargs": {"num_return_sequences": 2}}, "one sequence per prompt"),
-    ({"generation_kwargs": {"repetiton_penalty": 1.1}}, "not fields of transformers.GenerationConfig"),
-    ({"beta": float("nan")}, "`beta` must be a finite number"),  # DPOConfig's own floats: NaN trained to NaN
-    ({"learning_rate": float("inf")}, "`learning_rate` must be a finite number"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"mask_strategy": "best"}, "mask_strategy"),
+        ({"mask_threshold": 0.0}, "mask_threshold"),
+        ({"mask_threshold": float("nan")}, "mask_threshold"),
+        ({"mask_top_k": 2.5}, "mask_top_k"),
+        ({"mask_top_k": True}, "mask_top_k"),
+        ({"temperature": -1.0}, "temperature"),
+        ({"temperature": float("nan")}, "temperature"),
+        ({"temperature": float("inf")}, "temperature"),
+        ({"top_p": float("nan")}, "top_p"),
+        ({"top_p": 0.0}, "top_p"),
+        ({"top_k": -1}, "top_k"),
+        ({"top_k": 1.5}, "top_k"),
+        ({"max_new_tokens": 0}, "max_new_tokens"),
+        ({"max_new_tokens": 8.0}, "max_new_tokens"),
+        ({"generation_batch_size": 0}, "generation_batch_size"),
+        ({"generation_seed": 1.5}, "generation_seed"),
+        ({"regenerate_pairs_steps": 0}, "regenerate_pairs_steps"),
+        ({"max_prompt_length": 0}, "max_prompt_length"),
+        ({"truncation_mode": "keep_end"}, r"deprecated by TRL.*truncation_side=\"left\""),  # before TRL's FutureWarning
+        ({"truncation_side": "middle"}, "`truncation_side` must be one of left, right"),
+        ({"keep_reasoning": "yes"}, "keep_reasoning"),
+        ({"max_length": 1}, "max_length"),
+        ({"cache_pairs": "yes"}, "cache_pairs"),
+        ({"generation_kwargs": ["top_k"]}, "generation_kwargs"),
+        ({"generation_kwargs": {"max_new_tokens": 5}}, "field of its own"),  # failed after loading ("multiple values")
+        ({"generation_kwargs": {"top_k": 5}}, "field of its own"),
+        ({"generation_kwargs": {"num_return_sequences": 2}}, "one sequence per prompt"),
+        ({"generation_kwargs": {"repetiton_penalty": 1.1}}, "not fields of transformers.GenerationConfig"),
+        ({"beta": float("nan")}, "`beta` must be a finite number"),  # DPOConfig's own floats: NaN trained to NaN
+        ({"learning_rate": float("inf")}, "`learning_rate` must be a finite number"),
+    ],
+)
 def test_config_refuses_non_finite_and_wrong_types(tmp_path, kwargs, match):
     with pytest.raises(ValueError, match=match):
         config(tmp_path, **kwargs)
@@ -760,8 +978,21 @@ def test_config_is_one_vocabulary_with_the_selection_arguments(tmp_path):
 
     assert issubclass(RetMaskConfig, HeadSelectionArguments)
     (args,) = TrlParser((RetMaskConfig,)).parse_args_and_config(
-        ["--output_dir", str(tmp_path), "--mask_top_k", "7", "--mask_strategy", "random", "--report_to", "none",
-         "--max_prompt_length", "512", "--loss_type", "sigmoid"])
+        [
+            "--output_dir",
+            str(tmp_path),
+            "--mask_top_k",
+            "7",
+            "--mask_strategy",
+            "random",
+            "--report_to",
+            "none",
+            "--max_prompt_length",
+            "512",
+            "--loss_type",
+            "sigmoid",
+        ]
+    )
     assert args.selection == {"threshold": None, "top_k": 7, "strategy": "random", "seed": 0}
     assert args.max_prompt_length == 512 and args.loss_type == ["sigmoid"]  # DPOConfig.__post_init__ ran
     assert RetMaskConfig(str(tmp_path)).output_dir == str(tmp_path)  # positional output_dir, as in TRL
@@ -773,7 +1004,7 @@ def test_config_is_one_vocabulary_with_the_selection_arguments(tmp_path):
 def trl024_kept(prompt_ids, completion_ids, max_prompt_length, max_length):
     """What TRL 0.24 trains on (independent of TRL 1.x): `tokenize_row` keeps the prompt's last max_prompt_length
     tokens; `concatenated_forward` with truncation_mode="keep_end" keeps the sequence's last max_length tokens."""
-    prompt = prompt_ids[len(prompt_ids) - max_prompt_length:] if len(prompt_ids) > max_prompt_length else prompt_ids
+    prompt = prompt_ids[len(prompt_ids) - max_prompt_length :] if len(prompt_ids) > max_prompt_length else prompt_ids
     sequence = prompt + completion_ids
     loss_mask = [0] * len(prompt) + [1] * len(completion_ids)
     start = max(0, len(sequence) - max_length)
@@ -785,18 +1016,26 @@ def test_truncation_reproduces_trl_024_keep_end(pad_to_multiple_of, tiny_tokeniz
     """RetMaskConfig's defaults cut as TRL 0.24 did, without TRL's deprecated keep_end (no FutureWarning)."""
     words = "the man said tell me a story about the sea how many boys went to school".split()
     rows = [(12, 2), (3, 9), (9, 7), (2, 2), (15, 1)]  # (prompt words, completion words): long and short of each
-    prefs = Dataset.from_dict({
-        "prompt": [" ".join(words[:p]) for p, _ in rows],
-        "chosen": [" " + " ".join(words[-c:]) for _, c in rows],
-        "rejected": [" " + " ".join(words[:c]) for _, c in rows],
-    })
+    prefs = Dataset.from_dict(
+        {
+            "prompt": [" ".join(words[:p]) for p, _ in rows],
+            "chosen": [" " + " ".join(words[-c:]) for _, c in rows],
+            "rejected": [" " + " ".join(words[:c]) for _, c in rows],
+        }
+    )
     max_prompt_length, max_length = 5, 8
     with warnings.catch_warnings():
         warnings.simplefilter("error", FutureWarning)
-        args = config(tmp_path, max_prompt_length=max_prompt_length, max_length=max_length,
-                      pad_to_multiple_of=pad_to_multiple_of)  # truncation_side="left", the default
-    trainer = RetMaskTrainer(model=make_tiny_model("llama"), args=args, train_dataset=prefs,
-                             processing_class=tiny_tokenizer, head_scores=SCORES)
+        args = config(
+            tmp_path, max_prompt_length=max_prompt_length, max_length=max_length, pad_to_multiple_of=pad_to_multiple_of
+        )  # truncation_side="left", the default
+    trainer = RetMaskTrainer(
+        model=make_tiny_model("llama"),
+        args=args,
+        train_dataset=prefs,
+        processing_class=tiny_tokenizer,
+        head_scores=SCORES,
+    )
     assert len(trainer.train_dataset) == len(rows), "no row dropped"
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(rows))])
     assert batch["input_ids"].shape[1] == (9 if pad_to_multiple_of else max_length)  # the longest rows fill it
@@ -805,9 +1044,10 @@ def test_truncation_reproduces_trl_024_keep_end(pad_to_multiple_of, tiny_tokeniz
         prompt_ids = tiny_tokenizer(row["prompt"])["input_ids"]
         for half, role in enumerate(("chosen", "rejected")):
             full = tiny_tokenizer(row["prompt"] + row[role])["input_ids"]
-            assert full[:len(prompt_ids)] == prompt_ids  # the tiny tokenizer splits on spaces: a clean boundary
-            expected_ids, expected_mask = trl024_kept(prompt_ids, full[len(prompt_ids):] + eos, max_prompt_length,
-                                                      max_length)
+            assert full[: len(prompt_ids)] == prompt_ids  # the tiny tokenizer splits on spaces: a clean boundary
+            expected_ids, expected_mask = trl024_kept(
+                prompt_ids, full[len(prompt_ids) :] + eos, max_prompt_length, max_length
+            )
             r = half * len(rows) + i
             n = int(batch["attention_mask"][r].sum())
             assert batch["input_ids"][r][:n].tolist() == expected_ids, (i, role)
@@ -823,11 +1063,17 @@ def test_a_users_collator_is_wrapped_with_the_same_truncation(tiny_tokenizer, tm
         seen.append([e["prompt_ids"] for e in examples])
         return inner(examples)
 
-    prefs = Dataset.from_dict({"prompt": ["the man said tell me"], "chosen": [" a story about the sea"],
-                               "rejected": [" no"]})
-    trainer = RetMaskTrainer(model=make_tiny_model("llama"), args=config(tmp_path, max_prompt_length=2, max_length=4),
-                             train_dataset=prefs, processing_class=tiny_tokenizer, head_scores=SCORES,
-                             data_collator=collator)
+    prefs = Dataset.from_dict(
+        {"prompt": ["the man said tell me"], "chosen": [" a story about the sea"], "rejected": [" no"]}
+    )
+    trainer = RetMaskTrainer(
+        model=make_tiny_model("llama"),
+        args=config(tmp_path, max_prompt_length=2, max_length=4),
+        train_dataset=prefs,
+        processing_class=tiny_tokenizer,
+        head_scores=SCORES,
+        data_collator=collator,
+    )
     row = trainer.train_dataset[0]
     batch = trainer.data_collator([row])
     assert seen == [[row["prompt_ids"][-2:]]]  # prompts cut before the user's collator
@@ -837,19 +1083,24 @@ def test_a_users_collator_is_wrapped_with_the_same_truncation(tiny_tokenizer, tm
 
 def test_long_prompts_are_truncated_not_dropped_under_keep_start(tiny_tokenizer, tmp_path):
     long_prompt = " ".join(["the man said"] * 6)  # 18 words: fills max_length=10 alone
-    prefs = Dataset.from_dict({"prompt": [long_prompt, "the man"], "chosen": [" yes", " yes"],
-                               "rejected": [" no", " no"]})
-    trainer = RetMaskTrainer(model=make_tiny_model("llama"), args=config(tmp_path, max_length=10,
-                                                                         truncation_side="right"),
-                             train_dataset=prefs, processing_class=tiny_tokenizer, head_scores=SCORES)
+    prefs = Dataset.from_dict(
+        {"prompt": [long_prompt, "the man"], "chosen": [" yes", " yes"], "rejected": [" no", " no"]}
+    )
+    trainer = RetMaskTrainer(
+        model=make_tiny_model("llama"),
+        args=config(tmp_path, max_length=10, truncation_side="right"),
+        train_dataset=prefs,
+        processing_class=tiny_tokenizer,
+        head_scores=SCORES,
+    )
     assert len(trainer.train_dataset) == 2  # TRL alone drops the first row
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(2)])
     prompt_ids = tiny_tokenizer(long_prompt)["input_ids"]
     eos = [tiny_tokenizer.eos_token_id]
     kept = prompt_ids[-5:] + tiny_tokenizer(" yes")["input_ids"] + eos  # its last max_length // 2 tokens, then yes
-    assert batch["input_ids"][0][:len(kept)].tolist() == kept and int(batch["attention_mask"][0].sum()) == len(kept)
+    assert batch["input_ids"][0][: len(kept)].tolist() == kept and int(batch["attention_mask"][0].sum()) == len(kept)
     short = tiny_tokenizer("the man yes")["input_ids"] + eos  # short: untouched
-    assert batch["input_ids"][1][:len(short)].tolist() == short
+    assert batch["input_ids"][1][: len(short)].tolist() == short
     assert truncate_prompt(list(range(20)), 12, 10, "right") == list(range(15, 20))
     assert truncate_prompt(list(range(20)), 12, 10, "left") == list(range(8, 20))
     assert truncate_prompt(list(range(20)), None, None) == list(range(20))
@@ -861,8 +1112,13 @@ def test_pair_statistics_logged_once_at_info(tiny_tokenizer, tmp_path, caplog):
     def messages():
         caplog.clear()
         with caplog.at_level(logging.INFO):
-            trainer = RetMaskTrainer(model=make_tiny_model("llama"), args=config(tmp_path), train_dataset=prompts(),
-                                     processing_class=tiny_tokenizer, head_scores=SCORES)
+            trainer = RetMaskTrainer(
+                model=make_tiny_model("llama"),
+                args=config(tmp_path),
+                train_dataset=prompts(),
+                processing_class=tiny_tokenizer,
+                head_scores=SCORES,
+            )
         records = [r for r in caplog.records if r.name.startswith("trl_retmask") and "pairs" in r.getMessage()]
         assert all(r.name == "trl_retmask.trainer" for r in records)  # one line, from the trainer (main process)
         assert all(r.levelno == logging.INFO for r in records)
@@ -870,9 +1126,11 @@ def test_pair_statistics_logged_once_at_info(tiny_tokenizer, tmp_path, caplog):
 
     # The line a user reads: every statistic, and whether the pairs were generated or read from the cache.
     (first,), s = messages()
-    assert first == (f"RetMask train pairs: kept {s.kept} of 4 (dropped {s.dropped_identical} identical, 0 empty); "
-                     f"mean chosen/rejected tokens {s.mean_chosen_tokens:.1f}/{s.mean_rejected_tokens:.1f}; "
-                     f"{s.tokens_per_second:.1f} generated tokens/s")
+    assert first == (
+        f"RetMask train pairs: kept {s.kept} of 4 (dropped {s.dropped_identical} identical, 0 empty); "
+        f"mean chosen/rejected tokens {s.mean_chosen_tokens:.1f}/{s.mean_rejected_tokens:.1f}; "
+        f"{s.tokens_per_second:.1f} generated tokens/s"
+    )
     (again,), s = messages()
     assert again.startswith(f"RetMask train pairs: kept {s.kept} of 4") and again.endswith(" (from cache)")
 
@@ -962,7 +1220,9 @@ def test_dataset_shapes_and_cache_location(tmp_path):
         assert str(error.value) == (
             f"`x` has columns {list(columns)}, but RetMask needs a `prompt` column (prompts to complete with pairs) or "
             "`chosen`/`rejected` columns (preference pairs). Rename the prompt column, e.g. "
-            "`dataset.rename_column('question', 'prompt')`.")
+            "`dataset.rename_column('question', 'prompt')`."
+        )
+
     # The pair cache is decided in one place, the config, with one default for every entry point.
     def cache_dir(**kw):
         return RetMaskConfig(str(tmp_path), report_to="none", bf16=False, **kw).pair_generation_kwargs["cache_dir"]
@@ -978,8 +1238,13 @@ def test_precomputed_reference_log_probs_are_the_initial_policys_and_live_on_sha
     log-probs beside the dataset's files, which every process must be able to read)."""
     model = make_tiny_model("llama")
     initial = copy.deepcopy(model).eval()
-    trainer = RetMaskTrainer(model=model, args=config(tmp_path, precompute_ref_log_probs=True, max_steps=2),
-                             train_dataset=prompts(), processing_class=tiny_tokenizer, head_scores=SCORES)
+    trainer = RetMaskTrainer(
+        model=model,
+        args=config(tmp_path, precompute_ref_log_probs=True, max_steps=2),
+        train_dataset=prompts(),
+        processing_class=tiny_tokenizer,
+        head_scores=SCORES,
+    )
     assert trainer.ref_model is None
     data = trainer.train_dataset
     files = [Path(f["filename"]) for f in data.cache_files]
@@ -991,7 +1256,7 @@ def test_precomputed_reference_log_probs_are_the_initial_policys_and_live_on_sha
         ids = torch.tensor([prompt_ids + completion_ids])
         with torch.no_grad():
             lp = initial(ids).logits[0, :-1].float().log_softmax(-1).gather(-1, ids[0, 1:, None])[:, 0]
-        return lp[len(prompt_ids) - 1:].sum().item()
+        return lp[len(prompt_ids) - 1 :].sum().item()
 
     assert len(data) == trainer.pair_stats["train"].kept > 0
     for row in data:
@@ -1004,15 +1269,24 @@ def test_precomputed_reference_log_probs_are_the_initial_policys_and_live_on_sha
     # A second trainer on the same pairs reads the saved dataset instead of writing it again.
     (saved,) = pairs_folder.glob("dataset-*/state.json")
     written = saved.stat().st_mtime_ns
-    again = RetMaskTrainer(model=copy.deepcopy(initial), args=config(tmp_path, precompute_ref_log_probs=True),
-                           train_dataset=prompts(), processing_class=tiny_tokenizer, head_scores=SCORES)
+    again = RetMaskTrainer(
+        model=copy.deepcopy(initial),
+        args=config(tmp_path, precompute_ref_log_probs=True),
+        train_dataset=prompts(),
+        processing_class=tiny_tokenizer,
+        head_scores=SCORES,
+    )
     assert [Path(f["filename"]).parent for f in again.train_dataset.cache_files][0] == files[0].parent
     assert again.train_dataset["ref_chosen_logps"] == pytest.approx(data["ref_chosen_logps"], abs=1e-6)
     assert saved.stat().st_mtime_ns == written
     # Other pairs (other heads masked) get their own saved dataset, never the first one's rows.
-    other = RetMaskTrainer(model=copy.deepcopy(initial),
-                           args=config(tmp_path, precompute_ref_log_probs=True, mask_top_k=1),
-                           train_dataset=prompts(), processing_class=tiny_tokenizer, head_scores=SCORES)
+    other = RetMaskTrainer(
+        model=copy.deepcopy(initial),
+        args=config(tmp_path, precompute_ref_log_probs=True, mask_top_k=1),
+        train_dataset=prompts(),
+        processing_class=tiny_tokenizer,
+        head_scores=SCORES,
+    )
     assert len(list(pairs_folder.glob("dataset-*/state.json"))) == 2
     assert Path(other.train_dataset.cache_files[0]["filename"]).parent != files[0].parent
     assert other.train_dataset["rejected"] != data["rejected"]
@@ -1021,20 +1295,30 @@ def test_precomputed_reference_log_probs_are_the_initial_policys_and_live_on_sha
 def test_online_regeneration_that_drops_every_pair_keeps_the_previous_pairs(tiny_tokenizer, tmp_path, caplog):
     """A regeneration whose new pairs are all identical (nothing to learn from) must not stop training: the previous
     pairs stay, with a warning, and no regeneration is recorded."""
-    trainer = RetMaskTrainer(model=make_tiny_model("llama"), args=config(tmp_path, regenerate_pairs_steps=2),
-                             train_dataset=prompts(["the man said"]), processing_class=tiny_tokenizer,
-                             head_scores=SCORES)
+    trainer = RetMaskTrainer(
+        model=make_tiny_model("llama"),
+        args=config(tmp_path, regenerate_pairs_steps=2),
+        train_dataset=prompts(["the man said"]),
+        processing_class=tiny_tokenizer,
+        head_scores=SCORES,
+    )
     before, stats = trainer.train_dataset.current, trainer.pair_stats["train"]
     trainer.masked_heads = [(2, 3)]  # for these prompts, a mask that changes no greedy answer within 1 token
     trainer.args.max_new_tokens = 1
-    assert independent(trainer.model, tiny_tokenizer, "the man said", max_new_tokens=1) == \
-        independent(trainer.model, tiny_tokenizer, "the man said", [(2, 3)], max_new_tokens=1)
+    assert independent(trainer.model, tiny_tokenizer, "the man said", max_new_tokens=1) == independent(
+        trainer.model, tiny_tokenizer, "the man said", [(2, 3)], max_new_tokens=1
+    )
     with caplog.at_level("WARNING", logger="trl_retmask.trainer"):
         trainer.regenerate_train_pairs(2)
     assert trainer.train_dataset.current is before and trainer.pair_stats["train"] is stats
     assert trainer.pair_stats_history == []
-    assert any(r.getMessage().startswith("Online RetMask at step 2 kept the previous pairs: All 1 generated pairs "
-                                         "of the train@2 dataset were dropped") for r in caplog.records)
+    assert any(
+        r.getMessage().startswith(
+            "Online RetMask at step 2 kept the previous pairs: All 1 generated pairs "
+            "of the train@2 dataset were dropped"
+        )
+        for r in caplog.records
+    )
 
     trainer.masked_heads = list(HEADS)  # and a regeneration that keeps pairs replaces them
     trainer.args.max_new_tokens = 6
@@ -1049,19 +1333,29 @@ def test_online_regeneration_that_drops_every_pair_keeps_the_previous_pairs(tiny
 
 
 @pytest.mark.parametrize("learning_rate,regenerated", [(2e-2, [2]), (2e-3, [])])
-def test_online_regeneration_restores_checkpointing_with_the_users_kwargs(tiny_tokenizer, tmp_path, learning_rate,
-                                                                            regenerated):
+def test_online_regeneration_restores_checkpointing_with_the_users_kwargs(
+    tiny_tokenizer, tmp_path, learning_rate, regenerated
+):
     """Generation runs with activation checkpointing off (TRL's `unwrap_model_for_generation`); afterwards it is back
     on with the user's kwargs (not transformers' default `use_reentrant=False`), also after a regeneration whose
     pairs were all dropped (at this learning rate the policy's answers no longer change under the mask): TRL's
     context manager does not restore checkpointing when its body raises, so that error must not cross it."""
     probe = CheckpointingProbe()
-    trainer = RetMaskTrainer(model=make_tiny_model("llama"),
-                             args=config(tmp_path, regenerate_pairs_steps=2, max_steps=3, learning_rate=learning_rate,
-                                         activation_checkpointing=True,
-                                         activation_checkpointing_kwargs={"use_reentrant": True}),
-                             train_dataset=prompts(), processing_class=tiny_tokenizer, head_scores=SCORES,
-                             callbacks=[probe])
+    trainer = RetMaskTrainer(
+        model=make_tiny_model("llama"),
+        args=config(
+            tmp_path,
+            regenerate_pairs_steps=2,
+            max_steps=3,
+            learning_rate=learning_rate,
+            activation_checkpointing=True,
+            activation_checkpointing_kwargs={"use_reentrant": True},
+        ),
+        train_dataset=prompts(),
+        processing_class=tiny_tokenizer,
+        head_scores=SCORES,
+        callbacks=[probe],
+    )
     trainer.train()
     assert [h["step"] for h in trainer.pair_stats_history] == regenerated
     assert probe.seen == {step: (True, {"use_reentrant": True}) for step in (0, 1, 2)}

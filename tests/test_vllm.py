@@ -23,10 +23,18 @@ from trl_retmask.scores import HeadScores
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB: the engine's KV cache, small for the tests
 
-QUESTIONS = ["What is the capital of France?", "Write a haiku about rain.", "Explain gravity to a child.",
-             "List three fruits.", "Who wrote Hamlet?", "What is 2+2?", "Name a colour of the sky.",
-             "Describe a cat in one sentence.", "Give me a tip for sleeping well.",
-             "What is the boiling point of water?"]
+QUESTIONS = [
+    "What is the capital of France?",
+    "Write a haiku about rain.",
+    "Explain gravity to a child.",
+    "List three fruits.",
+    "Who wrote Hamlet?",
+    "What is 2+2?",
+    "Name a colour of the sky.",
+    "Describe a cat in one sentence.",
+    "Give me a tip for sleeping well.",
+    "What is the boiling point of water?",
+]
 CHATS = [[{"role": "user", "content": q}] for q in QUESTIONS]
 HEADS = HeadScores.from_pretrained("SmolLM2-135M-Instruct").select(top_k=20)  # the bundled scores' top 20
 GREEDY = dict(temperature=0.0, max_new_tokens=12, show_progress=False)
@@ -45,7 +53,7 @@ def reference(model, tokenizer, chat, heads=(), max_new_tokens=12):
     ids = tokenizer.apply_chat_template(chat, add_generation_prompt=True, return_tensors="pt", return_dict=True)
     with torch.no_grad(), mask_heads(model, list(heads)):
         out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False)
-    return tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+    return tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
 
 
 @pytest.mark.real_model
@@ -109,13 +117,31 @@ def test_online_regeneration_decodes_the_updated_policy(engine_model, tmp_path):
         def on_step_end(self, args, state, control, model=None, **kw):
             snapshots[state.global_step] = {k: v.detach().clone() for k, v in model.state_dict().items()}
 
-    args = RetMaskConfig(str(tmp_path), max_steps=2, regenerate_pairs_steps=1, learning_rate=3e-4,
-                         per_device_train_batch_size=2, max_new_tokens=8, temperature=0.0, max_length=64,
-                         generation_backend="vllm", cache_pairs=False, report_to="none", save_strategy="no",
-                         logging_steps=1, use_cpu=True, seed=0)
-    trainer = RetMaskTrainer(model=policy, args=args, train_dataset=Dataset.from_dict({"prompt": CHATS[:4]}),
-                             processing_class=tokenizer, callbacks=[Snapshot()],
-                             head_scores=HeadScores.from_pretrained("SmolLM2-135M-Instruct"))
+    args = RetMaskConfig(
+        str(tmp_path),
+        max_steps=2,
+        regenerate_pairs_steps=1,
+        learning_rate=3e-4,
+        per_device_train_batch_size=2,
+        max_new_tokens=8,
+        temperature=0.0,
+        max_length=64,
+        generation_backend="vllm",
+        cache_pairs=False,
+        report_to="none",
+        save_strategy="no",
+        logging_steps=1,
+        use_cpu=True,
+        seed=0,
+    )
+    trainer = RetMaskTrainer(
+        model=policy,
+        args=args,
+        train_dataset=Dataset.from_dict({"prompt": CHATS[:4]}),
+        processing_class=tokenizer,
+        callbacks=[Snapshot()],
+        head_scores=HeadScores.from_pretrained("SmolLM2-135M-Instruct"),
+    )
     initial = list(trainer.train_dataset.current["chosen"])
     trainer.train()
     assert [h["step"] for h in trainer.pair_stats_history] == [1]
@@ -151,23 +177,35 @@ def test_sampling_params_follow_the_generation_config(smollm2):
     model = smollm2[0]
     greedy = sampling_params(make_generation_config(model, 7), seed=5)
     assert (greedy.temperature, greedy.max_tokens, greedy.seed, greedy.stop_token_ids) == (0.0, 7, None, [2])
-    sampled = sampling_params(make_generation_config(model, 9, temperature=0.6, top_p=0.9, top_k=20,
-                                                     repetition_penalty=1.1, min_p=0.05), seed=5)
-    assert (sampled.temperature, sampled.top_p, sampled.top_k, sampled.min_p, sampled.repetition_penalty,
-            sampled.seed, sampled.max_tokens) == (0.6, 0.9, 20, 0.05, 1.1, 5, 9)
+    sampled = sampling_params(
+        make_generation_config(model, 9, temperature=0.6, top_p=0.9, top_k=20, repetition_penalty=1.1, min_p=0.05),
+        seed=5,
+    )
+    assert (
+        sampled.temperature,
+        sampled.top_p,
+        sampled.top_k,
+        sampled.min_p,
+        sampled.repetition_penalty,
+        sampled.seed,
+        sampled.max_tokens,
+    ) == (0.6, 0.9, 20, 0.05, 1.1, 5, 9)
     with pytest.raises(ValueError, match="`no_repeat_ngram_size=3` has no vLLM equivalent"):
         sampling_params(make_generation_config(model, 7, no_repeat_ngram_size=3))
 
 
-@pytest.mark.parametrize("field, value, message", [
-    ("vllm_mode", "server", "`vllm_mode='server'` is not supported"),
-    ("vllm_mode", "remote", "`vllm_mode` must be one of colocate, server"),
-    ("vllm_gpu_memory_utilization", 1.5, r"`vllm_gpu_memory_utilization` must be in \(0, 1\]"),
-    ("vllm_tensor_parallel_size", 0, "`vllm_tensor_parallel_size` must be >= 1"),
-    ("vllm_max_model_length", 0, "`vllm_max_model_length` must be >= 1"),
-    ("vllm_model_impl", "jax", "`vllm_model_impl` must be one of auto, vllm, transformers"),
-    ("vllm_enable_sleep_mode", True, "needs CUDA"),
-])
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("vllm_mode", "server", "`vllm_mode='server'` is not supported"),
+        ("vllm_mode", "remote", "`vllm_mode` must be one of colocate, server"),
+        ("vllm_gpu_memory_utilization", 1.5, r"`vllm_gpu_memory_utilization` must be in \(0, 1\]"),
+        ("vllm_tensor_parallel_size", 0, "`vllm_tensor_parallel_size` must be >= 1"),
+        ("vllm_max_model_length", 0, "`vllm_max_model_length` must be >= 1"),
+        ("vllm_model_impl", "jax", "`vllm_model_impl` must be one of auto, vllm, transformers"),
+        ("vllm_enable_sleep_mode", True, "needs CUDA"),
+    ],
+)
 def test_bad_vllm_settings_fail_before_any_model_loads(field, value, message, tmp_path, monkeypatch):
     if field == "vllm_enable_sleep_mode" and torch.cuda.is_available():
         pytest.skip("sleep mode is valid with CUDA")
@@ -198,6 +236,22 @@ def test_pairs_stage_refuses_a_bad_vllm_setting_before_loading(tmp_path, monkeyp
 
     monkeypatch.setattr(common, "load_model_and_tokenizer", lambda *a, **k: pytest.fail("model loaded"))
     (tmp_path / "x.jsonl").write_text('{"prompt": "What is the capital of France?"}\n')
-    assert cli.main(["pairs", "--dataset_name", str(tmp_path / "x.jsonl"), "--output", str(tmp_path / "p.jsonl"),
-                     "--heads", "1-1", "--output_dir", str(tmp_path), "--vllm_mode", "server"]) == 2
+    assert (
+        cli.main(
+            [
+                "pairs",
+                "--dataset_name",
+                str(tmp_path / "x.jsonl"),
+                "--output",
+                str(tmp_path / "p.jsonl"),
+                "--heads",
+                "1-1",
+                "--output_dir",
+                str(tmp_path),
+                "--vllm_mode",
+                "server",
+            ]
+        )
+        == 2
+    )
     assert "`vllm_mode='server'` is not supported" in capsys.readouterr().err

@@ -8,8 +8,15 @@ from collections.abc import Sequence
 
 from trl.data_utils import is_conversational, maybe_apply_chat_template
 
-__all__ = ["check_prompt_ids", "check_prompts", "encode_prompts", "encode_rendered", "is_conversational_prompt",
-           "render_user_prompt", "row_template_kwargs"]
+__all__ = [
+    "check_prompt_ids",
+    "check_prompts",
+    "encode_prompts",
+    "encode_rendered",
+    "is_conversational_prompt",
+    "render_user_prompt",
+    "row_template_kwargs",
+]
 
 
 def render_user_prompt(tokenizer, content: str, plain_suffix: str = "", **template_kwargs) -> str:
@@ -46,11 +53,14 @@ def check_prompts(prompts: Sequence) -> None:
         elif isinstance(p, list) and all(isinstance(m, dict) for m in p):
             empty = not p or _blank(p[-1].get("content"))
         else:
-            raise ValueError(f"Prompt {i} must be a string or a list of chat messages, got {type(p).__name__}: "
-                             f"{p!r:.80}")
+            raise ValueError(
+                f"Prompt {i} must be a string or a list of chat messages, got {type(p).__name__}: {p!r:.80}"
+            )
         if empty:
-            raise ValueError(f"Prompt {i} is empty ({p!r:.80}); remove empty prompts from the data "
-                             "(e.g. `dataset.filter(...)`) before generating.")
+            raise ValueError(
+                f"Prompt {i} is empty ({p!r:.80}); remove empty prompts from the data "
+                "(e.g. `dataset.filter(...)`) before generating."
+            )
 
 
 def check_prompt_ids(prompt_ids: Sequence[Sequence[int]]) -> None:
@@ -98,7 +108,8 @@ def row_template_kwargs(row: dict) -> dict | None:
             raise ValueError(f"The `tools` column holds a string that is not JSON ({e}): {tools!r:.80}") from None
     extra = row.get("chat_template_kwargs") or {}
     if not isinstance(extra, dict):
-        raise ValueError(f"The `chat_template_kwargs` column must hold dicts, got {type(extra).__name__}: "
-                         f"{extra!r:.80}")
+        raise ValueError(
+            f"The `chat_template_kwargs` column must hold dicts, got {type(extra).__name__}: {extra!r:.80}"
+        )
     kwargs = {**({"tools": tools} if tools is not None else {}), **extra}
     return kwargs or None

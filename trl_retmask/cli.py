@@ -19,9 +19,12 @@ TRAIN_MODULE = "trl_retmask.scripts.train"
 
 
 def build_parser() -> ArgumentParser:
-    parser = ArgumentParser(prog="trl-retmask", allow_abbrev=False,
-                            description="RetMask: retrieval-head masking + DPO for TRL. `trl-retmask STAGE --help` "
-                                        "lists a stage's arguments.")
+    parser = ArgumentParser(
+        prog="trl-retmask",
+        allow_abbrev=False,
+        description="RetMask: retrieval-head masking + DPO for TRL. `trl-retmask STAGE --help` "
+        "lists a stage's arguments.",
+    )
     subparsers = parser.add_subparsers(dest="command", metavar="STAGE")
     for name, help_text in STAGES.items():
         subparsers.add_parser(name, help=help_text, add_help=False)  # each stage parses its own arguments
@@ -71,7 +74,8 @@ def train(argv: list[str]) -> None:
     parser = script.make_parser(prog="trl-retmask train", recipe=script.recipe_in(argv))
     with config_argv(argv) as args:
         *parsed, config_remaining, cli_remaining = parser.parse_args_and_config(
-            args, return_remaining_strings=True, separate_remaining_strings=True)
+            args, return_remaining_strings=True, separate_remaining_strings=True
+        )
     launch_args = config_remaining + cli_remaining
     if launch_args:
         launch_training(resolve_accelerate_config(launch_args), _subtract_subsequence(argv, cli_remaining))
@@ -87,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    rest = argv[argv.index(args.command) + 1:]
+    rest = argv[argv.index(args.command) + 1 :]
     if args.command == "train":
         return run_stage("train", train, rest)
     module = importlib.import_module(f"trl_retmask.scripts.{args.command}")

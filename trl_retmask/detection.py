@@ -49,8 +49,12 @@ AUTHORS_DEPTHS = tuple(int(x) for x in np.round(np.linspace(0, 100, 10)))
 """`np.round(np.linspace(0, 100, 10))`: their needle depths in percent, 0 to 100."""
 
 DETECTION_PRESETS = {
-    "authors": {"context_lengths": AUTHORS_CONTEXT_LENGTHS, "depths": AUTHORS_DEPTHS, "max_new_tokens": 50,
-                "length_buffer": 200},
+    "authors": {
+        "context_lengths": AUTHORS_CONTEXT_LENGTHS,
+        "depths": AUTHORS_DEPTHS,
+        "max_new_tokens": 50,
+        "length_buffer": 200,
+    },
     "cpu": {"context_lengths": (526, 1053), "depths": (0, 56, 100), "max_new_tokens": 50, "length_buffer": 200},
 }
 """Keyword arguments of `detect_retrieval_heads`. "authors": their grid and budget (the defaults; 600 samples).
@@ -99,8 +103,10 @@ def _register(base: str) -> str:
     name = _IMPL_PREFIX + base
     if name not in ALL_ATTENTION_FUNCTIONS:
         if base not in ALL_MASK_ATTENTION_FUNCTIONS or base.startswith("flex"):
-            raise ValueError(f"Retrieval-head detection supports sdpa, eager and flash attention, not {base!r}; "
-                             "load the model with attn_implementation='sdpa'.")
+            raise ValueError(
+                f"Retrieval-head detection supports sdpa, eager and flash attention, not {base!r}; "
+                "load the model with attn_implementation='sdpa'."
+            )
         AttentionInterface.register(name, _make_wrapper(base))
         ALL_MASK_ATTENTION_FUNCTIONS.register(name, ALL_MASK_ATTENTION_FUNCTIONS[base])
     return name
@@ -151,8 +157,9 @@ class ArgmaxRecorder:
     def positions(self, first_pos: int, steps: int) -> torch.Tensor:
         """`[steps, layers, heads]`: for generated token t, the rows of the forward at position first_pos + t."""
         layers = sorted(self.rows)
-        return torch.stack([torch.stack([self.rows[layer][first_pos + t] for layer in layers])
-                            for t in range(steps)]).cpu()
+        return torch.stack(
+            [torch.stack([self.rows[layer][first_pos + t] for layer in layers]) for t in range(steps)]
+        ).cpu()
 
 
 @contextmanager
@@ -177,8 +184,9 @@ def record_attention_argmax(model):
 
 
 # ------------------------------------------------------------------------------------------------------ scoring
-def copy_scores(positions: torch.Tensor, generated: torch.Tensor, sequence: torch.Tensor,
-                span: tuple[int, int]) -> torch.Tensor:
+def copy_scores(
+    positions: torch.Tensor, generated: torch.Tensor, sequence: torch.Tensor, span: tuple[int, int]
+) -> torch.Tensor:
     """`[layers, heads]` retrieval score of one sample (vectorised over steps, layers and heads).
 
     positions `[steps, layers, heads]` (argmax key position per generated token), generated `[steps]`,
@@ -199,14 +207,28 @@ def _score_sample(model, tokenizer, recorder: ArgmaxRecorder, sample: NIAHSample
     response = tokenizer.decode(new, skip_special_tokens=True)
     positions = recorder.positions(len(sample.input_ids) - 1, len(new))
     scores = copy_scores(positions, torch.tensor(new), torch.tensor(sample.input_ids + new), sample.answer_span)
-    return {"response": response, **score_answer(sample.answer, response), "num_new_tokens": len(new),
-            "scores": [round(v, 6) for v in scores.flatten().tolist()]}
+    return {
+        "response": response,
+        **score_answer(sample.answer, response),
+        "num_new_tokens": len(new),
+        "scores": [round(v, 6) for v in scores.flatten().tolist()],
+    }
 
 
-def detect_retrieval_heads(model, tokenizer, context_lengths: Iterable[int] = AUTHORS_CONTEXT_LENGTHS,
-                           depths: Iterable[float] = AUTHORS_DEPTHS, needles=None, max_new_tokens: int = 50,
-                           output_dir=None, haystack_dir=None, overwrite: bool = False, *, length_buffer: int = 200,
-                           haystack_per_needle: bool | None = None):
+def detect_retrieval_heads(
+    model,
+    tokenizer,
+    context_lengths: Iterable[int] = AUTHORS_CONTEXT_LENGTHS,
+    depths: Iterable[float] = AUTHORS_DEPTHS,
+    needles=None,
+    max_new_tokens: int = 50,
+    output_dir=None,
+    haystack_dir=None,
+    overwrite: bool = False,
+    *,
+    length_buffer: int = 200,
+    haystack_per_needle: bool | None = None,
+):
     """Retrieval scores of every head from greedy NIAH decoding over context_lengths x depths x needles.
 
     The defaults are the RetMask authors' (`DETECTION_PRESETS["authors"]`): lengths 0..5000 x 10 depths, 50 greedy
@@ -224,27 +246,48 @@ def detect_retrieval_heads(model, tokenizer, context_lengths: Iterable[int] = AU
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}.")
     num_layers, num_heads, _ = head_layout(model)
-    samples = build_niah_samples(tokenizer, context_lengths, depths, needles, haystack_dir,
-                                 max_length=model_window(model), max_new_tokens=max_new_tokens,
-                                 length_buffer=length_buffer, haystack_per_needle=haystack_per_needle)
+    samples = build_niah_samples(
+        tokenizer,
+        context_lengths,
+        depths,
+        needles,
+        haystack_dir,
+        max_length=model_window(model),
+        max_new_tokens=max_new_tokens,
+        length_buffer=length_buffer,
+        haystack_per_needle=haystack_per_needle,
+    )
     missing = sorted({s.needle_index for s in samples if s.answer_span is None})
     if missing:
-        raise ValueError(f"The real_needle of needle(s) {missing} does not occur in its needle (case-insensitive): "
-                         "detection scores copies of the real_needle's tokens, so it must be part of the needle.")
+        raise ValueError(
+            f"The real_needle of needle(s) {missing} does not occur in its needle (case-insensitive): "
+            "detection scores copies of the real_needle's tokens, so it must be part of the needle."
+        )
     generation = niah_generation_config(model, max_new_tokens, stop_at_eos=False)
     fp = ""
     if output_dir is not None:  # before the recorder swaps the attention implementation
-        fp = fingerprint(kind="detect", model=model_fingerprint(model), samples=samples_fingerprint(samples),
-                         generation=generation)
-    info = {**samples_info(model, samples), "max_new_tokens": max_new_tokens, "length_buffer": length_buffer,
-            "layout": [num_layers, num_heads]}
+        fp = fingerprint(
+            kind="detect", model=model_fingerprint(model), samples=samples_fingerprint(samples), generation=generation
+        )
+    info = {
+        **samples_info(model, samples),
+        "max_new_tokens": max_new_tokens,
+        "length_buffer": length_buffer,
+        "layout": [num_layers, num_heads],
+    }
     with record_attention_argmax(model) as recorder:
         records = run_niah_samples(
-            samples, lambda s: _score_sample(model, tokenizer, recorder, s, max_new_tokens),
-            output_dir, name="detect", fingerprint=fp, info=info, overwrite=overwrite,
+            samples,
+            lambda s: _score_sample(model, tokenizer, recorder, s, max_new_tokens),
+            output_dir,
+            name="detect",
+            fingerprint=fp,
+            info=info,
+            overwrite=overwrite,
             fields=("response", "rouge1_recall", "correct", "scores"),
             verify=lambda s, r: isinstance(r["scores"], list) and len(r["scores"]) == num_layers * num_heads,
-            desc="Retrieval-head detection")
+            desc="Retrieval-head detection",
+        )
 
     correct = [r for r in records if r["correct"]]
     is_main = process_state().is_main_process
@@ -257,12 +300,17 @@ def detect_retrieval_heads(model, tokenizer, context_lengths: Iterable[int] = AU
             "retrieval score can be computed. Use shorter contexts (context_lengths) or more new tokens."
         )
     if len(correct) < len(records) / 4:
-        warnings.warn(f"Only {len(correct)}/{len(records)} NIAH samples were answered correctly; the scores rest "
-                      "on few samples. Shorter contexts give more.", stacklevel=2)
+        warnings.warn(
+            f"Only {len(correct)}/{len(records)} NIAH samples were answered correctly; the scores rest "
+            "on few samples. Shorter contexts give more.",
+            stacklevel=2,
+        )
     per_head = torch.tensor([r["scores"] for r in correct]).reshape(len(correct), num_layers, num_heads)
-    scores = HeadScores({(layer, head): per_head[:, layer, head].tolist()
-                         for layer in range(num_layers) for head in range(num_heads)},
-                        num_layers=num_layers, num_heads=num_heads)
+    scores = HeadScores(
+        {(layer, head): per_head[:, layer, head].tolist() for layer in range(num_layers) for head in range(num_heads)},
+        num_layers=num_layers,
+        num_heads=num_heads,
+    )
     if output_dir is not None and is_main:
         _save_outputs(Path(output_dir), scores, grid, num_samples=len(records), num_correct=len(correct))
     return scores
@@ -276,8 +324,12 @@ def _save_outputs(out: Path, scores, grid, *, num_samples: int, num_correct: int
         unchanged = HeadScores.load(path).scores == scores.scores
     except (OSError, ValueError):
         unchanged = False
-    if not write_json(out / "sparsity.json", summary) and unchanged and (out / "head_scores.png").is_file() \
-            and (out / "niah_grid.png").is_file():
+    if (
+        not write_json(out / "sparsity.json", summary)
+        and unchanged
+        and (out / "head_scores.png").is_file()
+        and (out / "niah_grid.png").is_file()
+    ):
         return
     scores.save(path)
     scores.plot(out / "head_scores.png", title=f"Retrieval scores ({num_correct}/{num_samples} samples)")
@@ -285,6 +337,12 @@ def _save_outputs(out: Path, scores, grid, *, num_samples: int, num_correct: int
 
 
 __all__ = [
-    "AUTHORS_CONTEXT_LENGTHS", "AUTHORS_DEPTHS", "DETECTION_PRESETS", "ArgmaxRecorder", "copy_scores",
-    "detect_retrieval_heads", "last_row_argmax", "record_attention_argmax",
+    "AUTHORS_CONTEXT_LENGTHS",
+    "AUTHORS_DEPTHS",
+    "DETECTION_PRESETS",
+    "ArgmaxRecorder",
+    "copy_scores",
+    "detect_retrieval_heads",
+    "last_row_argmax",
+    "record_attention_argmax",
 ]

@@ -13,8 +13,14 @@ from accelerate import PartialState
 from accelerate.utils import broadcast_object_list
 from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 
-__all__ = ["end_processes", "from_main_process", "gathered_for_generation", "limit_cpu_training_memory",
-           "process_state", "unwrapped_for_generation"]
+__all__ = [
+    "end_processes",
+    "from_main_process",
+    "gathered_for_generation",
+    "limit_cpu_training_memory",
+    "process_state",
+    "unwrapped_for_generation",
+]
 
 
 def process_state() -> PartialState:
@@ -48,8 +54,9 @@ def unwrapped_for_generation(trainer):
     was_on = unwrapped.is_gradient_checkpointing  # the names TRL reads and calls, valid on every transformers 5
     kwargs = trainer.args.gradient_checkpointing_kwargs
     try:
-        with unwrap_model_for_generation(trainer.model_wrapped, trainer.accelerator,
-                                         gradient_checkpointing_kwargs=kwargs) as model:
+        with unwrap_model_for_generation(
+            trainer.model_wrapped, trainer.accelerator, gradient_checkpointing_kwargs=kwargs
+        ) as model:
             yield model
     finally:
         if was_on and not unwrapped.is_gradient_checkpointing:
@@ -94,7 +101,10 @@ def limit_cpu_training_memory(device: torch.device | str = "cpu", threshold: int
     5.9 GB resident for 2.1 GB of live tensors after a DPO micro-batch). A fixed threshold turns that adjustment off.
     No-op (returns False) on accelerators, off glibc, or when the user set `MALLOC_MMAP_THRESHOLD_` (it wins).
     """
-    if (torch.device(device).type != "cpu" or platform.libc_ver()[0] != "glibc"
-            or "MALLOC_MMAP_THRESHOLD_" in os.environ):
+    if (
+        torch.device(device).type != "cpu"
+        or platform.libc_ver()[0] != "glibc"
+        or "MALLOC_MMAP_THRESHOLD_" in os.environ
+    ):
         return False
     return ctypes.CDLL(None).mallopt(_M_MMAP_THRESHOLD, int(threshold)) == 1

@@ -88,8 +88,10 @@ def _offload_owner(name: str, t: torch.Tensor, offloaded: dict) -> str | None:
         return None
     owner = max((n for n in offloaded if name.startswith(f"{n}.") or n == ""), key=len, default=None)
     if owner is None:
-        raise ValueError(f"Weight {name!r} is on the meta device with no offloaded copy behind it (the model was "
-                         "built without loading its weights): load the checkpoint first.")
+        raise ValueError(
+            f"Weight {name!r} is on the meta device with no offloaded copy behind it (the model was "
+            "built without loading its weights): load the checkpoint first."
+        )
     return owner
 
 
@@ -110,7 +112,7 @@ def _weight_bytes(name: str, t: torch.Tensor, param, zero3: bool, owner: str | N
         with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
             t = param.detach().contiguous().cpu().clone()
     elif owner is not None:
-        t = offloaded[owner].state_dict()[name[len(owner) + 1:] if owner else name]
+        t = offloaded[owner].state_dict()[name[len(owner) + 1 :] if owner else name]
     return t.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes()
 
 
@@ -118,6 +120,10 @@ def model_fingerprint(model) -> str:
     """The model's identity: class, config, attention implementation, weights, and its generation config (whose
     defaults, e.g. `eos_token_id` or `repetition_penalty`, change what it generates)."""
     config = getattr(model, "config", None)
-    return fingerprint(cls=f"{type(model).__module__}.{type(model).__qualname__}", config=config,
-                       attn=getattr(config, "_attn_implementation", None), weights=hash_weights(model),
-                       generation=getattr(model, "generation_config", None))
+    return fingerprint(
+        cls=f"{type(model).__module__}.{type(model).__qualname__}",
+        config=config,
+        attn=getattr(config, "_attn_implementation", None),
+        weights=hash_weights(model),
+        generation=getattr(model, "generation_config", None),
+    )

@@ -20,8 +20,17 @@ from .validation import check_choice, check_int, check_number, check_seed
 if TYPE_CHECKING:  # pragma: no cover
     from .scores import HeadScores
 
-__all__ = ["STRATEGIES", "Head", "HeadSelectionArguments", "format_head", "format_heads", "parse_head", "parse_heads",
-           "select_heads", "validate_heads"]
+__all__ = [
+    "STRATEGIES",
+    "Head",
+    "HeadSelectionArguments",
+    "format_head",
+    "format_heads",
+    "parse_head",
+    "parse_heads",
+    "select_heads",
+    "validate_heads",
+]
 
 Head = tuple[int, int]
 """(layer, query head), both 0-based."""
@@ -37,8 +46,11 @@ def parse_head(key) -> Head:
         if re.fullmatch(r"[0-9]+-[0-9]+", key.strip()):
             layer, head = key.strip().split("-")
             return int(layer), int(head)
-    elif isinstance(key, (tuple, list)) and len(key) == 2 and all(
-            isinstance(k, Integral) and not isinstance(k, bool) for k in key):
+    elif (
+        isinstance(key, (tuple, list))
+        and len(key) == 2
+        and all(isinstance(k, Integral) and not isinstance(k, bool) for k in key)
+    ):
         if key[0] >= 0 and key[1] >= 0:
             return int(key[0]), int(key[1])
     raise ValueError(f"Malformed head key {key!r}: expected 'LAYER-HEAD' (e.g. '12-3') or a (layer, head) pair.")
@@ -77,8 +89,10 @@ def validate_heads(model_or_config, heads: Iterable) -> list[Head]:
     out = sorted({parse_head(h) for h in heads})
     bad = [(l, h) for l, h in out if not (0 <= l < num_layers and 0 <= h < num_heads)]
     if bad:
-        raise ValueError(f"Heads {bad[:8]} are out of range: the model has layers 0..{num_layers - 1} and query heads "
-                         f"0..{num_heads - 1}. Check that the head scores belong to this model.")
+        raise ValueError(
+            f"Heads {bad[:8]} are out of range: the model has layers 0..{num_layers - 1} and query heads "
+            f"0..{num_heads - 1}. Check that the head scores belong to this model."
+        )
     return out
 
 
@@ -117,21 +131,28 @@ class HeadSelectionArguments:
     )
     head_scores: str | None = field(
         default=None,
-        metadata={"help": "Retrieval scores: a score file, a directory or Hub repo holding retmask_head_scores.json, "
-                          "or a model id with bundled scores. Defaults to the scores found for the model's name."},
+        metadata={
+            "help": "Retrieval scores: a score file, a directory or Hub repo holding retmask_head_scores.json, "
+            "or a model id with bundled scores. Defaults to the scores found for the model's name."
+        },
     )
     mask_threshold: float | None = field(
         default=0.1,
-        metadata={"help": "Mask the heads whose mean retrieval score is at least this value, in (0, 1] (unless "
-                          "mask_top_k is set)."},
+        metadata={
+            "help": "Mask the heads whose mean retrieval score is at least this value, in (0, 1] (unless "
+            "mask_top_k is set)."
+        },
     )
     mask_top_k: int | None = field(
         default=None, metadata={"help": "Mask the k highest-scoring heads (replaces the threshold)."}
     )
     mask_strategy: str = field(
         default="retrieval",
-        metadata={"help": "Which heads to mask: the retrieval heads, or the same number of random non-retrieval / "
-                          "random heads (controls).", "choices": list(STRATEGIES)},
+        metadata={
+            "help": "Which heads to mask: the retrieval heads, or the same number of random non-retrieval / "
+            "random heads (controls).",
+            "choices": list(STRATEGIES),
+        },
     )
     mask_seed: int = field(default=0, metadata={"help": "Seed of the random masking strategies."})
 
@@ -163,8 +184,12 @@ class HeadSelectionArguments:
     def selection(self) -> dict[str, Any]:
         """Keyword arguments of `HeadScores.select` (top-k, when set, replaces the threshold)."""
         threshold = None if self.mask_top_k is not None else self.mask_threshold
-        return {"threshold": threshold, "top_k": self.mask_top_k, "strategy": self.mask_strategy,
-                "seed": self.mask_seed}
+        return {
+            "threshold": threshold,
+            "top_k": self.mask_top_k,
+            "strategy": self.mask_strategy,
+            "seed": self.mask_seed,
+        }
 
 
 def select_heads(args: HeadSelectionArguments, model, scores=None) -> tuple[list[Head], HeadScores | None]:

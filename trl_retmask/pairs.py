@@ -90,8 +90,10 @@ class GeneratedPairs:
         """The kept pairs' `chosen` and `rejected` columns as TRL expects them (conversational prompts get
         assistant-message completions): the one conversion of pairs to preference data."""
         kept = self.kept_indices
-        return {role: [as_completion(self.prompts[i], texts[i]) for i in kept]
-                for role, texts in (("chosen", self.chosen), ("rejected", self.rejected))}
+        return {
+            role: [as_completion(self.prompts[i], texts[i]) for i in kept]
+            for role, texts in (("chosen", self.chosen), ("rejected", self.rejected))
+        }
 
     def to_dataset(self) -> Dataset:
         """The kept pairs as a TRL preference dataset (prompt, chosen, rejected)."""
@@ -119,7 +121,7 @@ def _decode_completions(tokenizer, prompts: list, prompt_ids: list[list[int]], n
             head = tokenizer.decode(prompt_ids[j], skip_special_tokens=True)
             full = tokenizer.decode(prompt_ids[j] + new[j], skip_special_tokens=True)
             if full.startswith(head):
-                texts[j] = full[len(head):]
+                texts[j] = full[len(head) :]
     return texts
 
 
@@ -171,12 +173,25 @@ def generate_pairs(
     (`strip_reasoning`) before the filter, also after the cache. The work is done by a `PairGeneration`,
     whose steps can be read one at a time.
     """
-    generation = PairGeneration(model, tokenizer, prompts, heads, max_new_tokens=max_new_tokens,
-                                temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
-                                generation_kwargs=generation_kwargs, batch_size=batch_size, backend=backend,
-                                template_kwargs=template_kwargs, vllm=vllm)
-    return generation.run(cache_dir, drop_empty=drop_empty, keep_reasoning=keep_reasoning, desc=desc,
-                          show_progress=show_progress)
+    generation = PairGeneration(
+        model,
+        tokenizer,
+        prompts,
+        heads,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        seed=seed,
+        generation_kwargs=generation_kwargs,
+        batch_size=batch_size,
+        backend=backend,
+        template_kwargs=template_kwargs,
+        vllm=vllm,
+    )
+    return generation.run(
+        cache_dir, drop_empty=drop_empty, keep_reasoning=keep_reasoning, desc=desc, show_progress=show_progress
+    )
 
 
 class PairGeneration:
@@ -184,10 +199,24 @@ class PairGeneration:
     first), the cache fingerprints (`fingerprints`), one batch's decode (`decode`) and pair (`pair`), and the whole
     run over the resumable store (`run`). `generate_pairs` is its public face."""
 
-    def __init__(self, model, tokenizer, prompts: list, heads, *, max_new_tokens: int, temperature: float,
-                 top_p: float, top_k: int | None, seed: int, generation_kwargs: dict | None, batch_size: int,
-                 backend: str | GenerateBackend, template_kwargs: Sequence[dict | None] | None,
-                 vllm: dict | None = None):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        prompts: list,
+        heads,
+        *,
+        max_new_tokens: int,
+        temperature: float,
+        top_p: float,
+        top_k: int | None,
+        seed: int,
+        generation_kwargs: dict | None,
+        batch_size: int,
+        backend: str | GenerateBackend,
+        template_kwargs: Sequence[dict | None] | None,
+        vllm: dict | None = None,
+    ):
         if len(prompts) == 0:
             raise ValueError("No prompts to generate pairs for: the prompt dataset is empty.")
         if batch_size < 1:
@@ -205,12 +234,13 @@ class PairGeneration:
         self.model, self.tokenizer, self.seed, self.batch_size = model, tokenizer, seed, batch_size
         self.prompt_ids = encode_prompts(tokenizer, self.prompts, template_kwargs)
         check_prompt_ids(self.prompt_ids)
-        self.config = make_generation_config(model, max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                                             **(generation_kwargs or {}))
+        self.config = make_generation_config(
+            model, max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, **(generation_kwargs or {})
+        )
         check_window([len(ids) for ids in self.prompt_ids], max_new_tokens, model_window(model))  # before any decode
         # Longest prompts first: little padding per batch, and an out-of-memory shows up at once.
         order = sorted(range(len(self.prompts)), key=lambda i: -len(self.prompt_ids[i]))
-        self.batches = [(b, order[i:i + batch_size]) for b, i in enumerate(range(0, len(order), batch_size))]
+        self.batches = [(b, order[i : i + batch_size]) for b, i in enumerate(range(0, len(order), batch_size))]
         self.generated = 0  # batches decoded by this process (the rest came from the cache)
         self.chosen_done: dict[str, dict] = {}
         self.chosen_store: ResultStore | None = None
@@ -218,9 +248,16 @@ class PairGeneration:
     def fingerprints(self) -> tuple[str, str]:
         """(pairs, chosen): what the pairs depend on, and the same without the heads (the chosen responses do not
         depend on them, so runs that differ only in the heads share them). The main process's, on every process."""
-        inputs = fingerprint(v=CACHE_VERSION, model=model_fingerprint(self.model), generation=self.config,
-                             seed=self.seed, batch_size=self.batch_size, prompts=self.prompts,
-                             prompt_ids=self.prompt_ids, backend=self.decoder.name)
+        inputs = fingerprint(
+            v=CACHE_VERSION,
+            model=model_fingerprint(self.model),
+            generation=self.config,
+            seed=self.seed,
+            batch_size=self.batch_size,
+            prompts=self.prompts,
+            prompt_ids=self.prompt_ids,
+            backend=self.decoder.name,
+        )
         return from_main_process((fingerprint(inputs=inputs, heads=self.heads), fingerprint(inputs=inputs)))
 
     def decode(self, b: int, idx: list[int], roles: tuple[str, ...]) -> dict[str, dict]:
@@ -230,17 +267,23 @@ class PairGeneration:
         parts = {}
         for group in [roles] if self.decoder.joint else [(role,) for role in roles]:
             start = time.perf_counter()
-            new = generate_batch(self.model, self.tokenizer, [self.prompt_ids[i] for i in idx] * len(group),
-                                 self.config, heads=self.heads,
-                                 masked=[role == "rejected" for role in group for _ in idx],
-                                 seed=self.seed * 1_000_003 + b * 2 + (group[0] == "rejected"), backend=self.decoder,
-                                 row_seeds=[self.seed * 1_000_003 + i * 2 + (role == "rejected") for role in group
-                                            for i in idx])
+            new = generate_batch(
+                self.model,
+                self.tokenizer,
+                [self.prompt_ids[i] for i in idx] * len(group),
+                self.config,
+                heads=self.heads,
+                masked=[role == "rejected" for role in group for _ in idx],
+                seed=self.seed * 1_000_003 + b * 2 + (group[0] == "rejected"),
+                backend=self.decoder,
+                row_seeds=[self.seed * 1_000_003 + i * 2 + (role == "rejected") for role in group for i in idx],
+            )
             seconds = (time.perf_counter() - start) / len(group)  # a joint decode's time is shared equally
             for k, role in enumerate(group):
-                rows = new[k * len(idx):(k + 1) * len(idx)]
-                texts = _decode_completions(self.tokenizer, [self.prompts[i] for i in idx],
-                                            [self.prompt_ids[i] for i in idx], rows)
+                rows = new[k * len(idx) : (k + 1) * len(idx)]
+                texts = _decode_completions(
+                    self.tokenizer, [self.prompts[i] for i in idx], [self.prompt_ids[i] for i in idx], rows
+                )
                 parts[role] = {role: texts, f"{role}_tokens": [len(row) for row in rows], "seconds": seconds}
         return parts
 
@@ -258,24 +301,46 @@ class PairGeneration:
         self.generated += 1
         return {**chosen, **rejected, "seconds": chosen["seconds"] + rejected["seconds"]}
 
-    def run(self, cache_dir=None, *, drop_empty: bool = False, keep_reasoning: bool = True,
-            desc: str = "RetMask pairs", show_progress: bool = True) -> GeneratedPairs:
+    def run(
+        self,
+        cache_dir=None,
+        *,
+        drop_empty: bool = False,
+        keep_reasoning: bool = True,
+        desc: str = "RetMask pairs",
+        show_progress: bool = True,
+    ) -> GeneratedPairs:
         """Every batch through `run_resumable` (shared across processes; stored under `cache_dir` when given), then
         the pairs assembled in input order and filtered."""
         fp = None
         if cache_dir is not None:
             fp, chosen_fp = self.fingerprints()
-            self.chosen_store = ResultStore(Path(cache_dir) / f"chosen-{chosen_fp[:20]}", "chosen", chosen_fp,
-                                            info={"num_prompts": len(self.prompts)}, cache=True)
+            self.chosen_store = ResultStore(
+                Path(cache_dir) / f"chosen-{chosen_fp[:20]}",
+                "chosen",
+                chosen_fp,
+                info={"num_prompts": len(self.prompts)},
+                cache=True,
+            )
             expected = {_batch_key(batch): batch[1] for batch in self.batches}
-            self.chosen_done = self.chosen_store.open(lambda k, r: _valid_part(r, "chosen", expected.get(k)),
-                                                      complete=lambda records: expected.keys() <= records.keys())
+            self.chosen_done = self.chosen_store.open(
+                lambda k, r: _valid_part(r, "chosen", expected.get(k)),
+                complete=lambda records: expected.keys() <= records.keys(),
+            )
         try:
-            results = run_resumable(self.batches, self.pair, Path(cache_dir) / fp[:20] if fp else None, name="pairs",
-                                    fingerprint=fp or "", key=_batch_key,
-                                    verify=lambda batch, r: all(_valid_part(r, role, batch[1]) for role in ROLES),
-                                    info={"heads": format_heads(self.heads), "num_prompts": len(self.prompts)},
-                                    cache=True, desc=desc, show_progress=show_progress)
+            results = run_resumable(
+                self.batches,
+                self.pair,
+                Path(cache_dir) / fp[:20] if fp else None,
+                name="pairs",
+                fingerprint=fp or "",
+                key=_batch_key,
+                verify=lambda batch, r: all(_valid_part(r, role, batch[1]) for role in ROLES),
+                info={"heads": format_heads(self.heads), "num_prompts": len(self.prompts)},
+                cache=True,
+                desc=desc,
+                show_progress=show_progress,
+            )
         finally:
             if self.chosen_store is not None:
                 self.chosen_store.close()
@@ -294,10 +359,16 @@ def _batch_key(batch) -> str:
 def _valid_part(record: dict, role: str, idx: list[int] | None) -> bool:
     """A stored batch record is for the prompts `idx` and holds one `role` response and length per prompt."""
     texts, lengths = record.get(role), record.get(f"{role}_tokens")
-    return (idx is not None and record.get("indices") == idx and isinstance(texts, list) and
-            isinstance(lengths, list) and len(texts) == len(lengths) == len(idx) and
-            all(isinstance(t, str) for t in texts) and all(isinstance(n, int) for n in lengths) and
-            isinstance(record.get("seconds"), (int, float)))
+    return (
+        idx is not None
+        and record.get("indices") == idx
+        and isinstance(texts, list)
+        and isinstance(lengths, list)
+        and len(texts) == len(lengths) == len(idx)
+        and all(isinstance(t, str) for t in texts)
+        and all(isinstance(n, int) for n in lengths)
+        and isinstance(record.get("seconds"), (int, float))
+    )
 
 
 def strip_reasoning(text: str) -> str:
@@ -308,8 +379,9 @@ def strip_reasoning(text: str) -> str:
     return answer if closed else text
 
 
-def _assemble(prompts: list, results: list[dict], fp: str, generated: int, drop_empty: bool,
-              keep_reasoning: bool = True) -> GeneratedPairs:
+def _assemble(
+    prompts: list, results: list[dict], fp: str, generated: int, drop_empty: bool, keep_reasoning: bool = True
+) -> GeneratedPairs:
     n = len(prompts)
     chosen, rejected, c_tok, r_tok = [""] * n, [""] * n, [0] * n, [0] * n
     stats = PairStats(prompts=n, batches_generated=generated, batches_from_cache=len(results) - generated)
@@ -338,8 +410,9 @@ def _assemble(prompts: list, results: list[dict], fp: str, generated: int, drop_
         stats.mean_rejected_tokens = sum(r_tok[i] for i in kept) / len(kept)
     if stats.generation_seconds > 0:
         stats.tokens_per_second = stats.generated_tokens / stats.generation_seconds
-    return GeneratedPairs(prompts, chosen, rejected, keep, stats, fp,
-                          extra={"chosen_tokens": c_tok, "rejected_tokens": r_tok})
+    return GeneratedPairs(
+        prompts, chosen, rejected, keep, stats, fp, extra={"chosen_tokens": c_tok, "rejected_tokens": r_tok}
+    )
 
 
 def _warn_untemplated_prompts(tokenizer, prompts: list, name: str) -> None:
@@ -352,8 +425,9 @@ def _warn_untemplated_prompts(tokenizer, prompts: list, name: str) -> None:
     if not strings:
         return
     try:
-        rendered = tokenizer.apply_chat_template([{"role": "user", "content": "\x00"}], add_generation_prompt=True,
-                                                 tokenize=False)
+        rendered = tokenizer.apply_chat_template(
+            [{"role": "user", "content": "\x00"}], add_generation_prompt=True, tokenize=False
+        )
     except Exception:  # a template that needs more than one user message: nothing to compare with
         return
     header = rendered.split("\x00", 1)[-1].strip()
@@ -364,7 +438,9 @@ def _warn_untemplated_prompts(tokenizer, prompts: list, name: str) -> None:
             "has a chat template: pairs are generated (and DPO trains) on raw text continuations, not chat answers. "
             'Pass conversational prompts ({"prompt": [{"role": "user", "content": ...}]}) or render them with '
             "`tokenizer.apply_chat_template(..., add_generation_prompt=True, tokenize=False)`.",
-            UserWarning, stacklevel=3)
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 def complete_prompt_dataset(
@@ -377,15 +453,24 @@ def complete_prompt_dataset(
     if not is_prompt_only(dataset):
         return dataset, None
     if isinstance(dataset, IterableDataset):
-        raise ValueError(f"The {name} dataset is a prompt-only IterableDataset; pair generation needs a map-style "
-                         "`datasets.Dataset` (e.g. load it without `streaming=True`).")
+        raise ValueError(
+            f"The {name} dataset is a prompt-only IterableDataset; pair generation needs a map-style "
+            "`datasets.Dataset` (e.g. load it without `streaming=True`)."
+        )
     _warn_untemplated_prompts(tokenizer, dataset["prompt"], name)
     template_kwargs = None  # per-row template arguments, as DPOTrainer will tokenize these rows (columns kept)
     if {"tools", "chat_template_kwargs"} & set(dataset.column_names):
         columns = [c for c in ("tools", "chat_template_kwargs") if c in dataset.column_names]
         template_kwargs = [row_template_kwargs(row) for row in dataset.select_columns(columns)]
-    pairs = generate_pairs(model, tokenizer, dataset["prompt"], heads, desc=f"RetMask pairs ({name})",
-                           template_kwargs=template_kwargs, **kwargs)
+    pairs = generate_pairs(
+        model,
+        tokenizer,
+        dataset["prompt"],
+        heads,
+        desc=f"RetMask pairs ({name})",
+        template_kwargs=template_kwargs,
+        **kwargs,
+    )
     s = pairs.stats
     if s.kept == 0:
         raise ValueError(

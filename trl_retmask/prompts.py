@@ -84,11 +84,12 @@ def check_dataset_name(name: str | None) -> None:
         return
     text = str(name)
     path = Path(text).expanduser()
-    local = (text.startswith((".", "/", "~", "\\")) or path.suffix.lower() in DATA_SUFFIXES
-             or text.count("/") > 1)
+    local = text.startswith((".", "/", "~", "\\")) or path.suffix.lower() in DATA_SUFFIXES or text.count("/") > 1
     if local and not path.exists():
-        raise FileNotFoundError(f"`dataset_name` {text!r}: no such file or directory. Give an existing prompt file "
-                                "(.json, .jsonl(.gz), .parquet, .csv), a directory, or a Hub dataset id.")
+        raise FileNotFoundError(
+            f"`dataset_name` {text!r}: no such file or directory. Give an existing prompt file "
+            "(.json, .jsonl(.gz), .parquet, .csv), a directory, or a Hub dataset id."
+        )
 
 
 def _load_raw_dataset(script_args, split: str):
@@ -97,25 +98,42 @@ def _load_raw_dataset(script_args, split: str):
     name = script_args.dataset_name
     check_dataset_name(name)
     path = Path(name).expanduser() if name else None
-    if path is not None and path.is_dir() and any((path / f).is_file() for f in (
-            "dataset_info.json", "dataset_dict.json", "state.json")):  # written by `save_to_disk`
+    if (
+        path is not None
+        and path.is_dir()
+        and any((path / f).is_file() for f in ("dataset_info.json", "dataset_dict.json", "state.json"))
+    ):  # written by `save_to_disk`
         return load_from_disk(str(path))
     if path is not None and path.is_file():
         suffixes = "".join(path.suffixes).lower()
-        builder = ("json" if ".json" in suffixes else "parquet" if ".parquet" in suffixes
-                   else "csv" if ".csv" in suffixes else None)
+        builder = (
+            "json"
+            if ".json" in suffixes
+            else "parquet"
+            if ".parquet" in suffixes
+            else "csv"
+            if ".csv" in suffixes
+            else None
+        )
         if builder is None:
             raise ValueError(f"Cannot read prompt file {path}: use .json, .jsonl(.gz), .parquet or .csv.")
         if path.stat().st_size == 0:  # datasets' builders end in a bare StopIteration on an empty file
             raise ValueError(f"Prompt file {path} is empty; pass a file with one prompt per row.")
         return load_dataset(builder, data_files=str(path), split="train", streaming=script_args.dataset_streaming)
     try:
-        return load_dataset(name, name=script_args.dataset_config, data_files=script_args.dataset_data_files,
-                            split=split, streaming=script_args.dataset_streaming)
+        return load_dataset(
+            name,
+            name=script_args.dataset_config,
+            data_files=script_args.dataset_data_files,
+            split=split,
+            streaming=script_args.dataset_streaming,
+        )
     except ConnectionError as e:  # offline (HF_HUB_OFFLINE=1) or unreachable: say what was looked for
-        raise ValueError(f"`dataset_name` {name!r} is neither a local file or directory nor reachable on the Hub "
-                         f"({' '.join(str(e).split())[:200]}). Check the path, or go online for a Hub "
-                         "dataset.") from None
+        raise ValueError(
+            f"`dataset_name` {name!r} is neither a local file or directory nor reachable on the Hub "
+            f"({' '.join(str(e).split())[:200]}). Check the path, or go online for a Hub "
+            "dataset."
+        ) from None
 
 
 def shipped_prompts():
@@ -126,14 +144,16 @@ def shipped_prompts():
     for f in sorted(SHIPPED_PROMPTS_DIR.glob("*.jsonl")):
         rows.extend(json.loads(line) for line in f.read_text(encoding="utf-8").splitlines() if line.strip())
     if not rows:
-        raise ValueError(f"No shipped prompt set found in {SHIPPED_PROMPTS_DIR}; pass --dataset_name with your "
-                         "prompts.")
+        raise ValueError(
+            f"No shipped prompt set found in {SHIPPED_PROMPTS_DIR}; pass --dataset_name with your prompts."
+        )
     return Dataset.from_list([r if isinstance(r, dict) else {"prompt": r} for r in rows])
 
 
 def _is_synth_without_turns(name: str | None, columns) -> bool:
-    return bool(columns) and (DUPLICATE_FLAG in columns or EMPTY_FLAG in columns
-                              or "lmsys-chat-1m-synth" in str(name or "").lower())
+    return bool(columns) and (
+        DUPLICATE_FLAG in columns or EMPTY_FLAG in columns or "lmsys-chat-1m-synth" in str(name or "").lower()
+    )
 
 
 def _prompt_column(script_args, columns) -> str:
@@ -145,10 +165,13 @@ def _prompt_column(script_args, columns) -> str:
     candidates = [c for c in PROMPT_COLUMNS if columns is None or c in columns]
     if not candidates:
         if _is_synth_without_turns(script_args.dataset_name, columns):
-            raise ValueError(f"No user turns in {script_args.dataset_name!r} (columns: {columns}). "
-                             f"{MISSING_USER_TURNS}")
-        raise ValueError(f"No prompt column in {script_args.dataset_name!r} (columns: {columns}). Name it with "
-                         f"--prompt_column (tried {', '.join(PROMPT_COLUMNS)}).")
+            raise ValueError(
+                f"No user turns in {script_args.dataset_name!r} (columns: {columns}). {MISSING_USER_TURNS}"
+            )
+        raise ValueError(
+            f"No prompt column in {script_args.dataset_name!r} (columns: {columns}). Name it with "
+            f"--prompt_column (tried {', '.join(PROMPT_COLUMNS)})."
+        )
     return candidates[0]
 
 
@@ -204,27 +227,49 @@ def load_prompts(script_args, split: str | None = None, tokenizer=None):
     filtered = (column in CHAT_LOG_COLUMNS or flagged) if filter_prompts is None else bool(filter_prompts)
     dedupe_text = filtered and not (columns and DUPLICATE_FLAG in columns)
     counts: Counter = Counter()
-    prompts = list(_first_turns(raw, column, filtered=filtered, dedupe_text=dedupe_text,
-                                limit=script_args.max_prompts, counts=counts))
+    prompts = list(
+        _first_turns(
+            raw, column, filtered=filtered, dedupe_text=dedupe_text, limit=script_args.max_prompts, counts=counts
+        )
+    )
     source = script_args.dataset_name or "the shipped set"
     dropped = ", ".join(f"{counts[k]} {k}" for k in ("empty", "redacted", "duplicate") if counts[k]) or "none"
-    logger.info("Prompts from %s (column %r, filter %s): kept %d, dropped %s.", source, column,
-                "on" if filtered else "off", counts["kept"], dropped)
+    logger.info(
+        "Prompts from %s (column %r, filter %s): kept %d, dropped %s.",
+        source,
+        column,
+        "on" if filtered else "off",
+        counts["kept"],
+        dropped,
+    )
     if not prompts:
-        if (column in CHAT_LOG_COLUMNS and counts["empty"]
-                and _is_synth_without_turns(script_args.dataset_name, columns)):
+        if (
+            column in CHAT_LOG_COLUMNS
+            and counts["empty"]
+            and _is_synth_without_turns(script_args.dataset_name, columns)
+        ):
             raise ValueError(f"No user turns in column {column!r} of {source}. {MISSING_USER_TURNS}")
-        raise ValueError(f"No non-empty prompt in column {column!r} of {source} (dropped: {dropped}). A chat-log "
-                         "column needs messages with role 'user' (or 'human'); pass --prompt_column to use another.")
+        raise ValueError(
+            f"No non-empty prompt in column {column!r} of {source} (dropped: {dropped}). A chat-log "
+            "column needs messages with role 'user' (or 'human'); pass --prompt_column to use another."
+        )
     if script_args.enable_thinking is None:
         return Dataset.from_list([{"prompt": [{"role": "user", "content": p}]} for p in prompts])
     if tokenizer is None:
         raise ValueError("`enable_thinking` renders prompts with the chat template: pass the tokenizer.")
     from .chat import render_user_prompt
 
-    return Dataset.from_list([{"prompt": render_user_prompt(tokenizer, p, enable_thinking=script_args.enable_thinking)}
-                              for p in prompts])
+    return Dataset.from_list(
+        [{"prompt": render_user_prompt(tokenizer, p, enable_thinking=script_args.enable_thinking)} for p in prompts]
+    )
 
 
-__all__ = ["CHAT_LOG_COLUMNS", "MISSING_USER_TURNS", "PROMPT_COLUMNS", "authors_skip_reason", "first_user_turn",
-           "load_prompts", "shipped_prompts"]
+__all__ = [
+    "CHAT_LOG_COLUMNS",
+    "MISSING_USER_TURNS",
+    "PROMPT_COLUMNS",
+    "authors_skip_reason",
+    "first_user_turn",
+    "load_prompts",
+    "shipped_prompts",
+]

@@ -80,8 +80,10 @@ class HeadScores:
         for key, values in scores.items():
             head = parse_head(key)
             if head in parsed:
-                raise ValueError(f"Keys {spelled[head]!r} and {key!r} both name layer {head[0]} head {head[1]}; "
-                                 "each head must appear once.")
+                raise ValueError(
+                    f"Keys {spelled[head]!r} and {key!r} both name layer {head[0]} head {head[1]}; "
+                    "each head must appear once."
+                )
             parsed[head], spelled[head] = _parse_values(key, values), key
         inferred = num_layers is None or num_heads is None
         check_int("num_layers", num_layers, minimum=1, optional=True)
@@ -92,8 +94,10 @@ class HeadScores:
         if bad:
             raise ValueError(f"Heads {bad[:5]} lie outside {self.num_layers} layers x {self.num_heads} heads.")
         if self.num_layers * self.num_heads > MAX_HEADS:
-            raise ValueError(f"A grid of {self.num_layers} layers x {self.num_heads} heads is beyond any model "
-                             f"(limit {MAX_HEADS} heads): the head keys are wrong.")
+            raise ValueError(
+                f"A grid of {self.num_layers} layers x {self.num_heads} heads is beyond any model "
+                f"(limit {MAX_HEADS} heads): the head keys are wrong."
+            )
         if inferred and len(parsed) != self.num_layers * self.num_heads:
             missing = _first_missing(parsed, self.num_layers, self.num_heads)
             raise ValueError(
@@ -130,19 +134,25 @@ class HeadScores:
                 try:  # the original tools read only the first line
                     data = json.loads(text.splitlines()[0], object_pairs_hook=_refuse_duplicate_keys)
                 except json.JSONDecodeError:
-                    raise ValueError(f"not valid JSON ({e}). Expected one JSON object "
-                                     f'{{"LAYER-HEAD": [scores...]}}.') from None
+                    raise ValueError(
+                        f'not valid JSON ({e}). Expected one JSON object {{"LAYER-HEAD": [scores...]}}.'
+                    ) from None
             if not isinstance(data, dict) or not data:
-                raise ValueError(f'it must hold one non-empty JSON object {{"LAYER-HEAD": [...]}}; '
-                                 f"got {type(data).__name__}{' (empty)' if not data else ''}.")
+                raise ValueError(
+                    f'it must hold one non-empty JSON object {{"LAYER-HEAD": [...]}}; '
+                    f"got {type(data).__name__}{' (empty)' if not data else ''}."
+                )
             return cls(data)
         except ValueError as e:
             raise ValueError(f"Head-score file {path}: {e}") from None
 
     def to_dict(self) -> dict[str, list[float]]:
         """The file content: every head of the grid in (layer, head) order, unscored heads as `[0.0]`."""
-        return {format_head((l, h)): self.scores.get((l, h), [0.0]) for l in range(self.num_layers)
-                for h in range(self.num_heads)}
+        return {
+            format_head((l, h)): self.scores.get((l, h), [0.0])
+            for l in range(self.num_layers)
+            for h in range(self.num_heads)
+        }
 
     def save(self, path) -> Path:
         """Write every head of the grid as one JSON object on one line (the original tools use `readline()`)."""
@@ -153,8 +163,9 @@ class HeadScores:
         return self.save(Path(save_directory) / HEAD_SCORES_FILE)
 
     @classmethod
-    def from_pretrained(cls, name_or_path, *, revision: str | None = None, token: str | bool | None = None
-                        ) -> HeadScores:
+    def from_pretrained(
+        cls, name_or_path, *, revision: str | None = None, token: str | bool | None = None
+    ) -> HeadScores:
         """Scores from a score file, a local directory holding `retmask_head_scores.json` (e.g. a RetMask model's
         output directory), the bundled files (matched by model id or basename), or a Hub repository that holds
         `retmask_head_scores.json` (downloaded with huggingface_hub; cached, so it also works offline once fetched).
@@ -170,13 +181,16 @@ class HeadScores:
         bundled = bundled_path(text)
         if bundled is not None:
             return cls.load(bundled)
-        hint = (f"Detect them with `trl-retmask detect --model_name_or_path {text} --output_dir DIR` and pass "
-                f"`--head_scores DIR` (bundled: {', '.join(bundled_models())}).")
+        hint = (
+            f"Detect them with `trl-retmask detect --model_name_or_path {text} --output_dir DIR` and pass "
+            f"`--head_scores DIR` (bundled: {', '.join(bundled_models())})."
+        )
         if path.is_dir():
             raise ValueError(f"The directory {text!r} holds no {HEAD_SCORES_FILE}. {hint}")
         if path.exists() or not _is_repo_id(text):
-            raise ValueError(f"No head scores for {text!r}: not a score file, and no bundled scores for that name. "
-                             f"{hint}")
+            raise ValueError(
+                f"No head scores for {text!r}: not a score file, and no bundled scores for that name. {hint}"
+            )
         return cls._from_hub(text, revision=revision, token=token, hint=hint)
 
     @classmethod
@@ -190,13 +204,18 @@ class HeadScores:
             raise ValueError(
                 f"No bundled head scores for {repo_id!r}, and {HEAD_SCORES_FILE} of the Hub repo {repo_id!r} is not "
                 f"in the local cache while the Hub cannot be reached (offline mode, HF_HUB_OFFLINE=1, or no "
-                f"network): {type(e).__name__}. Download it once online, or pass a local file. {hint}") from e
+                f"network): {type(e).__name__}. Download it once online, or pass a local file. {hint}"
+            ) from e
         except RepositoryNotFoundError as e:
-            raise ValueError(f"No bundled head scores for {repo_id!r}, and no such Hub repo (or it is private/gated: "
-                             f"log in with `hf auth login`). {hint}") from e
+            raise ValueError(
+                f"No bundled head scores for {repo_id!r}, and no such Hub repo (or it is private/gated: "
+                f"log in with `hf auth login`). {hint}"
+            ) from e
         except EntryNotFoundError as e:
-            raise ValueError(f"No bundled head scores for {repo_id!r}, and the Hub repo {repo_id!r} holds no "
-                             f"{HEAD_SCORES_FILE}. {hint}") from e
+            raise ValueError(
+                f"No bundled head scores for {repo_id!r}, and the Hub repo {repo_id!r} holds no "
+                f"{HEAD_SCORES_FILE}. {hint}"
+            ) from e
         scores = cls.load(file)
         try:
             record = hf_hub_download(repo_id, RETMASK_FILE, revision=revision, token=token)
@@ -218,9 +237,16 @@ class HeadScores:
                 raise ValueError(f"{record_path} lists masked heads {bad[:5]} outside its score grid.")
         return scores
 
-    def push_to_hub(self, repo_id: str, *, token: str | bool | None = None, private: bool | None = None,
-                    revision: str | None = None, commit_message: str = "Upload RetMask head scores",
-                    create_repo: bool = True):
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        token: str | bool | None = None,
+        private: bool | None = None,
+        revision: str | None = None,
+        commit_message: str = "Upload RetMask head scores",
+        create_repo: bool = True,
+    ):
         """Upload the scores as `retmask_head_scores.json` of a Hub model repo (created if needed); returns the
         commit info. `HeadScores.from_pretrained(repo_id)` reads them back."""
         from huggingface_hub import HfApi
@@ -228,8 +254,14 @@ class HeadScores:
         api = HfApi(token=token)
         if create_repo:
             api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-        return api.upload_file(path_or_fileobj=json.dumps(self.to_dict()).encode(), path_in_repo=HEAD_SCORES_FILE,
-                               repo_id=repo_id, repo_type="model", revision=revision, commit_message=commit_message)
+        return api.upload_file(
+            path_or_fileobj=json.dumps(self.to_dict()).encode(),
+            path_in_repo=HEAD_SCORES_FILE,
+            repo_id=repo_id,
+            repo_type="model",
+            revision=revision,
+            commit_message=commit_message,
+        )
 
     # -------------------------------------------------------------------------------------------- checks
     def validate(self, model_or_config) -> None:
@@ -259,8 +291,9 @@ class HeadScores:
         """Heads by mean score, highest first; ties by (layer, head) so the order is reproducible."""
         return sorted(self.mean_scores().items(), key=lambda kv: (-kv[1], kv[0]))
 
-    def select(self, threshold: float | None = None, top_k: int | None = None, strategy: str = "retrieval",
-               seed: int = 0) -> list[tuple[int, int]]:
+    def select(
+        self, threshold: float | None = None, top_k: int | None = None, strategy: str = "retrieval", seed: int = 0
+    ) -> list[tuple[int, int]]:
         """Heads to mask, sorted.
 
         `retrieval`: heads with mean score >= threshold, or the top_k by mean score. `random_non_retrieval`: the
@@ -270,8 +303,10 @@ class HeadScores:
         if strategy not in STRATEGIES:
             raise ValueError(f"Unknown mask strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}.")
         if (threshold is None) == (top_k is None):
-            raise ValueError("Give exactly one of `threshold` (mask heads scoring >= it) or `top_k` (mask the k "
-                             f"best heads); got threshold={threshold!r}, top_k={top_k!r}.")
+            raise ValueError(
+                "Give exactly one of `threshold` (mask heads scoring >= it) or `top_k` (mask the k "
+                f"best heads); got threshold={threshold!r}, top_k={top_k!r}."
+            )
         check_int("top_k", top_k, minimum=1, optional=True)
         check_number("threshold", threshold, low=0, high=1, low_open=True, optional=True)
         ranked = self.ranked()
@@ -283,14 +318,18 @@ class HeadScores:
         else:
             retrieval = [k for k, m in ranked if m >= threshold]
             if not retrieval:
-                raise ValueError(f"No head has a mean score >= {threshold} (the highest is {ranked[0][1]:.4f}). "
-                                 "Lower the threshold or use top_k.")
+                raise ValueError(
+                    f"No head has a mean score >= {threshold} (the highest is {ranked[0][1]:.4f}). "
+                    "Lower the threshold or use top_k."
+                )
         if strategy == "retrieval":
             return sorted(retrieval)
         pool = sorted(self.mean_scores()) if strategy == "random" else sorted(set(self.mean_scores()) - set(retrieval))
         if len(pool) < len(retrieval):
-            raise ValueError(f"Cannot draw {len(retrieval)} {strategy} heads from {len(pool)} candidates; "
-                             "select fewer retrieval heads.")
+            raise ValueError(
+                f"Cannot draw {len(retrieval)} {strategy} heads from {len(pool)} candidates; "
+                "select fewer retrieval heads."
+            )
         return sorted(random.Random(seed).sample(pool, len(retrieval)))
 
     def sparsity(self) -> dict[str, float]:
@@ -302,16 +341,26 @@ class HeadScores:
         """
         x = np.sort(np.clip(self.to_array().ravel(), 0.0, None))
         n, total = x.size, float(x.sum())
-        out = {"n_heads": n, "max": float(x[-1]), "mean": float(x.mean()),
-               "n_above_0.1": int((x >= 0.1).sum()), "n_above_0.05": int((x >= 0.05).sum())}
+        out = {
+            "n_heads": n,
+            "max": float(x[-1]),
+            "mean": float(x.mean()),
+            "n_above_0.1": int((x >= 0.1).sum()),
+            "n_above_0.05": int((x >= 0.05).sum()),
+        }
         if total <= 0:
-            return {**out, "gini": 0.0, "entropy": float("nan"), "top_1pct_mass": float("nan"),
-                    "top_5pct_mass": float("nan")}
+            return {
+                **out,
+                "gini": 0.0,
+                "entropy": float("nan"),
+                "top_1pct_mass": float("nan"),
+                "top_5pct_mass": float("nan"),
+            }
         ranks = np.arange(1, n + 1)
         gini = float(((2 * ranks - n - 1) * x).sum() / (n * total))
         p = x[x > 0] / total
         entropy = float(-(p * np.log(p)).sum() / np.log(n)) if n > 1 else 0.0
-        top = {f"top_{pct}pct_mass": float(x[-max(1, math.ceil(n * pct / 100)):].sum() / total) for pct in (1, 5)}
+        top = {f"top_{pct}pct_mass": float(x[-max(1, math.ceil(n * pct / 100)) :].sum() / total) for pct in (1, 5)}
         return {**out, "gini": gini, "entropy": entropy, **top}
 
     # -------------------------------------------------------------------------------------------- plotting
@@ -330,8 +379,13 @@ class HeadScores:
         s = self.sparsity()
         ax.set_xlabel("head")
         ax.set_ylabel("layer")
-        ax.set_title(title or f"Retrieval scores (gini {s['gini']:.2f}, {s['n_above_0.1']} heads >= 0.1"
-                     + (f", {len(heads)} selected" if heads else "") + ")", fontsize=9)
+        ax.set_title(
+            title
+            or f"Retrieval scores (gini {s['gini']:.2f}, {s['n_above_0.1']} heads >= 0.1"
+            + (f", {len(heads)} selected" if heads else "")
+            + ")",
+            fontsize=9,
+        )
         return save_figure(fig, path)
 
 
@@ -376,14 +430,18 @@ def resolve_head_scores(source, model=None) -> HeadScores:
     else:
         name = _model_name(model)
         if not name:
-            raise ValueError("No head scores given and no model name to find them by: pass `head_scores` (a score "
-                             "file, a directory or Hub repo holding retmask_head_scores.json, or a bundled model id).")
+            raise ValueError(
+                "No head scores given and no model name to find them by: pass `head_scores` (a score "
+                "file, a directory or Hub repo holding retmask_head_scores.json, or a bundled model id)."
+            )
         try:
             scores = HeadScores.from_pretrained(name)
         except (ValueError, FileNotFoundError) as e:
-            raise ValueError(f"No head scores given, and none found for the model {name!r}. {e} Or pass "
-                             "`head_scores`: a score file, a directory or Hub repo with retmask_head_scores.json, or "
-                             "a bundled model id.") from e
+            raise ValueError(
+                f"No head scores given, and none found for the model {name!r}. {e} Or pass "
+                "`head_scores`: a score file, a directory or Hub repo with retmask_head_scores.json, or "
+                "a bundled model id."
+            ) from e
     if model is not None and not isinstance(model, (str, os.PathLike)):
         scores.validate(model)
     return scores

@@ -56,8 +56,16 @@ class ResultStore:
     never refused.
     """
 
-    def __init__(self, output_dir, name: str, fingerprint: str, *, info: dict | None = None, overwrite: bool = False,
-                 cache: bool = False):
+    def __init__(
+        self,
+        output_dir,
+        name: str,
+        fingerprint: str,
+        *,
+        info: dict | None = None,
+        overwrite: bool = False,
+        cache: bool = False,
+    ):
         self.dir, self.name, self.fingerprint = Path(output_dir), name, fingerprint
         self.info, self.overwrite, self.cache = _canonical(info or {}), overwrite, cache
         self.state = process_state()
@@ -84,8 +92,12 @@ class ResultStore:
             return
         files = self._rank_files() if self.dir.is_dir() else []
         if self.cache and (stored is not None or files):
-            warnings.warn(f"{self.meta_path} is missing, unreadable or of other inputs; the {len(files)} record "
-                          "file(s) there are discarded and their items redone.", UserWarning, stacklevel=3)
+            warnings.warn(
+                f"{self.meta_path} is missing, unreadable or of other inputs; the {len(files)} record "
+                "file(s) there are discarded and their items redone.",
+                UserWarning,
+                stacklevel=3,
+            )
         if stored is not None or files:
             if not self.overwrite and not self.cache:
                 if not isinstance(stored, dict) or "fingerprint" not in stored:
@@ -93,18 +105,25 @@ class ResultStore:
                 else:
                     old = stored.get("info", {})
                     changed = sorted(k for k in set(old) | set(self.info) if old.get(k) != self.info.get(k))
-                    why = "they depend on other inputs" + (f" ({', '.join(changed)} differ)" if changed else
-                                                           " (model weights, data or settings differ)")
-                raise ValueError(f"{self.dir} holds {self.name} results of another run: {why}. Use a fresh output "
-                                 "directory, or pass overwrite=True (`--overwrite True` on the command line) to "
-                                 "discard them and redo the work.")
+                    why = "they depend on other inputs" + (
+                        f" ({', '.join(changed)} differ)" if changed else " (model weights, data or settings differ)"
+                    )
+                raise ValueError(
+                    f"{self.dir} holds {self.name} results of another run: {why}. Use a fresh output "
+                    "directory, or pass overwrite=True (`--overwrite True` on the command line) to "
+                    "discard them and redo the work."
+                )
             for path in files:
                 path.unlink()
         self.dir.mkdir(parents=True, exist_ok=True)
         write_json(self.meta_path, {"fingerprint": self.fingerprint, "name": self.name, "info": self.info})
 
-    def open(self, verify: Callable[[str, dict], bool] | None = None, *,
-             complete: Callable[[dict[str, dict]], bool] | None = None) -> dict[str, dict]:
+    def open(
+        self,
+        verify: Callable[[str, dict], bool] | None = None,
+        *,
+        complete: Callable[[dict[str, dict]], bool] | None = None,
+    ) -> dict[str, dict]:
         """Check the fingerprint and read the finished records, `{key: record}`; every process calls it.
 
         `complete(records)` says whether the stored records already hold every item: then nothing is locked or
@@ -120,8 +139,10 @@ class ResultStore:
             except ValueError as e:
                 error = e
             except OSError as e:
-                error = ValueError(f"Cannot write the {self.name} records in {self.dir} ({e.strerror or e}); make it "
-                                   "writable or use another directory.")
+                error = ValueError(
+                    f"Cannot write the {self.name} records in {self.dir} ({e.strerror or e}); make it "
+                    "writable or use another directory."
+                )
         error = from_main_process(error)  # every process fails alike, none waits forever
         if error is not None:
             self._hold.close()
@@ -177,8 +198,12 @@ class ResultStore:
     def _read(self, path: Path, verify) -> dict[str, dict]:
         records, good, problems, cut = self._parse(path, verify)
         if problems:
-            warnings.warn(f"{path}: {len(problems)} unusable record(s) ({'; '.join(problems[:3])}); "
-                          "they are dropped and their items redone.", UserWarning, stacklevel=3)
+            warnings.warn(
+                f"{path}: {len(problems)} unusable record(s) ({'; '.join(problems[:3])}); "
+                "they are dropped and their items redone.",
+                UserWarning,
+                stacklevel=3,
+            )
         if cut:
             logger.info("%s: dropped a last line cut short (an interrupted write); that item is redone.", path)
         if problems or cut:
@@ -188,7 +213,7 @@ class ResultStore:
     def _repair_own_files(self) -> None:
         """Rewrite this process's damaged files with their good lines only, so appends start on a clean line."""
         for path, good in self._repair.items():
-            suffix = path.name[len(self.name) + len(".rank"):-len(".jsonl")]
+            suffix = path.name[len(self.name) + len(".rank") : -len(".jsonl")]
             owner = int(suffix) % self.state.num_processes if suffix.isdigit() else 0
             if owner != self.state.process_index:
                 continue
@@ -221,11 +246,21 @@ class ResultStore:
         self.close()
 
 
-def run_resumable(items: Sequence, fn: Callable[[Any], dict], output_dir=None, *, name: str, fingerprint: str = "",
-                  key: Callable[[Any], str] = lambda item: item.key,
-                  verify: Callable[[Any, dict], bool] | None = None, info: dict | None = None,
-                  overwrite: bool = False, cache: bool = False, desc: str | None = None,
-                  show_progress: bool = True) -> list[dict]:
+def run_resumable(
+    items: Sequence,
+    fn: Callable[[Any], dict],
+    output_dir=None,
+    *,
+    name: str,
+    fingerprint: str = "",
+    key: Callable[[Any], str] = lambda item: item.key,
+    verify: Callable[[Any, dict], bool] | None = None,
+    info: dict | None = None,
+    overwrite: bool = False,
+    cache: bool = False,
+    desc: str | None = None,
+    show_progress: bool = True,
+) -> list[dict]:
     """`{"key": key(item), **fn(item)}` for every item, in order, on every process; work shared across processes.
 
     Processes take every n-th unfinished item (balanced when items are sorted by cost) and their records are
@@ -240,12 +275,21 @@ def run_resumable(items: Sequence, fn: Callable[[Any], dict], output_dir=None, *
         raise ValueError(f"Items of {name} must have distinct keys; {len(keys) - len(set(keys))} repeat.")
     by_key = dict(zip(keys, items))
     state = process_state()
-    store = ResultStore(output_dir, name, fingerprint, info=info, overwrite=overwrite, cache=cache) \
-        if output_dir is not None else None
-    done = store.open(lambda k, r: k in by_key and (verify is None or verify(by_key[k], r)),
-                      complete=lambda records: by_key.keys() <= records.keys()) if store else {}
+    store = (
+        ResultStore(output_dir, name, fingerprint, info=info, overwrite=overwrite, cache=cache)
+        if output_dir is not None
+        else None
+    )
+    done = (
+        store.open(
+            lambda k, r: k in by_key and (verify is None or verify(by_key[k], r)),
+            complete=lambda records: by_key.keys() <= records.keys(),
+        )
+        if store
+        else {}
+    )
     todo = [i for i, k in enumerate(keys) if k not in done]
-    mine = todo[state.process_index::state.num_processes]
+    mine = todo[state.process_index :: state.num_processes]
     new = []
     with store or nullcontext():
         for i in tqdm(mine, desc=desc or name, disable=not (show_progress and state.is_local_main_process)):
@@ -290,7 +334,9 @@ def _stored_json(path: Path, fingerprint: str, overwrite: bool) -> dict | None:
         if valid and stored.get("fingerprint") == fingerprint:
             return {k: v for k, v in stored.items() if k != "fingerprint"}
         if valid and not overwrite:
-            raise ValueError(f"{path} holds a result of other inputs (model, data or settings differ); delete it, "
-                             "use another output directory, or pass overwrite=True (`--overwrite True` on the command "
-                             "line) to recompute it.")
+            raise ValueError(
+                f"{path} holds a result of other inputs (model, data or settings differ); delete it, "
+                "use another output directory, or pass overwrite=True (`--overwrite True` on the command "
+                "line) to recompute it."
+            )
     return None

@@ -139,18 +139,23 @@ class RetMaskTrainer(DPOTrainer):
             name = model if isinstance(model, str) else get_config_model_id(model.config)
             args = RetMaskConfig(f"{str(name).rstrip('/').split('/')[-1] or 'model'}-RetMask")
         elif not isinstance(args, RetMaskConfig):
-            raise TypeError(f"`args` must be a RetMaskConfig (it adds the masking and generation settings), got "
-                            f"{type(args).__name__}. Build it with RetMaskConfig(**your_dpo_config.to_dict()).")
+            raise TypeError(
+                f"`args` must be a RetMaskConfig (it adds the masking and generation settings), got "
+                f"{type(args).__name__}. Build it with RetMaskConfig(**your_dpo_config.to_dict())."
+            )
         if train_dataset is None:
             raise ValueError("`train_dataset` is required: prompts (`{'prompt': ...}`) or preference pairs.")
         for split, dataset in {"train_dataset": train_dataset, **_eval_splits(eval_dataset)}.items():
             _check_columns(split, dataset)
         if args.online and not is_prompt_only(train_dataset):
-            raise ValueError("Online RetMask regenerates pairs from prompts: `train_dataset` must be prompt-only "
-                             "(`{'prompt': ...}` without chosen/rejected).")
+            raise ValueError(
+                "Online RetMask regenerates pairs from prompts: `train_dataset` must be prompt-only "
+                "(`{'prompt': ...}` without chosen/rejected)."
+            )
         if head_scores is not None and args.head_scores is not None and masked_heads is None:
-            raise ValueError("Head scores were given twice (the `head_scores` argument and `args.head_scores`); "
-                             "keep one.")
+            raise ValueError(
+                "Head scores were given twice (the `head_scores` argument and `args.head_scores`); keep one."
+            )
         if args.heads and (masked_heads is not None or head_scores is not None):
             raise ValueError("`args.heads` names the heads to mask: pass neither `masked_heads` nor `head_scores`.")
 
@@ -170,8 +175,9 @@ class RetMaskTrainer(DPOTrainer):
             model = create_model_from_path(resolve_model_path(model), **init_kwargs)
             args.model_init_kwargs = None  # consumed here
         if processing_class is None:
-            processing_class = AutoTokenizer.from_pretrained(get_config_model_id(model.config),
-                                                             trust_remote_code=args.trust_remote_code)
+            processing_class = AutoTokenizer.from_pretrained(
+                get_config_model_id(model.config), trust_remote_code=args.trust_remote_code
+            )
         tokenizer = getattr(processing_class, "tokenizer", processing_class)
         if not isinstance(tokenizer, PreTrainedTokenizerBase):
             raise TypeError("`processing_class` must be a tokenizer (or a processor holding one).")
@@ -197,8 +203,9 @@ class RetMaskTrainer(DPOTrainer):
             with gathered_for_generation(model):
                 train_dataset = self._complete(train_dataset, model, tokenizer, args, "train")
                 if isinstance(eval_dataset, dict):
-                    eval_dataset = {k: self._complete(d, model, tokenizer, args, f"eval_{k}")
-                                    for k, d in eval_dataset.items()}
+                    eval_dataset = {
+                        k: self._complete(d, model, tokenizer, args, f"eval_{k}") for k, d in eval_dataset.items()
+                    }
                 elif eval_dataset is not None:
                     eval_dataset = self._complete(eval_dataset, model, tokenizer, args, "eval")
             if not args.online:  # a vLLM engine's weights and KV cache would sit idle through training
@@ -207,8 +214,13 @@ class RetMaskTrainer(DPOTrainer):
         # Reference = the initial, unmasked policy. TRL would reload it from `config._name_or_path`, which fails for a
         # model built in memory and silently differs from one modified after loading; a copy is exact. With PEFT
         # the adapter-disabled base serves (TRL), and precomputed reference log-probs need no model.
-        if (ref_model is None and peft_config is None and not is_peft_model(model)
-                and not args.precompute_ref_log_probs and not is_deepspeed_zero3_enabled()):
+        if (
+            ref_model is None
+            and peft_config is None
+            and not is_peft_model(model)
+            and not args.precompute_ref_log_probs
+            and not is_deepspeed_zero3_enabled()
+        ):
             ref_model = copy.deepcopy(model).eval()
             ref_model.requires_grad_(False)
 
@@ -217,9 +229,17 @@ class RetMaskTrainer(DPOTrainer):
         data_collator = self._truncating_collator(data_collator, model, tokenizer, args)
         with trl_truncation_off(args):
             super().__init__(
-                model=model, ref_model=ref_model, args=args, data_collator=data_collator, train_dataset=train_dataset,
-                eval_dataset=eval_dataset, processing_class=processing_class, compute_metrics=compute_metrics,
-                callbacks=callbacks, optimizers=optimizers, quantization_config=quantization_config,
+                model=model,
+                ref_model=ref_model,
+                args=args,
+                data_collator=data_collator,
+                train_dataset=train_dataset,
+                eval_dataset=eval_dataset,
+                processing_class=processing_class,
+                compute_metrics=compute_metrics,
+                callbacks=callbacks,
+                optimizers=optimizers,
+                quantization_config=quantization_config,
                 peft_config=peft_config,
             )
         self.add_callback(_LogPairStats(self))
@@ -241,24 +261,40 @@ class RetMaskTrainer(DPOTrainer):
                 tokenizer.pad_token = args.pad_token
             model.config.get_text_config().pad_token_id = tokenizer.pad_token_id
             model.generation_config.pad_token_id = tokenizer.pad_token_id
-            data_collator = DataCollatorForPreference(pad_token_id=tokenizer.pad_token_id,
-                                                      pad_to_multiple_of=args.pad_to_multiple_of)
-        return TruncatingCollator(data_collator, args.max_prompt_length, args.max_length, args.truncation_side,
-                                  tokenizer.pad_token_id, args.pad_to_multiple_of)
+            data_collator = DataCollatorForPreference(
+                pad_token_id=tokenizer.pad_token_id, pad_to_multiple_of=args.pad_to_multiple_of
+            )
+        return TruncatingCollator(
+            data_collator,
+            args.max_prompt_length,
+            args.max_length,
+            args.truncation_side,
+            tokenizer.pad_token_id,
+            args.pad_to_multiple_of,
+        )
 
     def _get_train_sampler(self, train_dataset=None):
         """transformers' `train_sampling_strategy="group_by_length"` needs an `input_ids` column, which DPO rows do not
         have: here a row's length is its prompt plus its longer completion, what it costs in the padded batch of
         chosen and rejected sequences. On a CPU this halves the step time of a mixed prompt set (docs/training.md)."""
         dataset = self.train_dataset
-        if (self.args.train_sampling_strategy == "group_by_length" and isinstance(dataset, Dataset)
-                and {"prompt_ids", "chosen_ids", "rejected_ids"} <= set(dataset.column_names)):
+        if (
+            self.args.train_sampling_strategy == "group_by_length"
+            and isinstance(dataset, Dataset)
+            and {"prompt_ids", "chosen_ids", "rejected_ids"} <= set(dataset.column_names)
+        ):
             args = self.args
-            lengths = [min(len(truncate_prompt(p, args.max_prompt_length, args.max_length, args.truncation_side))
-                           + max(len(c), len(r)), args.max_length or float("inf"))
-                       for p, c, r in zip(dataset["prompt_ids"], dataset["chosen_ids"], dataset["rejected_ids"])]
-            return LengthGroupedSampler(self.args.train_batch_size * self.args.gradient_accumulation_steps,
-                                        lengths=lengths)
+            lengths = [
+                min(
+                    len(truncate_prompt(p, args.max_prompt_length, args.max_length, args.truncation_side))
+                    + max(len(c), len(r)),
+                    args.max_length or float("inf"),
+                )
+                for p, c, r in zip(dataset["prompt_ids"], dataset["chosen_ids"], dataset["rejected_ids"])
+            ]
+            return LengthGroupedSampler(
+                self.args.train_batch_size * self.args.gradient_accumulation_steps, lengths=lengths
+            )
         return super()._get_train_sampler(train_dataset)
 
     # ------------------------------------------------------------------------------------------------ pairs
@@ -271,9 +307,16 @@ class RetMaskTrainer(DPOTrainer):
             if process_state().is_main_process:
                 logger.info(
                     "RetMask %s pairs: kept %d of %d (dropped %d identical, %d empty); mean chosen/rejected tokens "
-                    "%.1f/%.1f; %.1f generated tokens/s%s", name, stats.kept, stats.prompts, stats.dropped_identical,
-                    stats.dropped_empty, stats.mean_chosen_tokens, stats.mean_rejected_tokens,
-                    stats.tokens_per_second, " (from cache)" if stats.batches_generated == 0 else "",
+                    "%.1f/%.1f; %.1f generated tokens/s%s",
+                    name,
+                    stats.kept,
+                    stats.prompts,
+                    stats.dropped_identical,
+                    stats.dropped_empty,
+                    stats.mean_chosen_tokens,
+                    stats.mean_rejected_tokens,
+                    stats.tokens_per_second,
+                    " (from cache)" if stats.batches_generated == 0 else "",
                 )
             if args.precompute_ref_log_probs:
                 dataset = self._on_shared_disk(dataset, args)
@@ -328,15 +371,23 @@ class RetMaskTrainer(DPOTrainer):
         return {
             "masked_heads": format_heads(self.masked_heads),
             "head_scores": {format_head(h): means[h] for h in self.masked_heads if h in means},
-            "selection": {"heads": format_heads(args.heads)} if args.heads else {**args.selection,
-                                                                                 "source": args.head_scores},
+            "selection": {"heads": format_heads(args.heads)}
+            if args.heads
+            else {**args.selection, "source": args.head_scores},
             "sparsity": scores.sparsity() if scores is not None else None,
-            "generation": {**{k: v for k, v in args.generation_settings.items() if k != "generation_kwargs"},
-                           **(args.generation_kwargs or {}), "batch_size": args.generation_batch_size},
+            "generation": {
+                **{k: v for k, v in args.generation_settings.items() if k != "generation_kwargs"},
+                **(args.generation_kwargs or {}),
+                "batch_size": args.generation_batch_size,
+            },
             "pair_stats": {split: s.to_dict() for split, s in self.pair_stats.items()},
-            "online": {"regenerate_pairs_steps": args.regenerate_pairs_steps,
-                       "regenerate_pairs_each_epoch": args.regenerate_pairs_each_epoch,
-                       "regenerations": self.pair_stats_history} if args.online else None,
+            "online": {
+                "regenerate_pairs_steps": args.regenerate_pairs_steps,
+                "regenerate_pairs_each_epoch": args.regenerate_pairs_each_epoch,
+                "regenerations": self.pair_stats_history,
+            }
+            if args.online
+            else None,
         }
 
     @property

@@ -20,19 +20,21 @@ SIDES = ("left", "right")
 """`truncation_side`: "left" keeps a sequence's last tokens (TRL 0.24's `keep_end`), "right" its first ones."""
 
 
-def truncate_prompt(prompt_ids: list[int], max_prompt_length: int | None = None, max_length: int | None = None,
-                    side: str = "left") -> list[int]:
+def truncate_prompt(
+    prompt_ids: list[int], max_prompt_length: int | None = None, max_length: int | None = None, side: str = "left"
+) -> list[int]:
     """The prompt tokens a row keeps: its last `max_prompt_length`; and under right truncation, where the prompt alone
     would still fill `max_length` (TRL would drop the row), its last `max_length // 2` (TRL < 1.0's default ratio)."""
     if max_prompt_length is not None:
         prompt_ids = prompt_ids[-max_prompt_length:]
     if max_length is not None and side == "right" and len(prompt_ids) >= max_length:
-        prompt_ids = prompt_ids[-(max_length // 2):]
+        prompt_ids = prompt_ids[-(max_length // 2) :]
     return prompt_ids
 
 
-def truncate_sequences(batch: dict[str, Any], max_length: int | None, side: str, pad_token_id: int,
-                       pad_to_multiple_of: int | None = None) -> dict[str, Any]:
+def truncate_sequences(
+    batch: dict[str, Any], max_length: int | None, side: str, pad_token_id: int, pad_to_multiple_of: int | None = None
+) -> dict[str, Any]:
     """Each row of a right-padded batch cut to `max_length` tokens: its last ones (side "left", TRL 0.24's
     `keep_end`: flush right, keep the last columns, flush left) or its first ones ("right"). Every tensor shaped like
     `input_ids` (masks included) is cut alike; padding is `pad_token_id` for `input_ids` and 0 elsewhere."""
@@ -48,8 +50,9 @@ def truncate_sequences(batch: dict[str, Any], max_length: int | None, side: str,
     for key, value in batch.items():
         if isinstance(value, torch.Tensor) and value.shape == shape:
             cut = value.gather(1, columns)
-            out[key] = torch.nn.functional.pad(cut, (0, width - max_length),
-                                               value=pad_token_id if key == "input_ids" else 0)
+            out[key] = torch.nn.functional.pad(
+                cut, (0, width - max_length), value=pad_token_id if key == "input_ids" else 0
+            )
     return out
 
 
@@ -66,10 +69,13 @@ class TruncatingCollator:
     pad_to_multiple_of: int | None = None
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
-        examples = [{**e, "prompt_ids": truncate_prompt(e["prompt_ids"], self.max_prompt_length, self.max_length,
-                                                        self.side)} for e in examples]
-        return truncate_sequences(self.collator(examples), self.max_length, self.side, self.pad_token_id,
-                                  self.pad_to_multiple_of)
+        examples = [
+            {**e, "prompt_ids": truncate_prompt(e["prompt_ids"], self.max_prompt_length, self.max_length, self.side)}
+            for e in examples
+        ]
+        return truncate_sequences(
+            self.collator(examples), self.max_length, self.side, self.pad_token_id, self.pad_to_multiple_of
+        )
 
 
 @contextlib.contextmanager

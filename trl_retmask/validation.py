@@ -30,8 +30,15 @@ def check_seed(name: str, value, *, optional: bool = False) -> None:
         raise ValueError(f"`{name}` must be a seed in [0, 2**32 - 1], got {value!r}.")
 
 
-def check_number(name: str, value, *, low: float | None = None, high: float | None = None,
-                 low_open: bool = False, optional: bool = False) -> None:
+def check_number(
+    name: str,
+    value,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    optional: bool = False,
+) -> None:
     """`value` is a finite real number (no bool, NaN or inf) in [low, high] (or (low, high] when `low_open`)."""
     if value is None and optional:
         return

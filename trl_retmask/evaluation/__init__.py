@@ -16,7 +16,26 @@ from .suite import (
     score_suite,
 )
 
-__all__ = ["CATEGORIES", "LongContextEvalCallback", "TASKS", "bootstrap_ci", "build_suite", "evaluate_long_context",
-           "format_table", "general_ability", "generate_suite", "heldout_perplexity", "load_metric", "metric_path",
-           "paired_comparison", "perplexity_ci", "plot_results", "sample_score", "save_results", "score_suite",
-           "short_answer_accuracy", "suite_comparison", "suite_summary"]
+__all__ = [
+    "CATEGORIES",
+    "LongContextEvalCallback",
+    "TASKS",
+    "bootstrap_ci",
+    "build_suite",
+    "evaluate_long_context",
+    "format_table",
+    "general_ability",
+    "generate_suite",
+    "heldout_perplexity",
+    "load_metric",
+    "metric_path",
+    "paired_comparison",
+    "perplexity_ci",
+    "plot_results",
+    "sample_score",
+    "save_results",
+    "score_suite",
+    "short_answer_accuracy",
+    "suite_comparison",
+    "suite_summary",
+]

@@ -23,9 +23,19 @@ class LongContextEvalCallback(TrainerCallback):
     ```
     """
 
-    def __init__(self, trainer, lengths=(1024,), categories=("recall",), n_per_task: int = 2, seed: int = 0,
-                 every_n_steps: int | None = None, on_start: bool = True, batch_size: int = 4,
-                 prefix: str = "longctx", max_new_tokens: int | None = None):
+    def __init__(
+        self,
+        trainer,
+        lengths=(1024,),
+        categories=("recall",),
+        n_per_task: int = 2,
+        seed: int = 0,
+        every_n_steps: int | None = None,
+        on_start: bool = True,
+        batch_size: int = 4,
+        prefix: str = "longctx",
+        max_new_tokens: int | None = None,
+    ):
         self.trainer = trainer
         tokenizer = trainer.processing_class
         tokenizer = getattr(tokenizer, "tokenizer", tokenizer)  # processors wrap a tokenizer
@@ -46,8 +56,9 @@ class LongContextEvalCallback(TrainerCallback):
     def evaluate(self, step: int) -> dict:
         """Generate (each process its share of the samples, gathered), score, and log on the trainer."""
         with unwrapped_for_generation(self.trainer) as model:  # shards gathered, checkpointing off meanwhile
-            outputs = generate_suite(model, self.tokenizer, self.samples, self.batch_size,
-                                     max_new_tokens=self.max_new_tokens)
+            outputs = generate_suite(
+                model, self.tokenizer, self.samples, self.batch_size, max_new_tokens=self.max_new_tokens
+            )
         result = score_suite(self.samples, outputs)
         logs = {f"{self.prefix}/{cat}/{n}": v for cat, by_len in result["scores"].items() for n, v in by_len.items()}
         for task, by_len in result["tasks"].items():

@@ -24,8 +24,15 @@ SHORT_ANSWER = EVAL_DATA / "short_answer.jsonl"
 
 
 @torch.no_grad()
-def heldout_perplexity(model, tokenizer, text: str | None = None, window: int = 512, max_tokens: int = 4096,
-                       batch_size: int = 4, return_chunks: bool = False):
+def heldout_perplexity(
+    model,
+    tokenizer,
+    text: str | None = None,
+    window: int = 512,
+    max_tokens: int = 4096,
+    batch_size: int = 4,
+    return_chunks: bool = False,
+):
     """Perplexity over non-overlapping `window`-token chunks of the first `max_tokens` tokens of the text.
 
     With `return_chunks=True`, returns `(perplexity, [[summed NLL, predicted tokens] per chunk])`, the units a
@@ -33,7 +40,7 @@ def heldout_perplexity(model, tokenizer, text: str | None = None, window: int = 
     """
     text = HELDOUT_TEXT.read_text() if text is None else text
     ids = tokenizer(text, add_special_tokens=False)["input_ids"][:max_tokens]
-    chunks = [ids[i:i + window] for i in range(0, len(ids) - 1, window) if len(ids[i:i + window]) > 1]
+    chunks = [ids[i : i + window] for i in range(0, len(ids) - 1, window) if len(ids[i : i + window]) > 1]
     if not chunks:
         raise ValueError("The held-out text is shorter than two tokens; pass a longer `text`.")
     device = next(model.parameters()).device
@@ -42,13 +49,13 @@ def heldout_perplexity(model, tokenizer, text: str | None = None, window: int = 
     per_chunk = []
     try:
         for i in range(0, len(chunks), batch_size):
-            batch = chunks[i:i + batch_size]
+            batch = chunks[i : i + batch_size]
             width = max(map(len, batch))
             input_ids = torch.zeros(len(batch), width, dtype=torch.long)
             mask = torch.zeros(len(batch), width, dtype=torch.long)
             for j, c in enumerate(batch):
-                input_ids[j, :len(c)] = torch.tensor(c)
-                mask[j, :len(c)] = 1
+                input_ids[j, : len(c)] = torch.tensor(c)
+                mask[j, : len(c)] = 1
             input_ids, mask = input_ids.to(device), mask.to(device)
             logits = model(input_ids=input_ids, attention_mask=mask).logits[:, :-1].float()
             target, keep = input_ids[:, 1:], mask[:, 1:].bool()
@@ -66,16 +73,23 @@ def load_short_answer(path=None) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def short_answer_accuracy(model, tokenizer, questions: list[dict] | None = None, batch_size: int = 8,
-                          max_new_tokens: int = 24, return_outputs: bool = False):
+def short_answer_accuracy(
+    model,
+    tokenizer,
+    questions: list[dict] | None = None,
+    batch_size: int = 8,
+    max_new_tokens: int = 24,
+    return_outputs: bool = False,
+):
     """Fraction of questions whose greedy answer contains one of the aliases as whole words."""
     from .suite import generate
 
     questions = load_short_answer() if questions is None else questions
     prompts = [f"{q['question']} Answer in a few words." for q in questions]
     outputs = generate(model, tokenizer, prompts, max_new_tokens, batch_size)
-    acc = load_metric("substring_match").compute(predictions=outputs, references=[q["answers"] for q in questions],
-                                                 aliases=True)["recall"]
+    acc = load_metric("substring_match").compute(
+        predictions=outputs, references=[q["answers"] for q in questions], aliases=True
+    )["recall"]
     return (acc, outputs) if return_outputs else acc
 
 

@@ -18,8 +18,17 @@ from .metrics.citation.citation import citation_scores
 from .metrics.ndcg.ndcg import ndcg_at_k
 from .metrics.substring_match.substring_match import match_fraction
 
-__all__ = ["CATEGORIES", "PRIMARY", "TASKS", "TASK_CATEGORY", "Task", "build_suite", "parse_ranking", "register",
-           "resolve_tasks"]
+__all__ = [
+    "CATEGORIES",
+    "PRIMARY",
+    "TASKS",
+    "TASK_CATEGORY",
+    "Task",
+    "build_suite",
+    "parse_ranking",
+    "register",
+    "resolve_tasks",
+]
 
 
 def parse_ranking(text: str, ids: list[str]) -> list[str]:
@@ -92,8 +101,10 @@ def register(task: Task) -> Task:
     if task.name in TASKS:
         raise ValueError(f"A task named {task.name!r} is already registered.")
     if PRIMARY.setdefault(task.category, task.primary) != task.primary:
-        raise ValueError(f"The tasks of category {task.category!r} are scored by {PRIMARY[task.category]!r}, not "
-                         f"{task.primary!r}: a category averages one number.")
+        raise ValueError(
+            f"The tasks of category {task.category!r} are scored by {PRIMARY[task.category]!r}, not "
+            f"{task.primary!r}: a category averages one number."
+        )
     TASKS[task.name] = task
     CATEGORIES[task.category] = (*CATEGORIES.get(task.category, ()), task.name)
     TASK_CATEGORY[task.name] = task.category
@@ -107,14 +118,41 @@ def _rerank_score(ref, output: str) -> float:
 _CITE_PARTS = ("correctness", "citation_recall", "citation_precision")
 
 for _name in ("niah_single", "niah_multikey", "niah_multivalue", "json_kv"):
-    register(Task(_name, "recall", getattr(tasks, _name), "substring_match", "recall",
-                  score=lambda ref, output: match_fraction(output, ref), logged={_name: "recall"}))
-register(Task("rerank", "rerank", tasks.rerank, "ndcg", "ndcg", score=_rerank_score, metric_kwargs={"k": 10},
-              predict=lambda output, ref: parse_ranking(output, ref["ids"])))
-register(Task("cite", "cite", tasks.cite, "citation", "cite_avg",
-              score=lambda ref, output: sum(citation_scores(output, ref["answers"], ref["documents"]).values()) / 3,
-              derive=lambda result: {"cite_avg": sum(result[k] for k in _CITE_PARTS) / 3},
-              logged={f"cite_{k}": k for k in _CITE_PARTS}))
+    register(
+        Task(
+            _name,
+            "recall",
+            getattr(tasks, _name),
+            "substring_match",
+            "recall",
+            score=lambda ref, output: match_fraction(output, ref),
+            logged={_name: "recall"},
+        )
+    )
+register(
+    Task(
+        "rerank",
+        "rerank",
+        tasks.rerank,
+        "ndcg",
+        "ndcg",
+        score=_rerank_score,
+        metric_kwargs={"k": 10},
+        predict=lambda output, ref: parse_ranking(output, ref["ids"]),
+    )
+)
+register(
+    Task(
+        "cite",
+        "cite",
+        tasks.cite,
+        "citation",
+        "cite_avg",
+        score=lambda ref, output: sum(citation_scores(output, ref["answers"], ref["documents"]).values()) / 3,
+        derive=lambda result: {"cite_avg": sum(result[k] for k in _CITE_PARTS) / 3},
+        logged={f"cite_{k}": k for k in _CITE_PARTS},
+    )
+)
 
 
 def resolve_tasks(categories=None) -> list[str]:
@@ -127,8 +165,9 @@ def resolve_tasks(categories=None) -> list[str]:
         elif name in TASKS:
             out += [name] if name not in out else []
         else:
-            raise ValueError(f"Unknown category or task {name!r}; choose from categories {list(CATEGORIES)} "
-                             f"or tasks {list(TASKS)}.")
+            raise ValueError(
+                f"Unknown category or task {name!r}; choose from categories {list(CATEGORIES)} or tasks {list(TASKS)}."
+            )
     return out
 
 

@@ -69,8 +69,9 @@ def _interval(stats: np.ndarray, confidence: float) -> list[float]:
     return [float(v) for v in np.quantile(stats, [alpha / 2, 1 - alpha / 2])]
 
 
-def bootstrap_ci(values, strata=None, *, n_resamples: int = N_RESAMPLES, confidence: float = CONFIDENCE,
-                 seed: int = 0) -> list[float]:
+def bootstrap_ci(
+    values, strata=None, *, n_resamples: int = N_RESAMPLES, confidence: float = CONFIDENCE, seed: int = 0
+) -> list[float]:
     """Percentile bootstrap interval `[low, high]` of the (stratified) mean."""
     _check_settings(n_resamples, confidence)
     arr = _check(values)
@@ -80,18 +81,20 @@ def bootstrap_ci(values, strata=None, *, n_resamples: int = N_RESAMPLES, confide
 
 def summarize(values, strata=None, **kwargs) -> dict:
     """`{"mean", "ci": [low, high], "n"}` of per-item scores."""
-    return {"mean": stratified_mean(values, strata), "ci": bootstrap_ci(values, strata, **kwargs),
-            "n": len(values)}
+    return {"mean": stratified_mean(values, strata), "ci": bootstrap_ci(values, strata, **kwargs), "n": len(values)}
 
 
-def perplexity_ci(chunks: Sequence[Sequence[float]], *, n_resamples: int = N_RESAMPLES,
-                  confidence: float = CONFIDENCE, seed: int = 0) -> list[float]:
+def perplexity_ci(
+    chunks: Sequence[Sequence[float]], *, n_resamples: int = N_RESAMPLES, confidence: float = CONFIDENCE, seed: int = 0
+) -> list[float]:
     """Bootstrap interval of exp(total NLL / total tokens), resampling `[NLL, tokens]` chunks."""
     _check_settings(n_resamples, confidence)
     arr = np.asarray(chunks, dtype=float)
     if arr.ndim != 2 or arr.shape[1] != 2 or len(arr) == 0 or (arr[:, 1] <= 0).any():
-        raise ValueError("chunks must be a non-empty list of [summed NLL, token count > 0] pairs "
-                         "(heldout_perplexity(..., return_chunks=True)).")
+        raise ValueError(
+            "chunks must be a non-empty list of [summed NLL, token count > 0] pairs "
+            "(heldout_perplexity(..., return_chunks=True))."
+        )
     idx = np.random.default_rng(seed).integers(0, len(arr), (n_resamples, len(arr)))
     return _interval(np.exp(arr[idx, 0].sum(1) / arr[idx, 1].sum(1)), confidence)
 
@@ -112,8 +115,8 @@ def sign_flip_p_value(differences, strata=None, *, n_resamples: int = N_RESAMPLE
     if terms.size == 0:
         return 1.0, True
     tolerance = 1e-9 * max(observed, 1e-12)
-    if 2 ** terms.size <= n_resamples:
-        patterns = ((np.arange(2 ** terms.size)[:, None] >> np.arange(terms.size)) & 1) * 2 - 1
+    if 2**terms.size <= n_resamples:
+        patterns = ((np.arange(2**terms.size)[:, None] >> np.arange(terms.size)) & 1) * 2 - 1
         return float(np.mean(np.abs(patterns @ terms) >= observed - tolerance)), True
     rng = np.random.default_rng(seed)
     hits = 0
@@ -123,8 +126,9 @@ def sign_flip_p_value(differences, strata=None, *, n_resamples: int = N_RESAMPLE
     return (1 + hits) / (1 + n_resamples), False
 
 
-def paired_comparison(a, b, strata=None, *, n_resamples: int = N_RESAMPLES, confidence: float = CONFIDENCE,
-                      seed: int = 0) -> dict:
+def paired_comparison(
+    a, b, strata=None, *, n_resamples: int = N_RESAMPLES, confidence: float = CONFIDENCE, seed: int = 0
+) -> dict:
     """`a` vs `b` scored on the same items (same order): `{"difference": mean(a - b), "ci": paired-bootstrap
     interval, "p_value": sign-flip test, "exact": whether p was enumerated, "n"}`."""
     a, b = _check(a, "a"), _check(b, "b")
@@ -132,9 +136,13 @@ def paired_comparison(a, b, strata=None, *, n_resamples: int = N_RESAMPLES, conf
         raise ValueError(f"Paired scores need the same items: a has {len(a)}, b has {len(b)}.")
     diff = a - b
     p, exact = sign_flip_p_value(diff, strata, n_resamples=n_resamples, seed=seed)
-    return {"difference": stratified_mean(diff, strata),
-            "ci": bootstrap_ci(diff, strata, n_resamples=n_resamples, confidence=confidence, seed=seed),
-            "p_value": p, "exact": exact, "n": len(diff)}
+    return {
+        "difference": stratified_mean(diff, strata),
+        "ci": bootstrap_ci(diff, strata, n_resamples=n_resamples, confidence=confidence, seed=seed),
+        "p_value": p,
+        "exact": exact,
+        "n": len(diff),
+    }
 
 
 # ---------------------------------------------------------------------------------------------- suite tables
@@ -152,8 +160,10 @@ def combine_runs(runs: Sequence[Sequence[dict]]) -> tuple[list[tuple], np.ndarra
         tables.append(table)
     keys = sorted(tables[0])
     if any(sorted(t) != keys for t in tables[1:]):
-        raise ValueError("The runs were scored on different suite samples (lengths, tasks, n_per_task or seed "
-                         "differ); evaluate them with the same suite settings.")
+        raise ValueError(
+            "The runs were scored on different suite samples (lengths, tasks, n_per_task or seed "
+            "differ); evaluate them with the same suite settings."
+        )
     return keys, np.mean([[t[k] for k in keys] for t in tables], axis=0)
 
 
@@ -184,8 +194,9 @@ def suite_summary(runs: Sequence[Sequence[dict]], **kwargs) -> dict:
     `{"task": {task: {length: summary}}, "category": {cat: {length: summary}}, "overall": summary}`; the overall
     score is the mean over all (task, length) cells."""
     keys, scores = combine_runs(runs)
-    return _nest((level, name, n, summarize(scores[idx], strata, **kwargs))
-                 for level, name, n, idx, strata in _views(keys))
+    return _nest(
+        (level, name, n, summarize(scores[idx], strata, **kwargs)) for level, name, n, idx, strata in _views(keys)
+    )
 
 
 def suite_comparison(runs_a: Sequence[Sequence[dict]], runs_b: Sequence[Sequence[dict]], **kwargs) -> dict:
@@ -194,5 +205,7 @@ def suite_comparison(runs_a: Sequence[Sequence[dict]], runs_b: Sequence[Sequence
     keys_b, b = combine_runs(runs_b)
     if keys != keys_b:
         raise ValueError("The two models were scored on different suite samples; compare runs of the same suite.")
-    return _nest((level, name, n, paired_comparison(a[idx], b[idx], strata, **kwargs))
-                 for level, name, n, idx, strata in _views(keys))
+    return _nest(
+        (level, name, n, paired_comparison(a[idx], b[idx], strata, **kwargs))
+        for level, name, n, idx, strata in _views(keys)
+    )

@@ -22,21 +22,31 @@ def _encode(tokenizer, prompts: list[str]) -> list[list[int]]:
     return [encode_rendered(tokenizer, render_user_prompt(tokenizer, p))["input_ids"] for p in prompts]
 
 
-def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int = 4,
-             progress: bool = False, heads=None) -> list[str]:
+def generate(
+    model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int = 4, progress: bool = False, heads=None
+) -> list[str]:
     """Greedy completions of raw prompts, in batches (this process only; `generate_suite` shares the work)."""
     ids = _encode(tokenizer, prompts)
     config = make_generation_config(model, max_new_tokens)
     out = []
     for i in tqdm(range(0, len(ids), batch_size), desc="generate", disable=not progress):
-        new = generate_batch(model, tokenizer, ids[i:i + batch_size], config, heads=heads)
+        new = generate_batch(model, tokenizer, ids[i : i + batch_size], config, heads=heads)
         out += tokenizer.batch_decode(new, skip_special_tokens=True)
     return out
 
 
-def generate_suite(model, tokenizer, samples: list[dict], batch_size: int = 4, heads=None,
-                   progress: bool = False, max_new_tokens: int | None = None, output_dir=None,
-                   name: str = "suite", overwrite: bool = False) -> list[str]:
+def generate_suite(
+    model,
+    tokenizer,
+    samples: list[dict],
+    batch_size: int = 4,
+    heads=None,
+    progress: bool = False,
+    max_new_tokens: int | None = None,
+    output_dir=None,
+    name: str = "suite",
+    overwrite: bool = False,
+) -> list[str]:
     """Completions for suite samples, batched per (task, length) so each batch shares a generation budget.
 
     `max_new_tokens` caps every task's budget (for quick slices; answers cut short score lower). The batches are
@@ -51,9 +61,15 @@ def generate_suite(model, tokenizer, samples: list[dict], batch_size: int = 4, h
     groups = defaultdict(list)
     for i, s in enumerate(samples):
         groups[(s["task"], s["length"], s["max_new_tokens"])].append(i)
-    batches = [(f"{task}-{length}-{j // batch_size}", idx[j:j + batch_size],
-                min(budget, max_new_tokens) if max_new_tokens else budget)
-               for (task, length, budget), idx in groups.items() for j in range(0, len(idx), batch_size)]
+    batches = [
+        (
+            f"{task}-{length}-{j // batch_size}",
+            idx[j : j + batch_size],
+            min(budget, max_new_tokens) if max_new_tokens else budget,
+        )
+        for (task, length, budget), idx in groups.items()
+        for j in range(0, len(idx), batch_size)
+    ]
 
     window = model_window(model)
     for _, idx, budget in batches:  # every batch fits, before the first is generated
@@ -61,20 +77,44 @@ def generate_suite(model, tokenizer, samples: list[dict], batch_size: int = 4, h
 
     def run(batch) -> dict:
         _, idx, budget = batch
-        new = generate_batch(model, tokenizer, [ids[i] for i in idx], make_generation_config(model, budget),
-                             heads=heads)
+        new = generate_batch(
+            model, tokenizer, [ids[i] for i in idx], make_generation_config(model, budget), heads=heads
+        )
         return {"indices": idx, "outputs": tokenizer.batch_decode(new, skip_special_tokens=True)}
 
     fp = ""
     if output_dir is not None:
-        fp = fingerprint(kind="suite", model=model_fingerprint(model), generation=make_generation_config(model, 1),
-                         heads=heads, batches=[[b[1], b[2]] for b in batches], prompt_ids=ids)
-    records = run_resumable(batches, run, output_dir, name=name, fingerprint=fp, key=lambda b: b[0],
-                            verify=lambda b, r: r.get("indices") == b[1] and isinstance(r.get("outputs"), list)
-                            and len(r["outputs"]) == len(b[1]) and all(isinstance(o, str) for o in r["outputs"]),
-                            info={"model": getattr(model.config, "_name_or_path", ""), "heads": heads,
-                                  "num_samples": len(samples), "max_new_tokens": max_new_tokens},
-                            overwrite=overwrite, desc="long-context suite", show_progress=progress)
+        fp = fingerprint(
+            kind="suite",
+            model=model_fingerprint(model),
+            generation=make_generation_config(model, 1),
+            heads=heads,
+            batches=[[b[1], b[2]] for b in batches],
+            prompt_ids=ids,
+        )
+    records = run_resumable(
+        batches,
+        run,
+        output_dir,
+        name=name,
+        fingerprint=fp,
+        key=lambda b: b[0],
+        verify=lambda b, r: (
+            r.get("indices") == b[1]
+            and isinstance(r.get("outputs"), list)
+            and len(r["outputs"]) == len(b[1])
+            and all(isinstance(o, str) for o in r["outputs"])
+        ),
+        info={
+            "model": getattr(model.config, "_name_or_path", ""),
+            "heads": heads,
+            "num_samples": len(samples),
+            "max_new_tokens": max_new_tokens,
+        },
+        overwrite=overwrite,
+        desc="long-context suite",
+        show_progress=progress,
+    )
     outputs = [""] * len(samples)
     for r in records:
         for i, text in zip(r["indices"], r["outputs"]):
@@ -104,15 +144,29 @@ def score_suite(samples: list[dict], outputs: list[str]) -> dict:
         if not present:
             continue
         lengths = sorted({n for t in present for n in tasks[t]}, key=int)
-        scores[cat] = {n: sum(tasks[t][n][PRIMARY[cat]] for t in present if n in tasks[t])
-                       / sum(n in tasks[t] for t in present) for n in lengths}
+        scores[cat] = {
+            n: sum(tasks[t][n][PRIMARY[cat]] for t in present if n in tasks[t]) / sum(n in tasks[t] for t in present)
+            for n in lengths
+        }
     return {"scores": scores, "tasks": dict(tasks)}
 
 
-def evaluate_long_context(model, tokenizer, lengths=(1024, 2048), categories=None, n_per_task: int = 4,
-                          heads=None, seed: int = 0, batch_size: int = 4, output_dir=None, name: str = "model",
-                          keep_generations: bool = False, progress: bool = True,
-                          max_new_tokens: int | None = None, overwrite: bool = False) -> dict:
+def evaluate_long_context(
+    model,
+    tokenizer,
+    lengths=(1024, 2048),
+    categories=None,
+    n_per_task: int = 4,
+    heads=None,
+    seed: int = 0,
+    batch_size: int = 4,
+    output_dir=None,
+    name: str = "model",
+    keep_generations: bool = False,
+    progress: bool = True,
+    max_new_tokens: int | None = None,
+    overwrite: bool = False,
+) -> dict:
     """Evaluate a model (optionally with `heads` masked) on the suite; returns per-category and per-task tables.
 
     `max_new_tokens` caps the tasks' answer budgets (quick looks only). The result is
@@ -126,20 +180,46 @@ def evaluate_long_context(model, tokenizer, lengths=(1024, 2048), categories=Non
     samples = build_suite(tokenizer, lengths, categories, n_per_task, seed)
     max_len = getattr(model.config, "max_position_embeddings", None)
     if max_len and max(s["length"] for s in samples) > max_len:
-        raise ValueError(f"Requested length {max(s['length'] for s in samples)} exceeds the model's "
-                         f"max_position_embeddings={max_len}; pass shorter `lengths`.")
-    outputs = generate_suite(model, tokenizer, samples, batch_size, heads, progress, max_new_tokens,
-                             output_dir=output_dir, name=f"{name}.generations", overwrite=overwrite)
+        raise ValueError(
+            f"Requested length {max(s['length'] for s in samples)} exceeds the model's "
+            f"max_position_embeddings={max_len}; pass shorter `lengths`."
+        )
+    outputs = generate_suite(
+        model,
+        tokenizer,
+        samples,
+        batch_size,
+        heads,
+        progress,
+        max_new_tokens,
+        output_dir=output_dir,
+        name=f"{name}.generations",
+        overwrite=overwrite,
+    )
     result = score_suite(samples, outputs)
-    result["per_sample"] = [{"task": s["task"], "length": s["length"], "seed": s["seed"], "score": sample_score(s, o)}
-                            for s, o in zip(samples, outputs)]
-    result["config"] = {"lengths": sorted({s["length"] for s in samples}), "categories": categories,
-                        "n_per_task": n_per_task, "seed": seed, "heads": format_heads(heads),
-                        "model": getattr(model.config, "_name_or_path", "")}
+    result["per_sample"] = [
+        {"task": s["task"], "length": s["length"], "seed": s["seed"], "score": sample_score(s, o)}
+        for s, o in zip(samples, outputs)
+    ]
+    result["config"] = {
+        "lengths": sorted({s["length"] for s in samples}),
+        "categories": categories,
+        "n_per_task": n_per_task,
+        "seed": seed,
+        "heads": format_heads(heads),
+        "model": getattr(model.config, "_name_or_path", ""),
+    }
     if keep_generations:
-        result["generations"] = [{"task": s["task"], "length": s["length"], "seed": s["seed"], "output": o,
-                                  "reference": s["reference"] if s["task"] != "cite" else s["reference"]["answers"]}
-                                 for s, o in zip(samples, outputs)]
+        result["generations"] = [
+            {
+                "task": s["task"],
+                "length": s["length"],
+                "seed": s["seed"],
+                "output": o,
+                "reference": s["reference"] if s["task"] != "cite" else s["reference"]["answers"],
+            }
+            for s, o in zip(samples, outputs)
+        ]
     if output_dir is not None and process_state().is_main_process:
         png = Path(output_dir) / f"{name}.png"
         if write_json(Path(output_dir) / f"{name}.json", result) or not png.is_file():
@@ -180,8 +260,10 @@ def plot_results(results: dict[str, dict], path, title: str = "Long-context suit
             spans = [r.get("intervals", {}).get(cat, {}).get(n) for n in lengths]
             err = None
             if any(spans):
-                err = [[v - 100 * s[0] if s else 0 for v, s in zip(vals, spans)],
-                       [100 * s[1] - v if s else 0 for v, s in zip(vals, spans)]]
+                err = [
+                    [v - 100 * s[0] if s else 0 for v, s in zip(vals, spans)],
+                    [100 * s[1] - v if s else 0 for v, s in zip(vals, spans)],
+                ]
             ax.bar([i + j * width for i in range(len(lengths))], vals, width, label=name, yerr=err, capsize=3)
         ax.set_xticks([i + width * (len(results) - 1) / 2 for i in range(len(lengths))], lengths)
         ax.set_title(f"{cat} ({PRIMARY[cat]})")

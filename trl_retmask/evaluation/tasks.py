@@ -26,23 +26,128 @@ from ..niah import load_haystack
 SUITE_TEXT_DIR = Path(__file__).resolve().parent.parent / "data" / "eval" / "suite"
 """The suite's filler text (disjoint from the detection haystack and from the training prompts)."""
 
-_ADJ = ("amber", "brisk", "calm", "dusty", "eager", "faint", "gentle", "hollow", "icy", "jolly", "keen", "lucky",
-        "mellow", "nimble", "olive", "proud", "quiet", "rusty", "silent", "tidy", "upbeat", "vivid", "wary",
-        "young", "zesty", "bold", "crisp", "dapper", "fuzzy", "grand")
-_NOUN = ("anchor", "badger", "canyon", "dolphin", "ember", "falcon", "glacier", "harbor", "island", "jackal",
-         "kettle", "lantern", "meadow", "nectar", "orchid", "pepper", "quartz", "raven", "saddle", "thimble",
-         "umbrella", "violin", "walnut", "yarrow", "zephyr", "beacon", "cobalt", "dune", "fjord", "garnet")
-_OBJECTS = ("silver lantern", "brass compass", "oak chest", "glass harp", "iron key", "velvet map", "copper bell",
-            "ivory flute", "jade mirror", "linen banner", "pewter cup", "amber clock")
-_OWNERS = ("Edda Marsh", "Tobin Kestrel", "Ysolde Brack", "Orrin Vale", "Maribel Thorne", "Caspian Ford",
-           "Wilhelmina Rook", "Dorian Ash", "Petra Quill", "Anselm Gray")
-_TOWNS = ("Brackenford", "Quellmoor", "Ashcombe Vale", "Windrell", "Harrowgate Cross", "Tamsinby", "Lowmere",
-          "Corvalis Point", "Elderwick", "Fenhollow", "Marrowby", "Sallowdene")
-_MAKERS = ("Jorund Pell", "Ilse Varrow", "Benedikt Sorrel", "Calla Dunmore", "Hesper Lowe", "Matthias Greave",
-           "Odile Fenwick", "Rurik Hale", "Sabine Oakes", "Tavish Morrow")
-_MENTIONS = ("Many travellers had heard stories about the {obj}.",
-             "Nobody in the village had seen the {obj} for years.",
-             "Some said the {obj} was older than the church itself.", "Children were warned never to touch the {obj}.")
+_ADJ = (
+    "amber",
+    "brisk",
+    "calm",
+    "dusty",
+    "eager",
+    "faint",
+    "gentle",
+    "hollow",
+    "icy",
+    "jolly",
+    "keen",
+    "lucky",
+    "mellow",
+    "nimble",
+    "olive",
+    "proud",
+    "quiet",
+    "rusty",
+    "silent",
+    "tidy",
+    "upbeat",
+    "vivid",
+    "wary",
+    "young",
+    "zesty",
+    "bold",
+    "crisp",
+    "dapper",
+    "fuzzy",
+    "grand",
+)
+_NOUN = (
+    "anchor",
+    "badger",
+    "canyon",
+    "dolphin",
+    "ember",
+    "falcon",
+    "glacier",
+    "harbor",
+    "island",
+    "jackal",
+    "kettle",
+    "lantern",
+    "meadow",
+    "nectar",
+    "orchid",
+    "pepper",
+    "quartz",
+    "raven",
+    "saddle",
+    "thimble",
+    "umbrella",
+    "violin",
+    "walnut",
+    "yarrow",
+    "zephyr",
+    "beacon",
+    "cobalt",
+    "dune",
+    "fjord",
+    "garnet",
+)
+_OBJECTS = (
+    "silver lantern",
+    "brass compass",
+    "oak chest",
+    "glass harp",
+    "iron key",
+    "velvet map",
+    "copper bell",
+    "ivory flute",
+    "jade mirror",
+    "linen banner",
+    "pewter cup",
+    "amber clock",
+)
+_OWNERS = (
+    "Edda Marsh",
+    "Tobin Kestrel",
+    "Ysolde Brack",
+    "Orrin Vale",
+    "Maribel Thorne",
+    "Caspian Ford",
+    "Wilhelmina Rook",
+    "Dorian Ash",
+    "Petra Quill",
+    "Anselm Gray",
+)
+_TOWNS = (
+    "Brackenford",
+    "Quellmoor",
+    "Ashcombe Vale",
+    "Windrell",
+    "Harrowgate Cross",
+    "Tamsinby",
+    "Lowmere",
+    "Corvalis Point",
+    "Elderwick",
+    "Fenhollow",
+    "Marrowby",
+    "Sallowdene",
+)
+_MAKERS = (
+    "Jorund Pell",
+    "Ilse Varrow",
+    "Benedikt Sorrel",
+    "Calla Dunmore",
+    "Hesper Lowe",
+    "Matthias Greave",
+    "Odile Fenwick",
+    "Rurik Hale",
+    "Sabine Oakes",
+    "Tavish Morrow",
+)
+_MENTIONS = (
+    "Many travellers had heard stories about the {obj}.",
+    "Nobody in the village had seen the {obj} for years.",
+    "Some said the {obj} was older than the church itself.",
+    "Children were warned never to touch the {obj}.",
+)
 
 
 # ---------------------------------------------------------------- haystack, counted in tokens of a tokenizer
@@ -114,8 +219,11 @@ def _budget(tokenizer, template: str, length: int, minimum: int = 64, **fields) 
 
 def _insert(sentences: list[str], inserts: list[str], rng: random.Random) -> tuple[list[str], list[float]]:
     """Insert sentences at random distinct depths; returns the new list and each insert's depth in [0, 1]."""
-    slots = sorted(rng.sample(range(len(sentences) + 1), len(inserts)) if len(inserts) <= len(sentences) + 1
-                   else [rng.randrange(len(sentences) + 1) for _ in inserts])
+    slots = sorted(
+        rng.sample(range(len(sentences) + 1), len(inserts))
+        if len(inserts) <= len(sentences) + 1
+        else [rng.randrange(len(sentences) + 1) for _ in inserts]
+    )
     order = list(range(len(inserts)))
     rng.shuffle(order)
     out = list(sentences)
@@ -136,13 +244,22 @@ def _numbers(rng: random.Random, k: int) -> list[str]:
 
 
 def _sample(task, length, seed, prompt, reference, max_new_tokens, **meta):
-    return {"task": task, "length": length, "seed": seed, "prompt": prompt,
-            "reference": reference, "max_new_tokens": max_new_tokens, "meta": meta}
+    return {
+        "task": task,
+        "length": length,
+        "seed": seed,
+        "prompt": prompt,
+        "reference": reference,
+        "max_new_tokens": max_new_tokens,
+        "meta": meta,
+    }
 
 
 # ---------------------------------------------------------------- synthetic recall (RULER / HELMET style)
-_NIAH = ("Some special magic numbers are hidden within the following text. Make sure to memorize them. "
-         "I will quiz you about the numbers afterwards.\n\n{context}\n\n{question}")
+_NIAH = (
+    "Some special magic numbers are hidden within the following text. Make sure to memorize them. "
+    "I will quiz you about the numbers afterwards.\n\n{context}\n\n{question}"
+)
 _NEEDLE = "One of the special magic numbers for {key} is: {value}."
 
 
@@ -151,18 +268,23 @@ def _niah(task, tokenizer, length, seed, n_keys, n_values, max_new_tokens):
     keys, values = _keys(rng, n_keys), _numbers(rng, n_keys * n_values)
     target, gold = keys[0], values[:n_values]
     if n_values > 1:
-        question = (f"What are all the special magic numbers for {target} mentioned in the provided text? "
-                    f"Answer with the {n_values} numbers only.")
+        question = (
+            f"What are all the special magic numbers for {target} mentioned in the provided text? "
+            f"Answer with the {n_values} numbers only."
+        )
     else:
-        question = (f"What is the special magic number for {target} mentioned in the provided text? "
-                    "Answer with the number only.")
+        question = (
+            f"What is the special magic number for {target} mentioned in the provided text? "
+            "Answer with the number only."
+        )
     needles = [_NEEDLE.format(key=keys[i // n_values], value=values[i]) for i in range(n_keys * n_values)]
     needle_tokens = sum(len(ids) for ids in tokenizer(needles, add_special_tokens=False)["input_ids"])
     hay = _haystack(tokenizer).take(_budget(tokenizer, _NIAH, length, question=question) - needle_tokens, rng)
     sentences, depths = _insert(hay, needles, rng)
     prompt = _NIAH.format(context=" ".join(sentences), question=question)
-    return _sample(task, length, seed, prompt, gold, max_new_tokens, key=target, depths=depths[:n_values],
-                   distractor_keys=keys[1:])
+    return _sample(
+        task, length, seed, prompt, gold, max_new_tokens, key=target, depths=depths[:n_values], distractor_keys=keys[1:]
+    )
 
 
 def niah_single(tokenizer, length: int, seed: int = 0) -> dict:
@@ -180,8 +302,10 @@ def niah_multivalue(tokenizer, length: int, seed: int = 0) -> dict:
     return _niah("niah_multivalue", tokenizer, length, seed, n_keys=1, n_values=4, max_new_tokens=64)
 
 
-_JSON = ("Extract the value corresponding to the specified key in the JSON object below.\n\nJSON data:\n{context}\n\n"
-         "Key: \"{key}\"\nCorresponding value:")
+_JSON = (
+    "Extract the value corresponding to the specified key in the JSON object below.\n\nJSON data:\n{context}\n\n"
+    'Key: "{key}"\nCorresponding value:'
+)
 
 
 def json_kv(tokenizer, length: int, seed: int = 0) -> dict:
@@ -199,8 +323,7 @@ def json_kv(tokenizer, length: int, seed: int = 0) -> dict:
     kv = dict(pool[:n])
     key = rng.choice(list(kv))
     prompt = _JSON.format(context=json.dumps(kv, indent=1), key=key)
-    return _sample("json_kv", length, seed, prompt, [kv[key]], 96, key=key, n_pairs=n,
-                   depth=list(kv).index(key) / n)
+    return _sample("json_kv", length, seed, prompt, [kv[key]], 96, key=key, n_pairs=n, depth=list(kv).index(key) / n)
 
 
 # ---------------------------------------------------------------- documents with planted facts
@@ -224,9 +347,11 @@ def _plant(doc: list[str], sentence: str, rng: random.Random) -> None:
     doc.insert(rng.randrange(len(doc) + 1), sentence)
 
 
-_RERANK = ("You are provided with a list of documents, each indicated by its ID. Rank the documents by their "
-           "relevance to the question, from most to least relevant. Write the IDs of the 10 most relevant "
-           "documents in this format:\nRanking: ID3 > ID1 > ID2\n\n{context}\n\nQuestion: {question}")
+_RERANK = (
+    "You are provided with a list of documents, each indicated by its ID. Rank the documents by their "
+    "relevance to the question, from most to least relevant. Write the IDs of the 10 most relevant "
+    "documents in this format:\nRanking: ID3 > ID1 > ID2\n\n{context}\n\nQuestion: {question}"
+)
 
 
 def rerank(tokenizer, length: int, seed: int = 0) -> dict:
@@ -234,8 +359,9 @@ def rerank(tokenizer, length: int, seed: int = 0) -> dict:
     rng = random.Random(f"rerank-{length}-{seed}")
     obj, town, _ = _facts(rng)
     question = f"Where is the {obj} kept?"
-    docs = _documents(tokenizer, _budget(tokenizer, _RERANK, length, question=question), rng, 72,
-                      "\n\n[ID: 12345] Document: ")
+    docs = _documents(
+        tokenizer, _budget(tokenizer, _RERANK, length, question=question), rng, 72, "\n\n[ID: 12345] Document: "
+    )
     picks = rng.sample(range(len(docs)), 3)
     _plant(docs[picks[0]], f"The {obj} is kept in {town}.", rng)
     for i, mention in zip(picks[1:], rng.sample(_MENTIONS, 2)):
@@ -251,10 +377,12 @@ def rerank(tokenizer, length: int, seed: int = 0) -> dict:
     return _sample("rerank", length, seed, prompt, {"ids": ids, "relevance": relevance}, 64, question=question)
 
 
-_CITE = ("Write an accurate and concise answer to the question using only the provided documents (some of which "
-         "might be irrelevant) and cite them properly. Always cite for any factual claim: put the document number "
-         "in brackets after the sentence, e.g. [2]. Cite at least one and at most three documents per sentence.\n\n"
-         "{context}\n\nQuestion: {question}")
+_CITE = (
+    "Write an accurate and concise answer to the question using only the provided documents (some of which "
+    "might be irrelevant) and cite them properly. Always cite for any factual claim: put the document number "
+    "in brackets after the sentence, e.g. [2]. Cite at least one and at most three documents per sentence.\n\n"
+    "{context}\n\nQuestion: {question}"
+)
 
 
 def cite(tokenizer, length: int, seed: int = 0) -> dict:
@@ -269,5 +397,13 @@ def cite(tokenizer, length: int, seed: int = 0) -> dict:
     docs = [" ".join(d) for d in docs]
     context = "\n\n".join(f"Document [{i + 1}]: {d}" for i, d in enumerate(docs))
     prompt = _CITE.format(context=context, question=question)
-    return _sample("cite", length, seed, prompt, {"answers": [town, maker], "documents": docs}, 80,
-                   question=question, supporting=[a + 1, b + 1])
+    return _sample(
+        "cite",
+        length,
+        seed,
+        prompt,
+        {"answers": [town, maker], "documents": docs},
+        80,
+        question=question,
+        supporting=[a + 1, b + 1],
+    )

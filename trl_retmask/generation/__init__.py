@@ -15,9 +15,22 @@ from .static import RowHeadMask, StaticCacheBackend
 from .vllm import VLLMBackend, VLLMSettings, can_serve
 from .window import check_window, model_window
 
-__all__ = ["DEFAULT_BACKEND", "GENERATION_BACKENDS", "GenerateBackend", "RowHeadMask", "StaticCacheBackend",
-           "VLLMBackend", "VLLMSettings", "check_window", "eos_ids", "generate_batch", "make_backend",
-           "make_generation_config", "model_device", "model_window"]
+__all__ = [
+    "DEFAULT_BACKEND",
+    "GENERATION_BACKENDS",
+    "GenerateBackend",
+    "RowHeadMask",
+    "StaticCacheBackend",
+    "VLLMBackend",
+    "VLLMSettings",
+    "check_window",
+    "eos_ids",
+    "generate_batch",
+    "make_backend",
+    "make_generation_config",
+    "model_device",
+    "model_window",
+]
 
 GENERATION_BACKENDS = ("auto", "generate", "static", "vllm")
 """Names of the pair-generation backends: `generate` (`model.generate`, dynamic cache, masked rows apart), `static`
@@ -25,8 +38,9 @@ GENERATION_BACKENDS = ("auto", "generate", "static", "vllm")
 `generate`; the static backend only when asked for, until a GPU run has measured it)."""
 
 
-def make_backend(choice: str | GenerateBackend = "auto", model=None, vllm: VLLMSettings | dict | None = None
-                 ) -> GenerateBackend:
+def make_backend(
+    choice: str | GenerateBackend = "auto", model=None, vllm: VLLMSettings | dict | None = None
+) -> GenerateBackend:
     """The backend for `choice`: a `GenerateBackend` as is, or a name of `GENERATION_BACKENDS` (`auto`: vLLM when
     `vllm.can_serve(model)`, else plain `generate`). `vllm`: the engine's settings (`VLLMSettings` or its fields).
     A new static backend holds hooks: `close()` it."""

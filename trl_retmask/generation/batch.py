@@ -18,8 +18,9 @@ from .window import check_window, model_window
 __all__ = ["DEFAULT_BACKEND", "GenerateBackend", "eos_ids", "generate_batch", "make_generation_config", "model_device"]
 
 
-def make_generation_config(model, max_new_tokens: int, *, temperature: float = 0.0, top_p: float = 1.0,
-                           top_k: int | None = 0, **overrides):
+def make_generation_config(
+    model, max_new_tokens: int, *, temperature: float = 0.0, top_p: float = 1.0, top_k: int | None = 0, **overrides
+):
     """A copy of the model's generation config for up to `max_new_tokens` new tokens, one sequence per prompt.
 
     `temperature == 0` decodes greedily (sampling fields cleared, so transformers does not warn); otherwise it
@@ -68,8 +69,16 @@ class GenerateBackend:
     joint = False
     row_seeded = False
 
-    def __call__(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor, generation_config, *,
-                 heads: Sequence = (), masked: Sequence[bool]) -> list[list[int]]:
+    def __call__(
+        self,
+        model,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        generation_config,
+        *,
+        heads: Sequence = (),
+        masked: Sequence[bool],
+    ) -> list[list[int]]:
         """New token ids per row (not yet cut at EOS); row i decodes with `heads` masked iff `masked[i]`."""
         new: list[list[int] | None] = [None] * len(masked)
         for flag in (False, True):
@@ -78,9 +87,10 @@ class GenerateBackend:
                 continue
             rows = torch.tensor(idx, device=input_ids.device)
             with mask_heads(model, heads) if flag else nullcontext():
-                out = model.generate(input_ids=input_ids[rows], attention_mask=attention_mask[rows],
-                                     generation_config=generation_config)
-            for i, row in zip(idx, out[:, input_ids.shape[1]:].tolist()):
+                out = model.generate(
+                    input_ids=input_ids[rows], attention_mask=attention_mask[rows], generation_config=generation_config
+                )
+            for i, row in zip(idx, out[:, input_ids.shape[1] :].tolist()):
                 new[i] = row
         return new
 
@@ -103,9 +113,18 @@ def eos_ids(config) -> set[int]:
     return set(eos if isinstance(eos, (list, tuple)) else [eos]) - {None}
 
 
-def generate_batch(model, tokenizer, prompt_ids: Sequence[Sequence[int]], generation_config=None, *, heads=None,
-                   masked: Sequence[bool] | None = None, seed: int | None = None,
-                   backend: GenerateBackend | None = None, row_seeds: Sequence[int] | None = None) -> list[list[int]]:
+def generate_batch(
+    model,
+    tokenizer,
+    prompt_ids: Sequence[Sequence[int]],
+    generation_config=None,
+    *,
+    heads=None,
+    masked: Sequence[bool] | None = None,
+    seed: int | None = None,
+    backend: GenerateBackend | None = None,
+    row_seeds: Sequence[int] | None = None,
+) -> list[list[int]]:
     """New token ids per prompt: one batched decode, `heads` ((layer, head) pairs) masked in the rows flagged by
     `masked` (default: every row when `heads` are given).
 
@@ -118,8 +137,13 @@ def generate_batch(model, tokenizer, prompt_ids: Sequence[Sequence[int]], genera
     """
     check_prompt_ids(prompt_ids)
     config = generation_config if generation_config is not None else model.generation_config
-    check_window([len(ids) for ids in prompt_ids], config.max_new_tokens or 0, model_window(model), what="row",
-                 fix="shorten the prompts or lower `max_new_tokens`")
+    check_window(
+        [len(ids) for ids in prompt_ids],
+        config.max_new_tokens or 0,
+        model_window(model),
+        what="row",
+        fix="shorten the prompts or lower `max_new_tokens`",
+    )
     if (config.num_return_sequences or 1) != 1 or (config.num_beams or 1) != 1:
         raise ValueError("generate_batch returns one sequence per prompt: set num_return_sequences=1 and num_beams=1.")
     heads = list(heads or ())
@@ -130,17 +154,21 @@ def generate_batch(model, tokenizer, prompt_ids: Sequence[Sequence[int]], genera
         raise ValueError(f"Got {len(row_seeds)} `row_seeds` for {len(prompt_ids)} prompts: give one seed per prompt.")
     if any(masked) and not heads:
         raise ValueError("Rows are flagged `masked` but no heads are given: pass the `heads` to mask.")
-    pad_id = next((p for p in (tokenizer.pad_token_id, config.pad_token_id, *sorted(eos_ids(config)))
-                   if p is not None), None)
+    pad_id = next(
+        (p for p in (tokenizer.pad_token_id, config.pad_token_id, *sorted(eos_ids(config))) if p is not None), None
+    )
     if pad_id is None and len({len(ids) for ids in prompt_ids}) > 1:
         raise ValueError("Prompts of different lengths need a pad token: set `tokenizer.pad_token`.")
     device = model_device(model)
-    input_ids = pad([torch.tensor(list(ids)) for ids in prompt_ids], padding_value=pad_id or 0,
-                    padding_side="left").to(device)
-    attention_mask = pad([torch.ones(len(ids), dtype=torch.long) for ids in prompt_ids], padding_value=0,
-                         padding_side="left").to(device)
-    rng = (torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
-           if seed is not None else nullcontext())
+    input_ids = pad([torch.tensor(list(ids)) for ids in prompt_ids], padding_value=pad_id or 0, padding_side="left").to(
+        device
+    )
+    attention_mask = pad(
+        [torch.ones(len(ids), dtype=torch.long) for ids in prompt_ids], padding_value=0, padding_side="left"
+    ).to(device)
+    rng = (
+        torch.random.fork_rng(devices=[device] if device.type == "cuda" else []) if seed is not None else nullcontext()
+    )
     was_training = model.training
     model.eval()
     try:
@@ -153,4 +181,4 @@ def generate_batch(model, tokenizer, prompt_ids: Sequence[Sequence[int]], genera
     finally:
         model.train(was_training)
     stop = eos_ids(config)
-    return [row[:next((i + 1 for i, t in enumerate(row) if t in stop), len(row))] for row in new]
+    return [row[: next((i + 1 for i, t in enumerate(row) if t in stop), len(row))] for row in new]

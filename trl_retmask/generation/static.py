@@ -67,8 +67,10 @@ class RowHeadMask:
             x = args[0]
             rows = self._rows.get(x.shape[0])
             if rows is None:
-                raise RuntimeError(f"RowHeadMask has no row flags for a batch of {x.shape[0]} rows; call "
-                                   f"set(heads, rows) with one flag per row of the batch being run.")
+                raise RuntimeError(
+                    f"RowHeadMask has no row flags for a batch of {x.shape[0]} rows; call "
+                    f"set(heads, rows) with one flag per row of the batch being run."
+                )
             mask = rows.to(x.device).view(-1, *([1] * (x.dim() - 1))) & drop
             return (x.masked_fill(mask, 0),) + tuple(args[1:])
 
@@ -117,8 +119,14 @@ class StaticCacheBackend(GenerateBackend):
     name = "static"
     joint = True
 
-    def __init__(self, *, compile: bool | None = None, length_multiple: int = 64, max_cache_len: int | None = None,
-                 compile_config: CompileConfig | None = None):
+    def __init__(
+        self,
+        *,
+        compile: bool | None = None,
+        length_multiple: int = 64,
+        max_cache_len: int | None = None,
+        compile_config: CompileConfig | None = None,
+    ):
         check_int("length_multiple", length_multiple, minimum=1)
         check_int("max_cache_len", max_cache_len, minimum=1, optional=True)
         self.compile, self.length_multiple, self.max_cache_len = compile, length_multiple, max_cache_len
@@ -136,9 +144,11 @@ class StaticCacheBackend(GenerateBackend):
         if config.max_new_tokens is None:
             raise ValueError("Set `max_new_tokens` in the generation config: the static cache is sized from it.")
         config = copy.deepcopy(config)
-        config.update(cache_implementation="static", max_cache_len=max(self.max_cache_len or 0,
-                                                                       prompt_len + config.max_new_tokens),
-                      return_dict_in_generate=False)
+        config.update(
+            cache_implementation="static",
+            max_cache_len=max(self.max_cache_len or 0, prompt_len + config.max_new_tokens),
+            return_dict_in_generate=False,
+        )
         if compile:
             config.compile_config = self.compile_config
             if model_device(model).type != "cuda":  # transformers compiles on accelerators only unless told otherwise
@@ -169,7 +179,7 @@ class StaticCacheBackend(GenerateBackend):
             out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
         finally:
             row_mask.active = False
-        return out[:n, input_ids.shape[1]:].tolist()
+        return out[:n, input_ids.shape[1] :].tolist()
 
     def close(self) -> None:
         """Remove the hooks from the model."""

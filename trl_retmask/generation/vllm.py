@@ -47,15 +47,33 @@ CPU_KV_CACHE_BYTES = 1 << 30
 embedded model in fp32; vLLM's own CPU default would take a share of the machine's memory."""
 
 _SUPPORTED_SAMPLING = {
-    "max_new_tokens", "min_new_tokens", "do_sample", "temperature", "top_p", "top_k", "min_p", "repetition_penalty",
+    "max_new_tokens",
+    "min_new_tokens",
+    "do_sample",
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "repetition_penalty",
 }
 _UNSUPPORTED = {  # GenerationConfig fields that change decoding and have no vLLM equivalent here: (field, neutral)
-    "no_repeat_ngram_size": (None, 0), "bad_words_ids": (None,), "suppress_tokens": (None,),
-    "begin_suppress_tokens": (None,), "forced_bos_token_id": (None,), "forced_eos_token_id": (None,),
-    "sequence_bias": (None,), "typical_p": (None, 1.0), "epsilon_cutoff": (None, 0.0), "eta_cutoff": (None, 0.0),
-    "encoder_repetition_penalty": (None, 1.0), "exponential_decay_length_penalty": (None,),
-    "renormalize_logits": (None, False), "guidance_scale": (None, 1.0), "watermarking_config": (None,),
-    "max_length": None, "min_length": (None, 0),
+    "no_repeat_ngram_size": (None, 0),
+    "bad_words_ids": (None,),
+    "suppress_tokens": (None,),
+    "begin_suppress_tokens": (None,),
+    "forced_bos_token_id": (None,),
+    "forced_eos_token_id": (None,),
+    "sequence_bias": (None,),
+    "typical_p": (None, 1.0),
+    "epsilon_cutoff": (None, 0.0),
+    "eta_cutoff": (None, 0.0),
+    "encoder_repetition_penalty": (None, 1.0),
+    "exponential_decay_length_penalty": (None,),
+    "renormalize_logits": (None, False),
+    "guidance_scale": (None, 1.0),
+    "watermarking_config": (None,),
+    "max_length": None,
+    "min_length": (None, 0),
 }
 
 
@@ -100,9 +118,11 @@ class VLLMSettings:
     def __post_init__(self):
         check_choice("vllm_mode", self.mode, VLLM_MODES)
         if self.mode == "server":
-            raise ValueError("`vllm_mode='server'` is not supported: the rejected responses come from the policy's "
-                             "engine with its retrieval heads masked in place, which a separate server cannot do. "
-                             "Use `vllm_mode='colocate'` (one engine in each training process).")
+            raise ValueError(
+                "`vllm_mode='server'` is not supported: the rejected responses come from the policy's "
+                "engine with its retrieval heads masked in place, which a separate server cannot do. "
+                "Use `vllm_mode='colocate'` (one engine in each training process)."
+            )
         check_number("vllm_gpu_memory_utilization", self.gpu_memory_utilization, low=0, high=1, low_open=True)
         check_int("vllm_tensor_parallel_size", self.tensor_parallel_size, minimum=1)
         check_int("vllm_max_model_length", self.max_model_length, minimum=1, optional=True)
@@ -112,11 +132,15 @@ class VLLMSettings:
             check_bool("vllm_enforce_eager", self.enforce_eager)
         if not torch.cuda.is_available():
             if self.enable_sleep_mode:
-                raise ValueError("`vllm_enable_sleep_mode=True` frees GPU memory between generations and needs CUDA; "
-                                 "set it to False on this machine.")
+                raise ValueError(
+                    "`vllm_enable_sleep_mode=True` frees GPU memory between generations and needs CUDA; "
+                    "set it to False on this machine."
+                )
             if self.tensor_parallel_size != 1:
-                raise ValueError(f"`vllm_tensor_parallel_size={self.tensor_parallel_size}` needs GPUs; on a CPU each "
-                                 "process runs its own engine: set it to 1.")
+                raise ValueError(
+                    f"`vllm_tensor_parallel_size={self.tensor_parallel_size}` needs GPUs; on a CPU each "
+                    "process runs its own engine: set it to 1."
+                )
 
 
 def sampling_params(config, seed: int | None = None):
@@ -133,18 +157,24 @@ def sampling_params(config, seed: int | None = None):
         if value is not None and (neutral is None or value not in neutral):
             if name == "max_length":  # transformers' default, superseded by max_new_tokens
                 continue
-            raise ValueError(f"Generation setting `{name}={value!r}` has no vLLM equivalent: remove it, or use "
-                             "`generation_backend='generate'`.")
+            raise ValueError(
+                f"Generation setting `{name}={value!r}` has no vLLM equivalent: remove it, or use "
+                "`generation_backend='generate'`."
+            )
     sample = bool(config.do_sample)
     return SamplingParams(
-        n=1, max_tokens=config.max_new_tokens, min_tokens=config.min_new_tokens or 0,
+        n=1,
+        max_tokens=config.max_new_tokens,
+        min_tokens=config.min_new_tokens or 0,
         temperature=float(config.temperature) if sample and config.temperature is not None else (1.0 if sample else 0),
         top_p=float(config.top_p) if sample and config.top_p is not None else 1.0,
         top_k=int(config.top_k) if sample and config.top_k else 0,
         min_p=float(config.min_p) if sample and config.min_p else 0.0,
         repetition_penalty=float(config.repetition_penalty or 1.0),
-        stop_token_ids=sorted(eos_ids(config)), ignore_eos=True,  # the config's EOS set, not the engine's
-        seed=seed if sample else None, detokenize=False,
+        stop_token_ids=sorted(eos_ids(config)),
+        ignore_eos=True,  # the config's EOS set, not the engine's
+        seed=seed if sample else None,
+        detokenize=False,
     )
 
 
@@ -211,8 +241,11 @@ class _Engine:
         state = process_state()
         kwargs = {}
         if state.num_processes > 1:  # one engine per rank on its own device, as TRL's colocate mode
-            os.environ.update(RANK=str(state.process_index), LOCAL_RANK=str(state.local_process_index),
-                              WORLD_SIZE=str(state.num_processes))
+            os.environ.update(
+                RANK=str(state.process_index),
+                LOCAL_RANK=str(state.local_process_index),
+                WORLD_SIZE=str(state.num_processes),
+            )
             kwargs["distributed_executor_backend"] = "external_launcher"
         else:
             os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # in-process: tensors reach the worker by reference
@@ -220,11 +253,16 @@ class _Engine:
             kwargs["kv_cache_memory_bytes"] = CPU_KV_CACHE_BYTES
         dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
         self.llm = LLM(
-            model=self._dir.name, skip_tokenizer_init=True, load_format="dummy",
+            model=self._dir.name,
+            skip_tokenizer_init=True,
+            load_format="dummy",
             dtype=str(dtype).removeprefix("torch."),
-            tensor_parallel_size=settings.tensor_parallel_size, gpu_memory_utilization=settings.gpu_memory_utilization,
-            max_model_len=settings.max_model_length, enable_sleep_mode=settings.enable_sleep_mode,
-            model_impl=settings.model_impl, seed=state.process_index,
+            tensor_parallel_size=settings.tensor_parallel_size,
+            gpu_memory_utilization=settings.gpu_memory_utilization,
+            max_model_len=settings.max_model_length,
+            enable_sleep_mode=settings.enable_sleep_mode,
+            model_impl=settings.model_impl,
+            seed=state.process_index,
             enforce_eager=device.type != "cuda" if settings.enforce_eager is None else settings.enforce_eager,
             **kwargs,
         )
@@ -255,14 +293,20 @@ def engine_for(model, settings: VLLMSettings) -> _Engine:
     """The process's engine for `model`'s architecture and `settings`: reused while they stay the same, else
     replaced (one engine per process: its KV cache and weights take memory)."""
     global _ENGINE
-    config = {k: v for k, v in model.config.to_dict().items()  # what the engine's model is built from
-              if not k.startswith("_") and k not in ("transformers_version", "use_cache")}
-    key = fingerprint(config=config, settings=settings, device=str(model_device(model)),
-                      dtype=str(next(model.parameters()).dtype))
+    config = {
+        k: v
+        for k, v in model.config.to_dict().items()  # what the engine's model is built from
+        if not k.startswith("_") and k not in ("transformers_version", "use_cache")
+    }
+    key = fingerprint(
+        config=config, settings=settings, device=str(model_device(model)), dtype=str(next(model.parameters()).dtype)
+    )
     if _ENGINE is not None and _ENGINE.key != key:
         changed = sorted(k for k in set(config) | set(_ENGINE.config) if config.get(k) != _ENGINE.config.get(k))
-        logger.warning("Replacing the vLLM engine: the model or its settings changed (%s).",
-                       ", ".join(changed) or "settings, device or dtype")
+        logger.warning(
+            "Replacing the vLLM engine: the model or its settings changed (%s).",
+            ", ".join(changed) or "settings, device or dtype",
+        )
         close_engine()
     if _ENGINE is None:
         _ENGINE = _Engine(model, settings, key)
@@ -356,5 +400,15 @@ class VLLMBackend(GenerateBackend):
         self._synced = None
 
 
-__all__ = ["CPU_HEAD_SIZES", "VLLMBackend", "VLLMSettings", "can_serve", "close_engine", "engine_for",
-           "masked_o_proj_weights", "policy_weights", "sampling_params", "vllm_available"]
+__all__ = [
+    "CPU_HEAD_SIZES",
+    "VLLMBackend",
+    "VLLMSettings",
+    "can_serve",
+    "close_engine",
+    "engine_for",
+    "masked_o_proj_weights",
+    "policy_weights",
+    "sampling_params",
+    "vllm_available",
+]

@@ -80,8 +80,10 @@ def load_yaml(path, what: str = "Config file"):
             items = [c for child in children for c in (child if isinstance(child, tuple) else (child,))]
             sizes[id(n)] = 1 + sum(size(c, (*active, id(n))) for c in items)
             if sizes[id(n)] > MAX_YAML_NODES:
-                raise ValueError(f"{what} {str(path)!r} expands to more than {MAX_YAML_NODES} values (YAML aliases); "
-                                 "write the values out.")
+                raise ValueError(
+                    f"{what} {str(path)!r} expands to more than {MAX_YAML_NODES} values (YAML aliases); "
+                    "write the values out."
+                )
         return sizes[id(n)]
 
     if node is not None:

@@ -19,8 +19,9 @@ from . import STAGES
 
 
 # ---------------------------------------------------------------------------------------- argument groups
-def check_list(name: str, values, *, minimum: float | None = None, maximum: float | None = None,
-               integer: bool = False) -> None:
+def check_list(
+    name: str, values, *, minimum: float | None = None, maximum: float | None = None, integer: bool = False
+) -> None:
     """A non-empty list whose items are integers / finite numbers within [minimum, maximum]."""
     if not values:
         raise ValueError(f"`{name}` needs at least one value.")
@@ -41,8 +42,11 @@ class OverwriteArguments:
     """
 
     overwrite: bool = field(
-        default=False, metadata={"help": "Replace existing output files and the records of another run in output_dir "
-                                         "(records of the same run are resumed either way)."}
+        default=False,
+        metadata={
+            "help": "Replace existing output files and the records of another run in output_dir "
+            "(records of the same run are resumed either way)."
+        },
     )
 
 
@@ -75,14 +79,17 @@ class NiahGridArguments(OverwriteArguments):
         default_factory=lambda: [10.0, 30.0, 50.0, 70.0, 90.0],
         metadata={"help": "Needle depths in percent of the context, in [0, 100]."},
     )
-    needles: str | None = field(default=None, metadata={"help": "JSONL of needle/question/real_needle (default: "
-                                                                "bundled)."})
+    needles: str | None = field(
+        default=None, metadata={"help": "JSONL of needle/question/real_needle (default: bundled)."}
+    )
     num_needles: int | None = field(default=None, metadata={"help": "Use only the first N needles."})
-    haystack_dir: str | None = field(default=None, metadata={"help": "Directory of .txt haystack files (default: "
-                                                                     "bundled PG-19)."})
+    haystack_dir: str | None = field(
+        default=None, metadata={"help": "Directory of .txt haystack files (default: bundled PG-19)."}
+    )
     max_new_tokens: int = field(default=32, metadata={"help": "Greedy answer length."})
-    output_dir: str | None = field(default=None, metadata={"help": "Where per-sample JSONL and results go "
-                                                                   "(resumable)."})
+    output_dir: str | None = field(
+        default=None, metadata={"help": "Where per-sample JSONL and results go (resumable)."}
+    )
 
     def __post_init__(self):
         check_list("context_lengths", self.context_lengths, minimum=1, integer=True)
@@ -119,8 +126,9 @@ class PromptDataArguments:
             rows); `None`: on for chat-log columns (see `trl_retmask.prompts.load_prompts`).
     """
 
-    dataset_name: str | None = field(default=None, metadata={"help": "Prompt dataset (Hub id, directory or file; "
-                                                                     "default: the shipped prompt set)."})
+    dataset_name: str | None = field(
+        default=None, metadata={"help": "Prompt dataset (Hub id, directory or file; default: the shipped prompt set)."}
+    )
     dataset_config: str | None = field(default=None, metadata={"help": "Dataset configuration name."})
     dataset_data_files: str | None = field(default=None, metadata={"help": "`data_files` for `load_dataset`."})
     dataset_train_split: str = field(default="train", metadata={"help": "Split of the training prompts."})
@@ -132,8 +140,11 @@ class PromptDataArguments:
         default=None, metadata={"help": "Chat-template `enable_thinking` (False disables Qwen3 thinking)."}
     )
     filter_prompts: bool | None = field(
-        default=None, metadata={"help": "The authors' filtering of chat logs (redacted/empty/duplicate rows); "
-                                        "default: on for chat-log columns."}
+        default=None,
+        metadata={
+            "help": "The authors' filtering of chat logs (redacted/empty/duplicate rows); "
+            "default: on for chat-log columns."
+        },
     )
 
     def __post_init__(self):
@@ -176,8 +187,9 @@ def check_writable_file(name: str, path, overwrite: bool = False, example: str =
     if path.is_dir():
         raise ValueError(f"`{name}` {str(path)!r} is a directory; give a file path such as {str(path / example)!r}.")
     if path.exists() and not overwrite:
-        raise ValueError(f"`{name}` {str(path)!r} already exists; choose another file, or pass --overwrite True to "
-                         "replace it.")
+        raise ValueError(
+            f"`{name}` {str(path)!r} already exists; choose another file, or pass --overwrite True to replace it."
+        )
     parent = path.parent
     while not parent.exists() and parent != parent.parent:
         parent = parent.parent
@@ -202,16 +214,24 @@ def check_output_dir(name: str, path, *, read_only_ok: bool = True) -> Path | No
         parent = next(p for p in path.parents if p.exists())
         if os.access(parent, os.W_OK | os.X_OK):
             return path
-    raise ValueError(f"`{name}` {str(path)!r} cannot be written: {str(parent)!r} is not a writable directory. Choose "
-                     "a directory you can write, or change its permissions.")
+    raise ValueError(
+        f"`{name}` {str(path)!r} cannot be written: {str(parent)!r} is not a writable directory. Choose "
+        "a directory you can write, or change its permissions."
+    )
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
     """The module docstring as written (its command examples), and every field's default."""
 
 
-def stage_parser(name: str, dataclass_types, subparsers=None, prog: str | None = None, description: str | None = None,
-                 defaults: dict | None = None):
+def stage_parser(
+    name: str,
+    dataclass_types,
+    subparsers=None,
+    prog: str | None = None,
+    description: str | None = None,
+    defaults: dict | None = None,
+):
     """A stage's `TrlParser` (standalone, or added to a `TrlParser`'s subparsers as `trl/scripts/*.py` do); stages
     that load a model default to the embedded one; `defaults` replace fields' defaults for this stage."""
     from trl import TrlParser
@@ -231,4 +251,3 @@ def stage_parser(name: str, dataclass_types, subparsers=None, prog: str | None =
 MASK_NOTHING = {"mask_threshold": None}
 """Defaults of the evaluation stages: nothing is masked unless `heads`, `head_scores`, `mask_threshold` or
 `mask_top_k` is given."""
-

@@ -45,11 +45,33 @@ class DetectScriptArguments(NiahGridArguments, ModelStageArguments):
     # The authors' grid and budget (detection.DETECTION_PRESETS["authors"]), but for their length 0 (the needle
     # alone), which NiahGridArguments' check refuses.
     context_lengths: list[int] = field(
-        default_factory=lambda: [263, 526, 789, 1053, 1316, 1579, 1842, 2105, 2368, 2632, 2895, 3158, 3421, 3684, 3947,
-                                 4211, 4474, 4737, 5000],
-        metadata={"help": "Context lengths (tokens): haystack + needle + a 200-token buffer, as the authors count."})
-    depths: list[float] = field(default_factory=lambda: [0.0, 11.0, 22.0, 33.0, 44.0, 56.0, 67.0, 78.0, 89.0, 100.0],
-                                metadata={"help": "Needle depths in percent of the context, in [0, 100]."})
+        default_factory=lambda: [
+            263,
+            526,
+            789,
+            1053,
+            1316,
+            1579,
+            1842,
+            2105,
+            2368,
+            2632,
+            2895,
+            3158,
+            3421,
+            3684,
+            3947,
+            4211,
+            4474,
+            4737,
+            5000,
+        ],
+        metadata={"help": "Context lengths (tokens): haystack + needle + a 200-token buffer, as the authors count."},
+    )
+    depths: list[float] = field(
+        default_factory=lambda: [0.0, 11.0, 22.0, 33.0, 44.0, 56.0, 67.0, 78.0, 89.0, 100.0],
+        metadata={"help": "Needle depths in percent of the context, in [0, 100]."},
+    )
     max_new_tokens: int = field(default=50, metadata={"help": "Greedy tokens per sample (no EOS stop)."})
     save: str | None = field(default=None, metadata={"help": "Also write the score JSON to this file."})
     show: int = field(default=10, metadata={"help": "Print the top N heads."})
@@ -71,9 +93,11 @@ def check_scores_dir(output_dir, overwrite: bool = False) -> None:
     if out.exists() and not out.is_dir():
         raise ValueError(f"`output_dir` {str(out)!r} is a file; give a directory.")
     if (out / HEAD_SCORES_FILE).is_file() and not (out / "detect.meta.json").is_file() and not overwrite:
-        raise ValueError(f"`output_dir` {str(out)!r} holds a {HEAD_SCORES_FILE} that detection did not write (e.g. the "
-                         "scores a RetMask model was trained with); detecting there would replace it. Choose another "
-                         "directory, or pass --overwrite True.")
+        raise ValueError(
+            f"`output_dir` {str(out)!r} holds a {HEAD_SCORES_FILE} that detection did not write (e.g. the "
+            "scores a RetMask model was trained with); detecting there would replace it. Choose another "
+            "directory, or pass --overwrite True."
+        )
 
 
 def main(script_args: DetectScriptArguments, model_args) -> dict:
@@ -82,9 +106,15 @@ def main(script_args: DetectScriptArguments, model_args) -> dict:
     model, tokenizer = load_model(model_args, script_args.trust_remote_code)
     start = time.perf_counter()
     scores = detect_retrieval_heads(
-        model, tokenizer, context_lengths=script_args.context_lengths, depths=script_args.depths,
-        needles=script_args.load_needles(), haystack_dir=script_args.haystack_dir,
-        max_new_tokens=script_args.max_new_tokens, output_dir=script_args.output_dir, overwrite=script_args.overwrite,
+        model,
+        tokenizer,
+        context_lengths=script_args.context_lengths,
+        depths=script_args.depths,
+        needles=script_args.load_needles(),
+        haystack_dir=script_args.haystack_dir,
+        max_new_tokens=script_args.max_new_tokens,
+        output_dir=script_args.output_dir,
+        overwrite=script_args.overwrite,
     )
     saved = []
     if process_state().is_main_process:
@@ -92,9 +122,12 @@ def main(script_args: DetectScriptArguments, model_args) -> dict:
             saved.append(str(scores.save_pretrained(script_args.output_dir)))
         if script_args.save:
             saved.append(str(scores.save(script_args.save)))
-    result = {"saved": saved, "seconds": round(time.perf_counter() - start, 1),
-              "top_heads": {format_head(h): round(s, 4) for h, s in scores.ranked()[: script_args.show]},
-              "sparsity": scores.sparsity()}
+    result = {
+        "saved": saved,
+        "seconds": round(time.perf_counter() - start, 1),
+        "top_heads": {format_head(h): round(s, 4) for h, s in scores.ranked()[: script_args.show]},
+        "sparsity": scores.sparsity(),
+    }
     print_json(result)
     return result
 

@@ -53,8 +53,9 @@ class EvalScriptArguments(OverwriteArguments, ModelStageArguments):
     eval_seed: int = field(default=0, metadata={"help": "Seed of the suite's samples (not of the head draw)."})
     batch_size: int = field(default=4, metadata={"help": "Generation batch size."})
     output_dir: str | None = field(default=None, metadata={"help": "Save <name>.json and <name>.png here."})
-    name: str | None = field(default=None, metadata={"help": "Name of the result (a plain file name; default: the "
-                                                              "model's name)."})
+    name: str | None = field(
+        default=None, metadata={"help": "Name of the result (a plain file name; default: the model's name)."}
+    )
 
     def __post_init__(self):
         check_list("lengths", self.lengths, minimum=1, integer=True)
@@ -85,8 +86,10 @@ def check_result_files(output_dir, name: str, overwrite: bool = False) -> None:
         return  # this suite's own results: resumed or redone under the runner's fingerprint policy
     existing = [str(out / f"{name}{suffix}") for suffix in (".json", ".png") if (out / f"{name}{suffix}").exists()]
     if existing:
-        raise ValueError(f"{', '.join(existing)} already exist(s) and no suite run named {name!r} wrote them; choose "
-                         "another `name` or `output_dir`, or pass --overwrite True.")
+        raise ValueError(
+            f"{', '.join(existing)} already exist(s) and no suite run named {name!r} wrote them; choose "
+            "another `name` or `output_dir`, or pass --overwrite True."
+        )
 
 
 def main(script_args: EvalScriptArguments, selection: HeadSelectionArguments, model_args) -> dict:
@@ -98,10 +101,19 @@ def main(script_args: EvalScriptArguments, selection: HeadSelectionArguments, mo
     name = script_args.name or Path(str(model_args.model_name_or_path).rstrip("/")).name
     check_file_name("name", name)
     check_result_files(script_args.output_dir, name, script_args.overwrite)
-    result = evaluate_long_context(model, tokenizer, lengths=script_args.lengths, categories=script_args.categories,
-                                   n_per_task=script_args.n_per_task, heads=heads, seed=script_args.eval_seed,
-                                   batch_size=script_args.batch_size, output_dir=script_args.output_dir, name=name,
-                                   overwrite=script_args.overwrite)
+    result = evaluate_long_context(
+        model,
+        tokenizer,
+        lengths=script_args.lengths,
+        categories=script_args.categories,
+        n_per_task=script_args.n_per_task,
+        heads=heads,
+        seed=script_args.eval_seed,
+        batch_size=script_args.batch_size,
+        output_dir=script_args.output_dir,
+        name=name,
+        overwrite=script_args.overwrite,
+    )
     if process_state().is_main_process:
         print(format_table({name: result}))
         if heads:
@@ -115,8 +127,14 @@ def main(script_args: EvalScriptArguments, selection: HeadSelectionArguments, mo
 def make_parser(subparsers=None, prog: str | None = None):
     from trl import ModelConfig
 
-    return stage_parser("eval", (EvalScriptArguments, HeadSelectionArguments, ModelConfig), subparsers, prog, __doc__,
-                        defaults=MASK_NOTHING)
+    return stage_parser(
+        "eval",
+        (EvalScriptArguments, HeadSelectionArguments, ModelConfig),
+        subparsers,
+        prog,
+        __doc__,
+        defaults=MASK_NOTHING,
+    )
 
 
 if __name__ == "__main__":

@@ -52,8 +52,10 @@ class ExportScriptArguments(OverwriteArguments, ModelStageArguments):
 
 def main(script_args: ExportScriptArguments, selection: HeadSelectionArguments, model_args) -> dict:
     if model_args.load_in_4bit or model_args.load_in_8bit:
-        raise ValueError("export writes plain weights with heads zeroed; a quantized model cannot be exported: drop "
-                         "--load_in_4bit/--load_in_8bit.")
+        raise ValueError(
+            "export writes plain weights with heads zeroed; a quantized model cannot be exported: drop "
+            "--load_in_4bit/--load_in_8bit."
+        )
     # Checked before loading (and again by export_masked_model, from the loaded model's config).
     source = resolve_model_path(model_args.model_name_or_path)
     check_export_dir(script_args.output_dir, script_args.overwrite, source=source)
@@ -61,8 +63,9 @@ def main(script_args: ExportScriptArguments, selection: HeadSelectionArguments, 
     scores = scores_before_loading(selection, model_args)
     model, tokenizer = load_model(model_args, script_args.trust_remote_code)
     heads = stage_heads(selection, model, scores)
-    path = export_masked_model(model, heads, script_args.output_dir, tokenizer=tokenizer,
-                               overwrite=script_args.overwrite)
+    path = export_masked_model(
+        model, heads, script_args.output_dir, tokenizer=tokenizer, overwrite=script_args.overwrite
+    )
     result = {"saved": str(path), "masked_heads": format_heads(heads), "n_heads": len(heads)}
     print_json(result)
     return result
@@ -71,8 +74,9 @@ def main(script_args: ExportScriptArguments, selection: HeadSelectionArguments, 
 def make_parser(subparsers=None, prog: str | None = None):
     from trl import ModelConfig
 
-    return stage_parser("export", (ExportScriptArguments, HeadSelectionArguments, ModelConfig), subparsers, prog,
-                        __doc__)
+    return stage_parser(
+        "export", (ExportScriptArguments, HeadSelectionArguments, ModelConfig), subparsers, prog, __doc__
+    )
 
 
 if __name__ == "__main__":

@@ -44,8 +44,9 @@ class HeadsScriptArguments(OverwriteArguments):
 
     show: int = field(default=10, metadata={"help": "Print the top N heads."})
     plot: str | None = field(default=None, metadata={"help": "Heatmap PNG file, or a directory (DIR/heads.png)."})
-    save_heads: str | None = field(default=None,
-                                   metadata={"help": "Write the selected heads as a JSON list of 'LAYER-HEAD'."})
+    save_heads: str | None = field(
+        default=None, metadata={"help": "Write the selected heads as a JSON list of 'LAYER-HEAD'."}
+    )
 
     def __post_init__(self):
         if self.show < 0:
@@ -74,8 +75,10 @@ def check_image_format(path) -> None:
     formats = FigureCanvasBase.get_supported_filetypes()
     suffix = Path(path).suffix.lstrip(".").lower()
     if suffix not in formats:
-        raise ValueError(f"`plot` {str(path)!r}: {suffix!r} is not an image format; use one of "
-                         f"{', '.join(sorted(formats))} (e.g. heads.png), or a directory.")
+        raise ValueError(
+            f"`plot` {str(path)!r}: {suffix!r} is not an image format; use one of "
+            f"{', '.join(sorted(formats))} (e.g. heads.png), or a directory."
+        )
 
 
 def main(script_args: HeadsScriptArguments, selection: HeadSelectionArguments) -> dict:
@@ -83,11 +86,19 @@ def main(script_args: HeadsScriptArguments, selection: HeadSelectionArguments) -
     scores = resolve_head_scores(source)
     selected = sorted(selection.heads) if selection.heads else scores.select(**selection.selection)
     means = scores.mean_scores()
-    out = {"source": source, "layers": scores.num_layers, "heads_per_layer": scores.num_heads,
-           "sparsity": scores.sparsity(),
-           "top": {format_head(h): round(s, 4) for h, s in scores.ranked()[: script_args.show]},
-           "selection": {**selection.selection, "n_heads": len(selected), "heads": format_heads(selected),
-                         "scores": {format_head(h): round(means[h], 4) for h in selected}}}
+    out = {
+        "source": source,
+        "layers": scores.num_layers,
+        "heads_per_layer": scores.num_heads,
+        "sparsity": scores.sparsity(),
+        "top": {format_head(h): round(s, 4) for h, s in scores.ranked()[: script_args.show]},
+        "selection": {
+            **selection.selection,
+            "n_heads": len(selected),
+            "heads": format_heads(selected),
+            "scores": {format_head(h): round(means[h], 4) for h in selected},
+        },
+    }
     if scores.trained_heads is not None:
         out["trained_with"] = format_heads(scores.trained_heads)
     if script_args.save_heads:

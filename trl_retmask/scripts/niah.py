@@ -42,13 +42,23 @@ def main(script_args: NiahScriptArguments, selection: HeadSelectionArguments, mo
     model, tokenizer = load_model(model_args, script_args.trust_remote_code)
     heads = stage_heads(selection, model, scores)
     result = evaluate_niah(
-        model, tokenizer, heads=heads, context_lengths=script_args.context_lengths, depths=script_args.depths,
-        needles=script_args.load_needles(), haystack_dir=script_args.haystack_dir,
-        max_new_tokens=script_args.max_new_tokens, output_dir=script_args.output_dir,
+        model,
+        tokenizer,
+        heads=heads,
+        context_lengths=script_args.context_lengths,
+        depths=script_args.depths,
+        needles=script_args.load_needles(),
+        haystack_dir=script_args.haystack_dir,
+        max_new_tokens=script_args.max_new_tokens,
+        output_dir=script_args.output_dir,
         overwrite=script_args.overwrite,
     )
-    summary = {"accuracy": result["accuracy"], "num_samples": result["num_samples"], "masked_heads": len(heads or []),
-               "grid": named_grid(result["grid"])}
+    summary = {
+        "accuracy": result["accuracy"],
+        "num_samples": result["num_samples"],
+        "masked_heads": len(heads or []),
+        "grid": named_grid(result["grid"]),
+    }
     if script_args.output_dir:
         summary["saved"] = [str(Path(script_args.output_dir) / f) for f in ("niah_summary.json", "niah_grid.png")]
     print_json(summary)
@@ -58,8 +68,14 @@ def main(script_args: NiahScriptArguments, selection: HeadSelectionArguments, mo
 def make_parser(subparsers=None, prog: str | None = None):
     from trl import ModelConfig
 
-    return stage_parser("niah", (NiahScriptArguments, HeadSelectionArguments, ModelConfig), subparsers, prog, __doc__,
-                        defaults=MASK_NOTHING)
+    return stage_parser(
+        "niah",
+        (NiahScriptArguments, HeadSelectionArguments, ModelConfig),
+        subparsers,
+        prog,
+        __doc__,
+        defaults=MASK_NOTHING,
+    )
 
 
 if __name__ == "__main__":

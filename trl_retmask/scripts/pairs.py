@@ -81,9 +81,11 @@ def write_pairs(dataset, output, overwrite: bool = False) -> None:
         with atomic_path(output, overwrite=overwrite) as tmp:
             dataset.to_json(str(tmp), lines=True)
     except FileExistsError:
-        raise ValueError(f"`output` {str(output)!r} was created by someone else while the pairs were generated; it "
-                         "is kept and the pairs are not written. Rerun with another --output (the pair cache makes "
-                         "it quick), or pass --overwrite True to replace that file.") from None
+        raise ValueError(
+            f"`output` {str(output)!r} was created by someone else while the pairs were generated; it "
+            "is kept and the pairs are not written. Rerun with another --output (the pair cache makes "
+            "it quick), or pass --overwrite True to replace that file."
+        ) from None
 
 
 def make_parser(subparsers=None, prog: str | None = None):

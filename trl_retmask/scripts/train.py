@@ -50,8 +50,10 @@ def recipe_path(name_or_path) -> Path:
     for folder in RECIPE_DIRS:
         if (folder / f"{name_or_path}.yaml").is_file():
             return folder / f"{name_or_path}.yaml"
-    raise ValueError(f"Unknown recipe {str(name_or_path)!r}; choose one of {', '.join(recipe_names())} or give a "
-                     "YAML file of defaults.")
+    raise ValueError(
+        f"Unknown recipe {str(name_or_path)!r}; choose one of {', '.join(recipe_names())} or give a "
+        "YAML file of defaults."
+    )
 
 
 def accelerate_config_path(name) -> Path | None:
@@ -113,8 +115,13 @@ class TrainScriptArguments(PromptDataArguments, OverwriteArguments):
             detected Olmo-3-7B-Instruct heads with the authors' Olmo-3-7B-Think scores).
     """
 
-    recipe: str | None = field(default=None, metadata={"help": "Recipe whose YAML defaults apply: the name of a "
-                                                               "recipes/<name>.yaml (e.g. smollm2), or a YAML file."})
+    recipe: str | None = field(
+        default=None,
+        metadata={
+            "help": "Recipe whose YAML defaults apply: the name of a "
+            "recipes/<name>.yaml (e.g. smollm2), or a YAML file."
+        },
+    )
     detect_heads: bool = field(default=False, metadata={"help": "Detect retrieval heads (NIAH) before training."})
     detect_context_lengths: list[int] = field(
         default_factory=lambda: list(AUTHORS_CONTEXT_LENGTHS),
@@ -137,8 +144,11 @@ class TrainScriptArguments(PromptDataArguments, OverwriteArguments):
     niah_max_new_tokens: int = field(default=32, metadata={"help": "Greedy answer length in NIAH."})
     ignore_bias_buffers: bool = field(default=False, metadata={"help": "DDP work-around for boolean buffers."})
     compare_heads_with: str | None = field(
-        default=None, metadata={"help": "Published head scores (model or file) whose selection size the run summary "
-                                        "reports beside the heads masked here."},
+        default=None,
+        metadata={
+            "help": "Published head scores (model or file) whose selection size the run summary "
+            "reports beside the heads masked here."
+        },
     )
 
     def __post_init__(self):
@@ -152,8 +162,9 @@ class TrainScriptArguments(PromptDataArguments, OverwriteArguments):
 
 
 # ------------------------------------------------------------------------------------------------- parsing
-def make_parser(subparsers=None, prog: str | None = None, recipe: str | None = None,
-                defaults: dict[str, Any] | None = None):
+def make_parser(
+    subparsers=None, prog: str | None = None, recipe: str | None = None, defaults: dict[str, Any] | None = None
+):
     """TRL's parser over (script, RetMask, model) arguments, with a recipe's YAML defaults (or `defaults`) set."""
     from trl import ModelConfig
 
@@ -177,8 +188,12 @@ def recipe_in(argv: list[str]) -> str | None:
     return pre.parse_known_args(argv)[0].recipe
 
 
-def parse_args(argv: list[str] | None = None, prog: str | None = None, recipe: str | None = None,
-               defaults: dict[str, Any] | None = None):
+def parse_args(
+    argv: list[str] | None = None,
+    prog: str | None = None,
+    recipe: str | None = None,
+    defaults: dict[str, Any] | None = None,
+):
     """(script_args, training_args, model_args): defaults < recipe YAML < `--config` < command line."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = make_parser(prog=prog, recipe=recipe_in(argv) or recipe, defaults=defaults)
@@ -229,8 +244,9 @@ def check_quantized_training(training_args, model_args) -> None:
     refused by `model_init_kwargs` before anything loads."""
     model_init_kwargs(model_args)
     if (model_args.load_in_4bit or model_args.load_in_8bit) and not model_args.use_peft:
-        raise ValueError("A quantized model (--load_in_4bit/--load_in_8bit) trains only with an adapter: add "
-                         "--use_peft True (LoRA).")
+        raise ValueError(
+            "A quantized model (--load_in_4bit/--load_in_8bit) trains only with an adapter: add --use_peft True (LoRA)."
+        )
 
 
 # ------------------------------------------------------------------------------------------------ pipeline
@@ -240,8 +256,7 @@ def load_model(model_args, training_args):
     from transformers.integrations import is_deepspeed_zero3_enabled
 
     extra = training_args.model_init_kwargs if isinstance(training_args.model_init_kwargs, dict) else {}
-    model, tokenizer = load_model_and_tokenizer(model_args, trust_remote_code=training_args.trust_remote_code,
-                                                **extra)
+    model, tokenizer = load_model_and_tokenizer(model_args, trust_remote_code=training_args.trust_remote_code, **extra)
     if getattr(model, "hf_device_map", None) is None and not is_deepspeed_zero3_enabled():
         model.to(training_args.device)
     return model, tokenizer
@@ -254,8 +269,13 @@ def detect_heads(script_args, training_args, model, tokenizer):
 
     out = Path(training_args.output_dir) / "detection"
     scores = detect_retrieval_heads(
-        model, tokenizer, context_lengths=script_args.detect_context_lengths, depths=script_args.detect_depths,
-        max_new_tokens=script_args.detect_max_new_tokens, output_dir=str(out), overwrite=script_args.overwrite,
+        model,
+        tokenizer,
+        context_lengths=script_args.detect_context_lengths,
+        depths=script_args.detect_depths,
+        max_new_tokens=script_args.detect_max_new_tokens,
+        output_dir=str(out),
+        overwrite=script_args.overwrite,
     )
     if process_state().is_main_process:
         scores.save_pretrained(out)
@@ -282,12 +302,17 @@ def niah_accuracy(script_args, model, tokenizer, heads=None, output_dir=None) ->
         state.wait_for_everyone()
     was_training = model.training
     model.eval()
-    result = evaluate_niah(model, tokenizer, heads=heads, context_lengths=script_args.niah_context_lengths,
-                           depths=script_args.niah_depths, max_new_tokens=script_args.niah_max_new_tokens,
-                           output_dir=output_dir)
+    result = evaluate_niah(
+        model,
+        tokenizer,
+        heads=heads,
+        context_lengths=script_args.niah_context_lengths,
+        depths=script_args.niah_depths,
+        max_new_tokens=script_args.niah_max_new_tokens,
+        output_dir=output_dir,
+    )
     model.train(was_training)
-    return {"accuracy": result["accuracy"], "num_samples": result["num_samples"],
-            "grid": named_grid(result["grid"])}
+    return {"accuracy": result["accuracy"], "num_samples": result["num_samples"], "grid": named_grid(result["grid"])}
 
 
 def compare_heads(heads, reference: str, training_args) -> dict:
@@ -295,12 +320,25 @@ def compare_heads(heads, reference: str, training_args) -> dict:
     from ..scores import resolve_head_scores
 
     selection = {k: v for k, v in training_args.selection.items() if k in ("threshold", "top_k")}
-    return {"selection": selection, "masked_here": len(heads), "reference": reference,
-            "reference_heads": len(resolve_head_scores(reference).select(**selection))}
+    return {
+        "selection": selection,
+        "masked_here": len(heads),
+        "reference": reference,
+        "reference_heads": len(resolve_head_scores(reference).select(**selection)),
+    }
 
 
-def build_trainer(script_args, training_args, model_args, model=None, tokenizer=None, heads=None, head_scores=None,
-                  train_dataset=None, eval_dataset=None):
+def build_trainer(
+    script_args,
+    training_args,
+    model_args,
+    model=None,
+    tokenizer=None,
+    heads=None,
+    head_scores=None,
+    train_dataset=None,
+    eval_dataset=None,
+):
     """A `RetMaskTrainer` ready to `train()`: loads what is not given (model, prompts, heads and their scores)."""
     from trl import get_peft_config
 
@@ -316,8 +354,12 @@ def build_trainer(script_args, training_args, model_args, model=None, tokenizer=
     if eval_dataset is None and training_args.eval_strategy != "no":
         eval_dataset = load_prompts(script_args, split=script_args.dataset_test_split, tokenizer=tokenizer)
     trainer = RetMaskTrainer(
-        model=model, args=training_args, train_dataset=train_dataset, eval_dataset=eval_dataset,
-        processing_class=tokenizer, peft_config=get_peft_config(model_args),
+        model=model,
+        args=training_args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        processing_class=tokenizer,
+        peft_config=get_peft_config(model_args),
         **({} if training_args.heads else {"masked_heads": heads, "head_scores": head_scores}),
     )
     if script_args.ignore_bias_buffers:
@@ -339,22 +381,34 @@ def main(script_args: TrainScriptArguments, training_args, model_args) -> dict:
     # Prompts before detection and NIAH: a dataset without usable user turns must fail in seconds, not hours.
     train_dataset = load_prompts(script_args, tokenizer=tokenizer)
     heads, head_scores = resolve_heads(script_args, training_args, model, tokenizer)
-    summary: dict[str, Any] = {"model": model_args.model_name_or_path, "masked_heads": format_heads(heads),
-                               "sparsity": head_scores.sparsity() if head_scores is not None else None,
-                               "timings_s": {"load_and_scores": time.time() - t0}}
+    summary: dict[str, Any] = {
+        "model": model_args.model_name_or_path,
+        "masked_heads": format_heads(heads),
+        "sparsity": head_scores.sparsity() if head_scores is not None else None,
+        "timings_s": {"load_and_scores": time.time() - t0},
+    }
     if script_args.compare_heads_with:
         summary["heads_compared"] = compare_heads(heads, script_args.compare_heads_with, training_args)
     out = Path(training_args.output_dir)
     if script_args.niah_eval:
         t = time.time()
         summary["niah_before"] = niah_accuracy(script_args, model, tokenizer, output_dir=out / "niah_before")
-        summary["niah_before_masked"] = niah_accuracy(script_args, model, tokenizer, heads=heads,
-                                                      output_dir=out / "niah_before_masked")
+        summary["niah_before_masked"] = niah_accuracy(
+            script_args, model, tokenizer, heads=heads, output_dir=out / "niah_before_masked"
+        )
         summary["timings_s"]["niah_before"] = time.time() - t
 
     t = time.time()
-    trainer = build_trainer(script_args, training_args, model_args, model=model, tokenizer=tokenizer,
-                            heads=heads, head_scores=head_scores, train_dataset=train_dataset)
+    trainer = build_trainer(
+        script_args,
+        training_args,
+        model_args,
+        model=model,
+        tokenizer=tokenizer,
+        heads=heads,
+        head_scores=head_scores,
+        train_dataset=train_dataset,
+    )
     summary["timings_s"]["pairs_and_setup"] = time.time() - t
     t = time.time()
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
@@ -371,8 +425,9 @@ def main(script_args: TrainScriptArguments, training_args, model_args) -> dict:
     summary["timings_s"]["total"] = time.time() - t0
     if trainer.accelerator.is_main_process:
         write_text(out / "retmask_recipe_summary.json", json.dumps(summary, indent=2, default=str))
-        trainer.accelerator.print(json.dumps({k: v for k, v in summary.items() if k != "sparsity"}, indent=2,
-                                             default=str))
+        trainer.accelerator.print(
+            json.dumps({k: v for k, v in summary.items() if k != "sparsity"}, indent=2, default=str)
+        )
     if training_args.push_to_hub:
         trainer.push_to_hub(dataset_name=script_args.dataset_name)
         trainer.accelerator.print(f"Pushed to https://huggingface.co/{trainer.hub_model_id}.")
