@@ -154,11 +154,17 @@ def test_online_regeneration_decodes_the_updated_policy(engine_model, tmp_path):
     assert list(current["chosen"]) != initial, "the policy moved, so its answers changed"
 
 
-def test_auto_picks_vllm_where_it_can_serve_the_model(tiny_llama, smollm2):
-    assert make_backend("auto", tiny_llama) is DEFAULT_BACKEND  # head size 16: not one vLLM's CPU kernel takes
+def test_auto_picks_vllm_on_cuda_where_it_can_serve_the_model(tiny_llama, smollm2, monkeypatch):
+    import trl_retmask.generation as generation
+    from trl_retmask.generation.vllm import can_serve
+
+    assert not can_serve(tiny_llama)  # head size 16: not one vLLM's CPU kernel takes
+    assert can_serve(smollm2[0]) == vllm_available()
     assert make_backend("generate", smollm2[0]) is DEFAULT_BACKEND
-    backend = make_backend("auto", smollm2[0])
-    assert isinstance(backend, VLLMBackend) == vllm_available()
+    assert make_backend("auto", smollm2[0]) is DEFAULT_BACKEND  # on a CPU: generate, the measured default
+    assert isinstance(make_backend("vllm", smollm2[0]), VLLMBackend)  # asked for: vLLM on a CPU too
+    monkeypatch.setattr(generation, "model_device", lambda model: torch.device("cuda"))
+    assert isinstance(make_backend("auto", smollm2[0]), VLLMBackend) == vllm_available()
 
 
 def test_cpu_head_sizes_are_vllms():

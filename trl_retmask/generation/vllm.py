@@ -90,9 +90,9 @@ def vllm_available() -> bool:
 
 
 def can_serve(model) -> bool:
-    """Whether `generation_backend="auto"` decodes `model` with vLLM: vLLM is installed, the model sits on a CPU or
-    a CUDA device, is not quantized (bitsandbytes weights do not reload in place) and, on a CPU, has a head size
-    vLLM's CPU attention takes (the tests' tiny models do not)."""
+    """Whether vLLM can decode `model` (`generation_backend="auto"` asks it for a model on CUDA): vLLM is
+    installed, the model sits on a CPU or a CUDA device, is not quantized (bitsandbytes weights do not reload in
+    place) and, on a CPU, has a head size vLLM's CPU attention takes (the tests' tiny models do not)."""
     device = model_device(model).type
     if device not in ("cpu", "cuda") or getattr(model, "hf_quantizer", None) is not None or not vllm_available():
         return False
