@@ -10,8 +10,9 @@ import importlib.util
 import logging
 import os
 import shutil
-import tempfile
 from pathlib import Path
+
+from .atomic import atomic_directory
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +70,7 @@ def _find_gguf(package: str, filename: str) -> Path:
 
 
 def _convert_gguf(gguf: Path, target: Path) -> None:
-    """Dequantize a GGUF file into a plain float32 safetensors checkpoint at `target` (atomic rename)."""
+    """Dequantize a GGUF file into a plain float32 safetensors checkpoint at `target` (whole or absent)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     logger.warning("Converting %s to a safetensors checkpoint in %s (once; takes ~20 s)", gguf.name, target)
@@ -81,20 +82,14 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
     for attr in ("quantization_config", "_pre_quantization_dtype"):
         if hasattr(model.config, attr):
             delattr(model.config, attr)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
-    tmp.chmod(0o755)
     try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        model.generation_config.save_pretrained(tmp)
-        try:
-            tmp.rename(target)
-        except OSError:  # another process converted it first
-            if not (target / "config.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        with atomic_directory(target, overwrite=False) as tmp:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            model.generation_config.save_pretrained(tmp)
+    except FileExistsError:  # another process converted it first
+        if not (target / "config.json").is_file():
+            raise
 
 
 def _safetensors_complete(path: Path) -> bool:
