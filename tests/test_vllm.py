@@ -16,7 +16,7 @@ from tests.conftest import skip_unless_ci
 from trl_retmask import RetMaskConfig, RetMaskTrainer
 from trl_retmask.generation import make_backend
 from trl_retmask.generation.batch import DEFAULT_BACKEND, generate_batch, make_generation_config
-from trl_retmask.generation.vllm import VLLMBackend, VLLMSettings, sampling_params, vllm_available
+from trl_retmask.generation.vllm import INSTALL_HINT, VLLMBackend, VLLMSettings, sampling_params, vllm_available
 from trl_retmask.masking import mask_heads
 from trl_retmask.pairs import generate_pairs
 from trl_retmask.scores import HeadScores
@@ -44,7 +44,7 @@ GREEDY = dict(temperature=0.0, max_new_tokens=12, show_progress=False)
 def engine_model(smollm2):
     """The embedded model and its tokenizer, with vLLM required (skipped without it locally, failing in CI)."""
     if not vllm_available():
-        skip_unless_ci("vLLM is not installed (pip install 'trl_retmask[vllm]'; scripts/setup.sh does it)")
+        skip_unless_ci(f"vLLM is not installed ({INSTALL_HINT})")
     return smollm2
 
 

