@@ -7,6 +7,11 @@ average is recorded before and after (on a shared CPU only the ratio in one run 
 from the config, weights pushed) is timed apart, then greedy pairs of both backends are compared token for token.
 Usage: python scripts/bench.py --only vllm [--quick]
 
+`python scripts/bench_vllm.py --engine_breakdown` times the bare engine (no pair logic, every response 64 tokens)
+where its time goes: in-process vs vLLM's default multi-process engine, float32 vs bfloat16, per-request seeds vs
+one engine seed vs greedy, and transformers `generate` (batches of 16, sampled) on the same prompts; each engine in
+a fresh process (one engine per process), one JSON line per row.
+
 `python scripts/bench_vllm.py --main_command` instead runs the README's main command (`recipes/smollm2.py`) twice,
 `--generation_backend generate` then `vllm`, each in a fresh process whose process tree's resident memory is
 sampled every 0.2 s (peak = the largest sum over the tree), and prints wall time, peak memory, pair-generation
@@ -37,7 +42,6 @@ def run(args):
     from trl_retmask.prompts import shipped_prompts
 
     warnings.filterwarnings("ignore")
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     model, tokenizer = load_model_and_tokenizer(args.model)
     model.eval()
     if not can_serve(model):
@@ -105,6 +109,77 @@ def run(args):
     ]
 
 
+def engine_probe(engine: str, dtype: str, n: int = 32, new: int = 64) -> None:
+    """One engine configuration (run in its own process): prints one JSON line per decode mode."""
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    warnings.filterwarnings("ignore")
+    from transformers import AutoTokenizer
+
+    from trl_retmask.models import resolve_model_path
+    from trl_retmask.prompts import shipped_prompts
+
+    path = resolve_model_path("smollm2-135m-instruct")
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    chats = [[{"role": "user", "content": q}] for q in shipped_prompts()["prompt"][:n]]
+    prompts = [
+        list(tokenizer.apply_chat_template(c, add_generation_prompt=True, return_dict=True)["input_ids"]) for c in chats
+    ]
+    if engine == "generate":
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).eval()
+        tokenizer.padding_side = "left"
+        start, tokens = time.perf_counter(), 0
+        for i in range(0, n, 16):
+            batch = tokenizer.pad({"input_ids": prompts[i : i + 16]}, return_tensors="pt")
+            with torch.no_grad():
+                out = model.generate(
+                    **batch, max_new_tokens=new, min_new_tokens=new, do_sample=True, temperature=0.6, top_k=0
+                )
+            tokens += out[:, batch["input_ids"].shape[1] :].numel()
+        rate = tokens / (time.perf_counter() - start)
+        print(json.dumps({"engine": engine, "dtype": dtype, "mode": "sampled, batches of 16", "tok_s": rate}))
+        return
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if engine == "multi-process" else "0"
+    from vllm import LLM, SamplingParams
+
+    start = time.perf_counter()
+    llm = LLM(model=path, enforce_eager=True, dtype=dtype, skip_tokenizer_init=True, seed=0)
+    print(json.dumps({"engine": engine, "dtype": dtype, "mode": "engine start", "s": time.perf_counter() - start}))
+    modes = {
+        "sampled, a seed per request": dict(temperature=0.6, seed=1),
+        "sampled, the engine's seed": dict(temperature=0.6),
+        "greedy": dict(temperature=0.0),
+    }
+    llm.generate([{"prompt_token_ids": p} for p in prompts[:4]], SamplingParams(max_tokens=8), use_tqdm=False)
+    for mode, kw in modes.items():
+        params = SamplingParams(max_tokens=new, ignore_eos=True, detokenize=False, **kw)
+        start = time.perf_counter()
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        rate = sum(len(o.outputs[0].token_ids) for o in outs) / (time.perf_counter() - start)
+        print(json.dumps({"engine": engine, "dtype": dtype, "mode": mode, "tok_s": rate}), flush=True)
+
+
+def engine_breakdown() -> None:
+    """Every engine configuration, each in a fresh process, one after the other (side by side in one run)."""
+    print(f"# load average before: {os.getloadavg()[0]:.1f}", flush=True)
+    configs = [("generate", "float32"), ("in-process", "float32"), ("multi-process", "float32")]
+    configs += [("in-process", "bfloat16"), ("generate", "float32")]  # generate again: the drift of the machine
+    for engine, dtype in configs:
+        out = subprocess.run(
+            [sys.executable, __file__, "--engine_probe", engine, dtype],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        )
+        rows = [line for line in out.stdout.splitlines() if line.startswith("{")]
+        if out.returncode or not rows:
+            raise RuntimeError(f"{engine} {dtype} failed (exit {out.returncode}):\n{out.stderr[-3000:]}")
+        print("\n".join(rows), flush=True)
+    print(f"# load average after: {os.getloadavg()[0]:.1f}")
+
+
 def main_command(backend: str, out_dir: Path, extra: list[str]) -> dict:
     """One run of the main command with `backend`: wall seconds, peak RSS of its process tree, its summary."""
     import psutil
@@ -144,17 +219,26 @@ def main_command(backend: str, out_dir: Path, extra: list[str]) -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--main_command", action="store_true", help="time the README's main command, both backends")
+    parser.add_argument("--engine_breakdown", action="store_true", help="time the bare engine's modes (see above)")
+    parser.add_argument("--engine_probe", nargs=2, metavar=("ENGINE", "DTYPE"), help=argparse.SUPPRESS)
+    parser.add_argument("--backends", default="generate,vllm", help="--main_command: the backends to run, in order")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("extra", nargs="*", help="recipe overrides for --main_command (after --)")
     args = parser.parse_args(argv)
+    if args.engine_probe:
+        engine_probe(*args.engine_probe)
+        return 0
+    if args.engine_breakdown:
+        engine_breakdown()
+        return 0
     if not args.main_command:
         for row in run(args):
             print(row)
         return 0
     print(f"# load average before: {os.getloadavg()[0]:.1f}", flush=True)
     with tempfile.TemporaryDirectory(prefix="bench_vllm_main_") as tmp:
-        for backend in ("generate", "vllm"):
+        for backend in args.backends.split(","):
             result = main_command(backend, Path(tmp) / backend, args.extra)
             print(json.dumps({"backend": backend, **result}), flush=True)
     print(f"# load average after: {os.getloadavg()[0]:.1f}")

@@ -6,7 +6,6 @@ and the settings stay the same). Bad `vllm_*` settings fail before any model loa
 from __future__ import annotations
 
 import copy
-import os
 import re
 from pathlib import Path
 
@@ -24,7 +23,6 @@ from trl_retmask.pairs import generate_pairs
 from trl_retmask.scores import HeadScores
 
 REPO = Path(__file__).resolve().parents[1]
-os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB: the engine's KV cache, small for the tests
 
 QUESTIONS = [
     "What is the capital of France?",
@@ -68,6 +66,32 @@ def test_greedy_pairs_equal_the_transformers_backend(engine_model):
     assert sum(c != r for c, r in zip(vllm.chosen, vllm.rejected)) >= 8, "the mask must change most answers"
     assert vllm.chosen[:2] == [reference(model, tokenizer, c) for c in CHATS[:2]]
     assert vllm.rejected[:2] == [reference(model, tokenizer, c, HEADS) for c in CHATS[:2]]
+
+
+@pytest.mark.real_model
+def test_long_context_suite_answers_equal_the_transformers_backend(engine_model, tmp_path):
+    """The evaluation suite on vLLM (heads masked in the engine's weights) answers as `generate` does, on 1K-token
+    contexts; its stored generations name the backend, so a `generate` run's directory is not resumed by it."""
+    from trl_retmask.evaluation import evaluate_long_context
+
+    model, tokenizer = engine_model
+    kw = dict(lengths=(1024,), categories=["recall"], n_per_task=2, max_new_tokens=12, progress=False)
+    answers = {}
+    for key, heads in (("plain", []), ("masked", HEADS)):
+        runs = {
+            backend: evaluate_long_context(
+                model, tokenizer, heads=heads, generation_backend=backend, keep_generations=True, **kw
+            )
+            for backend in ("vllm", "generate")
+        }
+        answers[key] = {b: [g["output"] for g in r["generations"]] for b, r in runs.items()}
+        assert answers[key]["vllm"] == answers[key]["generate"] and len(answers[key]["vllm"]) == 8
+        assert runs["vllm"]["scores"] == runs["generate"]["scores"]
+    assert answers["plain"]["vllm"] != answers["masked"]["vllm"], "the mask must change some answers"
+    small = dict(kw, n_per_task=1, output_dir=tmp_path, name="run")
+    evaluate_long_context(model, tokenizer, generation_backend="generate", **small)
+    with pytest.raises(ValueError, match="another run"):
+        evaluate_long_context(model, tokenizer, generation_backend="vllm", **small)
 
 
 @pytest.mark.real_model
@@ -168,6 +192,15 @@ def test_auto_picks_vllm_on_cuda_where_it_can_serve_the_model(tiny_llama, smollm
     assert isinstance(make_backend("vllm", smollm2[0]), VLLMBackend)  # asked for: vLLM on a CPU too
     monkeypatch.setattr(generation, "model_device", lambda model: torch.device("cuda"))
     assert isinstance(make_backend("auto", smollm2[0]), VLLMBackend) == vllm_available()
+
+
+def test_cpu_kv_cache_holds_a_window_and_a_quarter(smollm2, tiny_llama):
+    from trl_retmask.generation.vllm import cpu_kv_cache_bytes
+
+    model, _ = smollm2  # 30 layers, 3 KV heads of 64, fp32, 8K window: 46,080 bytes per token
+    assert cpu_kv_cache_bytes(model) == 2 * 30 * 3 * 64 * 4 * 8192 * 5 // 4 == 471_859_200
+    assert cpu_kv_cache_bytes(model, max_model_length=4096) == 471_859_200 // 2
+    assert cpu_kv_cache_bytes(tiny_llama) == 64 << 20  # the floor
 
 
 def test_cpu_head_sizes_are_vllms():
@@ -283,3 +316,24 @@ def test_pairs_stage_refuses_a_bad_vllm_setting_before_loading(tmp_path, monkeyp
         == 2
     )
     assert "`vllm_mode='server'` is not supported" in capsys.readouterr().err
+
+
+def test_eval_stage_checks_its_backend_before_loading(tmp_path, monkeypatch, capsys):
+    from trl_retmask import cli
+    from trl_retmask.scripts import common
+    from trl_retmask.scripts import eval as eval_stage
+
+    monkeypatch.setattr(common, "load_model_and_tokenizer", lambda *a, **k: pytest.fail("model loaded"))
+    monkeypatch.setattr(eval_stage, "vllm_available", lambda: False)
+    assert cli.main(["eval", "--output_dir", str(tmp_path), "--generation_backend", "vllm"]) == 2
+    assert (
+        capsys.readouterr()
+        .err.strip()
+        .endswith(
+            f"`generation_backend='vllm'` needs vLLM, which is not installed: {INSTALL_HINT}; or leave "
+            "`generation_backend` at 'generate'."
+        )
+    )
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["eval", "--output_dir", str(tmp_path), "--generation_backend", "fast"])
+    assert exited.value.code == 2 and "invalid choice: 'fast'" in capsys.readouterr().err

@@ -10,7 +10,7 @@ from tqdm.auto import tqdm
 from ..chat import check_prompts, encode_rendered, render_user_prompt
 from ..distributed import process_state
 from ..fingerprints import fingerprint, model_fingerprint
-from ..generation import check_window, generate_batch, make_generation_config, model_window
+from ..generation import check_window, generate_batch, make_backend, make_generation_config, model_window
 from ..heads import format_heads, validate_heads
 from ..store import run_resumable, write_json
 from .registry import CATEGORIES, PRIMARY, TASKS, build_suite
@@ -46,6 +46,8 @@ def generate_suite(
     output_dir=None,
     name: str = "suite",
     overwrite: bool = False,
+    backend="generate",
+    vllm=None,
 ) -> list[str]:
     """Completions for suite samples, batched per (task, length) so each batch shares a generation budget.
 
@@ -53,6 +55,10 @@ def generate_suite(
     shared across accelerate processes and gathered; with `output_dir` they are stored as they finish in
     `<name>.rank<i>.jsonl` there, and a rerun (or an interrupted run) reuses them: the same model, samples and
     settings only (another run's directory is refused unless `overwrite=True`).
+
+    `backend`: how the greedy answers are decoded, a name of `GENERATION_BACKENDS` or a backend (`"vllm"`: the
+    process's colocated engine, the heads masked in its weights; `vllm`: its `VLLMSettings` or their fields). The
+    default stays `generate`: vLLM's greedy answers were checked equal on short pairs, not on every long context.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
@@ -74,11 +80,12 @@ def generate_suite(
     window = model_window(model)
     for _, idx, budget in batches:  # every batch fits, before the first is generated
         check_window([len(ids[i]) for i in idx], budget, window, what="sample", fix="pass shorter `lengths`")
+    decoder = make_backend(backend, model, vllm)  # a static backend hooks the model: closed below
 
     def run(batch) -> dict:
         _, idx, budget = batch
         new = generate_batch(
-            model, tokenizer, [ids[i] for i in idx], make_generation_config(model, budget), heads=heads
+            model, tokenizer, [ids[i] for i in idx], make_generation_config(model, budget), heads=heads, backend=decoder
         )
         return {"indices": idx, "outputs": tokenizer.batch_decode(new, skip_special_tokens=True)}
 
@@ -91,30 +98,35 @@ def generate_suite(
             heads=heads,
             batches=[[b[1], b[2]] for b in batches],
             prompt_ids=ids,
+            **({"backend": decoder.name} if decoder.name != "generate" else {}),  # older stores stay valid
         )
-    records = run_resumable(
-        batches,
-        run,
-        output_dir,
-        name=name,
-        fingerprint=fp,
-        key=lambda b: b[0],
-        verify=lambda b, r: (
-            r.get("indices") == b[1]
-            and isinstance(r.get("outputs"), list)
-            and len(r["outputs"]) == len(b[1])
-            and all(isinstance(o, str) for o in r["outputs"])
-        ),
-        info={
-            "model": getattr(model.config, "_name_or_path", ""),
-            "heads": heads,
-            "num_samples": len(samples),
-            "max_new_tokens": max_new_tokens,
-        },
-        overwrite=overwrite,
-        desc="long-context suite",
-        show_progress=progress,
-    )
+    try:
+        records = run_resumable(
+            batches,
+            run,
+            output_dir,
+            name=name,
+            fingerprint=fp,
+            key=lambda b: b[0],
+            verify=lambda b, r: (
+                r.get("indices") == b[1]
+                and isinstance(r.get("outputs"), list)
+                and len(r["outputs"]) == len(b[1])
+                and all(isinstance(o, str) for o in r["outputs"])
+            ),
+            info={
+                "model": getattr(model.config, "_name_or_path", ""),
+                "heads": heads,
+                "num_samples": len(samples),
+                "max_new_tokens": max_new_tokens,
+            },
+            overwrite=overwrite,
+            desc="long-context suite",
+            show_progress=progress,
+        )
+    finally:
+        if decoder is not backend:
+            decoder.close()
     outputs = [""] * len(samples)
     for r in records:
         for i, text in zip(r["indices"], r["outputs"]):
@@ -166,6 +178,8 @@ def evaluate_long_context(
     progress: bool = True,
     max_new_tokens: int | None = None,
     overwrite: bool = False,
+    generation_backend="generate",
+    vllm=None,
 ) -> dict:
     """Evaluate a model (optionally with `heads` masked) on the suite; returns per-category and per-task tables.
 
@@ -173,7 +187,8 @@ def evaluate_long_context(
     `{"scores": {category: {length: score}}, "tasks": {task: {length: metrics}}, "per_sample": [...], "config": ...}`
     (`per_sample`: each sample's task, length, seed and primary score, for `stats`); with `output_dir` it is also
     saved as `<name>.json` and `<name>.png` there, and the generations as they finish in
-    `<name>.generations.rank<i>.jsonl` (an interrupted run resumes; see `generate_suite`).
+    `<name>.generations.rank<i>.jsonl` (an interrupted run resumes; see `generate_suite`, which also says what
+    `generation_backend` and `vllm` choose).
     """
     if not name or Path(name).name != name or name in (".", ".."):
         raise ValueError(f"name {name!r} must be a plain file name (it names <output_dir>/<name>.json).")
@@ -195,6 +210,8 @@ def evaluate_long_context(
         output_dir=output_dir,
         name=f"{name}.generations",
         overwrite=overwrite,
+        backend=generation_backend,
+        vllm=vllm,
     )
     result = score_suite(samples, outputs)
     result["per_sample"] = [

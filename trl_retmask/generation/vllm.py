@@ -37,14 +37,16 @@ from ..fingerprints import fingerprint
 from ..masking import head_feature_masks, head_layout
 from ..validation import check_bool, check_choice, check_int, check_number
 from .batch import GenerateBackend, eos_ids, model_device
+from .window import model_window
 
 logger = logging.getLogger(__name__)
 
 VLLM_MODES = ("colocate", "server")
 VLLM_MODEL_IMPLS = ("auto", "vllm", "transformers")
-CPU_KV_CACHE_BYTES = 1 << 30
-"""KV cache of the engine on a CPU unless `VLLM_CPU_KVCACHE_SPACE` (GiB) says otherwise: room for ~20k tokens of the
-embedded model in fp32; vLLM's own CPU default would take a share of the machine's memory."""
+CPU_KV_CACHE_WINDOWS = 1.25
+"""KV cache of the engine on a CPU, in model windows (`cpu_kv_cache_bytes`), unless `VLLM_CPU_KVCACHE_SPACE` (GiB)
+says otherwise."""
+
 
 _SUPPORTED_SAMPLING = {
     "max_new_tokens",
@@ -87,6 +89,19 @@ INSTALL_HINT = (
 CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
 """Head sizes vLLM's CPU attention kernel takes (`CPUAttentionBackend.get_supported_head_sizes()`, vLLM 0.31; a test
 compares), known here without importing vLLM (seconds)."""
+
+
+def cpu_kv_cache_bytes(model, max_model_length: int | None = None) -> int:
+    """Bytes of KV cache for the engine on a CPU: `CPU_KV_CACHE_WINDOWS` of the engine's window (vLLM refuses less
+    than one; a batch of pair prompts with their responses needs far less). vLLM's own CPU default takes a share of
+    the machine's memory; a fixed 1 GiB put the main command's peak at 4.35 GiB (docs/benchmarks.md)."""
+    config = getattr(model.config, "get_text_config", lambda: model.config)()
+    layers, heads, head_dim = head_layout(config)
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    size = next((p.element_size() for p in model.parameters() if p.is_floating_point()), 4)
+    window = max_model_length or model_window(model) or 4096
+    per_token = 2 * layers * kv_heads * head_dim * size  # keys and values
+    return max(int(per_token * window * CPU_KV_CACHE_WINDOWS), 64 << 20)
 
 
 def vllm_available() -> bool:
@@ -257,7 +272,7 @@ class _Engine:
         else:
             os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # in-process: tensors reach the worker by reference
         if device.type == "cpu" and not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
-            kwargs["kv_cache_memory_bytes"] = CPU_KV_CACHE_BYTES
+            kwargs["kv_cache_memory_bytes"] = cpu_kv_cache_bytes(model, settings.max_model_length)
         dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
         self.llm = LLM(
             model=self._dir.name,
@@ -413,6 +428,7 @@ __all__ = [
     "VLLMSettings",
     "can_serve",
     "close_engine",
+    "cpu_kv_cache_bytes",
     "engine_for",
     "masked_o_proj_weights",
     "policy_weights",

@@ -16,8 +16,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..distributed import process_state
+from ..generation import GENERATION_BACKENDS
+from ..generation.vllm import INSTALL_HINT, vllm_available
 from ..heads import HeadSelectionArguments, format_heads
-from ..validation import check_int, check_seed
+from ..validation import check_choice, check_int, check_seed
 from . import parse_stage_args, run_stage
 from .common import (
     MASK_NOTHING,
@@ -45,6 +47,9 @@ class EvalScriptArguments(OverwriteArguments, ModelStageArguments):
         batch_size (`int`, *optional*, defaults to `4`): Generation batch size.
         output_dir (`str`, *optional*): Save `<name>.json` and `<name>.png` here.
         name (`str`, *optional*): Name of the result, a plain file name (default: the model's name).
+        generation_backend (`str`, *optional*, defaults to `"generate"`): How the answers are decoded: `"generate"`,
+            `"vllm"` (one colocated vLLM engine, the heads masked in its weights; `RetMaskConfig`'s default engine
+            settings), `"static"` or `"auto"` (see `RetMaskConfig.generation_backend`).
     """
 
     lengths: list[int] = field(default_factory=lambda: [1024, 2048], metadata={"help": "Context lengths (tokens)."})
@@ -57,7 +62,18 @@ class EvalScriptArguments(OverwriteArguments, ModelStageArguments):
         default=None, metadata={"help": "Name of the result (a plain file name; default: the model's name)."}
     )
 
+    generation_backend: str = field(
+        default="generate",
+        metadata={"help": "How the answers are decoded.", "choices": list(GENERATION_BACKENDS)},
+    )
+
     def __post_init__(self):
+        check_choice("generation_backend", self.generation_backend, GENERATION_BACKENDS)
+        if self.generation_backend == "vllm" and not vllm_available():
+            raise ValueError(
+                f"`generation_backend='vllm'` needs vLLM, which is not installed: {INSTALL_HINT}; or leave "
+                "`generation_backend` at 'generate'."
+            )
         check_list("lengths", self.lengths, minimum=1, integer=True)
         if self.categories is not None and not self.categories:
             raise ValueError("`categories` needs at least one category (or leave it unset for all).")
@@ -113,6 +129,7 @@ def main(script_args: EvalScriptArguments, selection: HeadSelectionArguments, mo
         output_dir=script_args.output_dir,
         name=name,
         overwrite=script_args.overwrite,
+        generation_backend=script_args.generation_backend,
     )
     if process_state().is_main_process:
         print(format_table({name: result}))
