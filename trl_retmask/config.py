@@ -124,7 +124,7 @@ class RetMaskConfig(HeadSelectionArguments, DPOConfig):
             installed as `scripts/setup.sh` does), `"generate"` (`model.generate`, the rejected rows in a second call
             under the head mask), `"static"` (chosen and rejected rows in one decode loop with a static KV cache,
             compiled with CUDA graphs on CUDA; not yet measured on a GPU), or `"auto"` (`"vllm"` for a model on
-            CUDA that an installed vLLM can serve, else `"generate"`: on a CPU vLLM was not measured faster).
+            CUDA that an installed vLLM can serve, else `"generate"`: on a CPU vLLM's peak memory is higher).
             Greedy pairs are the same under all; sampled pairs differ (other random streams), so the backend is part of
             the pair-cache fingerprint.
         generation_seed (`int`, *optional*):

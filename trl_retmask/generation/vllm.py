@@ -94,7 +94,8 @@ compares), known here without importing vLLM (seconds)."""
 def cpu_kv_cache_bytes(model, max_model_length: int | None = None) -> int:
     """Bytes of KV cache for the engine on a CPU: `CPU_KV_CACHE_WINDOWS` of the engine's window (vLLM refuses less
     than one; a batch of pair prompts with their responses needs far less). vLLM's own CPU default takes a share of
-    the machine's memory; a fixed 1 GiB put the main command's peak at 4.35 GiB (docs/benchmarks.md)."""
+    the machine's memory, and a fixed size either wastes it (small models) or cannot hold one window (long ones).
+    Only the pages the decode touches become resident."""
     config = getattr(model.config, "get_text_config", lambda: model.config)()
     layers, heads, head_dim = head_layout(config)
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
