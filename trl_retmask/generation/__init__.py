@@ -35,9 +35,9 @@ __all__ = [
 GENERATION_BACKENDS = ("auto", "generate", "static", "vllm")
 """Names of the pair-generation backends: `generate` (`model.generate`, dynamic cache, masked rows apart), `static`
 (`StaticCacheBackend`), `vllm` (`VLLMBackend`), `auto` (`vllm` for a model on CUDA where it is installed and can serve
-the model, else `generate`). On a CPU `auto` keeps `generate`: vLLM's CPU engine made the main command's pairs 1.74x
-faster but put its peak over 4 GB (docs/benchmarks.md), so it runs there only when asked for; the static backend too, until a GPU run has
-measured it."""
+the model, else `generate`). On a CPU `auto` keeps `generate`: vLLM's CPU engine made the main command's pairs
+1.74x faster but put its peak over 4 GB (docs/benchmarks.md), so it runs there only when asked for; the static
+backend too, until a GPU run has measured it."""
 
 
 def make_backend(
