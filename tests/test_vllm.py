@@ -6,7 +6,10 @@ and the settings stay the same). Bad `vllm_*` settings fail before any model loa
 from __future__ import annotations
 
 import copy
+import gc
+import json
 import re
+import weakref
 from pathlib import Path
 
 import pytest
@@ -15,9 +18,17 @@ from datasets import Dataset
 
 from tests.conftest import skip_unless_ci
 from trl_retmask import RetMaskConfig, RetMaskTrainer
+from trl_retmask.chat import encode_prompts
 from trl_retmask.generation import make_backend
 from trl_retmask.generation.batch import DEFAULT_BACKEND, generate_batch, make_generation_config
-from trl_retmask.generation.vllm import INSTALL_HINT, VLLMBackend, VLLMSettings, sampling_params, vllm_available
+from trl_retmask.generation.vllm import (
+    INSTALL_HINT,
+    VLLMBackend,
+    VLLMSettings,
+    close_engine,
+    sampling_params,
+    vllm_available,
+)
 from trl_retmask.masking import mask_heads
 from trl_retmask.pairs import generate_pairs
 from trl_retmask.scores import HeadScores
@@ -97,8 +108,6 @@ def test_long_context_suite_answers_equal_the_transformers_backend(engine_model,
 @pytest.mark.real_model
 def test_policy_weights_come_back_when_masked_decoding_fails(engine_model, monkeypatch):
     model, tokenizer = engine_model
-    from trl_retmask.chat import encode_prompts
-
     ids = encode_prompts(tokenizer, CHATS[:4])
     config = make_generation_config(model, 12)
     backend = VLLMBackend()
@@ -130,6 +139,49 @@ def test_sampled_pairs_depend_on_the_seed_and_prompt_only(engine_model):
     assert a.chosen != c.chosen and a.rejected != c.rejected
     tail = generate_pairs(model, tokenizer, CHATS[3:6], HEADS, seed=3, batch_size=4, **sample)
     assert tail.chosen != a.chosen[3:6], "the seed follows the prompt's index in the data, as the cache key does"
+
+
+@pytest.mark.real_model
+def test_sampled_rows_are_the_seeded_sampler_applied_to_the_policy(engine_model):
+    """vLLM's sampled tokens are `sample_rows` at each position over the policy's own logits: an independent
+    transformers decode, one prompt at a time, with the same rule as a logits processor, gives the same tokens
+    (heads masked or not; top-k, top-p and the repetition penalty on)."""
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    from trl_retmask.generation.seeded import RowSampling, sample_rows
+
+    model, tokenizer = engine_model
+    ids = encode_prompts(tokenizer, CHATS[:4])
+    settings = dict(temperature=1.0, top_k=40, top_p=0.9, repetition_penalty=1.2)
+    config = make_generation_config(model, 10, **settings)
+    seeds = [11, 12, 13, 14]
+
+    class Seeded(LogitsProcessor):
+        def __init__(self, seed, start):
+            self.row, self.start = RowSampling(seed=seed, **settings), start
+
+        def __call__(self, input_ids, scores):
+            token = sample_rows(scores, [self.row], [input_ids.shape[1] - self.start], input_ids.tolist())
+            return torch.full_like(scores, float("-inf")).index_fill_(1, token, 0.0)
+
+    for heads in ([], HEADS):
+        vllm = generate_batch(model, tokenizer, ids, config, heads=heads, backend=VLLMBackend(), row_seeds=seeds)
+        expected = []
+        for prompt, seed in zip(ids, seeds):
+            x = torch.tensor([prompt])
+            with torch.no_grad(), mask_heads(model, list(heads)):
+                out = model.generate(
+                    x,
+                    attention_mask=torch.ones_like(x),
+                    max_new_tokens=10,
+                    do_sample=False,
+                    logits_processor=LogitsProcessorList([Seeded(seed, x.shape[1])]),
+                    eos_token_id=config.eos_token_id,
+                    pad_token_id=config.pad_token_id,
+                )
+            expected.append(out[0, x.shape[1] :].tolist())
+        assert [list(r) for r in vllm] == [e[: len(r)] for e, r in zip(expected, vllm)], heads
+        assert len({tuple(r) for r in vllm}) == 4
 
 
 @pytest.mark.real_model
@@ -181,6 +233,43 @@ def test_online_regeneration_decodes_the_updated_policy(engine_model, tmp_path):
     assert list(current["chosen"]) != initial, "the policy moved, so its answers changed"
 
 
+@pytest.mark.real_model
+def test_two_processes_share_the_pairs_each_with_its_own_engine(engine_model, tmp_path):
+    """Under `accelerate launch` (2 CPU processes) each rank decodes its share of the batches with its own engine
+    (`external_launcher`), and both return the pairs a single `generate` process gives; closing an engine leaves the
+    job's process group alive (vLLM's shutdown destroys it otherwise), and a new engine works after it."""
+    from tests.launch import launch_two_cpu_processes
+
+    model, tokenizer = engine_model
+    launch_two_cpu_processes(REPO / "tests" / "vllm_driver.py", tmp_path, cwd=tmp_path, timeout=400)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [(r["rank"], r["world_size"]) for r in ranks] == [(0, 2), (1, 2)]
+    expected = generate_pairs(model, tokenizer, CHATS, HEADS, batch_size=2, backend="generate", **GREEDY)
+    for r in ranks:
+        assert (r["chosen"], r["rejected"]) == (expected.chosen, expected.rejected)
+        assert r["again"] == [expected.chosen[:4], expected.rejected[:4]]
+    shares = [{tuple(p) for p in r["decoded"]} for r in ranks]
+    prompts = {tuple(p) for p in encode_prompts(tokenizer, CHATS)}
+    assert shares[0] and shares[1] and not shares[0] & shares[1] and shares[0] | shares[1] == prompts
+
+
+@pytest.mark.real_model
+def test_closing_the_engine_frees_its_weights(engine_model):
+    """`close_engine` frees the engine's model (its copy of the weights): vLLM's reload bookkeeping keeps every
+    reloaded layer alive unless it is released, which raised the training peak that follows by 0.7 GiB."""
+    model, tokenizer = engine_model
+    backend = VLLMBackend()
+    engine = backend.engine(model)  # built (or reused), every weight pushed with `reload_weights`
+    ids = encode_prompts(tokenizer, CHATS[:2])
+    generate_batch(model, tokenizer, ids, make_generation_config(model, 2), heads=HEADS, backend=backend)  # swaps
+    (refs,) = engine.llm.collective_rpc(lambda w: [weakref.ref(m) for m in w.model_runner.get_model().modules()])
+    assert len(refs) > 100 and all(ref() is not None for ref in refs)
+    close_engine()
+    gc.collect()
+    assert [ref() for ref in refs if ref() is not None] == []
+    assert gc.get_freeze_count() == 0, "vLLM freezes the heap while its engine lives; closing must undo it"
+
+
 def test_auto_picks_vllm_on_cuda_where_it_can_serve_the_model(tiny_llama, smollm2, monkeypatch):
     import trl_retmask.generation as generation
     from trl_retmask.generation.vllm import can_serve
@@ -216,6 +305,11 @@ def test_cpu_head_sizes_are_vllms():
 def test_sampling_params_follow_the_generation_config(smollm2):
     if not vllm_available():
         skip_unless_ci("vLLM is not installed")
+    from vllm import SamplingParams
+
+    from trl_retmask.generation.seeded import RowSampling
+    from trl_retmask.generation.vllm_sampler import EXTRA_ARG, row_sampling
+
     model = smollm2[0]
     greedy = sampling_params(make_generation_config(model, 7), seed=5)
     assert (greedy.temperature, greedy.max_tokens, greedy.seed, greedy.stop_token_ids) == (0.0, 7, None, [2])
@@ -223,15 +317,15 @@ def test_sampling_params_follow_the_generation_config(smollm2):
         make_generation_config(model, 9, temperature=0.6, top_p=0.9, top_k=20, repetition_penalty=1.1, min_p=0.05),
         seed=5,
     )
-    assert (
-        sampled.temperature,
-        sampled.top_p,
-        sampled.top_k,
-        sampled.min_p,
-        sampled.repetition_penalty,
-        sampled.seed,
-        sampled.max_tokens,
-    ) == (0.6, 0.9, 20, 0.05, 1.1, 5, 9)
+    # a greedy request for vLLM, sampled by the engine's SeededSampler from the row's settings and seed
+    assert (sampled.temperature, sampled.seed, sampled.repetition_penalty, sampled.max_tokens) == (0.0, None, 1.0, 9)
+    assert row_sampling(sampled) == RowSampling(
+        seed=5, temperature=0.6, top_p=0.9, top_k=20, min_p=0.05, repetition_penalty=1.1
+    )
+    assert json.loads(json.dumps(sampled.extra_args)) == sampled.extra_args  # plain data: crosses processes
+    with pytest.raises(ValueError, match="must hold RowSampling's fields"):
+        row_sampling(SamplingParams(extra_args={EXTRA_ARG: {"seed": 1, "temp": 0.6}}))
+    assert sampling_params(make_generation_config(model, 7, repetition_penalty=1.3)).repetition_penalty == 1.3
     with pytest.raises(ValueError, match="`no_repeat_ngram_size=3` has no vLLM equivalent"):
         sampling_params(make_generation_config(model, 7, no_repeat_ngram_size=3))
 
@@ -258,14 +352,14 @@ def test_bad_vllm_settings_fail_before_any_model_loads(field, value, message, tm
 
 
 def test_use_vllm_and_the_backend_agree(tmp_path, monkeypatch):
-    import trl_retmask.config as config_module
+    import trl_retmask.generation.vllm as vllm_module
 
     assert RetMaskConfig(str(tmp_path), use_vllm=False).generation_backend == "generate"
     with pytest.raises(ValueError, match="`use_vllm=False` contradicts `generation_backend='vllm'`"):
         RetMaskConfig(str(tmp_path), use_vllm=False, generation_backend="vllm")
     with pytest.raises(ValueError, match="`use_vllm=True` contradicts `generation_backend='static'`"):
         RetMaskConfig(str(tmp_path), use_vllm=True, generation_backend="static")
-    monkeypatch.setattr(config_module, "vllm_available", lambda: False)
+    monkeypatch.setattr(vllm_module, "vllm_available", lambda: False)
     with pytest.raises(ValueError) as refused:
         RetMaskConfig(str(tmp_path), use_vllm=True)
     assert str(refused.value) == (
@@ -274,7 +368,7 @@ def test_use_vllm_and_the_backend_agree(tmp_path, monkeypatch):
         "again (vLLM pins an older transformers than this package needs; scripts/setup.sh does both); or set "
         "`generation_backend='generate'`."
     )
-    monkeypatch.setattr(config_module, "vllm_available", lambda: True)
+    monkeypatch.setattr(vllm_module, "vllm_available", lambda: True)
     assert RetMaskConfig(str(tmp_path), use_vllm=True).generation_backend == "vllm"
 
 
@@ -320,11 +414,11 @@ def test_pairs_stage_refuses_a_bad_vllm_setting_before_loading(tmp_path, monkeyp
 
 def test_eval_stage_checks_its_backend_before_loading(tmp_path, monkeypatch, capsys):
     from trl_retmask import cli
+    from trl_retmask.generation import vllm as vllm_module
     from trl_retmask.scripts import common
-    from trl_retmask.scripts import eval as eval_stage
 
     monkeypatch.setattr(common, "load_model_and_tokenizer", lambda *a, **k: pytest.fail("model loaded"))
-    monkeypatch.setattr(eval_stage, "vllm_available", lambda: False)
+    monkeypatch.setattr(vllm_module, "vllm_available", lambda: False)
     assert cli.main(["eval", "--output_dir", str(tmp_path), "--generation_backend", "vllm"]) == 2
     assert (
         capsys.readouterr()

@@ -14,7 +14,7 @@ import torch
 from trl import DPOConfig
 
 from .generation import GENERATION_BACKENDS
-from .generation.vllm import INSTALL_HINT, VLLMSettings, vllm_available
+from .generation.vllm import VLLMSettings, require_vllm
 from .heads import HeadSelectionArguments
 from .liger import check_liger
 from .truncation import SIDES
@@ -416,10 +416,10 @@ class RetMaskConfig(HeadSelectionArguments, DPOConfig):
             self.generation_backend = "generate"
         if self.use_vllm:
             self.generation_backend = "vllm"
-        if self.generation_backend == "vllm" and not vllm_available():
-            raise ValueError(
-                "Pair generation with `use_vllm=True` / `generation_backend='vllm'` needs vLLM, which is "
-                f"not installed: {INSTALL_HINT}; or set `generation_backend='generate'`."
+        if self.generation_backend == "vllm":
+            require_vllm(
+                "Pair generation with `use_vllm=True` / `generation_backend='vllm'`",
+                "set `generation_backend='generate'`",
             )
 
     @property

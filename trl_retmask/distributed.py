@@ -51,16 +51,16 @@ def unwrapped_for_generation(trainer):
     from trl.models.utils import unwrap_model_for_generation
 
     unwrapped = trainer.accelerator.unwrap_model(trainer.model_wrapped)
-    was_on = unwrapped.is_gradient_checkpointing  # the names TRL reads and calls, valid on every transformers 5
-    kwargs = trainer.args.gradient_checkpointing_kwargs
+    was_on = unwrapped.is_activation_checkpointing
+    kwargs = trainer.args.activation_checkpointing_kwargs
     try:
         with unwrap_model_for_generation(
             trainer.model_wrapped, trainer.accelerator, gradient_checkpointing_kwargs=kwargs
         ) as model:
             yield model
     finally:
-        if was_on and not unwrapped.is_gradient_checkpointing:
-            unwrapped.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        if was_on and not unwrapped.is_activation_checkpointing:
+            unwrapped.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
 
 
 @contextmanager

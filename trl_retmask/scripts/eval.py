@@ -17,7 +17,7 @@ from pathlib import Path
 
 from ..distributed import process_state
 from ..generation import GENERATION_BACKENDS
-from ..generation.vllm import INSTALL_HINT, vllm_available
+from ..generation.vllm import require_vllm
 from ..heads import HeadSelectionArguments, format_heads
 from ..validation import check_choice, check_int, check_seed
 from . import parse_stage_args, run_stage
@@ -69,11 +69,8 @@ class EvalScriptArguments(OverwriteArguments, ModelStageArguments):
 
     def __post_init__(self):
         check_choice("generation_backend", self.generation_backend, GENERATION_BACKENDS)
-        if self.generation_backend == "vllm" and not vllm_available():
-            raise ValueError(
-                f"`generation_backend='vllm'` needs vLLM, which is not installed: {INSTALL_HINT}; or leave "
-                "`generation_backend` at 'generate'."
-            )
+        if self.generation_backend == "vllm":
+            require_vllm("`generation_backend='vllm'`", "leave `generation_backend` at 'generate'")
         check_list("lengths", self.lengths, minimum=1, integer=True)
         if self.categories is not None and not self.categories:
             raise ValueError("`categories` needs at least one category (or leave it unset for all).")
