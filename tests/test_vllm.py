@@ -270,17 +270,17 @@ def test_closing_the_engine_frees_its_weights(engine_model):
     assert gc.get_freeze_count() == 0, "vLLM freezes the heap while its engine lives; closing must undo it"
 
 
-def test_auto_picks_vllm_on_cuda_where_it_can_serve_the_model(tiny_llama, smollm2, monkeypatch):
-    import trl_retmask.generation as generation
-    from trl_retmask.generation.vllm import can_serve
+def test_auto_picks_vllm_where_it_can_serve_the_model(tiny_llama, smollm2, monkeypatch):
+    import trl_retmask.generation.vllm as vllm_module
 
-    assert not can_serve(tiny_llama)  # head size 16: not one vLLM's CPU kernel takes
-    assert can_serve(smollm2[0]) == vllm_available()
+    assert not vllm_module.can_serve(tiny_llama)  # head size 16: not one vLLM's CPU kernel takes
+    assert make_backend("auto", tiny_llama) is DEFAULT_BACKEND
+    assert vllm_module.can_serve(smollm2[0]) == vllm_available()
     assert make_backend("generate", smollm2[0]) is DEFAULT_BACKEND
-    assert make_backend("auto", smollm2[0]) is DEFAULT_BACKEND  # on a CPU: generate, the measured default
-    assert isinstance(make_backend("vllm", smollm2[0]), VLLMBackend)  # asked for: vLLM on a CPU too
-    monkeypatch.setattr(generation, "model_device", lambda model: torch.device("cuda"))
-    assert isinstance(make_backend("auto", smollm2[0]), VLLMBackend) == vllm_available()
+    assert isinstance(make_backend("auto", smollm2[0]), VLLMBackend) == vllm_available()  # on this CPU too
+    assert isinstance(make_backend("vllm", smollm2[0]), VLLMBackend)
+    monkeypatch.setattr(vllm_module, "vllm_available", lambda: False)
+    assert make_backend("auto", smollm2[0]) is DEFAULT_BACKEND
 
 
 def test_cpu_kv_cache_holds_a_window_and_a_quarter(smollm2, tiny_llama):

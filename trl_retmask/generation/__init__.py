@@ -34,24 +34,23 @@ __all__ = [
 
 GENERATION_BACKENDS = ("auto", "generate", "static", "vllm")
 """Names of the pair-generation backends: `generate` (`model.generate`, dynamic cache, masked rows apart), `static`
-(`StaticCacheBackend`), `vllm` (`VLLMBackend`), `auto` (`vllm` for a model on CUDA where it is installed and can serve
-the model, else `generate`). On a CPU `auto` keeps `generate`: vLLM's CPU engine made the main command's pairs
-1.74x faster but put its peak over 4 GB (docs/benchmarks.md), so it runs there only when asked for; the static
-backend too, until a GPU run has measured it."""
+(`StaticCacheBackend`), `vllm` (`VLLMBackend`), `auto` (`vllm` where it is installed and can serve the model, on a CPU
+too, else `generate`). On the 2-core CPU vLLM's pairs run at 2.5x `generate`'s tokens/s with the same greedy pairs,
+within the main command's 4 GB, also as 2 processes (docs/benchmarks.md); the static backend runs only when asked
+for, until a GPU run has measured it."""
 
 
 def make_backend(
     choice: str | GenerateBackend = "auto", model=None, vllm: VLLMSettings | dict | None = None
 ) -> GenerateBackend:
     """The backend for `choice`: a `GenerateBackend` as is, or a name of `GENERATION_BACKENDS` (`auto`: vLLM for a
-    model on CUDA that `vllm.can_serve`, else plain `generate`). `vllm`: the engine's settings (`VLLMSettings` or
-    its fields). A new static backend holds hooks: `close()` it."""
+    model that `vllm.can_serve`, else plain `generate`). `vllm`: the engine's settings (`VLLMSettings` or its
+    fields). A new static backend holds hooks: `close()` it."""
     if isinstance(choice, GenerateBackend):
         return choice
     check_choice("backend", choice, GENERATION_BACKENDS)
     if choice == "auto":
-        on_cuda = model is not None and model_device(model).type == "cuda"
-        choice = "vllm" if on_cuda and can_serve(model) else "generate"
+        choice = "vllm" if model is not None and can_serve(model) else "generate"
     if choice == "vllm":
         return VLLMBackend(VLLMSettings(**vllm) if isinstance(vllm, dict) else vllm)
     return StaticCacheBackend() if choice == "static" else DEFAULT_BACKEND

@@ -121,7 +121,7 @@ def require_vllm(what: str, fix: str) -> None:
 
 
 def can_serve(model) -> bool:
-    """Whether vLLM can decode `model` (`generation_backend="auto"` asks it for a model on CUDA): vLLM is
+    """Whether vLLM can decode `model` (`generation_backend="auto"` asks it): vLLM is
     installed, the model sits on a CPU or a CUDA device, is not quantized (bitsandbytes weights do not reload in
     place) and, on a CPU, has a head size vLLM's CPU attention takes (the tests' tiny models do not)."""
     device = model_device(model).type
