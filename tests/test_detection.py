@@ -658,10 +658,12 @@ import pytest
 from tests.tiny import make_tiny_model
 from tests.test_niah import make_book_tokenizer
 from tests.test_detection import _forced_detect
+from trl_retmask.distributed import end_processes
 from pathlib import Path
 tok = make_book_tokenizer(Path(sys.argv[1]) / "tok")
 mp = pytest.MonkeyPatch()
 _forced_detect(make_tiny_model("qwen2"), tok, Path(sys.argv[2]), Path(sys.argv[1]) / "out", mp)
+end_processes()  # leaving with the group alive can abort in gloo's destructor (seen in CI: SIGABRT at exit)
 """
 
 

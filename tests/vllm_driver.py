@@ -17,6 +17,7 @@ from accelerate import PartialState  # noqa: E402
 
 from tests.test_vllm import CHATS, HEADS  # noqa: E402
 from trl_retmask import load_model_and_tokenizer  # noqa: E402
+from trl_retmask.distributed import end_processes  # noqa: E402
 from trl_retmask.generation import vllm  # noqa: E402
 from trl_retmask.pairs import generate_pairs  # noqa: E402
 
@@ -49,5 +50,4 @@ record = {
     "again": [again.chosen, again.rejected],
 }
 (out / f"rank{state.process_index}.json").write_text(json.dumps(record))
-state.wait_for_everyone()
-state.destroy_process_group()
+end_processes()  # as the CLI does: no gloo abort at interpreter exit
