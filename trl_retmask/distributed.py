@@ -19,6 +19,7 @@ __all__ = [
     "gathered_for_generation",
     "limit_cpu_training_memory",
     "process_state",
+    "return_freed_memory",
     "unwrapped_for_generation",
 ]
 
@@ -108,3 +109,11 @@ def limit_cpu_training_memory(device: torch.device | str = "cpu", threshold: int
     ):
         return False
     return ctypes.CDLL(None).mallopt(_M_MMAP_THRESHOLD, int(threshold)) == 1
+
+
+def return_freed_memory() -> bool:
+    """Hand glibc's freed heap back to the OS now (`malloc_trim(0)`), e.g. after a large object (a vLLM engine) is
+    freed: glibc keeps freed small blocks resident. No-op (returns False) off glibc."""
+    if platform.libc_ver()[0] != "glibc":
+        return False
+    return ctypes.CDLL(None).malloc_trim(0) == 1

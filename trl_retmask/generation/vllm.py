@@ -24,7 +24,6 @@ on its prompt and seed only, not on the batch it was decoded in.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import gc
 import logging
 import os
@@ -34,7 +33,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from ..distributed import process_state
+from ..distributed import process_state, return_freed_memory
 from ..fingerprints import fingerprint
 from ..masking import head_feature_masks, head_layout
 from ..validation import check_bool, check_choice, check_int, check_number
@@ -332,7 +331,7 @@ class _Engine:
             del llm  # the engine shuts down when collected
             _release_reload_state()
             gc.collect()
-        _return_freed_memory()
+        return_freed_memory()  # the training that follows would count glibc's freed blocks as resident
         self._dir.cleanup()
 
 
@@ -373,15 +372,6 @@ def _release_reload_state() -> None:
     info = getattr(layerwise, "LAYERWISE_INFO", None)
     if info is not None:
         info.clear()
-
-
-def _return_freed_memory() -> None:
-    """Hand the freed heap back to the OS (glibc keeps freed small blocks; the training that follows would count
-    them in its resident memory). A no-op where the C library has no `malloc_trim`."""
-    try:
-        ctypes.CDLL(None).malloc_trim(0)
-    except (AttributeError, OSError):
-        pass
 
 
 _ENGINE: _Engine | None = None

@@ -25,7 +25,7 @@ def row_sampling(params) -> RowSampling | None:
     if value is None:
         return None
     try:
-        return value if isinstance(value, RowSampling) else RowSampling(**value)
+        return RowSampling(**value)
     except TypeError as err:
         raise ValueError(f"`extra_args[{EXTRA_ARG!r}]` must hold RowSampling's fields, got {value!r}: {err}") from None
 
