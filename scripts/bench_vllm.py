@@ -1,18 +1,24 @@
 """Benchmark section `vllm`: pair generation on the embedded model, vLLM vs transformers `generate`, in one run.
 
 Both sides run `generate_pairs` (encoding, batching, decoding, the head mask) on the same shipped chat prompts with
-the authors' sampling (temperature 0.6, top-p 1), each with its best batch layout (vLLM: every prompt in one call, it
-schedules them itself; `generate`: batches of 16). Tokens/s = generated tokens / wall seconds. The machine's load
-average is recorded before and after (on a shared CPU only the ratio in one run counts). The engine's start (build
-from the config, weights pushed) is timed apart; then one cold call of each backend (vLLM's CPU kernels are made for
-each new batch shape on first use: reported, it is what a short run pays), then two warm rounds, alternating, whose
-totals give the ratio (what a run of many batches sees); then greedy pairs of both are compared token for token.
+the authors' sampling (temperature 0.6, top-p 1), both in batches of 16 prompts, the main command's
+`generation_batch_size` (vLLM decodes a batch's plain and masked rows in one call: 32 rows, which on a 2-core CPU
+ran faster than 64, docs/benchmarks.md). Tokens/s = generated tokens / wall seconds. The machine's load average is
+recorded before and after (on a shared CPU only the ratio in one run counts). The engine's start (build from the
+config, weights pushed) is timed apart; then one cold call of each backend (vLLM's CPU kernels are made for each new
+batch shape on first use: reported, it is what a short run pays), then two warm rounds, alternating, whose totals
+give the ratio (what a run of many batches sees); then greedy pairs of both are compared token for token.
 Usage: python scripts/bench.py --only vllm [--quick]
 
 `python scripts/bench_vllm.py --engine_breakdown` times the bare engine (no pair logic, every response 64 tokens)
 where its time goes: in-process vs vLLM's default multi-process engine, float32 vs bfloat16, per-request seeds vs
 one engine seed vs greedy, and transformers `generate` (batches of 16, sampled) on the same prompts; each engine in
 a fresh process (one engine per process), one JSON line per row.
+
+`python scripts/bench_vllm.py --routes` times the engine's two ways of masking heads inside `generate_pairs`
+(same prompts and sampling as the section, in one process, alternating, three rounds per batch size): per request
+(a batch's plain and masked rows in one engine call, the CPU default) and weights swapped (two calls, the route of
+engines with CUDA graphs), in batches of 16 and of 32 prompts. One JSON line per batch size.
 
 `python scripts/bench_vllm.py --main_command` instead runs the README's main command (`recipes/smollm2.py`) twice,
 `--generation_backend generate` then `vllm`, each in a fresh process whose process tree's resident memory is
@@ -68,12 +74,12 @@ def run(args):
     start_s = time.perf_counter() - t
     threads = torch.get_num_threads()
     # First (cold) call of each: vLLM's CPU kernels are created for every new batch shape, once per process.
-    cold_pairs, cold_s = timed(VLLMBackend(), n, 0)
+    cold_pairs, cold_s = timed(VLLMBackend(), 16, 0)
     timed("generate", 16, 0)
     cold_tps = cold_pairs.stats.generated_tokens / cold_s
     tokens, seconds = {"vllm": 0, "generate": 0}, {"vllm": 0.0, "generate": 0.0}
     for seed in (1, 2):  # then warm, alternating, so drift of the machine hits both sides alike
-        for name, backend, batch_size in (("vllm", VLLMBackend(), n), ("generate", "generate", 16)):
+        for name, backend, batch_size in (("vllm", VLLMBackend(), 16), ("generate", "generate", 16)):
             pairs, s = timed(backend, batch_size, seed)
             tokens[name] += pairs.stats.generated_tokens
             seconds[name] += s
@@ -105,7 +111,7 @@ def run(args):
             "goal": "",
         },
         {
-            "name": f"generate_pairs, backend vllm, warm ({n} prompts x 2 roles, one call; 2 runs)",
+            "name": f"generate_pairs, backend vllm, warm ({n} prompts x 2 roles, batches of 16, one call each; 2 runs)",
             "value": vllm_tps,
             "unit": "tok/s",
             "goal": "",
@@ -210,6 +216,38 @@ def engine_breakdown() -> None:
     print(f"# load average after: {os.getloadavg()[0]:.1f}")
 
 
+def routes(model_name: str, rounds: int = 3) -> None:
+    """Per-request masking vs swapped weights in `generate_pairs`, side by side (see the module's docstring)."""
+    from trl_retmask import HeadScores, load_model_and_tokenizer
+    from trl_retmask.generation.vllm import VLLMBackend
+    from trl_retmask.pairs import generate_pairs
+    from trl_retmask.prompts import shipped_prompts
+
+    warnings.filterwarnings("ignore")
+    model, tokenizer = load_model_and_tokenizer(model_name)
+    model.eval()
+    heads = HeadScores.from_pretrained(model_name).select(top_k=20)
+    chats = [[{"role": "user", "content": p}] for p in shipped_prompts()["prompt"][:32]]
+    engine = VLLMBackend().engine(model)
+    per_request = engine.masks_requests
+    for batch_size in (16, 32):
+        load = os.getloadavg()[0]
+        tokens, seconds = {}, {}
+        for seed in range(rounds):
+            for route in ("per_request", "weights"):
+                engine.masks_requests = per_request and route == "per_request"
+                t = time.perf_counter()
+                pairs = generate_pairs(
+                    model, tokenizer, chats, heads, seed=seed, backend=VLLMBackend(), batch_size=batch_size,
+                    max_new_tokens=64, temperature=0.6, top_p=1.0, show_progress=False,
+                )  # fmt: skip
+                seconds[route] = seconds.get(route, 0.0) + time.perf_counter() - t
+                tokens[route] = tokens.get(route, 0) + pairs.stats.generated_tokens
+        rates = {route: round(tokens[route] / seconds[route], 1) for route in tokens}
+        print(json.dumps({"batch_size": batch_size, "tok_s": rates, "load_before_after": [load, os.getloadavg()[0]]}))
+    engine.masks_requests = per_request
+
+
 def main_command(backend: str, out_dir: Path, extra: list[str]) -> dict:
     """One run of the main command with `backend`: wall seconds, peak RSS of its process tree, its summary."""
     import psutil
@@ -254,6 +292,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--main_command", action="store_true", help="time the README's main command, both backends")
     parser.add_argument("--engine_breakdown", action="store_true", help="time the bare engine's modes (see above)")
+    parser.add_argument("--routes", action="store_true", help="time the two head-masking routes (see above)")
     parser.add_argument("--engine_probe", nargs=2, metavar=("ENGINE", "DTYPE"), help=argparse.SUPPRESS)
     parser.add_argument("--backends", default="generate,vllm", help="--main_command: the backends to run, in order")
     parser.add_argument("--quick", action="store_true")
@@ -265,6 +304,9 @@ def main(argv=None) -> int:
         return 0
     if args.engine_breakdown:
         engine_breakdown()
+        return 0
+    if args.routes:
+        routes(args.model)
         return 0
     if not args.main_command:
         for row in run(args):

@@ -9,6 +9,7 @@ from tests.tiny import make_tiny_model
 from trl_retmask import mask_heads
 from trl_retmask.chat import encode_prompts
 from trl_retmask.fingerprints import hash_weights
+from trl_retmask.generation.batch import GenerateBackend
 from trl_retmask.pairs import PairStats, complete_prompt_dataset, generate_pairs
 
 HEADS = [(0, 1), (1, 2), (2, 0)]
@@ -316,6 +317,21 @@ def test_backend_is_part_of_the_cache_fingerprint(model, tiny_tokenizer, tmp_pat
     assert (
         generate_pairs(model, tiny_tokenizer, PROMPTS[:4], HEADS, backend="auto", **kw).fingerprint == plain.fingerprint
     )  # auto is `generate` without CUDA
+
+
+def test_a_backends_sampling_stream_is_part_of_the_cache_fingerprint(model, tiny_tokenizer, tmp_path):
+    """A backend whose sampled draws changed under the same name (vLLM's did: its per-request generators, then
+    `SeededSampler`) names its new stream, and pairs cached from the old stream are not reused."""
+
+    class Redrawn(GenerateBackend):
+        sampling_stream = "another_draw"
+
+    kw = dict(temperature=0.9, top_k=0, seed=3, max_new_tokens=4, batch_size=2, show_progress=False, cache_dir=tmp_path)
+    plain = generate_pairs(model, tiny_tokenizer, PROMPTS[:4], HEADS, backend=GenerateBackend(), **kw)
+    redrawn = generate_pairs(model, tiny_tokenizer, PROMPTS[:4], HEADS, backend=Redrawn(), **kw)
+    assert redrawn.fingerprint != plain.fingerprint and redrawn.stats.batches_from_cache == 0
+    again = generate_pairs(model, tiny_tokenizer, PROMPTS[:4], HEADS, backend="generate", **kw)
+    assert again.fingerprint == plain.fingerprint and again.stats.batches_from_cache == 2
 
 
 def test_cache_fingerprint_tracks_weights(tiny_tokenizer, tmp_path):

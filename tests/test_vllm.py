@@ -68,10 +68,31 @@ def reference(model, tokenizer, chat, heads=(), max_new_tokens=12):
     return tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
 
 
+@pytest.fixture(params=["per_request", "weights"])
+def route(request, engine_model, monkeypatch):
+    """Both ways the engine masks heads: "per_request" (plain and masked rows in one call, the heads masked by
+    request: what an eager in-process engine does) and "weights" (the masked layers' weights swapped for a second
+    call: what an engine with CUDA graphs does). Yields the route and the rows of each engine call."""
+    from trl_retmask.generation import vllm
+
+    engine = VLLMBackend().engine(engine_model[0])
+    assert engine.masks_requests, "an eager in-process CPU engine masks per request"
+    monkeypatch.setattr(engine, "masks_requests", request.param == "per_request")
+    calls = []
+    generate = engine.generate
+    monkeypatch.setattr(
+        engine, "generate", lambda prompts, params: calls.append(len(prompts)) or generate(prompts, params)
+    )
+    yield request.param, calls
+    assert vllm._ENGINE is engine, "the test must decode with the engine it routed"
+
+
 @pytest.mark.real_model
-def test_greedy_pairs_equal_the_transformers_backend(engine_model):
+def test_greedy_pairs_equal_the_transformers_backend(engine_model, route):
     model, tokenizer = engine_model
     vllm = generate_pairs(model, tokenizer, CHATS, HEADS, batch_size=4, backend="vllm", **GREEDY)
+    name, calls = route
+    assert calls == ([8, 8, 4] if name == "per_request" else [4, 4, 4, 4, 2, 2]), "one call per batch, or two"
     plain = generate_pairs(model, tokenizer, CHATS, HEADS, batch_size=4, backend="generate", **GREEDY)
     assert vllm.chosen == plain.chosen and vllm.rejected == plain.rejected
     assert sum(c != r for c, r in zip(vllm.chosen, vllm.rejected)) >= 8, "the mask must change most answers"
@@ -106,7 +127,11 @@ def test_long_context_suite_answers_equal_the_transformers_backend(engine_model,
 
 
 @pytest.mark.real_model
-def test_policy_weights_come_back_when_masked_decoding_fails(engine_model, monkeypatch):
+def test_the_engine_is_unmasked_again_when_masked_decoding_fails(engine_model, route, monkeypatch):
+    """A failure inside masked decoding leaves no head masked: the policy's weights are back (weights route) or the
+    hooks are off (per-request route), and the next calls decode as before."""
+    from trl_retmask.generation.vllm_heads import RequestHeadMask
+
     model, tokenizer = engine_model
     ids = encode_prompts(tokenizer, CHATS[:4])
     config = make_generation_config(model, 12)
@@ -118,14 +143,36 @@ def test_policy_weights_come_back_when_masked_decoding_fails(engine_model, monke
     real = engine.generate
 
     def fail(prompts, params):
+        if route[0] == "per_request":
+            assert engine.llm.collective_rpc(RequestHeadMask.hooked_modules) != [[]], "hooks on while decoding"
         raise RuntimeError("decoding failed")
 
     monkeypatch.setattr(engine, "generate", fail)
     with pytest.raises(RuntimeError, match="decoding failed"):
         generate_batch(model, tokenizer, ids, config, heads=HEADS, backend=backend)
+    assert engine.llm.collective_rpc(RequestHeadMask.hooked_modules) == [[]]
     monkeypatch.setattr(engine, "generate", real)
-    assert generate_batch(model, tokenizer, ids, config, backend=backend) == plain  # unmasked weights restored
+    assert generate_batch(model, tokenizer, ids, config, backend=backend) == plain  # nothing masked any more
     assert generate_batch(model, tokenizer, ids, config, heads=HEADS, backend=backend) == masked
+
+
+@pytest.mark.real_model
+def test_masked_rows_never_reuse_the_plain_rows_cache(engine_model, route):
+    """vLLM caches the KV blocks of prompts it has seen (prefix caching, blocks of 128 tokens on a CPU). A masked row
+    of a prompt decoded plain before, by the same engine and weights, must not reuse them: its blocks were computed
+    with other heads. A 700-token prompt, plain then masked on one backend, equals `generate`'s."""
+    model, tokenizer = engine_model
+    text = " ".join(QUESTIONS) * 10
+    ids = encode_prompts(tokenizer, [[{"role": "user", "content": f"{text}\nWhich question comes first?"}]] * 2)
+    assert len(ids[0]) > 5 * 128
+    config = make_generation_config(model, 12)
+    backend = VLLMBackend()
+    plain = generate_batch(model, tokenizer, ids, config, backend=backend)
+    masked = generate_batch(model, tokenizer, ids, config, heads=HEADS, backend=backend)
+    mixed = generate_batch(model, tokenizer, ids, config, heads=HEADS, masked=[False, True], backend=backend)
+    expected = generate_batch(model, tokenizer, ids[:1], config, heads=HEADS)
+    assert plain[0] != expected[0], "the mask must change this answer"
+    assert masked == expected * 2 and mixed == [plain[0], expected[0]]
 
 
 @pytest.mark.real_model
@@ -268,6 +315,53 @@ def test_closing_the_engine_frees_its_weights(engine_model):
     gc.collect()
     assert [ref() for ref in refs if ref() is not None] == []
     assert gc.get_freeze_count() == 0, "vLLM freezes the heap while its engine lives; closing must undo it"
+
+
+def test_request_head_mask_zeroes_the_masked_requests_tokens_only():
+    """`RequestHeadMask` against a stand-in model runner (no vLLM needed): a step of three requests of 3, 1 and 2
+    tokens (a prefill, a decode, a chunk), padded to 7; the first and last flagged masked. Their tokens' masked
+    features reach `o_proj` as zeros, the others' untouched, as computed row by row here; removed, nothing is
+    masked. A model without the named `o_proj`, or with another width, is refused (the backend swaps weights)."""
+    from types import SimpleNamespace as NS
+
+    import numpy as np
+
+    from trl_retmask.generation.vllm_heads import MASKED_ARG, RequestHeadMask
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.o_proj = torch.nn.Linear(8, 5, bias=False)
+            self.o_proj.input_size_per_partition = 8  # vLLM's RowParallelLinear says its width so
+
+        def forward(self, input_ids, positions, features):
+            return self.o_proj(features)
+
+    model = Model()
+    flagged = NS(sampling_params=NS(extra_args={MASKED_ARG: "heads-key"}))
+    runner = NS(
+        get_model=lambda: model,
+        device=torch.device("cpu"),
+        input_batch=NS(num_reqs=3, req_ids=["a", "b", "c", None]),
+        requests={"a": flagged, "b": NS(sampling_params=NS(extra_args=None)), "c": flagged},
+        query_start_loc=NS(np=np.array([0, 3, 4, 6, 6])),
+    )
+    worker = NS(model_runner=runner)
+    drop = torch.zeros(8, dtype=torch.bool)
+    drop[2:4] = True  # one head of width 2
+    features = torch.randn(7, 8)
+    step = dict(input_ids=torch.zeros(7, dtype=torch.long), positions=torch.arange(7), features=features)
+    expected = features.clone()
+    for token in (0, 1, 2, 4, 5):  # request a's three tokens, request c's two; b's and the padding untouched
+        expected[token, 2:4] = 0
+    assert RequestHeadMask.install(worker, {"o_proj": drop})
+    assert torch.equal(model(**step), expected @ model.o_proj.weight.T)
+    RequestHeadMask.remove(worker)
+    assert RequestHeadMask.hooked_modules(worker) == []
+    assert torch.equal(model(**step), features @ model.o_proj.weight.T)
+    assert not RequestHeadMask.install(worker, {"model.layers.0.self_attn.o_proj": drop})
+    assert not RequestHeadMask.install(worker, {"o_proj": torch.zeros(6, dtype=torch.bool)})
+    assert RequestHeadMask.hooked_modules(worker) == []
 
 
 def test_auto_picks_vllm_where_it_can_serve_the_model(tiny_llama, smollm2, monkeypatch):

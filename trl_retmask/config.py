@@ -120,7 +120,7 @@ class RetMaskConfig(HeadSelectionArguments, DPOConfig):
         generation_batch_size (`int`, *optional*, defaults to `8`):
             Prompts generated together (left-padded, with the KV cache), per process.
         generation_backend (`str`, *optional*, defaults to `"auto"`):
-            How pairs are decoded: `"vllm"` (one colocated vLLM engine per process, the heads masked in its weights;
+            How pairs are decoded: `"vllm"` (one colocated vLLM engine per process, the heads masked inside it;
             installed as `scripts/setup.sh` does), `"generate"` (`model.generate`, the rejected rows in a second call
             under the head mask), `"static"` (chosen and rejected rows in one decode loop with a static KV cache,
             compiled with CUDA graphs on CUDA; not yet measured on a GPU), or `"auto"` (`"vllm"` where it is
@@ -250,7 +250,7 @@ class RetMaskConfig(HeadSelectionArguments, DPOConfig):
     generation_backend: str = field(
         default="auto",
         metadata={
-            "help": "Pair decoding: `vllm` (colocated engine, heads masked in its weights), "
+            "help": "Pair decoding: `vllm` (colocated engine, heads masked inside it), "
             "`generate`, `static` (static cache, compiled, chosen and rejected in one "
             "batch) or `auto` (`vllm` where installed and able, else `generate`).",
             "choices": list(GENERATION_BACKENDS),

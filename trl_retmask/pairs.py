@@ -256,7 +256,7 @@ class PairGeneration:
             batch_size=self.batch_size,
             prompts=self.prompts,
             prompt_ids=self.prompt_ids,
-            backend=self.decoder.name,
+            backend="/".join(filter(None, (self.decoder.name, self.decoder.sampling_stream))),
         )
         return from_main_process((fingerprint(inputs=inputs, heads=self.heads), fingerprint(inputs=inputs)))
 

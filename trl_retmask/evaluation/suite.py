@@ -57,7 +57,7 @@ def generate_suite(
     settings only (another run's directory is refused unless `overwrite=True`).
 
     `backend`: how the greedy answers are decoded, a name of `GENERATION_BACKENDS` or a backend (`"vllm"`: the
-    process's colocated engine, the heads masked in its weights; `vllm`: its `VLLMSettings` or their fields). The
+    process's colocated engine, the heads masked inside it; `vllm`: its `VLLMSettings` or their fields). The
     default stays `generate`: vLLM's greedy answers were checked equal on short pairs, not on every long context.
     """
     if batch_size < 1:

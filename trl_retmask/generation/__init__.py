@@ -2,9 +2,10 @@
 
 `batch.py` holds the backend protocol (`GenerateBackend`, plain `model.generate`) and `generate_batch`, which pads,
 seeds and cuts at EOS for every backend; `static.py` the static-cache backend (`StaticCacheBackend`); `vllm.py` the
-vLLM backend (`VLLMBackend`: one colocated engine per process, heads masked in its weights); `window.py` the check
-of prompts + `max_new_tokens` against the model's window that every generating stage makes; `make_backend` picks
-one by name. A new backend is a `GenerateBackend` subclass in its own file, named in `GENERATION_BACKENDS`.
+vLLM backend (`VLLMBackend`: one colocated engine per process, heads masked inside it), with `vllm_heads.py` (heads
+masked per request), `vllm_sampler.py` and `seeded.py` (its seeded draw); `window.py` the check of prompts +
+`max_new_tokens` against the model's window that every generating stage makes; `make_backend` picks one by name. A
+new backend is a `GenerateBackend` subclass in its own file, named in `GENERATION_BACKENDS`.
 """
 
 from __future__ import annotations

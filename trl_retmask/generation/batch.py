@@ -68,6 +68,9 @@ class GenerateBackend:
     name = "generate"
     joint = False
     row_seeded = False
+    sampling_stream = ""
+    """Names how the backend draws sampled tokens where that changed under the same `name`: part of the pair-cache
+    fingerprint, so pairs sampled the old way are not reused. Change it with any change to sampled outputs."""
 
     def __call__(
         self,

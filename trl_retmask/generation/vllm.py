@@ -16,6 +16,10 @@ model in memory, so the engine decodes what the policy is now (online RetMask) a
 The caller passes full weights: pair generation gathers ZeRO-3 shards before it generates (TRL's
 `unwrap_model_for_generation` during training); PEFT adapters are merged for the push, as TRL does.
 
+A batch's plain and masked rows decode in one engine call where the engine runs eagerly in this process (on a CPU by
+default): the masked rows are flagged per request and `vllm_heads.RequestHeadMask` zeroes the masked heads' features
+in their tokens only. Elsewhere (CUDA graphs) the masked layers' weights are swapped for a second call.
+
 Sampling follows the generation config (`sampling_params`); each row has its own seed, drawn from by the counter-based
 `seeded.sample_rows` for all rows at once (vLLM's own seeded sampling loops over rows), so a sampled response depends
 on its prompt and seed only, not on the batch it was decoded in.
@@ -173,16 +177,18 @@ class VLLMSettings:
                 )
 
 
-def sampling_params(config, seed: int | None = None):
+def sampling_params(config, seed: int | None = None, masked: str | None = None):
     """vLLM `SamplingParams` for one row under a transformers `GenerationConfig` (as `make_generation_config` makes
     it): `max_new_tokens` and a stop at the config's EOS ids (the EOS kept, as `generate_batch` keeps it); greedy
-    unless `do_sample`. A sampled row is a greedy request carrying its `seeded.RowSampling` (temperature, top-p,
+    unless `do_sample`. `masked` (the masked heads' key) flags a row decoded with those heads masked
+    (`vllm_heads.MASKED_ARG`). A sampled row is a greedy request carrying its `seeded.RowSampling` (temperature, top-p,
     top-k, min-p, repetition penalty, `seed`): the engine's `SeededSampler` draws its tokens, all rows at once,
     instead of vLLM's per-request generators. A setting vLLM would not apply is refused rather than silently
     dropped."""
     from vllm import SamplingParams
 
     from .seeded import RowSampling
+    from .vllm_heads import MASKED_ARG
     from .vllm_sampler import EXTRA_ARG
 
     if config.max_new_tokens is None:
@@ -208,6 +214,8 @@ def sampling_params(config, seed: int | None = None):
             repetition_penalty=penalty,
         )
         extra, penalty = {EXTRA_ARG: asdict(row)}, 1.0  # the sampler applies the penalty before it draws
+    if masked:
+        extra[MASKED_ARG] = masked
     return SamplingParams(
         n=1,
         max_tokens=config.max_new_tokens,
@@ -256,11 +264,17 @@ def policy_weights(model, names: set[str] | None = None) -> Iterator[tuple[str, 
             yield name, param.detach()
 
 
+def o_proj_feature_masks(model, heads) -> dict[str, torch.Tensor]:
+    """`masking.head_feature_masks` by vLLM module name: {masked layer's `o_proj`: True on its masked heads' input
+    features}."""
+    modules = {module: name for name, module in model.named_modules()}
+    return {_vllm_name(modules[o_proj]): mask for o_proj, mask in head_feature_masks(model, heads).items()}
+
+
 def masked_o_proj_weights(model, heads) -> dict[str, torch.Tensor]:
     """The masked layers' `o_proj` weights with the input columns of the masked heads zeroed, by vLLM name: what
     `mask_heads` does to the activations, done to the weights. New tensors; the model is not touched."""
-    modules = {module: name for name, module in model.named_modules()}
-    masks = {f"{_vllm_name(modules[o_proj])}.weight": mask for o_proj, mask in head_feature_masks(model, heads).items()}
+    masks = {f"{name}.weight": mask for name, mask in o_proj_feature_masks(model, heads).items()}
     with _merged(model):
         weights = dict(policy_weights(model, set(masks)))
         missing = set(masks) - set(weights)
@@ -297,6 +311,7 @@ class _Engine:
         if device.type == "cpu" and not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
             kwargs["kv_cache_memory_bytes"] = cpu_kv_cache_bytes(model, settings.max_model_length)
         dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+        eager = device.type != "cuda" if settings.enforce_eager is None else settings.enforce_eager
         self.llm = LLM(
             model=self._dir.name,
             skip_tokenizer_init=True,
@@ -308,11 +323,13 @@ class _Engine:
             enable_sleep_mode=settings.enable_sleep_mode,
             model_impl=settings.model_impl,
             seed=state.process_index,
-            enforce_eager=device.type != "cuda" if settings.enforce_eager is None else settings.enforce_eager,
+            enforce_eager=eager,
             logits_processors=[SeededSampler],
             **kwargs,
         )
         self.enable_sleep_mode = settings.enable_sleep_mode
+        # Hooks see every step only without CUDA graphs, and reach the runner only when it lives in this process
+        self.masks_requests = eager and settings.tensor_parallel_size == 1
 
     def load(self, weights) -> None:
         """Load checkpoint-format `(name, tensor)` pairs in place (vLLM re-runs each layer's processing)."""
@@ -320,10 +337,32 @@ class _Engine:
         self.llm.reset_prefix_cache()
 
     def generate(self, prompts: Sequence[Sequence[int]], params: Sequence) -> list[list[int]]:
+        """New token ids per prompt; a masked row's prompt is salted with its heads' key (`vllm_heads.MASKED_ARG`),
+        so its KV blocks are never shared with rows decoded under other weights."""
+        from .vllm_heads import MASKED_ARG
+
         if not prompts:
             return []
-        outputs = self.llm.generate([{"prompt_token_ids": list(p)} for p in prompts], list(params), use_tqdm=False)
+        inputs = []
+        for p, param in zip(prompts, params):
+            salt = (param.extra_args or {}).get(MASKED_ARG)
+            inputs.append({"prompt_token_ids": list(p), **({"cache_salt": salt} if salt else {})})
+        outputs = self.llm.generate(inputs, list(params), use_tqdm=False)
         return [list(o.outputs[0].token_ids) for o in outputs]
+
+    @contextlib.contextmanager
+    def heads_per_request(self, columns: dict[str, torch.Tensor]) -> Iterator[bool]:
+        """`columns` ({`o_proj` name: masked features}) masked in the requests flagged masked, for the duration;
+        yields False (nothing installed) where this engine cannot (`masks_requests`) or its model lacks a layer."""
+        from .vllm_heads import RequestHeadMask
+
+        if not self.masks_requests:
+            yield False
+            return
+        try:
+            yield all(self.llm.collective_rpc(RequestHeadMask.install, args=(columns,)))
+        finally:
+            self.llm.collective_rpc(RequestHeadMask.remove)
 
     def close(self) -> None:
         llm, self.llm = self.llm, None
@@ -412,8 +451,9 @@ def close_engine() -> None:
 
 # ------------------------------------------------------------------------------------------------- backend
 class VLLMBackend(GenerateBackend):
-    """Decode with the process's vLLM engine: the plain rows with the policy's weights, then the masked rows with
-    the masked layers' `o_proj` weights swapped in, the policy's put back in a `finally`.
+    """Decode with the process's vLLM engine: plain and masked rows in one call, the heads masked per request
+    (`vllm_heads`), where the engine allows it; else the plain rows with the policy's weights, then the masked rows
+    with the masked layers' `o_proj` weights swapped in, the policy's put back in a `finally`.
 
     The policy's weights are pushed into the engine at the backend's first call with a model (and again for another
     model object): make a new backend (each `generate_pairs` call does) after the weights change. `seeds`: one
@@ -424,6 +464,7 @@ class VLLMBackend(GenerateBackend):
     name = "vllm"
     joint = True
     row_seeded = True
+    sampling_stream = "seeded_sampler"  # `SeededSampler`'s draws (before: vLLM's per-request generators)
 
     def __init__(self, settings: VLLMSettings | None = None, **kwargs):
         self.settings = settings if settings is not None else VLLMSettings(**kwargs)
@@ -455,11 +496,17 @@ class VLLMBackend(GenerateBackend):
         if len(seeds) != n:
             raise ValueError(f"Got {len(seeds)} seeds for {n} rows: give one seed per row.")
         prompts = [ids[mask.bool()].tolist() for ids, mask in zip(input_ids.cpu(), attention_mask.cpu())]
-        params = [sampling_params(generation_config, int(s)) for s in seeds]
+        key = fingerprint(heads=sorted((int(layer), int(head)) for layer, head in heads)) if any(masked) else None
+        params = [sampling_params(generation_config, int(s), key if m else None) for s, m in zip(seeds, masked)]
         engine = self.engine(model)
         out: list[list[int] | None] = [None] * n
         try:
-            for flag in (False, True):
+            if key is None:
+                return engine.generate(prompts, params)
+            with engine.heads_per_request(o_proj_feature_masks(model, heads)) as joint:
+                if joint:  # plain and masked rows in one call
+                    return engine.generate(prompts, params)
+            for flag in (False, True):  # the heads masked in the engine's weights for a second call
                 rows = [i for i in range(n) if bool(masked[i]) == flag]
                 if not rows:
                     continue
@@ -497,6 +544,7 @@ __all__ = [
     "cpu_kv_cache_bytes",
     "engine_for",
     "masked_o_proj_weights",
+    "o_proj_feature_masks",
     "policy_weights",
     "require_vllm",
     "sampling_params",

@@ -48,7 +48,7 @@ class EvalScriptArguments(OverwriteArguments, ModelStageArguments):
         output_dir (`str`, *optional*): Save `<name>.json` and `<name>.png` here.
         name (`str`, *optional*): Name of the result, a plain file name (default: the model's name).
         generation_backend (`str`, *optional*, defaults to `"generate"`): How the answers are decoded: `"generate"`,
-            `"vllm"` (one colocated vLLM engine, the heads masked in its weights; `RetMaskConfig`'s default engine
+            `"vllm"` (one colocated vLLM engine, the heads masked inside it; `RetMaskConfig`'s default engine
             settings), `"static"` or `"auto"` (see `RetMaskConfig.generation_backend`).
     """
 
