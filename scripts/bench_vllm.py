@@ -46,6 +46,7 @@ def run(args):
     import torch
 
     from trl_retmask import HeadScores, load_model_and_tokenizer
+    from trl_retmask.chat import encode_prompts
     from trl_retmask.generation.vllm import VLLMBackend, can_serve, close_engine
     from trl_retmask.pairs import generate_pairs
     from trl_retmask.prompts import shipped_prompts
@@ -69,8 +70,13 @@ def run(args):
         )
         return pairs, time.perf_counter() - t
 
+    ids = encode_prompts(tokenizer, chats)
+    longest = sorted(range(n), key=lambda i: -len(ids[i]))  # generate_pairs' batches: longest prompts first
+    calls = [[len(ids[i]) + new for i in longest[j : j + 16]] * 2 for j in range(0, n, 16)]  # both roles per call
     t = time.perf_counter()
-    VLLMBackend().engine(model)  # build the engine and push the weights (once per process)
+    starter = VLLMBackend()
+    starter.prepare(model, calls)  # the KV cache for the largest batch, as generate_pairs sizes it
+    starter.engine(model)  # build the engine and push the weights (once per process)
     start_s = time.perf_counter() - t
     threads = torch.get_num_threads()
     # First (cold) call of each: vLLM's CPU kernels are created for every new batch shape, once per process.
@@ -228,9 +234,11 @@ def routes(model_name: str, rounds: int = 3) -> None:
     model.eval()
     heads = HeadScores.from_pretrained(model_name).select(top_k=20)
     chats = [[{"role": "user", "content": p}] for p in shipped_prompts()["prompt"][:32]]
-    engine = VLLMBackend().engine(model)
-    per_request = engine.masks_requests
+    per_request = VLLMBackend().engine(model).masks_requests
     for batch_size in (16, 32):
+        sampled = dict(max_new_tokens=64, temperature=0.6, top_p=1.0, show_progress=False)
+        generate_pairs(model, tokenizer, chats, heads, seed=99, batch_size=batch_size, **sampled)  # sizes the engine
+        engine = VLLMBackend().engine(model)
         load = os.getloadavg()[0]
         tokens, seconds = {}, {}
         for seed in range(rounds):
@@ -238,14 +246,13 @@ def routes(model_name: str, rounds: int = 3) -> None:
                 engine.masks_requests = per_request and route == "per_request"
                 t = time.perf_counter()
                 pairs = generate_pairs(
-                    model, tokenizer, chats, heads, seed=seed, backend=VLLMBackend(), batch_size=batch_size,
-                    max_new_tokens=64, temperature=0.6, top_p=1.0, show_progress=False,
-                )  # fmt: skip
+                    model, tokenizer, chats, heads, seed=seed, backend=VLLMBackend(), batch_size=batch_size, **sampled
+                )
                 seconds[route] = seconds.get(route, 0.0) + time.perf_counter() - t
                 tokens[route] = tokens.get(route, 0) + pairs.stats.generated_tokens
         rates = {route: round(tokens[route] / seconds[route], 1) for route in tokens}
         print(json.dumps({"batch_size": batch_size, "tok_s": rates, "load_before_after": [load, os.getloadavg()[0]]}))
-    engine.masks_requests = per_request
+        engine.masks_requests = per_request
 
 
 def main_command(backend: str, out_dir: Path, extra: list[str]) -> dict:

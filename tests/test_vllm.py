@@ -176,6 +176,30 @@ def test_masked_rows_never_reuse_the_plain_rows_cache(engine_model, route):
 
 
 @pytest.mark.real_model
+def test_pair_generation_rebuilds_the_engine_once_for_a_larger_batch(engine_model):
+    """Pair generation sizes the CPU KV cache for its largest batch (both roles' rows, whole blocks of vLLM's CPU
+    block size): a batch that the engine's cache cannot hold at once rebuilds it, larger; a smaller one reuses it."""
+    from trl_retmask.generation import vllm
+    from trl_retmask.generation.vllm import CPU_BLOCK_SIZE, cpu_kv_cache_bytes, kv_block_tokens
+
+    model, tokenizer = engine_model
+    close_engine()
+    engine = VLLMBackend().engine(model)
+    assert engine.llm.llm_engine.vllm_config.cache_config.block_size == CPU_BLOCK_SIZE
+    assert engine.kv_bytes == cpu_kv_cache_bytes(model)
+    text = " ".join(QUESTIONS) * 10
+    chats = [[{"role": "user", "content": f"{text} ({i})"}] for i in range(8)]
+    kw = dict(backend="vllm", temperature=0.0, max_new_tokens=4, show_progress=False)
+    generate_pairs(model, tokenizer, chats, HEADS, batch_size=8, **kw)
+    tokens = kv_block_tokens([len(ids) + 4 for ids in encode_prompts(tokenizer, chats)] * 2)
+    assert tokens > 10_240, "16 rows of ~700 tokens: more than the default cache holds"
+    assert vllm._ENGINE is not engine and vllm._ENGINE.kv_bytes == cpu_kv_cache_bytes(model, tokens=tokens)
+    big = vllm._ENGINE
+    generate_pairs(model, tokenizer, chats[:2], HEADS, batch_size=2, **kw)
+    assert vllm._ENGINE is big
+
+
+@pytest.mark.real_model
 def test_sampled_pairs_depend_on_the_seed_and_prompt_only(engine_model):
     model, tokenizer = engine_model
     sample = dict(temperature=1.0, max_new_tokens=8, show_progress=False, backend="vllm")
@@ -284,7 +308,8 @@ def test_online_regeneration_decodes_the_updated_policy(engine_model, tmp_path):
 def test_two_processes_share_the_pairs_each_with_its_own_engine(engine_model, tmp_path):
     """Under `accelerate launch` (2 CPU processes) each rank decodes its share of the batches with its own engine
     (`external_launcher`), and both return the pairs a single `generate` process gives; closing an engine leaves the
-    job's process group alive (vLLM's shutdown destroys it otherwise), and a new engine works after it."""
+    job's process group alive (vLLM's shutdown destroys it otherwise), and a new engine works after it. A single
+    batch, which only rank 0 decodes, does not hang: every rank joins the engine's collective set-up first."""
     from tests.launch import launch_two_cpu_processes
 
     model, tokenizer = engine_model
@@ -295,6 +320,7 @@ def test_two_processes_share_the_pairs_each_with_its_own_engine(engine_model, tm
     for r in ranks:
         assert (r["chosen"], r["rejected"]) == (expected.chosen, expected.rejected)
         assert r["again"] == [expected.chosen[:4], expected.rejected[:4]]
+        assert r["lone"] == [expected.chosen[:2], expected.rejected[:2]]  # it hung when rank 1 built no engine
     shares = [{tuple(p) for p in r["decoded"]} for r in ranks]
     prompts = {tuple(p) for p in encode_prompts(tokenizer, CHATS)}
     assert shares[0] and shares[1] and not shares[0] & shares[1] and shares[0] | shares[1] == prompts
@@ -384,6 +410,23 @@ def test_cpu_kv_cache_holds_a_window_and_a_quarter(smollm2, tiny_llama):
     assert cpu_kv_cache_bytes(model) == 2 * 30 * 3 * 64 * 4 * 8192 * 5 // 4 == 471_859_200
     assert cpu_kv_cache_bytes(model, max_model_length=4096) == 471_859_200 // 2
     assert cpu_kv_cache_bytes(tiny_llama) == 64 << 20  # the floor
+
+
+def test_cpu_kv_cache_holds_the_largest_batch_in_whole_blocks(smollm2, monkeypatch):
+    """With the row lengths of the largest call to come, the cache holds them all at once (whole 128-token blocks),
+    never less than the window and a quarter, never more than half the available memory."""
+    from types import SimpleNamespace
+
+    import psutil
+
+    from trl_retmask.generation.vllm import cpu_kv_cache_bytes, kv_block_tokens
+
+    model, _ = smollm2  # 46,080 bytes per token, 10,240 tokens by default
+    assert kv_block_tokens([1, 128, 129, 300]) == 128 + 128 + 256 + 384
+    assert cpu_kv_cache_bytes(model, tokens=kv_block_tokens([200] * 64)) == 46_080 * 256 * 64
+    assert cpu_kv_cache_bytes(model, tokens=kv_block_tokens([100] * 64)) == cpu_kv_cache_bytes(model)  # 8,192 fit
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: SimpleNamespace(available=2 << 30))
+    assert cpu_kv_cache_bytes(model, tokens=10**6) == 1 << 30
 
 
 def test_cpu_head_sizes_are_vllms():

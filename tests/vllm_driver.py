@@ -4,7 +4,8 @@ Used by tests/test_vllm.py: `accelerate launch --num_processes 2 ... tests/vllm_
 `generate_pairs(backend="vllm")` on the same prompts (greedy); rank k writes OUT_DIR/rank<k>.json with the pairs it
 returns (all of them, gathered) and the prompts its own engine decoded; then closes the engine (as the trainer does
 before training), meets the other rank (the job's process group must survive the engine), and generates again with a
-new engine.
+new engine; then once more with a single batch, which only rank 0 decodes (rank 1 must still join the engine's
+set-up).
 """
 
 import json
@@ -41,6 +42,8 @@ vllm.close_engine()  # what the trainer does before training: the job's process 
 state.wait_for_everyone()
 again = generate_pairs(model, tokenizer, CHATS[:4], HEADS, **greedy)  # a new engine in the same job
 vllm.close_engine()
+lone = generate_pairs(model, tokenizer, CHATS[:2], HEADS, **greedy)  # one batch: rank 1 decodes nothing
+vllm.close_engine()
 record = {
     "rank": state.process_index,
     "world_size": state.num_processes,
@@ -48,6 +51,7 @@ record = {
     "rejected": pairs.rejected,
     "decoded": decoded[:shares],
     "again": [again.chosen, again.rejected],
+    "lone": [lone.chosen, lone.rejected],
 }
 (out / f"rank{state.process_index}.json").write_text(json.dumps(record))
 end_processes()  # as the CLI does: no gloo abort at interpreter exit

@@ -165,7 +165,8 @@ class RetMaskConfig(HeadSelectionArguments, DPOConfig):
             the policy's engine with its heads masked in place, which a separate server does not offer.
         vllm_gpu_memory_utilization (`float`, *optional*, defaults to `0.3`):
             Share of the GPU memory the engine takes (weights, activations, KV cache). On a CPU the KV cache is
-            `VLLM_CPU_KVCACHE_SPACE` GiB, by default 1.25 times the engine's window (`cpu_kv_cache_bytes`).
+            `VLLM_CPU_KVCACHE_SPACE` GiB, by default room for pair generation's largest batch of rows at once, at
+            least 1.25 times the engine's window (`cpu_kv_cache_bytes`).
         vllm_tensor_parallel_size (`int`, *optional*, defaults to `1`):
             GPUs per engine (tensor parallelism); 1 on a CPU.
         vllm_max_model_length (`int`, *optional*):

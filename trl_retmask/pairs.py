@@ -328,6 +328,9 @@ class PairGeneration:
                 complete=lambda records: expected.keys() <= records.keys(),
             )
         try:
+            new = self.config.max_new_tokens  # each call: a batch's rows, both roles where the backend joins them
+            calls = [[len(self.prompt_ids[i]) + new for i in idx] * (1 + self.decoder.joint) for _, idx in self.batches]
+            self.decoder.prepare(self.model, calls)  # every process, before the batches are shared out
             results = run_resumable(
                 self.batches,
                 self.pair,

@@ -101,6 +101,7 @@ def generate_suite(
             **({"backend": decoder.name} if decoder.name != "generate" else {}),  # older stores stay valid
         )
     try:
+        decoder.prepare(model)  # every process, before the batches are shared out
         records = run_resumable(
             batches,
             run,

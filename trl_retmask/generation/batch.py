@@ -97,6 +97,13 @@ class GenerateBackend:
                 new[i] = row
         return new
 
+    def prepare(self, model, calls: Sequence[Sequence[int]] = ()) -> None:
+        """Called on every process before the batches are shared out among them, with the row lengths (prompt + new
+        tokens) of each call to come where the caller knows them: a backend whose set-up is collective sets up here
+        (a vLLM engine under `accelerate launch` joins the job's process group), so that a process left without a
+        batch does not leave the others waiting in that set-up (they hung); one that preallocates a cache sizes it
+        (vLLM's CPU KV cache). Nothing here."""
+
     def close(self) -> None:
         """Release what the backend holds on the model (nothing here)."""
 

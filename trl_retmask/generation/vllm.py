@@ -49,8 +49,8 @@ logger = logging.getLogger(__name__)
 VLLM_MODES = ("colocate", "server")
 VLLM_MODEL_IMPLS = ("auto", "vllm", "transformers")
 CPU_KV_CACHE_WINDOWS = 1.25
-"""KV cache of the engine on a CPU, in model windows (`cpu_kv_cache_bytes`), unless `VLLM_CPU_KVCACHE_SPACE` (GiB)
-says otherwise."""
+"""Least KV cache of the engine on a CPU, in model windows (`cpu_kv_cache_bytes`), unless `VLLM_CPU_KVCACHE_SPACE`
+(GiB) says otherwise."""
 
 
 _SUPPORTED_SAMPLING = {
@@ -96,18 +96,35 @@ CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
 compares), known here without importing vLLM (seconds)."""
 
 
-def cpu_kv_cache_bytes(model, max_model_length: int | None = None) -> int:
+CPU_BLOCK_SIZE = 128
+"""Tokens per KV block of vLLM's CPU engine (its default `block_size` there, vLLM 0.31; a test compares)."""
+
+
+def kv_block_tokens(lengths: Sequence[int]) -> int:
+    """KV cache tokens that rows of these total lengths (prompt + new tokens) hold when they all run at once: each
+    row takes whole blocks."""
+    return sum(-(-int(n) // CPU_BLOCK_SIZE) * CPU_BLOCK_SIZE for n in lengths)
+
+
+def cpu_kv_cache_bytes(model, max_model_length: int | None = None, tokens: int = 0) -> int:
     """Bytes of KV cache for the engine on a CPU: `CPU_KV_CACHE_WINDOWS` of the engine's window (vLLM refuses less
-    than one; a batch of pair prompts with their responses needs far less). vLLM's own CPU default takes a share of
-    the machine's memory, and a fixed size either wastes it (small models) or cannot hold one window (long ones).
-    Only the pages the decode touches become resident."""
+    than one), or `tokens` (`kv_block_tokens` of the largest batch of rows to come) if more, but no more than half the
+    machine's available memory. A cache that cannot hold a batch's rows at once makes vLLM run fewer of them at a time
+    (measured: 64 rows per call at 154 instead of 189 tok/s, docs/benchmarks.md). vLLM's own CPU default takes a
+    share of the machine's memory, and a fixed size either wastes it (small models) or cannot hold one window (long
+    ones). Only the pages the decode touches become resident."""
     config = getattr(model.config, "get_text_config", lambda: model.config)()
     layers, heads, head_dim = head_layout(config)
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     size = next((p.element_size() for p in model.parameters() if p.is_floating_point()), 4)
     window = max_model_length or model_window(model) or 4096
     per_token = 2 * layers * kv_heads * head_dim * size  # keys and values
-    return max(int(per_token * window * CPU_KV_CACHE_WINDOWS), 64 << 20)
+    rows = 0
+    if tokens > window * CPU_KV_CACHE_WINDOWS:
+        import psutil
+
+        rows = min(per_token * tokens, psutil.virtual_memory().available // 2)
+    return max(int(per_token * window * CPU_KV_CACHE_WINDOWS), rows, 64 << 20)
 
 
 def vllm_available() -> bool:
@@ -287,7 +304,7 @@ def masked_o_proj_weights(model, heads) -> dict[str, torch.Tensor]:
 class _Engine:
     """The process's colocated `vllm.LLM`, built from a model's config (dummy weights until pushed)."""
 
-    def __init__(self, model, settings: VLLMSettings, key: str):
+    def __init__(self, model, settings: VLLMSettings, key: str, tokens: int = 0):
         from vllm import LLM
 
         from .vllm_sampler import SeededSampler
@@ -308,8 +325,11 @@ class _Engine:
             kwargs["distributed_executor_backend"] = "external_launcher"
         else:
             os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # in-process: tensors reach the worker by reference
+        self.kv_bytes = None  # the CPU KV cache's size where this package chose it
         if device.type == "cpu" and not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
-            kwargs["kv_cache_memory_bytes"] = cpu_kv_cache_bytes(model, settings.max_model_length)
+            self.kv_bytes = kwargs["kv_cache_memory_bytes"] = cpu_kv_cache_bytes(
+                model, settings.max_model_length, tokens
+            )
         dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
         eager = device.type != "cuda" if settings.enforce_eager is None else settings.enforce_eager
         self.llm = LLM(
@@ -416,9 +436,10 @@ def _release_reload_state() -> None:
 _ENGINE: _Engine | None = None
 
 
-def engine_for(model, settings: VLLMSettings) -> _Engine:
+def engine_for(model, settings: VLLMSettings, tokens: int = 0) -> _Engine:
     """The process's engine for `model`'s architecture and `settings`: reused while they stay the same, else
-    replaced (one engine per process: its KV cache and weights take memory)."""
+    replaced (one engine per process: its KV cache and weights take memory); on a CPU also replaced when its KV cache
+    is smaller than `tokens` asks (`cpu_kv_cache_bytes`)."""
     global _ENGINE
     config = {
         k: v
@@ -435,8 +456,13 @@ def engine_for(model, settings: VLLMSettings) -> _Engine:
             ", ".join(changed) or "settings, device or dtype",
         )
         close_engine()
+    elif _ENGINE is not None and _ENGINE.kv_bytes is not None:
+        needed = cpu_kv_cache_bytes(model, settings.max_model_length, tokens)
+        if needed > _ENGINE.kv_bytes:
+            logger.info("Rebuilding the vLLM engine with a KV cache of %.2f GiB for a whole batch.", needed / 2**30)
+            close_engine()
     if _ENGINE is None:
-        _ENGINE = _Engine(model, settings, key)
+        _ENGINE = _Engine(model, settings, key, tokens)
         _ENGINE.config = config
     return _ENGINE
 
@@ -469,10 +495,11 @@ class VLLMBackend(GenerateBackend):
     def __init__(self, settings: VLLMSettings | None = None, **kwargs):
         self.settings = settings if settings is not None else VLLMSettings(**kwargs)
         self._synced = None  # (engine, model) whose weights are in the engine
+        self.kv_tokens = 0  # KV cache tokens the largest call to come holds (`prepare`)
 
     def engine(self, model) -> _Engine:
         """The engine, holding `model`'s current weights (pushed on first use)."""
-        engine = engine_for(model, self.settings)
+        engine = engine_for(model, self.settings, self.kv_tokens)
         if engine.sleeping:
             engine.llm.wake_up(tags=["weights"])
         if self._synced != (engine, model) or engine.sleeping:
@@ -483,6 +510,16 @@ class VLLMBackend(GenerateBackend):
             engine.llm.wake_up(tags=["kv_cache"])
             engine.sleeping = False
         return engine
+
+    def prepare(self, model, calls: Sequence[Sequence[int]] = ()) -> None:
+        """Size the engine's CPU KV cache for the largest of `calls` (each a call's row lengths, prompt + new tokens)
+        and, under `accelerate launch`, build the engine now, on every rank: its `external_launcher` set-up makes
+        process groups, which every rank must join at once. Built lazily at the first batch instead, a rank with no
+        batch (fewer batches than ranks, or a resumed run whose batches left are another rank's) never joined, and
+        the others hung there. Every rank passes the same `calls`, so they agree on any rebuild."""
+        self.kv_tokens = max([self.kv_tokens, *(kv_block_tokens(call) for call in calls)])
+        if process_state().num_processes > 1:
+            self.engine(model)
 
     def sync_weights(self, model) -> None:
         """Push `model`'s weights now (after the model changed under a live backend)."""
@@ -536,12 +573,14 @@ class VLLMBackend(GenerateBackend):
 
 
 __all__ = [
+    "CPU_BLOCK_SIZE",
     "CPU_HEAD_SIZES",
     "VLLMBackend",
     "VLLMSettings",
     "can_serve",
     "close_engine",
     "cpu_kv_cache_bytes",
+    "kv_block_tokens",
     "engine_for",
     "masked_o_proj_weights",
     "o_proj_feature_masks",
