@@ -2,7 +2,7 @@
 
 Swapping the masked layers' `o_proj` weights (`VLLMBackend`'s other route) masks every row the engine holds: the plain
 and the masked rows then take two engine calls of half the rows each, and each call's batch thins out as its rows stop
-at EOS (measured on the main command's batches of 16 prompts: one call of both, 215 tok/s; two calls, 183 tok/s).
+at EOS (`scripts/bench_vllm.py --routes`, batches of 16 prompts: one call of both, 174 tok/s; two calls, 152 tok/s).
 Here each masked layer's `o_proj` gets a forward pre-hook that zeroes the masked heads' input features only in the
 tokens of requests flagged with `MASKED_ARG`, which is what `mask_heads` does to the activations. Which tokens those are
 is read at each step from the model runner: its batch's requests in order and `query_start_loc` (each request's
