@@ -185,15 +185,18 @@ def test_pair_generation_rebuilds_the_engine_once_for_a_larger_batch(engine_mode
     model, tokenizer = engine_model
     close_engine()
     engine = VLLMBackend().engine(model)
-    assert engine.llm.llm_engine.vllm_config.cache_config.block_size == CPU_BLOCK_SIZE
-    assert engine.kv_bytes == cpu_kv_cache_bytes(model)
+    cache = engine.llm.llm_engine.vllm_config.cache_config
+    assert cache.block_size == CPU_BLOCK_SIZE
+    assert (engine.kv_tokens, cache.kv_cache_memory_bytes) == (10_240, cpu_kv_cache_bytes(model))
     text = " ".join(QUESTIONS) * 10
     chats = [[{"role": "user", "content": f"{text} ({i})"}] for i in range(8)]
     kw = dict(backend="vllm", temperature=0.0, max_new_tokens=4, show_progress=False)
     generate_pairs(model, tokenizer, chats, HEADS, batch_size=8, **kw)
     tokens = kv_block_tokens([len(ids) + 4 for ids in encode_prompts(tokenizer, chats)] * 2)
     assert tokens > 10_240, "16 rows of ~700 tokens: more than the default cache holds"
-    assert vllm._ENGINE is not engine and vllm._ENGINE.kv_bytes == cpu_kv_cache_bytes(model, tokens=tokens)
+    cache = vllm._ENGINE.llm.llm_engine.vllm_config.cache_config
+    assert vllm._ENGINE is not engine and vllm._ENGINE.kv_tokens == tokens
+    assert cache.kv_cache_memory_bytes == cpu_kv_cache_bytes(model, tokens=tokens)
     big = vllm._ENGINE
     generate_pairs(model, tokenizer, chats[:2], HEADS, batch_size=2, **kw)
     assert vllm._ENGINE is big
@@ -419,7 +422,7 @@ def test_cpu_kv_cache_holds_the_largest_batch_in_whole_blocks(smollm2, monkeypat
 
     import psutil
 
-    from trl_retmask.generation.vllm import cpu_kv_cache_bytes, kv_block_tokens
+    from trl_retmask.generation.vllm import cpu_kv_cache_bytes, cpu_kv_cache_tokens, kv_block_tokens
 
     model, _ = smollm2  # 46,080 bytes per token, 10,240 tokens by default
     assert kv_block_tokens([1, 128, 129, 300]) == 128 + 128 + 256 + 384
@@ -427,6 +430,8 @@ def test_cpu_kv_cache_holds_the_largest_batch_in_whole_blocks(smollm2, monkeypat
     assert cpu_kv_cache_bytes(model, tokens=kv_block_tokens([100] * 64)) == cpu_kv_cache_bytes(model)  # 8,192 fit
     monkeypatch.setattr(psutil, "virtual_memory", lambda: SimpleNamespace(available=2 << 30))
     assert cpu_kv_cache_bytes(model, tokens=10**6) == 1 << 30
+    # what the engine is rebuilt on does not depend on free memory (which differs between ranks and over time)
+    assert (cpu_kv_cache_tokens(model), cpu_kv_cache_tokens(model, tokens=10**6)) == (10_240, 10**6)
 
 
 def test_cpu_head_sizes_are_vllms():

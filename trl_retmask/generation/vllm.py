@@ -106,25 +106,32 @@ def kv_block_tokens(lengths: Sequence[int]) -> int:
     return sum(-(-int(n) // CPU_BLOCK_SIZE) * CPU_BLOCK_SIZE for n in lengths)
 
 
+def cpu_kv_cache_tokens(model, max_model_length: int | None = None, tokens: int = 0) -> int:
+    """Tokens of KV cache the engine asks for on a CPU: `CPU_KV_CACHE_WINDOWS` of its window (vLLM refuses less than
+    one), or `tokens` (`kv_block_tokens` of the largest batch of rows to come) if more. Depends on the model and the
+    rows only, so every rank reaches the same number (and the same decision to rebuild)."""
+    window = max_model_length or model_window(model) or 4096
+    return max(int(window * CPU_KV_CACHE_WINDOWS), tokens)
+
+
 def cpu_kv_cache_bytes(model, max_model_length: int | None = None, tokens: int = 0) -> int:
-    """Bytes of KV cache for the engine on a CPU: `CPU_KV_CACHE_WINDOWS` of the engine's window (vLLM refuses less
-    than one), or `tokens` (`kv_block_tokens` of the largest batch of rows to come) if more, but no more than half the
+    """Bytes of KV cache for the engine on a CPU: `cpu_kv_cache_tokens`, the rows' share of it no more than half the
     machine's available memory. A cache that cannot hold a batch's rows at once makes vLLM run fewer of them at a time
-    (measured: 64 rows per call at 154 instead of 189 tok/s, docs/benchmarks.md). vLLM's own CPU default takes a
+    (measured: 64 rows per call at 154 instead of 184 tok/s, docs/benchmarks.md). vLLM's own CPU default takes a
     share of the machine's memory, and a fixed size either wastes it (small models) or cannot hold one window (long
     ones). Only the pages the decode touches become resident."""
     config = getattr(model.config, "get_text_config", lambda: model.config)()
     layers, heads, head_dim = head_layout(config)
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     size = next((p.element_size() for p in model.parameters() if p.is_floating_point()), 4)
-    window = max_model_length or model_window(model) or 4096
     per_token = 2 * layers * kv_heads * head_dim * size  # keys and values
-    rows = 0
-    if tokens > window * CPU_KV_CACHE_WINDOWS:
+    window = cpu_kv_cache_tokens(model, max_model_length)
+    wanted = cpu_kv_cache_tokens(model, max_model_length, tokens)
+    if wanted > window:
         import psutil
 
-        rows = min(per_token * tokens, psutil.virtual_memory().available // 2)
-    return max(int(per_token * window * CPU_KV_CACHE_WINDOWS), rows, 64 << 20)
+        return max(min(per_token * wanted, psutil.virtual_memory().available // 2), per_token * window, 64 << 20)
+    return max(per_token * window, 64 << 20)
 
 
 def vllm_available() -> bool:
@@ -325,11 +332,10 @@ class _Engine:
             kwargs["distributed_executor_backend"] = "external_launcher"
         else:
             os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # in-process: tensors reach the worker by reference
-        self.kv_bytes = None  # the CPU KV cache's size where this package chose it
+        self.kv_tokens = None  # the tokens its CPU KV cache was sized for, where this package sized it
         if device.type == "cpu" and not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
-            self.kv_bytes = kwargs["kv_cache_memory_bytes"] = cpu_kv_cache_bytes(
-                model, settings.max_model_length, tokens
-            )
+            self.kv_tokens = cpu_kv_cache_tokens(model, settings.max_model_length, tokens)
+            kwargs["kv_cache_memory_bytes"] = cpu_kv_cache_bytes(model, settings.max_model_length, tokens)
         dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
         eager = device.type != "cuda" if settings.enforce_eager is None else settings.enforce_eager
         self.llm = LLM(
@@ -456,10 +462,10 @@ def engine_for(model, settings: VLLMSettings, tokens: int = 0) -> _Engine:
             ", ".join(changed) or "settings, device or dtype",
         )
         close_engine()
-    elif _ENGINE is not None and _ENGINE.kv_bytes is not None:
-        needed = cpu_kv_cache_bytes(model, settings.max_model_length, tokens)
-        if needed > _ENGINE.kv_bytes:
-            logger.info("Rebuilding the vLLM engine with a KV cache of %.2f GiB for a whole batch.", needed / 2**30)
+    elif _ENGINE is not None and _ENGINE.kv_tokens is not None:
+        needed = cpu_kv_cache_tokens(model, settings.max_model_length, tokens)
+        if needed > _ENGINE.kv_tokens:  # decided on tokens, not on free memory: every rank decides alike
+            logger.info("Rebuilding the vLLM engine with a KV cache of %d tokens for a whole batch.", needed)
             close_engine()
     if _ENGINE is None:
         _ENGINE = _Engine(model, settings, key, tokens)
@@ -580,6 +586,7 @@ __all__ = [
     "can_serve",
     "close_engine",
     "cpu_kv_cache_bytes",
+    "cpu_kv_cache_tokens",
     "kv_block_tokens",
     "engine_for",
     "masked_o_proj_weights",
