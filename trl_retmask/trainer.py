@@ -39,6 +39,7 @@ from .models import hub_id_of, resolve_model_path
 from .pairs import PairStats, complete_prompt_dataset, is_prompt_only
 from .scores import HeadScores, resolve_head_scores
 from .truncation import TruncatingCollator, trl_truncation_off, truncate_prompt
+from .validation import check_pair_columns
 
 if is_wandb_available():
     import wandb
@@ -463,6 +464,7 @@ def _check_columns(name: str, dataset) -> None:
     columns = getattr(dataset, "column_names", None)
     if columns is None:
         columns = list(next(iter(dataset)).keys())
+    check_pair_columns(f"`{name}`", columns)
     if "prompt" not in columns and not {"chosen", "rejected"} <= set(columns):
         raise ValueError(
             f"`{name}` has columns {list(columns)}, but RetMask needs a `prompt` column (prompts to complete with "
