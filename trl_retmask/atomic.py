@@ -82,7 +82,8 @@ def _umask() -> int:
 
 def ordinary_modes(path) -> None:
     """Give the file `path`, or the directory `path` and everything in it, the mode `open()`/`mkdir()` would give
-    (0666 less the umask, 0777 for directories and executables): a library's own temporary file is 0600. Links are not followed."""
+    (0666 less the umask; 0777 for directories and executables): a library's own temporary file is 0600. Links are
+    not followed."""
     mask = _umask()
     path = Path(path)
     if not os.path.lexists(path) or path.is_symlink():

@@ -62,7 +62,7 @@ def run_stage(stage: str, fn, *args) -> int:
 
             end_processes()
     except Exception as error:
-        failure = None if isinstance(error, FileNotFoundError) else write_failure(error)
+        failure = write_failure(error)
         if (failure is None and not is_user_error(error)) or os.environ.get(TRACEBACK_ENV, "") in ("1", "true"):
             raise
         message = write_failure_message(failure) if failure else " ".join(str(error).split()) or type(error).__name__
