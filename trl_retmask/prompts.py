@@ -140,14 +140,13 @@ def _reading(path: Path | None, name) -> Iterator[None]:
         if isinstance(error, ValueError) and not isinstance(error, UnicodeDecodeError) and path is None:
             raise
         cause = error
-        while cause.__cause__ is not None or cause.__context__ is not None:
-            cause = cause.__cause__ or cause.__context__
-        detail = None
-        if path is not None and path.is_file() and ".json" in "".join(path.suffixes).lower():
-            detail = _first_bad_json_line(path)
-        detail = detail or " ".join(str(cause).split())[:300] or type(cause).__name__
+        for _ in range(10):  # the parser's own error, under the builder's
+            cause = cause.__cause__ or cause.__context__ or cause
+        json_file = path is not None and path.is_file() and ".json" in "".join(path.suffixes).lower()
+        detail = (_first_bad_json_line(path) if json_file else None) or " ".join(str(cause).split())[:300]
         what = f"prompt file {path}" if path is not None and path.is_file() else f"dataset {str(name)!r}"
-        raise ValueError(f"Cannot read {what}: {detail}. Fix it (one JSON object per line for .jsonl).") from None
+        fix = "one JSON object per line (.jsonl), or one JSON document (.json)" if json_file else "a well-formed file"
+        raise ValueError(f"Cannot read {what}: {detail or type(cause).__name__}. Give {fix}.") from None
 
 
 def _load_raw_dataset(script_args, split: str):
