@@ -48,7 +48,8 @@ def _parse_values(key, values) -> list[float]:
     if values and sum(values) / len(values) > 1:
         raise ValueError(
             f"Head {key!r} has a retrieval score (the mean of its samples) of {sum(values) / len(values)!r}, above "
-            "1: a head's score is the share of answer tokens it copied. These are not retrieval scores."
+            "1: a head's score is the share of answer tokens it copied (one sample may exceed 1, their mean does "
+            "not). These are not retrieval scores (percentages? divide by 100)."
         )
     return values
 
