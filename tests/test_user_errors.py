@@ -198,6 +198,36 @@ def test_export_writes_every_file_with_the_same_mode(capsys, tiny, tmp_path):
     assert "model.safetensors" in modes and set(modes.values()) == {"0o644"}, modes
 
 
+def test_writes_into_an_existing_directory_get_ordinary_modes_and_leave_other_files(capsys, tiny, tmp_path):
+    """`export --overwrite True` into a non-empty directory and the trainer's `save_model` write through
+    `save_pretrained` in place: the files they write get the ordinary mode, a private file already there keeps its."""
+    from tests.tiny import PREFS
+    from trl_retmask import RetMaskConfig, RetMaskTrainer
+
+    old = os.umask(0o022)
+    try:
+        target = tmp_path / "masked"
+        target.mkdir()
+        (target / "notes.txt").write_text("mine")
+        (target / "notes.txt").chmod(0o600)
+        argv = ["export", "--model_name_or_path", str(tiny["model"]), "--heads", "0-1", "--output_dir", str(target)]
+        assert main([*argv, "--overwrite", "True"]) == 0
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        model = AutoModelForCausalLM.from_pretrained(tiny["model"])
+        args = RetMaskConfig(str(tmp_path / "run"), heads="0-1", report_to="none", max_steps=1)
+        trainer = RetMaskTrainer(
+            model=model, args=args, train_dataset=PREFS, processing_class=AutoTokenizer.from_pretrained(tiny["model"])
+        )
+        trainer.save_model(str(tmp_path / "trained"))
+    finally:
+        os.umask(old)
+    modes = {p.name: oct(stat.S_IMODE(p.stat().st_mode)) for p in target.iterdir()}
+    assert modes.pop("notes.txt") == "0o600" and "model.safetensors" in modes and set(modes.values()) == {"0o644"}
+    modes = {p.name: oct(stat.S_IMODE(p.stat().st_mode)) for p in (tmp_path / "trained").iterdir()}
+    assert "model.safetensors" in modes and set(modes.values()) == {"0o644"}, modes
+
+
 # ----------------------------------------------------------------------------------------- prompt files
 def _script_args(**kw):
     from trl_retmask.scripts.pairs import PairsScriptArguments

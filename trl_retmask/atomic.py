@@ -101,6 +101,24 @@ def ordinary_modes(path) -> None:
             os.chmod(entry, wanted)
 
 
+@contextmanager
+def ordinary_modes_of_new_files(directory) -> Iterator[Path]:
+    """For libraries that write straight into a directory (`save_pretrained` into an existing one, the `Trainer`'s
+    `save_model`): the files the body creates or replaces there get `ordinary_modes`; the others are left alone."""
+    directory = Path(directory)
+
+    def listing() -> dict[str, tuple[int, int]]:
+        if not directory.is_dir():
+            return {}
+        return {e.name: (e.stat().st_ino, e.stat().st_mtime_ns) for e in os.scandir(directory) if e.is_file()}
+
+    before = listing()
+    yield directory
+    for name, state in listing().items():
+        if before.get(name) != state:
+            ordinary_modes(directory / name)
+
+
 def _remove(path: Path) -> None:
     try:
         if path.is_dir() and not path.is_symlink():
@@ -187,6 +205,7 @@ __all__ = [
     "atomic_directory",
     "atomic_path",
     "ordinary_modes",
+    "ordinary_modes_of_new_files",
     "temporary_sibling",
     "write_failure",
     "write_text",

@@ -6,6 +6,7 @@ model). Generation happens before DPOTrainer's dataset processing; everything af
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import os
@@ -27,7 +28,7 @@ from trl.trainer.utils import (
     get_trackio_space_url,
 )
 
-from .atomic import atomic_directory, atomic_path
+from .atomic import atomic_directory, atomic_path, ordinary_modes_of_new_files
 from .config import RetMaskConfig
 from .distributed import from_main_process, gathered_for_generation, process_state, unwrapped_for_generation
 from .generation.vllm import close_engine
@@ -430,10 +431,12 @@ class RetMaskTrainer(DPOTrainer):
             card.save(tmp)
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
-        super().save_model(output_dir, _internal_call=_internal_call)
-        if self.args.should_save and self.is_world_process_zero():
-            output_dir = output_dir or self.args.output_dir
-            self._write_card(output_dir)  # titled after the directory
+        saving = self.args.should_save and self.is_world_process_zero()
+        target = output_dir or self.args.output_dir
+        with ordinary_modes_of_new_files(target) if saving else contextlib.nullcontext():  # safetensors' are 0600
+            super().save_model(output_dir, _internal_call=_internal_call)
+        if saving:
+            self._write_card(target)  # titled after the directory
 
 
 def _saved_dataset(path: Path, num_rows: int) -> Dataset | None:
