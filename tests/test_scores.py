@@ -370,9 +370,9 @@ def test_sparsity_edge_cases():
     assert all(math.isnan(zero[k]) for k in ("entropy", "top_1pct_mass", "top_5pct_mass"))
     one = HeadScores({"0-0": [0.3]}).sparsity()
     assert one["entropy"] == 0.0 and one["gini"] == 0.0 and one["top_1pct_mass"] == 1.0
-    on_edges = HeadScores({"0-0": [0.1], "0-1": [0.05], "0-2": [0.0499], "0-3": [-1.0]}).sparsity()  # >= edges
+    on_edges = HeadScores({"0-0": [0.1], "0-1": [0.05], "0-2": [0.0499], "0-3": [0.0]}).sparsity()  # >= edges
     assert (on_edges["n_above_0.1"], on_edges["n_above_0.05"]) == (1, 2)
-    assert on_edges["top_1pct_mass"] == pytest.approx(0.1 / 0.1999)  # negative scores clip to 0; at least one head
+    assert on_edges["top_1pct_mass"] == pytest.approx(0.1 / 0.1999)  # at least one head
     assert on_edges["mean"] == pytest.approx(0.1999 / 4) and on_edges["max"] == 0.1
     even = HeadScores({"0-0": [0.2], "0-1": [0.2]}).sparsity()
     assert even["gini"] == pytest.approx(0.0) and even["entropy"] == pytest.approx(1.0)

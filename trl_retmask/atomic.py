@@ -3,14 +3,19 @@
 Everything the package writes goes through here: the content is written under a hidden temporary name in the target's
 own directory and renamed onto the target only once complete (`os.replace`, atomic on POSIX file systems). A run that
 is killed or runs out of disk space leaves at most a hidden `.NAME.*.tmp*` file, never a cut file under the real name
-that a rerun would trust as a finished result, or protect as the user's own file.
+that a rerun would trust as a finished result, or protect as the user's own file. A write that fails for a reason
+the user can fix (a full disk, a quota, a read-only or forbidden location) is reported as one `OSError` naming the
+target (`writing_to`), and published files get the mode of any file the user creates (`ordinary_modes`): libraries
+that write through their own temporary files (safetensors: Rust's `tempfile`) would leave them 0600.
 """
 
 from __future__ import annotations
 
 import errno
 import os
+import re
 import shutil
+import stat
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -18,8 +23,100 @@ from pathlib import Path
 
 
 def temporary_sibling(path: Path) -> Path:
-    """A hidden, unique name beside `path` that keeps its suffix (tools such as matplotlib infer the format from it)."""
-    return path.with_name(f".{path.stem}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp{path.suffix}")
+    """A hidden, unique name beside `path` that keeps its suffix (tools such as matplotlib infer the format from it),
+    no longer than `path`'s own name when that is long (a name the file system takes has a temporary name it takes)."""
+    tag = f".{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp{path.suffix}"
+    stem = path.stem[: max(1, len(path.name) - len(tag) - 1)] if len(path.name) > 200 else path.stem
+    return path.with_name(f".{stem}{tag}")
+
+
+WRITE_ERRNOS = frozenset(
+    {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENAMETOOLONG}
+)
+"""Failed writes the user fixes, not bugs: full disk, quota, file too large, read-only or forbidden place, long name."""
+
+_RUST_OS_ERROR = re.compile(r"\(os error (\d+)\)")
+"""How Rust's `std::io::Error` prints an OS error (safetensors and tokenizers raise it inside their own errors)."""
+
+
+def write_failure(error: BaseException, path=None, within=None) -> OSError | None:
+    """`error` as an `OSError(errno, strerror, path)` when it is a failed write of `WRITE_ERRNOS`, else None. With
+    `path`, only errors about no file or a file under `within` (default `path`) are renamed to `path`: a temporary
+    file is reported under the name the user gave."""
+    code = error.errno if isinstance(error, OSError) else None
+    if code is None:
+        found = _RUST_OS_ERROR.search(str(error))
+        code = int(found.group(1)) if found else None
+    if code not in WRITE_ERRNOS:
+        return None
+    filename = getattr(error, "filename", None)
+    if path is not None and (filename is None or str(filename).startswith(str(within or path))):
+        filename = str(path)
+    return OSError(code, os.strerror(code), filename)
+
+
+@contextmanager
+def writing_to(path, within=None) -> Iterator[None]:
+    """Re-raise a failed write of the body (`write_failure`) as an `OSError` naming `path`, so that the CLI reports
+    it in one line with the file the user named."""
+    try:
+        yield
+    except Exception as error:
+        failure = write_failure(error, path, within)
+        if failure is None or (isinstance(error, OSError) and error.filename == failure.filename):
+            raise
+        raise failure from error
+
+
+def _umask() -> int:
+    try:  # Linux: read it without changing it (os.umask sets it, racing other threads)
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def ordinary_modes(path) -> None:
+    """Give the file `path`, or the directory `path` and everything in it, the mode `open()`/`mkdir()` would give
+    (0666 less the umask; 0777 for directories and executables): a library's own temporary file is 0600. Links are
+    not followed."""
+    mask = _umask()
+    path = Path(path)
+    if not os.path.lexists(path) or path.is_symlink():
+        return
+    entries = [(path, path.is_dir())]
+    if path.is_dir():
+        for root, dirs, files in os.walk(path):
+            entries += [(Path(root) / d, True) for d in dirs] + [(Path(root) / f, False) for f in files]
+    for entry, is_dir in entries:
+        mode = entry.lstat().st_mode
+        if stat.S_ISLNK(mode):
+            continue
+        wanted = (0o777 if is_dir or mode & 0o111 else 0o666) & ~mask
+        if mode & 0o7777 != wanted:
+            os.chmod(entry, wanted)
+
+
+@contextmanager
+def ordinary_modes_of_new_files(directory) -> Iterator[Path]:
+    """For libraries that write straight into a directory (`save_pretrained` into an existing one, the `Trainer`'s
+    `save_model`): the files the body creates or replaces there get `ordinary_modes`; the others are left alone."""
+    directory = Path(directory)
+
+    def listing() -> dict[str, tuple[int, int]]:
+        if not directory.is_dir():
+            return {}
+        return {e.name: (e.stat().st_ino, e.stat().st_mtime_ns) for e in os.scandir(directory) if e.is_file()}
+
+    before = listing()
+    yield directory
+    for name, state in listing().items():
+        if before.get(name) != state:
+            ordinary_modes(directory / name)
 
 
 def _remove(path: Path) -> None:
@@ -59,8 +156,10 @@ def atomic_path(path, *, overwrite: bool = True) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temporary_sibling(path)
     try:
-        yield tmp
-        _publish(tmp, path, overwrite)
+        with writing_to(path, within=tmp):
+            yield tmp
+            ordinary_modes(tmp)
+            _publish(tmp, path, overwrite)
     finally:
         if os.path.lexists(tmp):
             _remove(tmp)
@@ -82,9 +181,12 @@ def atomic_directory(path, *, overwrite: bool = True) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temporary_sibling(path)
-    tmp.mkdir()
+    with writing_to(path, within=tmp):
+        tmp.mkdir()
     try:
-        yield tmp
+        with writing_to(path, within=tmp):
+            yield tmp
+            ordinary_modes(tmp)
         if overwrite and os.path.lexists(path):
             _remove(path)
         try:
@@ -98,4 +200,14 @@ def atomic_directory(path, *, overwrite: bool = True) -> Iterator[Path]:
             _remove(tmp)
 
 
-__all__ = ["atomic_directory", "atomic_path", "temporary_sibling", "write_text"]
+__all__ = [
+    "WRITE_ERRNOS",
+    "atomic_directory",
+    "atomic_path",
+    "ordinary_modes",
+    "ordinary_modes_of_new_files",
+    "temporary_sibling",
+    "write_failure",
+    "write_text",
+    "writing_to",
+]

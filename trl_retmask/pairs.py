@@ -69,6 +69,16 @@ class PairStats:
     def to_logs(self, prefix: str = "pairs/") -> dict[str, float]:
         return {f"{prefix}{k}": float(v) for k, v in asdict(self).items()}
 
+    def check_kept(self, what: str) -> None:
+        """Refuse a generation that kept no pair: nothing to train on (trainer) or to write (`trl-retmask pairs`)."""
+        if self.kept == 0:
+            raise ValueError(
+                f"All {self.prompts} generated pairs of {what} were dropped ({self.dropped_identical} identical, "
+                f"{self.dropped_empty} empty): masking these heads does not change the model's answers. Mask more "
+                "or other heads (`mask_threshold` / `mask_top_k`), sample (`temperature` > 0), or raise "
+                "`max_new_tokens`."
+            )
+
 
 @dataclass
 class GeneratedPairs:
@@ -475,12 +485,7 @@ def complete_prompt_dataset(
         **kwargs,
     )
     s = pairs.stats
-    if s.kept == 0:
-        raise ValueError(
-            f"All {s.prompts} generated pairs of the {name} dataset were dropped ({s.dropped_identical} identical, "
-            f"{s.dropped_empty} empty): masking these heads does not change the model's answers. Mask more or other "
-            "heads (`mask_threshold` / `mask_top_k`), sample (`temperature` > 0), or raise `max_new_tokens`."
-        )
+    s.check_kept(f"the {name} dataset")
     out = dataset.select(pairs.kept_indices)
     for role, column in pairs.completions().items():
         out = out.add_column(role, column)

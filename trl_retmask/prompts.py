@@ -11,10 +11,15 @@ The RetMask authors sample pairs for the first user turn of LMSYS-Chat-1M-Synth 
 
 from __future__ import annotations
 
+import gzip
 import json
 import logging
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+
+from .validation import check_pair_columns
 
 logger = logging.getLogger(__name__)
 
@@ -92,6 +97,58 @@ def check_dataset_name(name: str | None) -> None:
         )
 
 
+def _first_bad_json_line(path: Path) -> str | None:
+    """Where a JSON prompt file breaks: the first line of a JSON Lines file that is not UTF-8 or not JSON, or the
+    error's line in one JSON document over several lines (no line is JSON alone); None when it all reads."""
+    opener = gzip.open if path.suffix.lower() == ".gz" else open
+    first_bad, lines_are_json = None, False
+    with opener(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                return f"line {n} is not UTF-8 text (byte 0x{raw[e.start]:02x} at column {e.start + 1})"
+            if not line.strip():
+                continue
+            try:
+                json.loads(line)
+                lines_are_json = True
+            except json.JSONDecodeError as e:
+                first_bad = first_bad or f"line {n} is not valid JSON ({e.msg}, column {e.colno})"
+            if first_bad and lines_are_json:
+                return first_bad
+        if first_bad is None:
+            return None
+        f.seek(0)
+        try:
+            json.loads(f.read().decode("utf-8"))
+        except json.JSONDecodeError as e:
+            return f"line {e.lineno} is not valid JSON ({e.msg}, column {e.colno})"
+    return None
+
+
+@contextmanager
+def _reading(path: Path | None, name) -> Iterator[None]:
+    """Errors of the `datasets` builders on a file they cannot parse (a malformed JSON line, a cut CSV, bytes that
+    are not UTF-8), raised while loading or, streamed, while iterating, as one ValueError naming the file and, for
+    JSON, the line."""
+    from datasets.exceptions import DatasetGenerationError
+
+    try:
+        yield
+    except (DatasetGenerationError, ValueError) as error:
+        if isinstance(error, ValueError) and not isinstance(error, UnicodeDecodeError) and path is None:
+            raise
+        cause = error
+        for _ in range(10):  # the parser's own error, under the builder's
+            cause = cause.__cause__ or cause.__context__ or cause
+        json_file = path is not None and path.is_file() and ".json" in "".join(path.suffixes).lower()
+        detail = (_first_bad_json_line(path) if json_file else None) or " ".join(str(cause).split())[:300]
+        what = f"prompt file {path}" if path is not None and path.is_file() else f"dataset {str(name)!r}"
+        fix = "one JSON object per line (.jsonl), or one JSON document (.json)" if json_file else "a well-formed file"
+        raise ValueError(f"Cannot read {what}: {detail or type(cause).__name__}. Give {fix}.") from None
+
+
 def _load_raw_dataset(script_args, split: str):
     from datasets import load_dataset, load_from_disk
 
@@ -119,15 +176,17 @@ def _load_raw_dataset(script_args, split: str):
             raise ValueError(f"Cannot read prompt file {path}: use .json, .jsonl(.gz), .parquet or .csv.")
         if path.stat().st_size == 0:  # datasets' builders end in a bare StopIteration on an empty file
             raise ValueError(f"Prompt file {path} is empty; pass a file with one prompt per row.")
-        return load_dataset(builder, data_files=str(path), split="train", streaming=script_args.dataset_streaming)
+        with _reading(path, name):
+            return load_dataset(builder, data_files=str(path), split="train", streaming=script_args.dataset_streaming)
     try:
-        return load_dataset(
-            name,
-            name=script_args.dataset_config,
-            data_files=script_args.dataset_data_files,
-            split=split,
-            streaming=script_args.dataset_streaming,
-        )
+        with _reading(None, name):
+            return load_dataset(
+                name,
+                name=script_args.dataset_config,
+                data_files=script_args.dataset_data_files,
+                split=split,
+                streaming=script_args.dataset_streaming,
+            )
     except ConnectionError as e:  # offline (HF_HUB_OFFLINE=1) or unreachable: say what was looked for
         raise ValueError(
             f"`dataset_name` {name!r} is neither a local file or directory nor reachable on the Hub "
@@ -183,6 +242,7 @@ def _first_turns(raw, column: str, *, filtered: bool, dedupe_text: bool, limit: 
         text = first_user_turn(row.get(column)) if reason is None else None
         if reason is None and text is None:
             reason = "empty"
+            counts["no prompt"] += 1
         if reason is None and dedupe_text:
             reason = "duplicate" if text in seen else None
             seen.add(text)
@@ -216,6 +276,7 @@ def load_prompts(script_args, split: str | None = None, tokenizer=None):
             raise ValueError(f"Dataset {script_args.dataset_name!r} has no split {split!r} (has {list(raw)}).")
         raw = raw[split]
     columns = list(raw.column_names or []) if getattr(raw, "column_names", None) else None
+    check_pair_columns(f"Dataset {script_args.dataset_name or 'the shipped set'!r}", columns or ())
     if columns and {"prompt", "chosen", "rejected"} <= set(columns):  # ready pairs (e.g. `trl-retmask pairs`)
         if script_args.max_prompts is not None:
             raw = raw.take(script_args.max_prompts)
@@ -227,13 +288,22 @@ def load_prompts(script_args, split: str | None = None, tokenizer=None):
     filtered = (column in CHAT_LOG_COLUMNS or flagged) if filter_prompts is None else bool(filter_prompts)
     dedupe_text = filtered and not (columns and DUPLICATE_FLAG in columns)
     counts: Counter = Counter()
-    prompts = list(
-        _first_turns(
-            raw, column, filtered=filtered, dedupe_text=dedupe_text, limit=script_args.max_prompts, counts=counts
+    local = Path(script_args.dataset_name).expanduser() if script_args.dataset_name else None
+    with _reading(local if local is not None and local.is_file() else None, script_args.dataset_name):
+        prompts = list(
+            _first_turns(
+                raw, column, filtered=filtered, dedupe_text=dedupe_text, limit=script_args.max_prompts, counts=counts
+            )
         )
-    )
     source = script_args.dataset_name or "the shipped set"
     dropped = ", ".join(f"{counts[k]} {k}" for k in ("empty", "redacted", "duplicate") if counts[k]) or "none"
+    if counts["no prompt"]:  # a data problem, not the authors' filtering: said where it is seen
+        logger.warning(
+            "%s: %d row(s) without a prompt in column %r (null, missing or blank) were dropped.",
+            source,
+            counts["no prompt"],
+            column,
+        )
     logger.info(
         "Prompts from %s (column %r, filter %s): kept %d, dropped %s.",
         source,

@@ -38,7 +38,20 @@ def _parse_values(key, values) -> list[float]:
         isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values
     ):
         raise ValueError(f"Malformed scores for head {key!r}: expected a list of finite numbers, got {values!r}.")
-    return [float(v) for v in values]
+    values = [float(v) for v in values]
+    negative = [v for v in values if v < 0]
+    if negative:
+        raise ValueError(
+            f"Head {key!r} has a negative retrieval score ({negative[0]!r}): a sample's score counts copied answer "
+            "tokens, so it is >= 0. These are not retrieval scores."
+        )
+    if values and sum(values) / len(values) > 1:
+        raise ValueError(
+            f"Head {key!r} has a retrieval score (the mean of its samples) of {sum(values) / len(values)!r}, above "
+            "1: a head's score is the share of answer tokens it copied (one sample may exceed 1, their mean does "
+            "not). These are not retrieval scores (percentages? divide by 100)."
+        )
+    return values
 
 
 def _refuse_duplicate_keys(pairs):
@@ -122,7 +135,13 @@ class HeadScores:
                 f"(or the original retrieval-head tools), or a model id with bundled scores: "
                 f"{', '.join(bundled_models())}."
             )
-        text = path.read_text().strip()
+        try:
+            text = path.read_text(encoding="utf-8").strip()
+        except UnicodeDecodeError as e:
+            raise ValueError(
+                f"Head-score file {path} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}): "
+                "is it a score file (JSON)?"
+            ) from None
         if not text:
             raise ValueError(f"Head-score file {path} is empty. Re-run detection (`trl-retmask detect`).")
         try:
@@ -228,7 +247,7 @@ class HeadScores:
         """Attach the heads a RetMask model was trained with, from its `retmask.json` if there is one."""
         if record_path.is_file():
             try:
-                heads = json.loads(record_path.read_text()).get("masked_heads")
+                heads = json.loads(record_path.read_text(encoding="utf-8")).get("masked_heads")
                 scores.trained_heads = sorted(parse_head(h) for h in heads) if heads else None
             except (ValueError, AttributeError, TypeError) as e:
                 raise ValueError(f"{record_path} is not a valid RetMask record ({e}).") from None

@@ -14,7 +14,7 @@ from typing import Any
 from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
-from .atomic import write_text
+from .atomic import write_text, writing_to
 from .distributed import from_main_process, process_state
 from .fingerprints import _canonical
 from .locks import check_directory, directory_lock
@@ -225,10 +225,12 @@ class ResultStore:
 
     def append(self, record: dict) -> None:
         """Store one finished record (a line, flushed at once) in this process's file."""
-        if self._file is None:
-            self._file = open(self.dir / f"{self.name}.rank{self.state.process_index}.jsonl", "a", encoding="utf-8")
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
+        path = self.dir / f"{self.name}.rank{self.state.process_index}.jsonl"
+        with writing_to(path):  # a full disk: one line naming the file (a cut last line is dropped on resume)
+            if self._file is None:
+                self._file = open(path, "a", encoding="utf-8")
+            self._file.write(json.dumps(record) + "\n")
+            self._file.flush()
 
     def close(self) -> None:
         """Close this process's file and release the directory's lock."""

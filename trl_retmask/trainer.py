@@ -6,6 +6,7 @@ model). Generation happens before DPOTrainer's dataset processing; everything af
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import os
@@ -27,7 +28,7 @@ from trl.trainer.utils import (
     get_trackio_space_url,
 )
 
-from .atomic import atomic_directory, atomic_path
+from .atomic import atomic_directory, atomic_path, ordinary_modes_of_new_files
 from .config import RetMaskConfig
 from .distributed import from_main_process, gathered_for_generation, process_state, unwrapped_for_generation
 from .generation.vllm import close_engine
@@ -40,6 +41,7 @@ from .pairs import PairStats, complete_prompt_dataset, is_prompt_only
 from .scores import HeadScores, resolve_head_scores
 from .selection import select_heads
 from .truncation import TruncatingCollator, trl_truncation_off, truncate_prompt
+from .validation import check_pair_columns
 
 if is_wandb_available():
     import wandb
@@ -430,10 +432,12 @@ class RetMaskTrainer(DPOTrainer):
             card.save(tmp)
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
-        super().save_model(output_dir, _internal_call=_internal_call)
-        if self.args.should_save and self.is_world_process_zero():
-            output_dir = output_dir or self.args.output_dir
-            self._write_card(output_dir)  # titled after the directory
+        saving = self.args.should_save and self.is_world_process_zero()
+        target = output_dir or self.args.output_dir
+        with ordinary_modes_of_new_files(target) if saving else contextlib.nullcontext():  # safetensors' are 0600
+            super().save_model(output_dir, _internal_call=_internal_call)
+        if saving:
+            self._write_card(target)  # titled after the directory
 
 
 def _saved_dataset(path: Path, num_rows: int) -> Dataset | None:
@@ -464,6 +468,7 @@ def _check_columns(name: str, dataset) -> None:
     columns = getattr(dataset, "column_names", None)
     if columns is None:
         columns = list(next(iter(dataset)).keys())
+    check_pair_columns(f"`{name}`", columns)
     if "prompt" not in columns and not {"chosen", "rejected"} <= set(columns):
         raise ValueError(
             f"`{name}` has columns {list(columns)}, but RetMask needs a `prompt` column (prompts to complete with "

@@ -59,3 +59,17 @@ def check_choice(name: str, value, choices) -> None:
 def check_bool(name: str, value) -> None:
     if not isinstance(value, bool):
         raise ValueError(f"`{name}` must be True or False, got {value!r}.")
+
+
+def check_pair_columns(what: str, columns) -> None:
+    """A dataset holds both `chosen` and `rejected` (preference pairs, used as they are) or neither (prompts, completed
+    with generated pairs): half a pair would reach TRL as `KeyError: 'rejected'`."""
+    half = {"chosen", "rejected"} & set(columns)
+    if len(half) == 1:
+        (present,) = half
+        (missing,) = {"chosen", "rejected"} - half
+        raise ValueError(
+            f"{what} has a `{present}` column but no `{missing}` column. Accepted: a `prompt` column (pairs are "
+            f"generated), or `chosen` and `rejected` (preference pairs, `prompt` optional); add `{missing}` or drop "
+            f"`{present}` (`dataset.remove_columns('{present}')`)."
+        )

@@ -34,9 +34,27 @@ def is_user_error(error: BaseException) -> bool:
     return isinstance(error, (ValueError, FileNotFoundError))
 
 
+def write_failure_message(failure: OSError) -> str:
+    """One line for a failed write (`atomic.write_failure`): the file, the reason and the fix."""
+    import errno
+
+    where = failure.filename or "a write failed"
+    if failure.errno == errno.ENAMETOOLONG:
+        fix = "use a shorter file name"
+    elif failure.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        fix = "free some space or write elsewhere, and rerun"
+    else:
+        fix = "check the permissions of that location or use another, and rerun"
+    hint = "" if failure.filename else f" (set {TRACEBACK_ENV}=1 to see where)"
+    return f"{where}: {failure.strerror}{hint}; {fix}."
+
+
 def run_stage(stage: str, fn, *args) -> int:
     """Run `fn(*args)`; a user error prints `trl-retmask <stage>: error: <message>` and returns 2 (argparse's code).
+    A write that fails for a reason the user fixes (full disk, read-only place: `atomic.write_failure`) is one too.
     After a success under `accelerate launch`, every process waits for the others and leaves the process group."""
+    from ..atomic import write_failure
+
     try:
         fn(*args)
         if "torch" in sys.modules:  # a stage that ran no torch started no process group
@@ -44,9 +62,10 @@ def run_stage(stage: str, fn, *args) -> int:
 
             end_processes()
     except Exception as error:
-        if not is_user_error(error) or os.environ.get(TRACEBACK_ENV, "") in ("1", "true"):
+        failure = write_failure(error)
+        if (failure is None and not is_user_error(error)) or os.environ.get(TRACEBACK_ENV, "") in ("1", "true"):
             raise
-        message = " ".join(str(error).split()) or type(error).__name__
+        message = write_failure_message(failure) if failure else " ".join(str(error).split()) or type(error).__name__
         print(f"trl-retmask {stage}: error: {message}", file=sys.stderr)
         return 2
     return 0

@@ -181,10 +181,38 @@ def print_json(obj) -> None:
         print(json.dumps(obj, indent=2, default=str))
 
 
+def check_name_length(name: str, path, value=None) -> Path:
+    """Every part of `path` is a file name its file system takes (`PC_NAME_MAX` bytes, 255 on most), checked before
+    any work: a long name otherwise fails only when the result is written. `value` is what the user gave, if
+    `path` was derived from it (e.g. `eval --name N` -> `N.generations.rank0.jsonl`)."""
+    path = Path(path).expanduser()
+    existing = next((p for p in (path, *path.parents) if _exists(p)), Path.cwd())
+    try:
+        limit = os.pathconf(existing if existing.is_dir() else existing.parent, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        limit = 255
+    for part in path.parts:
+        size = len(os.fsencode(part))
+        if size > limit:
+            shown = str(path if value is None else value)
+            raise ValueError(
+                f"`{name}` {shown[:60] + '...' if len(shown) > 60 else shown!r} gives a file name of {size} bytes "
+                f"({part[:30]}...), beyond the {limit} its file system takes; use a shorter name."
+            )
+    return path
+
+
+def _exists(path: Path) -> bool:
+    try:
+        return path.exists()
+    except OSError:  # ENAMETOOLONG and the like: not an existing path
+        return False
+
+
 def check_writable_file(name: str, path, overwrite: bool = False, example: str = "out.jsonl") -> Path:
     """A file path we can create: not a directory, not an existing file unless `overwrite` (it may be a checkpoint's
-    own file), its parent writable; checked before any expensive work."""
-    path = Path(path).expanduser()
+    own file), its parent writable, a name the file system takes; checked before any expensive work."""
+    path = check_name_length(name, path)
     if path.is_dir():
         raise ValueError(f"`{name}` {str(path)!r} is a directory; give a file path such as {str(path / example)!r}.")
     if path.exists() and not overwrite:
@@ -206,7 +234,7 @@ def check_output_dir(name: str, path, *, read_only_ok: bool = True) -> Path | No
     that must write there is then refused by its result store, with one line. None stays None."""
     if path is None:
         return None
-    path = check_directory(path, name)
+    path = check_directory(check_name_length(name, path), name)
     if path.is_dir():
         if read_only_ok or os.access(path, os.W_OK | os.X_OK):
             return path

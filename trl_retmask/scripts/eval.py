@@ -26,6 +26,7 @@ from .common import (
     ModelStageArguments,
     OverwriteArguments,
     check_list,
+    check_name_length,
     check_output_dir,
     load_model,
     scores_before_loading,
@@ -79,14 +80,20 @@ class EvalScriptArguments(OverwriteArguments, ModelStageArguments):
         check_int("batch_size", self.batch_size, minimum=1)
         check_output_dir("output_dir", self.output_dir)
         if self.name is not None:
-            check_file_name("name", self.name)
+            check_file_name("name", self.name, self.output_dir)
             check_result_files(self.output_dir, self.name, self.overwrite)
 
 
-def check_file_name(field_name: str, name: str) -> None:
-    """A plain file name: no directory part, not `.`/`..`, so results stay inside `output_dir`."""
+LONGEST_RESULT_SUFFIX = ".generations.rank99999.jsonl"
+"""The longest name the suite derives from `name` (its per-process records), for the file-name length check."""
+
+
+def check_file_name(field_name: str, name: str, output_dir=None) -> None:
+    """A plain file name: no directory part, not `.`/`..`, so results stay inside `output_dir`; short enough that
+    every file named after it (`LONGEST_RESULT_SUFFIX`) can be written."""
     if not name or name in (".", "..") or Path(name).name != name or "/" in name or "\\" in name:
         raise ValueError(f"`{field_name}` must be a plain file name (no directory part), got {name!r}.")
+    check_name_length(field_name, Path(output_dir or ".") / f"{name}{LONGEST_RESULT_SUFFIX}", value=name)
 
 
 def check_result_files(output_dir, name: str, overwrite: bool = False) -> None:
@@ -112,7 +119,7 @@ def main(script_args: EvalScriptArguments, selection: HeadSelectionArguments, mo
     model, tokenizer = load_model(model_args, script_args.trust_remote_code)
     heads = stage_heads(selection, model, scores)
     name = script_args.name or Path(str(model_args.model_name_or_path).rstrip("/")).name
-    check_file_name("name", name)
+    check_file_name("name", name, script_args.output_dir)
     check_result_files(script_args.output_dir, name, script_args.overwrite)
     result = evaluate_long_context(
         model,

@@ -21,6 +21,7 @@ from . import parse_stage_args, run_stage
 from .common import (
     ModelStageArguments,
     OverwriteArguments,
+    check_name_length,
     check_output_dir,
     load_model,
     print_json,
@@ -48,6 +49,7 @@ class ExportScriptArguments(OverwriteArguments, ModelStageArguments):
     def __post_init__(self):
         if not self.output_dir:
             raise ValueError("`output_dir` is required: the directory of the masked checkpoint (--output_dir DIR).")
+        check_name_length("output_dir", self.output_dir)
 
 
 def main(script_args: ExportScriptArguments, selection: HeadSelectionArguments, model_args) -> dict:

@@ -21,7 +21,7 @@ from ..heads import HeadSelectionArguments, format_head, format_heads
 from ..models import DEFAULT_MODEL
 from ..scores import resolve_head_scores
 from . import parse_stage_args, run_stage
-from .common import OverwriteArguments, check_writable_file, stage_parser
+from .common import OverwriteArguments, check_name_length, check_writable_file, stage_parser
 
 HEATMAP_NAME = "heads.png"
 """File name of the heatmap when `--plot` names a directory."""
@@ -52,7 +52,7 @@ class HeadsScriptArguments(OverwriteArguments):
         if self.show < 0:
             raise ValueError(f"`show` must be >= 0, got {self.show}.")
         if self.plot is not None:
-            self.plot = str(heatmap_path(self.plot))
+            self.plot = str(heatmap_path(check_name_length("plot", self.plot)))
             check_writable_file("plot", self.plot, self.overwrite, example=HEATMAP_NAME)
             check_image_format(self.plot)
         if self.save_heads is not None:

@@ -65,6 +65,7 @@ def main(script_args: PairsScriptArguments, training_args, model_args) -> dict:
     pairs = generate_pairs(  # the trainer's own settings and cache (RetMaskConfig.pair_generation_kwargs)
         model, tokenizer, prompts["prompt"], heads, **training_args.pair_generation_kwargs
     )
+    pairs.stats.check_kept("the prompts")  # as the trainer: no empty output file
     result = {"output": script_args.output, "masked_heads": format_heads(heads), **pairs.stats.to_dict()}
     if process_state().is_main_process:
         write_pairs(pairs.to_dataset(), script_args.output, script_args.overwrite)
