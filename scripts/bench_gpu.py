@@ -400,6 +400,8 @@ def modules_restored():
     try:
         yield
     finally:
+        for name in set(vars(modeling_llama)) - set(saved):
+            delattr(modeling_llama, name)
         for name, value in saved.items():
             if vars(modeling_llama).get(name) is not value:
                 setattr(modeling_llama, name, value)
