@@ -80,7 +80,8 @@ else
 
   # 3. The GPU tests; each test bounded by pytest-timeout where it is installed, the run by what the budget leaves
   #    (at least 150 s are kept for the bench).
-  tests=(-m pytest -p no:cacheprovider -q -rs tests/test_gpu.py --junitxml "$out/tests.xml" -o junit_family=xunit1)
+  # -v: each outcome is in the log as it happens (the summary reads it if a time limit stopped pytest before its XML)
+  tests=(-m pytest -p no:cacheprovider -v -rs tests/test_gpu.py --junitxml "$out/tests.xml" -o junit_family=xunit1)
   if "$py" -c "import pytest_timeout" 2>/dev/null; then tests+=(-p timeout --timeout 200); fi
   limit=$(($(left) - 150))
   [ "$limit" -gt 260 ] && limit=260
@@ -142,6 +143,15 @@ if (out / "tests.xml").is_file():
                 reason = (child.get("message") or child.text or "")[:500]
         name = f"{case.get('classname', '')}::{case.get('name')}".removeprefix("tests.test_gpu::")
         tests.append({"test": name, "outcome": outcome, "reason": reason, "seconds": float(case.get("time", 0))})
+if not tests and (out / "tests.log").is_file():  # stopped before the XML: the outcomes pytest -v printed
+    import re
+
+    pattern = re.compile(r"^tests/test_gpu\.py::(\S+) (PASSED|FAILED|SKIPPED|ERROR|XFAIL|XPASS)(?: \((.*)\))?")
+    for line in (out / "tests.log").read_text(errors="replace").splitlines():
+        m = pattern.match(line)
+        if m:
+            outcome = {"FAILED": "failed", "ERROR": "error", "SKIPPED": "skipped"}.get(m[2], "passed")
+            tests.append({"test": m[1], "outcome": outcome, "reason": (m[3] or "")[:500], "seconds": None})
 summary["tests"] = tests
 counts = {k: sum(t["outcome"] == k for t in tests) for k in ("passed", "failed", "error", "skipped")}
 summary["test_counts"] = counts
