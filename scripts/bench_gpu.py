@@ -14,8 +14,10 @@ Rows (each time-boxed; an error becomes a row, the others still run):
 Shapes: trl_retmask/data/model_configs/*.json (Llama-3.1-8B-Instruct, Qwen3-8B, Olmo-3-7B: the published
 config.json values; llama-1b-smollm2-vocab: a 1.17B shape). `--tiny` shrinks every shape and length so
 that all rows run on a CPU in about a minute (how the script is tested). Through scripts/bench.py the section skips
-without CUDA. Usage:
+without CUDA. `--json` is rewritten after every section, so a run stopped at a time limit (scripts/gpu_check.sh) keeps
+the rows it finished. Usage:
     python scripts/bench_gpu.py [--tiny] [--only generation,mask,detection,dpo,longest] [--json out.json]
+        [--longest-budget SECONDS]
 """
 
 from __future__ import annotations
@@ -354,6 +356,9 @@ def make_trainer(model, liger: bool, lora: bool = False):
     trainer = DPOTrainer(
         model=model, ref_model=ref_model, args=cfg, train_dataset=data, processing_class=tok, peft_config=peft_config
     )
+    # Trainer turns checkpointing on in `train()`, which these single steps bypass: without this the rows measured
+    # steps that keep every activation (and the longest sequence that fits was far too short).
+    trainer.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=cfg.gradient_checkpointing_kwargs)
     trainer.create_optimizer()
     trainer.current_gradient_accumulation_steps = 1  # set by Trainer's loop, which these single steps bypass
     return trainer
@@ -378,6 +383,30 @@ def dpo_step(trainer, prompt_len: int, completion_len: int) -> float:
     return time.perf_counter() - t
 
 
+def liger_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("liger_kernel") is not None
+
+
+@contextlib.contextmanager
+def modules_restored():
+    """transformers' Llama module as it was, after the block. Liger patches the module's globals too
+    (`apply_liger_kernel_to_llama`: `apply_rotary_pos_emb`, `LlamaRMSNorm`, `LlamaMLP`), not only the model it is
+    given, so every Llama built later in the process (the other sections' models) would run Liger's kernels."""
+    from transformers.models.llama import modeling_llama
+
+    saved = dict(vars(modeling_llama))
+    try:
+        yield
+    finally:
+        for name in set(vars(modeling_llama)) - set(saved):
+            delattr(modeling_llama, name)
+        for name, value in saved.items():
+            if vars(modeling_llama).get(name) is not value:
+                setattr(modeling_llama, name, value)
+
+
 def bench_dpo(args) -> list[dict]:
     prompt_len, completion = (8, 24) if args.tiny else (512, 3584)  # 2 x (prompt + completion) = 8K tokens
     out = []
@@ -385,10 +414,14 @@ def bench_dpo(args) -> list[dict]:
         if liger and device().type != "cuda":
             out.append(row("DPO step with Liger: skipped (Liger's kernels are Triton GPU kernels)", 0, "s"))
             continue
+        if liger and not liger_available():
+            out.append(row("DPO step with Liger: skipped (liger-kernel is not installed)", 0, "s"))
+            continue
         free()
-        trainer = make_trainer(build("llama-1b-smollm2-vocab", args.tiny), liger)
-        dpo_step(trainer, prompt_len, completion)  # warm-up
-        seconds = min(dpo_step(trainer, prompt_len, completion) for _ in range(2))
+        with modules_restored():
+            trainer = make_trainer(build("llama-1b-smollm2-vocab", args.tiny), liger)
+            dpo_step(trainer, prompt_len, completion)  # warm-up
+            seconds = min(dpo_step(trainer, prompt_len, completion) for _ in range(2))
         tag = "with" if liger else "without"
         out += [
             row(f"DPO step, {2 * (prompt_len + completion)} tok, {tag} Liger", seconds, "s"),
@@ -429,12 +462,19 @@ def longest_sequence(trainer, lo: int, hi: int, step: int, budget_s: float) -> t
 
 
 def bench_longest(args) -> list[dict]:
+    with modules_restored():  # Liger's kernels stay out of the sections that run after this one
+        return _longest(args)
+
+
+def _longest(args) -> list[dict]:
     lo, hi, step, budget = (16, 256, 16, 20) if args.tiny else (1024, 131072, 1024, 120)
+    budget = getattr(args, "longest_budget", None) or budget
+    liger = device().type == "cuda" and liger_available()
     out = []
     for lora in (False, True):
         free()
         try:
-            trainer = make_trainer(build("Llama-3.1-8B-Instruct", args.tiny), liger=device().type == "cuda", lora=lora)
+            trainer = make_trainer(build("Llama-3.1-8B-Instruct", args.tiny), liger=liger, lora=lora)
         except torch.OutOfMemoryError:
             out.append(row(f"{'LoRA' if lora else 'full'} DPO, 8B shape: the model does not fit", 0, "tok"))
             continue
@@ -469,14 +509,28 @@ def run(args) -> list[dict]:
             rows.append(row(f"{name}: failed: {type(e).__name__}: {str(e)[:200]}", float("nan")))
         print(f"# gpu row {name} took {time.time() - t:.0f} s", flush=True)
         free()
+        if getattr(args, "rows_json", None):  # not scripts/bench.py's own --json, which it writes at its end
+            write_rows(rows, args.rows_json)
     return rows
+
+
+def write_rows(rows: list[dict], path) -> None:
+    """The rows so far, whole (a reader never sees half a file)."""
+    from trl_retmask.atomic import write_text
+
+    write_text(path, json.dumps(rows, indent=1))
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true", help="tiny shapes and lengths on any device (CPU test)")
     parser.add_argument("--only", dest="only_rows", default="", help=f"comma-separated rows of {', '.join(ROWS)}")
-    parser.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    parser.add_argument(
+        "--json", dest="rows_json", default=None, help="also write the rows to this JSON file (after each section)"
+    )
+    parser.add_argument(
+        "--longest-budget", dest="longest_budget", type=float, default=None, help="bisection seconds per `longest` row"
+    )
     args = parser.parse_args(argv)
     unknown = {s for s in args.only_rows.split(",") if s} - set(ROWS)
     if unknown:
@@ -486,8 +540,8 @@ def main(argv=None) -> int:
         v = r["value"]
         shown = f"{v:.3f}" if isinstance(v, float) else str(v)
         print(f"{r['name']:80s} {shown:>12s} {r['unit']:8s} {r['goal']}")
-    if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=1))
+    if args.rows_json:
+        write_rows(rows, args.rows_json)
     return 0
 
 

@@ -250,3 +250,28 @@ def test_bench_gpu_tiny_runs_every_row_on_the_cpu(tmp_path):
         "longest completion per GPU, LoRA",
     ):
         assert expected in names
+
+
+def test_bench_gpu_dpo_steps_run_with_checkpointing():
+    """The bench's DPO steps bypass `Trainer.train()`, where checkpointing is turned on: `make_trainer` must turn it
+    on itself (it did not: the DPO and longest-sequence rows measured steps that kept every activation)."""
+    bench = _bench_gpu()
+    for lora in (False, True):
+        trainer = bench.make_trainer(bench.build("llama-1b-smollm2-vocab", tiny=True), liger=False, lora=lora)
+        model = trainer.model.get_base_model() if lora else trainer.model
+        assert model.is_gradient_checkpointing, f"lora={lora}"
+        assert bench.dpo_step(trainer, 8, 16) > 0
+
+
+def test_bench_gpu_restores_the_modeling_module_that_liger_patches():
+    """Liger's instance API also rebinds `modeling_llama` globals (RoPE, RMSNorm, MLP classes); the bench's sections
+    after a Liger section must build plain Llamas again (`modules_restored`)."""
+    from transformers.models.llama import modeling_llama
+
+    bench = _bench_gpu()
+    before = {n: getattr(modeling_llama, n) for n in ("apply_rotary_pos_emb", "LlamaRMSNorm", "LlamaMLP")}
+    with bench.modules_restored():
+        modeling_llama.apply_rotary_pos_emb = modeling_llama.LlamaRMSNorm = modeling_llama.LlamaMLP = None
+        modeling_llama.added_by_a_patch = True
+    assert {n: getattr(modeling_llama, n) for n in before} == before and not hasattr(modeling_llama, "added_by_a_patch")
+    assert type(bench.build("llama-1b-smollm2-vocab", tiny=True).model.norm) is before["LlamaRMSNorm"]

@@ -1,26 +1,31 @@
 """CUDA-only checks (`gpu` marker; skipped without CUDA): what the CPU suite cannot show.
 
-Liger's Triton kernels, bf16 end to end from prompts, detection on CUDA agreeing with the CPU, masking under the
-CUDA attention kernels equal to a zeroed-weights copy, and the static pair backend (compiled, CUDA graphs) equal to
-plain `generate`, also through `generate_pairs`.
+Liger's Triton kernels (equal to the model's own layers, and in a training run), bf16 end to end from prompts,
+detection on CUDA agreeing with the CPU, masking under the CUDA attention kernels equal to a zeroed-weights copy, the
+static pair backend (compiled, CUDA graphs) equal to plain `generate`, also through `generate_pairs`, and vLLM's greedy
+pairs on CUDA equal to `generate`'s on both of its routes. `bash scripts/gpu_check.sh` runs them on a lent GPU
+(docs/benchmarks.md, "GPU check"), where TRL, datasets and liger-kernel come as carried wheels and vLLM is absent.
 """
 
 import math
 
 import pytest
 import torch
-from datasets import Dataset
-from transformers import GenerationConfig
 
-from tests.test_masking import zeroed_copy
-from tests.tiny import HAYSTACK, make_tiny_model
-from trl_retmask import HeadScores
-from trl_retmask.config import RetMaskConfig
-from trl_retmask.detection import record_attention_argmax
-from trl_retmask.generation import StaticCacheBackend, generate_batch
-from trl_retmask.masking import mask_heads
-from trl_retmask.pairs import generate_pairs
-from trl_retmask.trainer import RetMaskTrainer
+pytest.importorskip("trl", reason="TRL is not installed (on a lent GPU: bash scripts/gpu_wheels.sh, carry .gpu_wheels)")
+
+from datasets import Dataset  # noqa: E402
+from transformers import GenerationConfig  # noqa: E402
+
+from tests.test_masking import zeroed_copy  # noqa: E402
+from tests.tiny import HAYSTACK, make_tiny_model  # noqa: E402
+from trl_retmask import HeadScores  # noqa: E402
+from trl_retmask.config import RetMaskConfig  # noqa: E402
+from trl_retmask.detection import record_attention_argmax  # noqa: E402
+from trl_retmask.generation import StaticCacheBackend, generate_batch  # noqa: E402
+from trl_retmask.masking import mask_heads  # noqa: E402
+from trl_retmask.pairs import generate_pairs  # noqa: E402
+from trl_retmask.trainer import RetMaskTrainer  # noqa: E402
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
@@ -61,15 +66,53 @@ def train(tmp_path, tokenizer, **kw):
     return trainer, [h["loss"] for h in trainer.state.log_history if "loss" in h]
 
 
-def test_liger_training_step(tiny_tokenizer, tmp_path):
-    pytest.importorskip("liger_kernel")
+@pytest.fixture
+def liger(monkeypatch):
+    """liger-kernel, with transformers' Llama module restored afterwards.
+
+    Liger patches the instance *and* the modeling module's globals (`liger_kernel/transformers/monkey_patch.py`,
+    `apply_liger_kernel_to_llama`: `modeling_llama.apply_rotary_pos_emb`, `LlamaRMSNorm`, `LlamaMLP`), so every
+    Llama built or run later in the process uses Liger's Triton kernels, which fail on CPU tensors: the detection
+    test, which decodes on the CPU first, broke after the Liger test."""
+    liger_kernel = pytest.importorskip("liger_kernel", reason="liger-kernel is not installed")
+    from transformers.models.llama import modeling_llama
+
+    for name in ("apply_rotary_pos_emb", "LlamaRMSNorm", "LlamaMLP"):
+        monkeypatch.setattr(modeling_llama, name, getattr(modeling_llama, name))  # restored at teardown
+    return liger_kernel
+
+
+def test_liger_kernels_equal_the_models_layers(liger):
+    """`apply_liger_kernels` (liger-kernel's instance API) keeps the model's function: fp32 logits within rounding of
+    the unpatched model's, and Liger's RMSNorm and SwiGLU are what runs."""
+    from trl_retmask.liger import apply_liger_kernels
+
+    model = make_tiny_model("llama").cuda()
+    x = torch.randint(3, 384, (2, 48), device="cuda")
+    with torch.no_grad():
+        expected = model(x).logits
+        apply_liger_kernels(model)
+        got = model(x).logits
+    layer = model.model.layers[0]
+    assert (model.model.norm._get_name(), layer.input_layernorm._get_name(), layer.mlp._get_name()) == (
+        "LigerRMSNorm",
+        "LigerRMSNorm",
+        "LigerSwiGLUMLP",
+    )
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_liger_training_step(liger, tiny_tokenizer, tmp_path):
     trainer, losses = train(tmp_path, tiny_tokenizer, liger_kernels=True, bf16=True)
     assert next(trainer.model.parameters()).device.type == "cuda"
-    assert losses and all(math.isfinite(x) for x in losses)
+    assert trainer.model.model.norm._get_name() == "LigerRMSNorm"  # patched by `liger_kernels=True`
+    assert len(losses) == 2 and losses[0] == pytest.approx(math.log(2), abs=1e-2)  # policy == reference at step 0
+    assert all(math.isfinite(x) for x in losses)
 
 
 def test_bf16_end_to_end_from_prompts(tiny_tokenizer, tmp_path):
-    trainer, losses = train(tmp_path, tiny_tokenizer, bf16=True, activation_checkpointing=True)
+    # `gradient_checkpointing`: the spelling transformers 5.17 (the lent GPU's) knows; RetMaskConfig maps it.
+    trainer, losses = train(tmp_path, tiny_tokenizer, bf16=True, gradient_checkpointing=True)
     assert len(losses) == 2 and losses[0] == pytest.approx(math.log(2), abs=1e-2)  # policy == reference at step 0
     stats = trainer.pair_stats["train"]
     assert stats.kept == len(trainer.train_dataset) == stats.prompts - stats.dropped_identical - stats.dropped_empty
@@ -153,3 +196,36 @@ def test_generate_pairs_static_backend_on_cuda(tiny_tokenizer):
     a = generate_pairs(model, tiny_tokenizer, PROMPTS, HEADS, backend="static", **sampled)
     b = generate_pairs(model, tiny_tokenizer, PROMPTS, HEADS, backend="static", **sampled)
     assert (a.chosen, a.rejected) == (b.chosen, b.rejected)
+
+
+@pytest.fixture(scope="module")
+def vllm_model():
+    """A tiny fp32 Llama on CUDA whose head size vLLM's CUDA attention takes (64), with vLLM required."""
+    from trl_retmask.generation.vllm import INSTALL_HINT, close_engine, vllm_available
+
+    if not vllm_available():
+        pytest.skip(f"vLLM is not installed ({INSTALL_HINT})")
+    model = make_tiny_model("llama", hidden_size=256, num_attention_heads=4, num_key_value_heads=2, head_dim=64)
+    model.config.dtype = torch.float32  # the engine's dtype on CUDA follows the checkpoint's: fp32, as the model's
+    yield model.cuda()
+    close_engine()
+
+
+@pytest.mark.parametrize("route", ["per_request", "weights"])
+def test_vllm_greedy_pairs_equal_generate_on_cuda(vllm_model, tiny_tokenizer, route, monkeypatch):
+    """vLLM's pairs on CUDA, both ways the engine masks heads: "per_request" (eager engine: plain and masked rows in
+    one call, the heads zeroed per request) and "weights" (CUDA graphs: the masked layers' o_proj weights swapped for
+    a second call). Greedy, they equal the `generate` backend's, chosen and rejected."""
+    from trl_retmask.generation.vllm import VLLMBackend, VLLMSettings
+
+    backend = VLLMBackend(VLLMSettings(enforce_eager=route == "per_request"))
+    engine = backend.engine(vllm_model)
+    calls = []
+    generate = engine.generate
+    monkeypatch.setattr(engine, "generate", lambda p, params: calls.append(len(p)) or generate(p, params))
+    greedy = dict(temperature=0.0, max_new_tokens=8, batch_size=2, show_progress=False)
+    got = generate_pairs(vllm_model, tiny_tokenizer, PROMPTS, HEADS, backend=backend, **greedy)
+    assert calls == ([4, 4] if route == "per_request" else [2, 2, 2, 2]), f"{route}: engine calls {calls}"
+    plain = generate_pairs(vllm_model, tiny_tokenizer, PROMPTS, HEADS, backend="generate", **greedy)
+    assert (got.chosen, got.rejected) == (plain.chosen, plain.rejected)
+    assert any(c != r for c, r in zip(plain.chosen, plain.rejected)), "the mask must change some answer"
