@@ -61,7 +61,8 @@ def test_zero3_online_run_equals_one_process(tmp_path, deepspeed_ops):
       (TRL reloaded it from the checkpoint);
     - the initial pairs, and those regenerated at step 2 from the trained policy, equal a one-process run's;
     - after a regeneration whose pairs were all dropped (step 1), training goes on with ZeRO-3's module hooks
-      (they were left removed).
+      (they were left removed);
+    - `LongContextEvalCallback` decodes its shares with the gathered weights.
     """
     from trl_retmask.fingerprints import hash_weights
 
@@ -99,6 +100,10 @@ def test_zero3_online_run_equals_one_process(tmp_path, deepspeed_ops):
     # (trl/models/utils.py:147-150): after step 1's failed regeneration they were gone (0 of 92 here).
     assert all(len(set(r["zero3_hooks"].values())) == 1 and r["zero3_hooks"]["0"] > 0 for r in ranks)
     assert all(r["global_step"] == 3 for r in ranks)
+    # LongContextEvalCallback at step 3: 12 samples shared by 2 processes, decoded without hanging, the
+    # same scores logged on both.
+    assert ranks[0]["longctx_samples"] == 12 and [h["step"] for h in ranks[0]["longctx"]] == [3]
+    assert ranks[0]["longctx"] == ranks[1]["longctx"]
     assert [h["step"] for h in ranks[0]["history"]] == [2]
     assert ranks[0]["losses"] and all(torch.isfinite(torch.tensor(ranks[0]["losses"])))
     assert any(f.endswith("pairs.meta.json") for f in ranks[0]["cache_files"])  # the default cache was used

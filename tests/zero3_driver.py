@@ -30,6 +30,7 @@ from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled  # no
 from tests.launch import ZERO3_CONFIG  # noqa: E402
 from trl_retmask import RetMaskConfig, RetMaskTrainer  # noqa: E402
 from trl_retmask.distributed import gathered_for_generation  # noqa: E402
+from trl_retmask.evaluation.callback import LongContextEvalCallback  # noqa: E402
 from trl_retmask.fingerprints import hash_weights  # noqa: E402
 
 ZERO3_PROMPTS = [
@@ -129,6 +130,11 @@ trainer = RetMaskTrainer(
     processing_class=tokenizer,
     callbacks=[steps],
 )
+# The long-context callback at step 3: 12 samples (batches of 5) shared by the 2 processes.
+longctx = LongContextEvalCallback(
+    trainer, lengths=(128,), categories=("recall",), n_per_task=3, every_n_steps=3, on_start=False, batch_size=5
+)
+trainer.add_callback(longctx)
 reference = gathered(trainer.ref_model.module)
 record["reference_max_diff"] = max((reference[n] - initial[n]).abs().max().item() for n in initial)
 record["reference_dtypes"] = sorted({str(t.dtype) for t in reference.values()})
@@ -137,6 +143,8 @@ trainer.train()
 record["pairs"] = steps.pairs
 record["history"] = trainer.pair_stats_history
 record["zero3_hooks"] = steps.hooks  # DeepSpeed's module hooks at the start of each step
+record["longctx"] = longctx.history
+record["longctx_samples"] = len(longctx.samples)
 record["persistent"] = sum(bool(getattr(p, "ds_persist", False)) for p in model.parameters())
 record["global_step"] = trainer.state.global_step
 record["losses"] = [h["loss"] for h in trainer.state.log_history if "loss" in h]

@@ -53,7 +53,7 @@ def unwrapped_for_generation(trainer):
     error caught by the caller would leave the rest of training without it).
 
     The body's error is held until TRL's context has closed as if the body returned: under ZeRO-3 that context
-    removes DeepSpeed's parameter hooks and adds them back only after its `yield` (trl/models/utils.py:146-150, not in
+    removes DeepSpeed's parameter hooks and adds them back only after its `yield` (trl/models/utils.py:147-150, not in
     a `finally`), so an error caught by the caller (online regeneration keeping its previous pairs) would otherwise
     leave the engine training on partitioned weights without the hooks that gather them."""
     from trl.models.utils import unwrap_model_for_generation
