@@ -1,4 +1,5 @@
-"""Run recipes/smollm2.py under `accelerate launch` and record, per process, what it generated and trained on.
+"""Run recipes/smollm2.py under `accelerate launch` (or torchrun with DeepSpeed on CPUs) and record, per process,
+what it generated and trained on.
 
 Used by tests/test_distributed.py: `accelerate launch --num_processes 2 --cpu tests/distributed_driver.py REPORT_DIR
 <recipe arguments>`. Each rank writes REPORT_DIR/rank<k>.json with the prompts its own `generate` calls received,
@@ -11,6 +12,15 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+if os.environ.get("DS_ACCELERATOR") == "cpu":  # launched by tests/launch.py `launch_two_deepspeed_cpu_processes`
+    from tests.launch import deepspeed_cpu_state
+
+    deepspeed_cpu_state()  # before the training arguments, which reuse it (`use_configured_state`)
+if os.environ.get("RETMASK_TEST_EVERY_ANSWER_CORRECT"):  # the tiny random model answers nothing right
+    import trl_retmask.detection as detection
+
+    detection.score_answer = lambda reference, response: {"rouge1_recall": 1.0, "correct": True}
 
 import torch  # noqa: E402
 import transformers  # noqa: E402
@@ -27,9 +37,11 @@ _generate = transformers.GenerationMixin.generate
 
 
 def counting_generate(self, *args, **kwargs):
-    """Record the (unpadded) prompts of every generate call made by this process."""
+    """Record the (unpadded) prompts of every generate call made by this process once the trainer is built."""
+    tokenizer = getattr(counting_generate, "tokenizer", None)
+    if tokenizer is None:  # detection / NIAH before the trainer is built: not pair generation
+        return _generate(self, *args, **kwargs)
     input_ids, mask = kwargs["input_ids"], kwargs.get("attention_mask")
-    tokenizer = counting_generate.tokenizer
     for i in range(input_ids.shape[0]):
         ids = input_ids[i][mask[i].bool()] if mask is not None else input_ids[i]
         record["generated_prompts"].append(tokenizer.decode(ids, skip_special_tokens=False))
@@ -75,6 +87,7 @@ record["num_processes"] = trainer.accelerator.num_processes
 record["backend"] = trainer.accelerator.state.backend
 record["device"] = str(trainer.accelerator.device)
 record["summary_heads"] = summary["masked_heads"]
+record["niah"] = {k: summary[k] for k in ("niah_before", "niah_before_masked", "niah_after") if k in summary}
 record["process_group_ended"] = not torch.distributed.is_initialized()
 report_dir.mkdir(parents=True, exist_ok=True)
 (report_dir / f"rank{rank}.json").write_text(json.dumps(record))

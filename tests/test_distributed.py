@@ -181,3 +181,29 @@ def test_cpu_training_memory_returns_freed_blocks_to_the_os(tmp_path, monkeypatc
     assert limit_cpu_training_memory("cuda") is False and limit_cpu_training_memory(torch.device("mps")) is False
     monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")
     assert limit_cpu_training_memory("cpu") is False
+
+
+# ------------------------------------------------------------------------------------------- FSDP refusals
+def test_niah_eval_and_the_long_context_callback_are_refused_under_fsdp(tmp_path, monkeypatch):
+    """After training, NIAH (the train script's `--niah_eval`) and `LongContextEvalCallback` would decode through
+    FSDP's sharded forward, whose all-gathers hang when processes decode different samples: refused with the way
+    out, before any model loads. Detection and NIAH before training are not concerned (the model is whole then)."""
+    from types import SimpleNamespace
+
+    from tests.tiny import make_tiny_tokenizer
+    from trl_retmask.evaluation.callback import LongContextEvalCallback
+    from trl_retmask.scripts.train import check_niah_under_fsdp
+
+    script = SimpleNamespace(niah_eval=True)
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what `accelerate launch` with an FSDP config sets
+    with pytest.raises(ValueError, match=r"^--niah_eval cannot run under FSDP: .* `trl-retmask niah "):
+        check_niah_under_fsdp(script, SimpleNamespace(fsdp=""))
+    check_niah_under_fsdp(SimpleNamespace(niah_eval=False), SimpleNamespace(fsdp=""))
+    monkeypatch.delenv("ACCELERATE_USE_FSDP")
+    check_niah_under_fsdp(script, SimpleNamespace(fsdp=""))
+    with pytest.raises(ValueError, match="cannot run under FSDP"):
+        check_niah_under_fsdp(script, SimpleNamespace(fsdp="full_shard"))
+
+    tokenizer = make_tiny_tokenizer(tmp_path / "tok")
+    with pytest.raises(ValueError, match=r"^LongContextEvalCallback cannot run under FSDP: .*`trl-retmask eval`"):
+        LongContextEvalCallback(SimpleNamespace(is_fsdp_enabled=True, processing_class=tokenizer))

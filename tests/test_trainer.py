@@ -422,7 +422,8 @@ class _Stop(Exception):
 
 def test_named_model_is_loaded_with_the_users_settings(tiny_tokenizer, tmp_path, monkeypatch):
     """`model_init_kwargs`, `trust_remote_code` and a `quantization_config` argument reach the loader (not
-    DPOTrainer, which refuses a quantization config beside a loaded model); no `device_map` under DDP/DeepSpeed."""
+    DPOTrainer, which refuses a quantization config beside a loaded model); no `device_map` under DDP, DeepSpeed, FSDP
+    or any multi-process job."""
     import types
 
     from accelerate.utils import DistributedType
@@ -455,13 +456,15 @@ def test_named_model_is_loaded_with_the_users_settings(tiny_tokenizer, tmp_path,
         raise _Stop
 
     monkeypatch.setattr(trainer_module, "create_model_from_path", stop)
-    for kind, device_map in (
-        (DistributedType.NO, "auto"),
-        (DistributedType.MULTI_GPU, None),
-        (DistributedType.DEEPSPEED, None),
+    for kind, processes, device_map in (
+        (DistributedType.NO, 1, "auto"),
+        (DistributedType.MULTI_GPU, 2, None),
+        (DistributedType.DEEPSPEED, 1, None),
+        (DistributedType.FSDP, 1, None),  # one full copy per process, as under DDP/ZeRO
+        (DistributedType.MULTI_XPU, 2, None),  # any multi-process job
     ):
         args = config(tmp_path, model_init_kwargs={"device_map": "auto"})
-        args.distributed_state = types.SimpleNamespace(distributed_type=kind)
+        args.distributed_state = types.SimpleNamespace(distributed_type=kind, num_processes=processes)
         with pytest.raises(_Stop):
             RetMaskTrainer(
                 model="org/model", args=args, train_dataset=PREFS, processing_class=tiny_tokenizer, head_scores=SCORES

@@ -3,6 +3,7 @@ model ready to generate under ZeRO-3 / FSDP, the end of a launch, and CPU memory
 
 from __future__ import annotations
 
+import copy
 import ctypes
 import os
 import platform
@@ -20,6 +21,7 @@ __all__ = [
     "from_main_process",
     "gathered_for_generation",
     "limit_cpu_training_memory",
+    "partitioned_copy",
     "process_state",
     "return_freed_memory",
     "unwrapped_for_generation",
@@ -50,17 +52,28 @@ def unwrapped_for_generation(trainer):
     """The trainer's model ready to generate mid-training: TRL's `unwrap_model_for_generation` (gathers ZeRO-3 / FSDP
     shards, turns activation checkpointing off), with checkpointing restored with the user's kwargs (TRL's default
     would be transformers' own) and also when the body raises (TRL restores it only when the body returns, so an
-    error caught by the caller would leave the rest of training without it)."""
+    error caught by the caller would leave the rest of training without it).
+
+    The body's error is held until TRL's context has closed as if the body returned: under ZeRO-3 that context
+    removes DeepSpeed's parameter hooks and adds them back only after its `yield` (trl/models/utils.py:147-150, not in
+    a `finally`), so an error caught by the caller (online regeneration keeping its previous pairs) would otherwise
+    leave the engine training on partitioned weights without the hooks that gather them."""
     from trl.models.utils import unwrap_model_for_generation
 
     unwrapped = trainer.accelerator.unwrap_model(trainer.model_wrapped)
     was_on = is_checkpointing(unwrapped)
     kwargs = checkpointing_kwargs(trainer.args)
+    error = None
     try:
         with unwrap_model_for_generation(
             trainer.model_wrapped, trainer.accelerator, gradient_checkpointing_kwargs=kwargs
         ) as model:
-            yield model
+            try:
+                yield model
+            except Exception as e:  # noqa: BLE001 - re-raised below, once TRL's exit has run
+                error = e
+        if error is not None:
+            raise error
     finally:
         if was_on and not is_checkpointing(unwrapped):
             enable_checkpointing(unwrapped, kwargs)
@@ -78,6 +91,31 @@ def gathered_for_generation(model):
 
     with deepspeed.zero.GatheredParameters(list(model.parameters())):
         yield model
+
+
+def partitioned_copy(model):
+    """A ZeRO-3-partitioned copy of a ZeRO-3-partitioned `model`: same class, config, dtype, attention, weights,
+    buffers and generation config. `copy.deepcopy` cannot copy a partitioned model, and TRL's fallback reloads the
+    reference from `config._name_or_path` (trl/trainer/dpo_trainer.py:915-927) without the policy's revision or other
+    load settings, and without changes made after loading. Built under `zero.Init` (transformers' `_from_config`),
+    then each weight copied from the policy, one gathered pair at a time (rank 0 writes, DeepSpeed re-partitions)."""
+    import deepspeed
+
+    config = copy.deepcopy(model.config)
+    ref = type(model)._from_config(config, dtype=model.dtype, attn_implementation=config._attn_implementation)
+    ref.generation_config = copy.deepcopy(model.generation_config)
+    rank0 = torch.distributed.get_rank() == 0
+    targets = dict(ref.named_parameters())
+    with torch.no_grad():
+        for name, source in model.named_parameters():
+            target = targets[name]
+            with deepspeed.zero.GatheredParameters([source, target], modifier_rank=0):
+                if rank0:
+                    target.data.copy_(source.data)
+        targets = dict(ref.named_buffers())
+        for name, buffer in model.named_buffers():  # not partitioned: every rank copies its own
+            targets[name].copy_(buffer)
+    return ref.eval().requires_grad_(False)
 
 
 def end_processes() -> None:

@@ -105,15 +105,29 @@ def _storage_key(name: str, t: torch.Tensor, param, zero3: bool, owner: str | No
 
 
 def _weight_bytes(name: str, t: torch.Tensor, param, zero3: bool, owner: str | None, offloaded: dict) -> bytes:
-    """The full weight's bytes: a ZeRO-3 partition gathered, an offloaded weight read from its (onloaded) module."""
-    if zero3:
+    """The full weight's bytes: a ZeRO-3 partition gathered, an offloaded weight read from its (onloaded) module.
+
+    A ZeRO-3 weight already gathered by the caller (pair generation hashes inside its full-model gather) is read as
+    it is: DeepSpeed 0.19.8 refuses a nested `GatheredParameters` over it ("Nested GatheredParameters contexts cannot
+    overlap parameters", deepspeed/runtime/zero/partition_parameters.py:2468-2473), and older releases re-partition
+    it at the inner exit, which would leave the caller generating with empty weights."""
+    if zero3 and not _zero3_gathered(param):
         import deepspeed
 
         with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
             t = param.detach().contiguous().cpu().clone()
+    elif zero3:
+        t = param.detach()
     elif owner is not None:
         t = offloaded[owner].state_dict()[name[len(owner) + 1 :] if owner else name]
     return t.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes()
+
+
+def _zero3_gathered(param) -> bool:
+    """A ZeRO-3 parameter whose full tensor is present on this process (inside a `GatheredParameters`)."""
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    return param.ds_status == ZeroParamStatus.AVAILABLE
 
 
 def model_fingerprint(model) -> str:

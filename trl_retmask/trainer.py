@@ -30,7 +30,13 @@ from trl.trainer.utils import (
 
 from .atomic import atomic_directory, atomic_path, ordinary_modes_of_new_files
 from .config import RetMaskConfig
-from .distributed import from_main_process, gathered_for_generation, process_state, unwrapped_for_generation
+from .distributed import (
+    from_main_process,
+    gathered_for_generation,
+    partitioned_copy,
+    process_state,
+    unwrapped_for_generation,
+)
 from .generation.vllm import close_engine
 from .heads import format_head, format_heads, validate_heads
 from .liger import apply_liger_kernels
@@ -172,7 +178,11 @@ class RetMaskTrainer(DPOTrainer):
             if quantization_config is not None:
                 init_kwargs["quantization_config"] = quantization_config
                 quantization_config = None
-            if args.distributed_state.distributed_type in ["MULTI_GPU", "DEEPSPEED"]:
+            # One full copy per process (TRL's rule, which names MULTI_GPU and DEEPSPEED only): with several processes
+            # (DDP, ZeRO, FSDP; accelerate's PartialState says FSDP only once an Accelerator exists, state.py:974) a
+            # "auto" map would spread every rank's copy over all GPUs.
+            state = args.distributed_state
+            if state.distributed_type in ["MULTI_GPU", "DEEPSPEED", "FSDP"] or state.num_processes > 1:
                 init_kwargs["device_map"] = None
             init_kwargs.setdefault("trust_remote_code", args.trust_remote_code)
             model = create_model_from_path(resolve_model_path(model), **init_kwargs)
@@ -215,17 +225,15 @@ class RetMaskTrainer(DPOTrainer):
                 close_engine()
 
         # Reference = the initial, unmasked policy. TRL would reload it from `config._name_or_path`, which fails for a
-        # model built in memory and silently differs from one modified after loading; a copy is exact. With PEFT
-        # the adapter-disabled base serves (TRL), and precomputed reference log-probs need no model.
-        if (
-            ref_model is None
-            and peft_config is None
-            and not is_peft_model(model)
-            and not args.precompute_ref_log_probs
-            and not is_deepspeed_zero3_enabled()
-        ):
-            ref_model = copy.deepcopy(model).eval()
-            ref_model.requires_grad_(False)
+        # model built in memory and silently differs from one modified after loading or loaded at another revision; a
+        # copy is exact (under ZeRO-3 a partitioned one). With PEFT the adapter-disabled base serves (TRL), and
+        # precomputed reference log-probs need no model.
+        if ref_model is None and peft_config is None and not is_peft_model(model) and not args.precompute_ref_log_probs:
+            if is_deepspeed_zero3_enabled():
+                ref_model = partitioned_copy(model)
+            else:
+                ref_model = copy.deepcopy(model).eval()
+                ref_model.requires_grad_(False)
 
         if args.liger_kernels:
             apply_liger_kernels(model, args.liger_kernel_config)
@@ -245,10 +253,22 @@ class RetMaskTrainer(DPOTrainer):
                 quantization_config=quantization_config,
                 peft_config=peft_config,
             )
+        self._release_precompute_engine()
         self.add_callback(_LogPairStats(self))
         if args.online:
             self.train_dataset = _OnlinePairs(self.train_dataset)
             self.add_callback(_OnlineRegeneration(self))
+
+    def _release_precompute_engine(self) -> None:
+        """Under DeepSpeed, TRL precomputes reference log-probs through an inference engine around the policy itself
+        (trl/trainer/dpo_trainer.py:1198-1201) and keeps it: under ZeRO-3 its module hooks stay on the policy beside
+        the training engine's, and the first training step fails in DeepSpeed's parameter trace ("pop from an empty
+        deque"). The log-probs are computed by now, so the engine is destroyed (its hooks removed); TRL builds a new
+        one if a later `evaluate` needs it."""
+        engine = getattr(self, "_precompute_engine", None)
+        if engine is not None:
+            engine.destroy()
+            self._precompute_engine = None
 
     def evaluate(self, *args, **kwargs):
         """TRL's `evaluate`, whose preparation of a new eval dataset keeps every row (the collator truncates)."""

@@ -15,6 +15,8 @@ class LongContextEvalCallback(TrainerCallback):
     Logs `{prefix}/{category}/{length}` (primary score) and what each task's registry entry names (`Task.logged`:
     `{prefix}/{task}/{length}` for the recall tasks, `{prefix}/cite_{metric}/{length}` for the citation components)
     with `trainer.log`, i.e. to every logger the trainer reports to (TensorBoard, W&B, log_history...).
+    Under ZeRO-3 each process decodes its share with the gathered weights (TRL's `unwrap_model_for_generation`);
+    under FSDP it is refused (the sharded forward's all-gathers would hang).
     The samples are built once, so every evaluation scores the same prompts. Usage, as TRL's callbacks:
 
     ```python
@@ -41,6 +43,12 @@ class LongContextEvalCallback(TrainerCallback):
         tokenizer = getattr(tokenizer, "tokenizer", tokenizer)  # processors wrap a tokenizer
         if tokenizer is None:
             raise ValueError("LongContextEvalCallback needs the trainer's `processing_class` (a tokenizer).")
+        if getattr(trainer, "is_fsdp_enabled", False):
+            raise ValueError(
+                "LongContextEvalCallback cannot run under FSDP: it would decode through the sharded model, whose "
+                "all-gathers hang when processes decode different samples. Evaluate saved checkpoints with "
+                "`trl-retmask eval` instead."
+            )
         if every_n_steps is not None and every_n_steps < 1:
             raise ValueError(f"every_n_steps must be >= 1, got {every_n_steps}.")
         self.tokenizer = tokenizer

@@ -91,7 +91,10 @@ class GenerateBackend:
             rows = torch.tensor(idx, device=input_ids.device)
             with mask_heads(model, heads) if flag else nullcontext():
                 out = model.generate(
-                    input_ids=input_ids[rows], attention_mask=attention_mask[rows], generation_config=generation_config
+                    input_ids=input_ids[rows],
+                    attention_mask=attention_mask[rows],
+                    generation_config=generation_config,
+                    synced_gpus=False,  # see `generate_batch`: every process decodes its own batches alone
                 )
             for i, row in zip(idx, out[:, input_ids.shape[1] :].tolist()):
                 new[i] = row
@@ -144,6 +147,11 @@ def generate_batch(
     gets its mode back. `backend` decodes (default: `GenerateBackend`). `row_seeds` (one per prompt) seed the rows
     of a backend that samples each row apart (`backend.row_seeded`); others ignore them. Bad input is refused before
     generating, rows that with `max_new_tokens` would not fit the model's window included (`check_window`).
+
+    The model must hold its full weights (under ZeRO-3: gathered, as pair generation, detection, NIAH and TRL's
+    `unwrap_model_for_generation` do): transformers would otherwise sync every decoding step across processes
+    (`synced_gpus`, on by default under ZeRO-3/FSDP, transformers/generation/utils.py:2378-2383, an all-reduce per
+    step at :2814-2824), and processes that decode different numbers of batches hang there.
     """
     check_prompt_ids(prompt_ids)
     config = generation_config if generation_config is not None else model.generation_config

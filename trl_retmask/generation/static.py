@@ -177,7 +177,9 @@ class StaticCacheBackend(GenerateBackend):
         row_mask.active = any(flags)
         config = self._config(model, generation_config, input_ids.shape[1], compile)
         try:
-            out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
+            out = model.generate(
+                input_ids=input_ids, attention_mask=attention_mask, generation_config=config, synced_gpus=False
+            )  # see `generate_batch`: every process decodes its own batches alone
         finally:
             row_mask.active = False
         return out[:n, input_ids.shape[1] :].tolist()

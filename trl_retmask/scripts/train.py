@@ -29,7 +29,12 @@ from typing import Any
 
 from ..atomic import write_text
 from ..detection import AUTHORS_CONTEXT_LENGTHS, AUTHORS_DEPTHS
-from ..distributed import limit_cpu_training_memory, process_state
+from ..distributed import (
+    gathered_for_generation,
+    limit_cpu_training_memory,
+    process_state,
+    unwrapped_for_generation,
+)
 from ..heads import format_heads
 from ..models import load_model_and_tokenizer, model_init_kwargs
 from ..selection import select_heads
@@ -207,6 +212,7 @@ def parse_args(
 def check_args(script_args, training_args, model_args) -> None:
     """What the dataclasses cannot check alone, before any model work."""
     check_parallelism(training_args)
+    check_niah_under_fsdp(script_args, training_args)
     check_quantized_training(training_args, model_args)
     check_output_dirs(training_args)
 
@@ -237,6 +243,19 @@ def check_parallelism(training_args) -> None:
             "does not support it: each rank would sum only its shard of a sequence's log-probs. Remove "
             "`parallelism_config` (cp_size/sp_size) from the accelerate config and fit long sequences with "
             "gradient checkpointing and ZeRO-3/FSDP2 (see docs/distributed.md)."
+        )
+
+
+def check_niah_under_fsdp(script_args, training_args) -> None:
+    """NIAH after training would decode through FSDP's sharded policy: every forward all-gathers across processes,
+    which decode different samples and stop at different steps, so they would hang. Refused before any model work.
+    (Detection and NIAH before training run on the full model, which FSDP shards only inside the Trainer.)"""
+    fsdp = training_args.fsdp or os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true")
+    if script_args.niah_eval and fsdp:
+        raise ValueError(
+            "--niah_eval cannot run under FSDP: after training, NIAH would decode through the sharded policy, whose "
+            "all-gathers hang when processes decode different samples. Set --niah_eval False and evaluate the saved "
+            "model with `trl-retmask niah --model_name_or_path <output_dir>`."
         )
 
 
@@ -288,7 +307,8 @@ def resolve_heads(script_args, training_args, model, tokenizer):
     `--detect_heads`, else from the model's bundled scores (`select_heads`). The trainer takes both as they are."""
     detected = None
     if script_args.detect_heads and not training_args.head_scores and not training_args.heads:
-        detected = detect_heads(script_args, training_args, model, tokenizer)
+        with gathered_for_generation(model):  # ZeRO-3 partitioned it at load: full weights for decoding
+            detected = detect_heads(script_args, training_args, model, tokenizer)
     return select_heads(training_args, model, detected)
 
 
@@ -393,10 +413,11 @@ def main(script_args: TrainScriptArguments, training_args, model_args) -> dict:
     out = Path(training_args.output_dir)
     if script_args.niah_eval:
         t = time.time()
-        summary["niah_before"] = niah_accuracy(script_args, model, tokenizer, output_dir=out / "niah_before")
-        summary["niah_before_masked"] = niah_accuracy(
-            script_args, model, tokenizer, heads=heads, output_dir=out / "niah_before_masked"
-        )
+        with gathered_for_generation(model):  # ZeRO-3 partitioned it at load: full weights for decoding
+            summary["niah_before"] = niah_accuracy(script_args, model, tokenizer, output_dir=out / "niah_before")
+            summary["niah_before_masked"] = niah_accuracy(
+                script_args, model, tokenizer, heads=heads, output_dir=out / "niah_before_masked"
+            )
         summary["timings_s"]["niah_before"] = time.time() - t
 
     t = time.time()
@@ -419,8 +440,8 @@ def main(script_args: TrainScriptArguments, training_args, model_args) -> dict:
 
     if script_args.niah_eval:
         t = time.time()
-        policy = trainer.accelerator.unwrap_model(trainer.model)
-        summary["niah_after"] = niah_accuracy(script_args, policy, tokenizer, output_dir=out / "niah_after")
+        with unwrapped_for_generation(trainer) as policy:  # ZeRO-3: gathered, without the engine's hooks
+            summary["niah_after"] = niah_accuracy(script_args, policy, tokenizer, output_dir=out / "niah_after")
         summary["timings_s"]["niah_after"] = time.time() - t
     summary["pair_stats"] = {split: stats.to_dict() for split, stats in trainer.pair_stats.items()}
     summary["timings_s"]["total"] = time.time() - t0
