@@ -795,3 +795,73 @@ def test_a_reused_backend_decodes_the_weights_as_they_are_now(engine_model):
     finally:
         with torch.no_grad():
             weight.copy_(original)
+
+
+def test_every_vllm_setting_is_in_the_pair_cache_fingerprint_and_a_short_window_is_refused(smollm2, monkeypatch):
+    """Pairs decoded under other engine settings (a shorter window, transformers' model code, eager or not) are
+    cached apart; a window that cannot hold the longest prompt + `max_new_tokens` is refused before an engine is
+    built (vLLM cut those responses at the window, silently, and the cut pairs were cached)."""
+    _require_vllm()
+    from trl_retmask.generation import vllm_engine
+    from trl_retmask.pairs import PairGeneration
+
+    model, tokenizer = smollm2
+    monkeypatch.setattr(vllm_engine._Engine, "__init__", lambda *a, **k: pytest.fail("an engine was built"))
+    kw = dict(max_new_tokens=16, temperature=0.0, top_p=1.0, top_k=None, seed=0, generation_kwargs=None)
+    kw.update(batch_size=2, backend="vllm", template_kwargs=None)
+
+    def fingerprints(**settings):
+        return PairGeneration(model, tokenizer, CHATS[:2], HEADS, vllm=settings, **kw).fingerprints()
+
+    default = fingerprints()
+    others = [
+        fingerprints(max_model_length=4096),
+        fingerprints(model_impl="transformers"),
+        fingerprints(enforce_eager=False),
+        fingerprints(gpu_memory_utilization=0.5),
+    ]
+    assert len({default, *others}) == 5 and all(a != b for f in others for a, b in zip(f, default))
+    prompt = max(len(ids) for ids in encode_prompts(tokenizer, CHATS[:2]))
+    with pytest.raises(ValueError) as refused:
+        PairGeneration(model, tokenizer, CHATS[:2], HEADS, vllm={"max_model_length": prompt + 15}, **kw)
+    assert str(refused.value).startswith(
+        f"The longest prompt ({prompt} tokens) + 16 new tokens exceeds the vLLM engine's window "
+        f"(`vllm_max_model_length`, raise it or leave it unset) of {prompt + 15} tokens"
+    )
+    PairGeneration(model, tokenizer, CHATS[:2], HEADS, vllm={"max_model_length": prompt + 16}, **kw)  # fits
+
+
+def test_a_vllm_window_without_room_for_the_responses_is_refused_by_the_config(tmp_path):
+    """`vllm_max_model_length` <= `max_new_tokens` is refused in the config, before any model loads."""
+    with pytest.raises(ValueError, match=r"`vllm_max_model_length=16` leaves no room for a prompt and `max_new_"):
+        RetMaskConfig(str(tmp_path), generation_backend="auto", vllm_max_model_length=16, max_new_tokens=16)
+    assert RetMaskConfig(str(tmp_path), generation_backend="generate", vllm_max_model_length=16, max_new_tokens=16)
+
+
+@pytest.mark.real_model
+@pytest.mark.parametrize("stage", ["pairs", "eval"])
+def test_vllm_stages_exit_without_a_traceback(engine_model, tmp_path, stage):
+    """`trl-retmask pairs` / `eval` with `--generation_backend vllm` close their engine before the interpreter exits:
+    vLLM's own shutdown at exit ran after the job's process group was gone and printed 15 lines of
+    "ValueError: Invalid process group specified" after a successful run (exit 0)."""
+    import os
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "trl_retmask.cli", stage, "--generation_backend", "vllm"]
+    if stage == "pairs":
+        prompts = tmp_path / "p.jsonl"
+        prompts.write_text("".join(json.dumps({"prompt": c}) + "\n" for c in CHATS[:2]))
+        cmd += ["--dataset_name", str(prompts), "--output", str(tmp_path / "o.jsonl"), "--temperature", "0"]
+        cmd += ["--output_dir", str(tmp_path / "run"), "--max_new_tokens", "4", "--mask_top_k", "10"]
+        cmd += ["--pairs_cache_dir", str(tmp_path / "cache")]
+    else:
+        cmd += ["--lengths", "256", "--n_per_task", "1", "--categories", "recall", "--output_dir", str(tmp_path)]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr and "Invalid process group" not in done.stderr, done.stderr[-3000:]
+    if stage == "pairs":
+        assert json.loads(done.stdout[done.stdout.index("{") :])["prompts"] == 2
+    else:
+        assert (tmp_path / "smollm2-135m-instruct.json").is_file()

@@ -48,7 +48,7 @@ def check_window(
             f"; {len(over)} of {len(prompt_lengths)} prompts do not fit" if len(prompt_lengths) > 1 else ""
         )
         raise ValueError(
-            f"The longest prompt ({prompt_lengths[i]} tokens) + {max_new_tokens} new tokens exceeds the "
+            f"The longest prompt ({prompt_lengths[i]} tokens) + {max_new_tokens} new tokens exceeds "
             f"{name} of {window} tokens ({which}); {fix}."
         )
 
