@@ -97,3 +97,33 @@ def test_top_k_one_is_greedy_and_bad_settings_are_refused():
         RowSampling(seed=1, temperature=0.0)
     with pytest.raises(ValueError, match="differ"):
         sample_rows(logits, rows[:3], [0] * 16)
+
+
+def test_the_repetition_penalty_builds_the_same_host_tensors_for_any_number_of_rows(monkeypatch):
+    """The penalty is applied to all rows at once: a step of 64 penalised rows makes as many tensors as a step of 2
+    (it made one per row per step), and each row's result is the per-row rule applied to it alone (mixed penalties,
+    one row at 1.0 untouched, repeated and unseen tokens)."""
+    import trl_retmask.generation.seeded as seeded
+
+    made = []
+    real = torch.tensor
+    monkeypatch.setattr(seeded.torch, "tensor", lambda *a, **k: made.append(1) or real(*a, **k))
+
+    def step(n):
+        made.clear()
+        rows = [RowSampling(seed=s, repetition_penalty=(1.0, 1.3, 2.0)[s % 3]) for s in range(n)]
+        seen = [[s % 8, (s * 3) % 8, s % 8] for s in range(n)]
+        sample_rows(real([LOGITS] * n), rows, list(range(n)), seen)
+        return len(made), rows, seen
+
+    few = step(2)[0]
+    count, rows, seen = step(64)
+    assert count == few
+    logits = real([LOGITS] * 64)
+    x = logits.clone()
+    seeded._penalise(x, rows, seen)
+    for i, (row, ids) in enumerate(zip(rows, seen)):  # per row, written out
+        want = logits[i].tolist()
+        for t in set(ids):
+            want[t] = want[t] / row.repetition_penalty if want[t] > 0 else want[t] * row.repetition_penalty
+        assert x[i].tolist() == pytest.approx(want, rel=1e-6)  # float32 against Python floats

@@ -73,7 +73,7 @@ def route(request, engine_model, monkeypatch):
     """Both ways the engine masks heads: "per_request" (plain and masked rows in one call, the heads masked by
     request: what an eager in-process engine does) and "weights" (the masked layers' weights swapped for a second
     call: what an engine with CUDA graphs does). Yields the route and the rows of each engine call."""
-    from trl_retmask.generation import vllm
+    from trl_retmask.generation import vllm_engine as vllm
 
     engine = VLLMBackend().engine(engine_model[0])
     assert engine.masks_requests, "an eager in-process CPU engine masks per request"
@@ -179,7 +179,7 @@ def test_masked_rows_never_reuse_the_plain_rows_cache(engine_model, route):
 def test_pair_generation_rebuilds_the_engine_once_for_a_larger_batch(engine_model):
     """Pair generation sizes the CPU KV cache for its largest batch (both roles' rows, whole blocks of vLLM's CPU
     block size): a batch that the engine's cache cannot hold at once rebuilds it, larger; a smaller one reuses it."""
-    from trl_retmask.generation import vllm
+    from trl_retmask.generation import vllm_engine as vllm
     from trl_retmask.generation.vllm import CPU_BLOCK_SIZE, cpu_kv_cache_bytes, kv_block_tokens
 
     model, tokenizer = engine_model
@@ -573,3 +573,298 @@ def test_eval_stage_checks_its_backend_before_loading(tmp_path, monkeypatch, cap
     with pytest.raises(SystemExit) as exited:
         cli.main(["eval", "--output_dir", str(tmp_path), "--generation_backend", "fast"])
     assert exited.value.code == 2 and "invalid choice: 'fast'" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------- issue 30 / issue 28
+def _require_vllm():
+    if not vllm_available():
+        skip_unless_ci("vLLM is not installed")
+
+
+def test_the_engine_runs_vllms_v1_runner_whose_loader_takes_the_seeded_sampler(monkeypatch, caplog):
+    """vLLM 0.31 picks Model Runner V2 on CUDA with Triton (`VllmConfig.use_v2_model_runner`), whose loader refuses
+    `SeededSampler` (a V1-interface processor): `LLM(...)` would raise there. The engine's environment selects V1,
+    whatever was set, in vLLM's own decision (run here as on CUDA: Triton present, nothing unsupported), and V1's
+    validator takes the sampler."""
+    _require_vllm()
+    from types import SimpleNamespace as NS
+
+    import vllm.config.vllm as vllm_config
+    from vllm import SamplingParams, envs
+    from vllm.v1.sample.logits_processor import validate_logits_processors_parameters
+    from vllm.v1.worker.gpu.sample.logits_processor import build_custom_logits_processors_params_validator
+
+    from trl_retmask.generation.vllm_engine import _apply_engine_environment
+    from trl_retmask.generation.vllm_sampler import EXTRA_ARG, SeededSampler
+
+    with pytest.raises(ValueError, match="not a subclass of vllm.v1.worker.gpu.sample.logits_processor"):
+        build_custom_logits_processors_params_validator([SeededSampler])  # what V2 does at start-up
+    monkeypatch.setattr(vllm_config, "HAS_TRITON", True)
+    config = NS(
+        attention_config=NS(hisparse_config=None), model_config=None, _get_v2_model_runner_unsupported_features=list
+    )
+    v2 = vllm_config.VllmConfig.use_v2_model_runner.fget
+    monkeypatch.delenv("VLLM_USE_V2_MODEL_RUNNER", raising=False)
+    envs.disable_envs_cache()
+    assert v2(config), "vLLM's default on CUDA with Triton is V2"
+    monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "1")
+    with caplog.at_level("WARNING"):
+        _apply_engine_environment()
+    assert "VLLM_USE_V2_MODEL_RUNNER=1 replaced by 0" in caplog.text
+    assert envs.VLLM_USE_V2_MODEL_RUNNER is False and not v2(config)
+    validate_logits_processors_parameters([SeededSampler], SamplingParams(extra_args={EXTRA_ARG: {"seed": 1}}))
+
+
+@pytest.mark.real_model
+def test_a_built_engine_runs_the_v1_runner_and_swaps_weights_in_place(engine_model):
+    """The engine as built here runs the V1 runner; a weights-route swap copies into the parameters' storage
+    (`reload/layerwise.py:366-417`), which is what lets CUDA graphs replay the masked weights, and logs nothing about
+    the layers it leaves alone (vLLM warns "Failed to load weights" for each)."""
+    import logging
+
+    from vllm.model_executor.model_loader.reload import layerwise
+
+    model, tokenizer = engine_model
+    backend = VLLMBackend()
+    engine = backend.engine(model)
+    assert engine.llm.llm_engine.vllm_config.use_v2_model_runner is False
+    name = next(iter(o_proj_names(model)))
+
+    def storage(worker):
+        return dict(worker.model_runner.get_model().named_parameters())[f"{name}.weight"].data_ptr()
+
+    before = engine.llm.collective_rpc(storage)
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    level = layerwise.logger.level
+    layerwise.logger.addHandler(handler)
+    layerwise.logger.setLevel(logging.WARNING)  # vLLM's default; the engine set up here may have raised it
+    try:
+        with backend._masked(engine, model, HEADS):
+            assert engine.llm.collective_rpc(storage) == before
+    finally:
+        layerwise.logger.removeHandler(handler)
+        layerwise.logger.setLevel(level)
+    assert engine.llm.collective_rpc(storage) == before
+    assert [r.getMessage() for r in records if "Failed to load weights" in r.getMessage()] == []
+
+
+def o_proj_names(model):
+    from trl_retmask.generation.vllm import o_proj_feature_masks
+
+    return o_proj_feature_masks(model, HEADS)
+
+
+def test_the_per_request_mask_declines_vllms_v2_runner():
+    """Model Runner V2 (`vllm/v1/worker/gpu/model_runner.py`) has none of the V1 internals the hooks read: `install`
+    says False (the backend swaps weights) instead of installing hooks whose first forward raises."""
+    _require_vllm()
+    from types import SimpleNamespace as NS
+
+    from vllm.v1.worker.gpu.model_runner import GPUModelRunner
+
+    from trl_retmask.generation.vllm_heads import RequestHeadMask
+
+    runner = object.__new__(GPUModelRunner)  # a V2 runner as far as its attributes go (no GPU here to build one)
+    runner.model = torch.nn.Module()
+    runner.model.o_proj = torch.nn.Linear(8, 5, bias=False)
+    runner.model.o_proj.input_size_per_partition = 8
+    worker = NS(model_runner=runner)
+    assert not RequestHeadMask.install(worker, {"o_proj": torch.zeros(8, dtype=torch.bool)})
+    assert RequestHeadMask.hooked_modules(worker) == []
+
+
+def test_tensor_parallel_engines_are_refused_before_any_model_loads(tmp_path, monkeypatch):
+    """TP > 1 is refused on CUDA too: one engine per process decodes its own batches, the masked rows need the
+    engine in the process, and a multiprocess executor cannot take the weight push's generator."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with pytest.raises(ValueError, match="`vllm_tensor_parallel_size=2` is not supported: each process runs its own"):
+        VLLMSettings(tensor_parallel_size=2)
+    with pytest.raises(ValueError, match="`vllm_tensor_parallel_size=4` is not supported"):
+        RetMaskConfig(str(tmp_path), vllm_tensor_parallel_size=4, use_cpu=True)
+
+
+def test_the_engine_runs_the_checkpoints_dtype_on_cuda_and_the_parameters_on_a_cpu(tiny_llama, tmp_path):
+    """A bf16 checkpoint trained with fp32 master weights: a bf16 engine on CUDA (as TRL's, loaded from the
+    checkpoint), fp32 on a CPU; an fp32 checkpoint stays fp32; bf16 parameters give bf16."""
+    from transformers import AutoModelForCausalLM
+
+    from trl_retmask.generation.vllm_engine import engine_dtype
+
+    tiny_llama.to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    tiny_llama.to(torch.float32).save_pretrained(tmp_path / "fp32")
+    master = AutoModelForCausalLM.from_pretrained(tmp_path / "bf16", dtype=torch.float32)
+    assert master.config.dtype == torch.float32, "transformers records the loaded dtype, not the checkpoint's"
+    assert (engine_dtype(master, "cuda"), engine_dtype(master, "cpu")) == ("bfloat16", "float32")
+    full = AutoModelForCausalLM.from_pretrained(tmp_path / "fp32", dtype=torch.float32)
+    assert engine_dtype(full, "cuda") == "float32"
+    assert engine_dtype(master.to(torch.bfloat16), "cpu") == "bfloat16"
+
+
+def test_the_engine_is_sized_for_the_rows_to_come_on_cuda(smollm2):
+    """On CUDA the engine's window is the longest row `prepare` saw (rounded up to 1024, at most the model's 8K),
+    not the model's full context; `vllm_max_model_length` wins; a CPU engine keeps the model's window (its KV cache
+    is sized apart). A CUDA engine is released before training (online too: its memory is training's), a CPU engine
+    of an online run is kept, a sleeping one costs nothing."""
+    from trl_retmask.generation.vllm_engine import engine_window, keeps_engine_through_training
+
+    model = smollm2[0]
+    settings = VLLMSettings()
+    assert engine_window(model, settings, 1500, "cuda") == 2048
+    assert engine_window(model, settings, 9000, "cuda") == 8192
+    assert engine_window(model, settings, 0, "cuda") is None
+    assert engine_window(model, settings, 1500, "cpu") is None
+    assert engine_window(model, VLLMSettings(max_model_length=4000), 1500, "cuda") == 4000
+    backend = VLLMBackend()
+    backend.prepare(model, [[100, 300], [1200]])
+    assert (backend.longest, backend.kv_tokens) == (1200, 1280)
+    assert not keeps_engine_through_training("cuda", online=True, sleeping=False)
+    assert not keeps_engine_through_training("cpu", online=False, sleeping=False)
+    assert keeps_engine_through_training("cpu", online=True, sleeping=False)
+    assert keeps_engine_through_training("cuda", online=True, sleeping=True)
+
+
+def test_auto_decodes_with_generate_on_cuda_and_says_how_to_use_vllm(smollm2, monkeypatch, caplog):
+    """`auto` picks the backend verified on the model's device: vLLM on the CPU, `generate` on CUDA (TRL's own
+    default is `use_vllm=False`) until a GPU run has recorded vLLM's pairs equal to `generate`'s there."""
+    _require_vllm()
+    import trl_retmask.generation.vllm as vllm_module
+
+    model = smollm2[0]
+    assert isinstance(make_backend("auto", model), VLLMBackend)
+    monkeypatch.setattr(vllm_module, "model_device", lambda m: torch.device("cuda", 0))
+    assert vllm_module.can_serve(model)
+    with caplog.at_level("INFO", logger="trl_retmask.generation.vllm"):
+        assert make_backend("auto", model) is DEFAULT_BACKEND
+    assert "pass --generation_backend vllm (or use_vllm=True)" in caplog.text
+    monkeypatch.setattr(vllm_module, "VERIFIED_ON_CUDA", True)
+    assert isinstance(make_backend("auto", model), VLLMBackend)
+
+
+def test_stale_engine_directories_are_removed_at_the_next_start(tmp_path):
+    """A run killed with -9 leaves its engine's config directory: the next engine removes those whose owner is dead
+    on this host, or that have no owner and are old; a live process's, another host's and a fresh one stay."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from trl_retmask.generation.vllm_engine import DIR_PREFIX, remove_stale_engine_dirs
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    host = socket.gethostname()
+    owners = {
+        "dead": f"{host} {int(dead.stdout)}",
+        "live": f"{host} {os.getpid()}",
+        "other_host": f"{host}-elsewhere 1",
+    }
+    for name, owner in owners.items():
+        (tmp_path / f"{DIR_PREFIX}{name}").mkdir()
+        (tmp_path / f"{DIR_PREFIX}{name}" / "owner").write_text(owner)
+    for name, age in (("old", 2 * 3600), ("fresh", 10)):
+        path = tmp_path / f"{DIR_PREFIX}{name}"
+        path.mkdir()
+        os.utime(path, (path.stat().st_atime - age, path.stat().st_mtime - age))
+    (tmp_path / "unrelated_old").mkdir()
+    removed = remove_stale_engine_dirs(tmp_path)
+    assert sorted(Path(p).name for p in removed) == [f"{DIR_PREFIX}dead", f"{DIR_PREFIX}old"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [f"{DIR_PREFIX}live", f"{DIR_PREFIX}other_host", f"{DIR_PREFIX}fresh", "unrelated_old"]
+    )
+
+
+@pytest.mark.real_model
+def test_a_reused_backend_decodes_the_weights_as_they_are_now(engine_model):
+    """A backend kept across an in-place change of the model (an optimizer step; a write through `.data`, which
+    the version counters miss) pushes the weights again: its next answers are the changed model's."""
+    model, tokenizer = engine_model
+    ids = encode_prompts(tokenizer, CHATS[:3])
+    config = make_generation_config(model, 12)
+    backend = VLLMBackend()
+    before = generate_batch(model, tokenizer, ids, config, backend=backend)
+    weight = model.model.layers[3].mlp.down_proj.weight
+    original = weight.detach().clone()
+    try:
+        for target in (weight, weight.data):  # an optimizer-like in-place step; a write the version counter misses
+            with torch.no_grad():
+                target.mul_(-1)
+            changed = generate_batch(model, tokenizer, ids, config)
+            assert changed != before, "the change must change the answers"
+            assert generate_batch(model, tokenizer, ids, config, backend=backend) == changed
+            with torch.no_grad():
+                target.copy_(original)
+            assert generate_batch(model, tokenizer, ids, config, backend=backend) == before
+    finally:
+        with torch.no_grad():
+            weight.copy_(original)
+
+
+def test_every_vllm_setting_is_in_the_pair_cache_fingerprint_and_a_short_window_is_refused(smollm2, monkeypatch):
+    """Pairs decoded under other engine settings (a shorter window, transformers' model code, eager or not) are
+    cached apart; a window that cannot hold the longest prompt + `max_new_tokens` is refused before an engine is
+    built (vLLM cut those responses at the window, silently, and the cut pairs were cached)."""
+    _require_vllm()
+    from trl_retmask.generation import vllm_engine
+    from trl_retmask.pairs import PairGeneration
+
+    model, tokenizer = smollm2
+    monkeypatch.setattr(vllm_engine._Engine, "__init__", lambda *a, **k: pytest.fail("an engine was built"))
+    kw = dict(max_new_tokens=16, temperature=0.0, top_p=1.0, top_k=None, seed=0, generation_kwargs=None)
+    kw.update(batch_size=2, backend="vllm", template_kwargs=None)
+
+    def fingerprints(**settings):
+        return PairGeneration(model, tokenizer, CHATS[:2], HEADS, vllm=settings, **kw).fingerprints()
+
+    default = fingerprints()
+    others = [
+        fingerprints(max_model_length=4096),
+        fingerprints(model_impl="transformers"),
+        fingerprints(enforce_eager=False),
+        fingerprints(gpu_memory_utilization=0.5),
+    ]
+    assert len({default, *others}) == 5 and all(a != b for f in others for a, b in zip(f, default))
+    prompt = max(len(ids) for ids in encode_prompts(tokenizer, CHATS[:2]))
+    with pytest.raises(ValueError) as refused:
+        PairGeneration(model, tokenizer, CHATS[:2], HEADS, vllm={"max_model_length": prompt + 15}, **kw)
+    assert str(refused.value).startswith(
+        f"The longest prompt ({prompt} tokens) + 16 new tokens exceeds the vLLM engine's window "
+        f"(`vllm_max_model_length`, raise it or leave it unset) of {prompt + 15} tokens"
+    )
+    PairGeneration(model, tokenizer, CHATS[:2], HEADS, vllm={"max_model_length": prompt + 16}, **kw)  # fits
+
+
+def test_a_vllm_window_without_room_for_the_responses_is_refused_by_the_config(tmp_path):
+    """`vllm_max_model_length` <= `max_new_tokens` is refused in the config, before any model loads."""
+    with pytest.raises(ValueError, match=r"`vllm_max_model_length=16` leaves no room for a prompt and `max_new_"):
+        RetMaskConfig(str(tmp_path), generation_backend="auto", vllm_max_model_length=16, max_new_tokens=16)
+    assert RetMaskConfig(str(tmp_path), generation_backend="generate", vllm_max_model_length=16, max_new_tokens=16)
+
+
+@pytest.mark.real_model
+@pytest.mark.parametrize("stage", ["pairs", "eval"])
+def test_vllm_stages_exit_without_a_traceback(engine_model, tmp_path, stage):
+    """`trl-retmask pairs` / `eval` with `--generation_backend vllm` close their engine before the interpreter exits:
+    vLLM's own shutdown at exit ran after the job's process group was gone and printed 15 lines of
+    "ValueError: Invalid process group specified" after a successful run (exit 0)."""
+    import os
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "trl_retmask.cli", stage, "--generation_backend", "vllm"]
+    if stage == "pairs":
+        prompts = tmp_path / "p.jsonl"
+        prompts.write_text("".join(json.dumps({"prompt": c}) + "\n" for c in CHATS[:2]))
+        cmd += ["--dataset_name", str(prompts), "--output", str(tmp_path / "o.jsonl"), "--temperature", "0"]
+        cmd += ["--output_dir", str(tmp_path / "run"), "--max_new_tokens", "4", "--mask_top_k", "10"]
+        cmd += ["--pairs_cache_dir", str(tmp_path / "cache")]
+    else:
+        cmd += ["--lengths", "256", "--n_per_task", "1", "--categories", "recall", "--output_dir", str(tmp_path)]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr and "Invalid process group" not in done.stderr, done.stderr[-3000:]
+    if stage == "pairs":
+        assert json.loads(done.stdout[done.stdout.index("{") :])["prompts"] == 2
+    else:
+        assert (tmp_path / "smollm2-135m-instruct.json").is_file()

@@ -450,6 +450,12 @@ class RetMaskConfig(HeadSelectionArguments, DPOConfig):
                 "Pair generation with `use_vllm=True` / `generation_backend='vllm'`",
                 "set `generation_backend='generate'`",
             )
+        window, new = self.vllm_max_model_length, self.max_new_tokens  # max_new_tokens checked above
+        if self.generation_backend in ("auto", "vllm") and window is not None and new >= window:
+            raise ValueError(  # vLLM would cut every response at its window, silently
+                f"`vllm_max_model_length={window}` leaves no room for a prompt and `max_new_tokens={new}`: raise it "
+                "above the longest prompt + max_new_tokens, or leave it unset (the model's window)."
+            )
 
     @property
     def vllm_settings(self) -> VLLMSettings:

@@ -38,7 +38,6 @@ from .generation import (
     generate_batch,
     make_backend,
     make_generation_config,
-    model_window,
 )
 from .heads import format_heads, validate_heads
 from .store import ResultStore, run_resumable
@@ -247,7 +246,8 @@ class PairGeneration:
         self.config = make_generation_config(
             model, max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, **(generation_kwargs or {})
         )
-        check_window([len(ids) for ids in self.prompt_ids], max_new_tokens, model_window(model))  # before any decode
+        window = self.decoder.window(model)  # the model's, or the vLLM engine's where shorter
+        check_window([len(ids) for ids in self.prompt_ids], max_new_tokens, *window)  # before any decode
         # Longest prompts first: little padding per batch, and an out-of-memory shows up at once.
         order = sorted(range(len(self.prompts)), key=lambda i: -len(self.prompt_ids[i]))
         self.batches = [(b, order[i : i + batch_size]) for b, i in enumerate(range(0, len(order), batch_size))]
@@ -267,6 +267,7 @@ class PairGeneration:
             prompts=self.prompts,
             prompt_ids=self.prompt_ids,
             backend="/".join(filter(None, (self.decoder.name, self.decoder.sampling_stream))),
+            **self.decoder.cache_key(),  # the engine's settings (vLLM): they can change a token too
         )
         return from_main_process((fingerprint(inputs=inputs, heads=self.heads), fingerprint(inputs=inputs)))
 

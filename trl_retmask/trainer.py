@@ -37,7 +37,7 @@ from .distributed import (
     process_state,
     unwrapped_for_generation,
 )
-from .generation.vllm import close_engine
+from .generation.vllm_engine import release_engine_for_training
 from .heads import format_head, format_heads, validate_heads
 from .liger import apply_liger_kernels
 from .locks import directory_lock
@@ -221,8 +221,7 @@ class RetMaskTrainer(DPOTrainer):
                     }
                 elif eval_dataset is not None:
                     eval_dataset = self._complete(eval_dataset, model, tokenizer, args, "eval")
-            if not args.online:  # a vLLM engine's weights and KV cache would sit idle through training
-                close_engine()
+            release_engine_for_training(args.online)  # a vLLM engine's weights and KV cache, idle through training
 
         # Reference = the initial, unmasked policy. TRL would reload it from `config._name_or_path`, which fails for a
         # model built in memory and silently differs from one modified after loading or loaded at another revision; a
@@ -379,6 +378,8 @@ class RetMaskTrainer(DPOTrainer):
         except ValueError as e:  # every new pair dropped: keep training on the previous ones
             logger.warning("Online RetMask at step %d kept the previous pairs: %s", step, e)
             return
+        finally:
+            release_engine_for_training(online=True)  # training resumes: on CUDA the engine's memory is its
         with trl_truncation_off(self.args):
             self.train_dataset.current = self._prepare_dataset(dataset, self.processing_class, self.args, "train")
         self.pair_stats["train"] = stats

@@ -10,7 +10,7 @@ from tqdm.auto import tqdm
 from ..chat import check_prompts, encode_rendered, render_user_prompt
 from ..distributed import process_state
 from ..fingerprints import fingerprint, model_fingerprint
-from ..generation import check_window, generate_batch, make_backend, make_generation_config, model_window
+from ..generation import check_window, generate_batch, make_backend, make_generation_config
 from ..heads import format_heads, validate_heads
 from ..store import run_resumable, write_json
 from .registry import CATEGORIES, PRIMARY, TASKS, build_suite
@@ -77,10 +77,15 @@ def generate_suite(
         for j in range(0, len(idx), batch_size)
     ]
 
-    window = model_window(model)
-    for _, idx, budget in batches:  # every batch fits, before the first is generated
-        check_window([len(ids[i]) for i in idx], budget, window, what="sample", fix="pass shorter `lengths`")
     decoder = make_backend(backend, model, vllm)  # a static backend hooks the model: closed below
+    try:
+        window = decoder.window(model)  # the model's, or the vLLM engine's where shorter
+        for _, idx, budget in batches:  # every batch fits, before the first is generated
+            check_window([len(ids[i]) for i in idx], budget, *window, what="sample", fix="pass shorter `lengths`")
+    except ValueError:
+        if decoder is not backend:
+            decoder.close()
+        raise
 
     def run(batch) -> dict:
         _, idx, budget = batch
@@ -99,6 +104,7 @@ def generate_suite(
             batches=[[b[1], b[2]] for b in batches],
             prompt_ids=ids,
             **({"backend": decoder.name} if decoder.name != "generate" else {}),  # older stores stay valid
+            **decoder.cache_key(),  # the engine's settings (vLLM): they can change a token too
         )
     try:
         decoder.prepare(model)  # every process, before the batches are shared out

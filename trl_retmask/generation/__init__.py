@@ -13,7 +13,7 @@ from __future__ import annotations
 from ..validation import check_choice
 from .batch import DEFAULT_BACKEND, GenerateBackend, eos_ids, generate_batch, make_generation_config, model_device
 from .static import RowHeadMask, StaticCacheBackend
-from .vllm import VLLMBackend, VLLMSettings, can_serve
+from .vllm import VLLMBackend, VLLMSettings, auto_backend
 from .window import check_window, model_window
 
 __all__ = [
@@ -35,23 +35,23 @@ __all__ = [
 
 GENERATION_BACKENDS = ("auto", "generate", "static", "vllm")
 """Names of the pair-generation backends: `generate` (`model.generate`, dynamic cache, masked rows apart), `static`
-(`StaticCacheBackend`), `vllm` (`VLLMBackend`), `auto` (`vllm` where it is installed and can serve the model, on a CPU
-too, else `generate`). On the 2-core CPU vLLM's pairs run at 2.5x `generate`'s tokens/s with the same greedy pairs,
-within the main command's 4 GB, also as 2 processes (docs/benchmarks.md); the static backend runs only when asked
-for, until a GPU run has measured it."""
+(`StaticCacheBackend`), `vllm` (`VLLMBackend`), `auto` (`vllm` where it is installed, can serve the model and has
+been verified on its device: the CPU, not yet CUDA; else `generate`). On the 2-core CPU vLLM's pairs run at 2.5x
+`generate`'s tokens/s with the same greedy pairs, within the main command's 4 GB, also as 2 processes
+(docs/benchmarks.md); the static backend runs only when asked for, until a GPU run has measured it."""
 
 
 def make_backend(
     choice: str | GenerateBackend = "auto", model=None, vllm: VLLMSettings | dict | None = None
 ) -> GenerateBackend:
-    """The backend for `choice`: a `GenerateBackend` as is, or a name of `GENERATION_BACKENDS` (`auto`: vLLM for a
-    model that `vllm.can_serve`, else plain `generate`). `vllm`: the engine's settings (`VLLMSettings` or its
+    """The backend for `choice`: a `GenerateBackend` as is, or a name of `GENERATION_BACKENDS` (`auto`:
+    `vllm.auto_backend`). `vllm`: the engine's settings (`VLLMSettings` or its
     fields). A new static backend holds hooks: `close()` it."""
     if isinstance(choice, GenerateBackend):
         return choice
     check_choice("backend", choice, GENERATION_BACKENDS)
     if choice == "auto":
-        choice = "vllm" if model is not None and can_serve(model) else "generate"
+        choice = auto_backend(model)
     if choice == "vllm":
         return VLLMBackend(VLLMSettings(**vllm) if isinstance(vllm, dict) else vllm)
     return StaticCacheBackend() if choice == "static" else DEFAULT_BACKEND

@@ -107,6 +107,15 @@ class GenerateBackend:
         batch does not leave the others waiting in that set-up (they hung); one that preallocates a cache sizes it
         (vLLM's CPU KV cache). Nothing here."""
 
+    def window(self, model) -> tuple[int | None, str]:
+        """(the most tokens, prompt + new, a row can hold here; what that limit is called in a refusal): the model's
+        window. `window.check_window` refuses longer rows before the first decode."""
+        return model_window(model), "the model's window"
+
+    def cache_key(self) -> dict:
+        """The backend's settings that can change a generated token, for the caches' fingerprints (none here)."""
+        return {}
+
     def close(self) -> None:
         """Release what the backend holds on the model (nothing here)."""
 
@@ -146,7 +155,7 @@ def generate_batch(
     With `seed`, sampling is reproducible and the global RNG state is left as it was. The model runs in eval mode and
     gets its mode back. `backend` decodes (default: `GenerateBackend`). `row_seeds` (one per prompt) seed the rows
     of a backend that samples each row apart (`backend.row_seeded`); others ignore them. Bad input is refused before
-    generating, rows that with `max_new_tokens` would not fit the model's window included (`check_window`).
+    generating, rows that with `max_new_tokens` would not fit the backend's window included (`check_window`).
 
     The model must hold its full weights (under ZeRO-3: gathered, as pair generation, detection, NIAH and TRL's
     `unwrap_model_for_generation` do): transformers would otherwise sync every decoding step across processes
@@ -158,7 +167,7 @@ def generate_batch(
     check_window(
         [len(ids) for ids in prompt_ids],
         config.max_new_tokens or 0,
-        model_window(model),
+        *(backend or DEFAULT_BACKEND).window(model),
         what="row",
         fix="shorten the prompts or lower `max_new_tokens`",
     )

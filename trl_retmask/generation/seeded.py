@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import chain
 
 import torch
 
@@ -54,13 +55,17 @@ class RowSampling:
             )
 
 
-def _penalise(logits: torch.Tensor, token_ids: Sequence[int], penalty: float) -> None:
-    """transformers' / vLLM's repetition penalty, in place on one row: seen tokens' positive logits divided by it,
-    negative ones multiplied."""
-    ids = torch.tensor(sorted(set(token_ids)), dtype=torch.long, device=logits.device)
+def _penalise(logits: torch.Tensor, rows: Sequence[RowSampling], seen: Sequence[Sequence[int]]) -> None:
+    """transformers' / vLLM's repetition penalty, in place on every row at once: each row's seen tokens' positive
+    logits divided by its penalty, negative ones multiplied. One host tensor of all rows' ids per step."""
+    penalty = torch.tensor([r.repetition_penalty for r in rows], dtype=logits.dtype)
+    lengths = torch.tensor([len(s) for s in seen])
+    ids = torch.tensor(list(chain.from_iterable(seen)), dtype=torch.long)
+    hit = torch.zeros(logits.shape, dtype=torch.bool, device=logits.device)
     if ids.numel():
-        seen = logits[ids]
-        logits[ids] = torch.where(seen > 0, seen / penalty, seen * penalty)
+        hit[torch.repeat_interleave(torch.arange(len(rows)), lengths).to(logits.device), ids.to(logits.device)] = True
+    p = penalty.to(logits.device).unsqueeze(1)
+    logits.copy_(torch.where(hit, torch.where(logits > 0, logits / p, logits * p), logits))
 
 
 def sample_rows(
@@ -76,9 +81,8 @@ def sample_rows(
     if logits.shape[0] != len(rows) or len(rows) != len(positions):
         raise ValueError(f"{logits.shape[0]} logit rows, {len(rows)} settings and {len(positions)} positions differ.")
     x = logits.to(torch.float32, copy=True)
-    for i, row in enumerate(rows):
-        if row.repetition_penalty != 1.0 and seen is not None:
-            _penalise(x[i], seen[i], row.repetition_penalty)
+    if seen is not None and any(row.repetition_penalty != 1.0 for row in rows):
+        _penalise(x, rows, seen)
     x.div_(torch.tensor([r.temperature for r in rows], dtype=torch.float32, device=x.device).unsqueeze(1))
     top_k = torch.tensor([r.top_k if 0 < r.top_k < x.shape[1] else x.shape[1] for r in rows], device=x.device)
     if (top_k < x.shape[1]).any():

