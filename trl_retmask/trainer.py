@@ -38,6 +38,7 @@ from .model_card import PAPER, retmask_section, write_retmask_files
 from .models import hub_id_of, resolve_model_path
 from .pairs import PairStats, complete_prompt_dataset, is_prompt_only
 from .scores import HeadScores, resolve_head_scores
+from .shared_disk import check_shared_directory
 from .truncation import TruncatingCollator, trl_truncation_off, truncate_prompt
 
 if is_wandb_available():
@@ -330,8 +331,10 @@ class RetMaskTrainer(DPOTrainer):
         other ranks fail with FileNotFoundError. Saved under the pair cache (shared like `output_dir`), all ranks
         read rank 0's copy. The copy is saved into a temporary directory renamed into place once complete, and a
         stored copy is reused only when it reads back whole (an older run cut short by a full disk left one whose
-        `dataset_info.json` or `.arrow` file is damaged): anything else is saved again."""
+        `dataset_info.json` or `.arrow` file is damaged): anything else is saved again. Every process must see
+        that directory (one disk), else all stop with one line (`check_shared_directory`)."""
         state = process_state()
+        check_shared_directory(args.pairs_dir, "pair cache (`pairs_cache_dir`)", "turn `precompute_ref_log_probs` off")
         path = Path(args.pairs_dir) / f"dataset-{from_main_process(dataset._fingerprint)}"
         with state.main_process_first():
             if state.is_main_process and _saved_dataset(path, len(dataset)) is None:
