@@ -27,7 +27,7 @@ def _setup(model_name: str, length: int, attn: str | None = None):
     import torch
 
     from trl_retmask.models import load_model_and_tokenizer
-    from trl_retmask.niah import build_niah_samples
+    from trl_retmask.niah_samples import build_niah_samples
 
     torch.manual_seed(0)
     model, tok = load_model_and_tokenizer(model_name, attn_implementation=attn)

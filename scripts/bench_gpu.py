@@ -129,7 +129,7 @@ def random_prompts(n: int, length: int, vocab: int, seed: int = 0) -> list[list[
 
 
 def some_heads(model, k: int = 10) -> list[tuple[int, int]]:
-    from trl_retmask.masking import head_layout
+    from trl_retmask.layout import head_layout
 
     layers, heads, _ = head_layout(model)
     return [((i * 7) % layers, (i * 5) % heads) for i in range(k)]

@@ -41,7 +41,7 @@ PROMPTS = [
 def _scores(model_name, model):
     """The bundled scores of the model, else stand-in scores (any 20 heads cost the same)."""
     from trl_retmask import HeadScores
-    from trl_retmask.masking import head_layout
+    from trl_retmask.layout import head_layout
 
     try:
         return HeadScores.from_pretrained(model_name)

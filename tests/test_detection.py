@@ -23,7 +23,8 @@ from trl_retmask.detection import (
     record_attention_argmax,
 )
 from trl_retmask.generation import make_generation_config
-from trl_retmask.niah import NIAHSample, build_niah_samples, generate_answer
+from trl_retmask.niah import generate_answer
+from trl_retmask.niah_samples import NIAHSample, build_niah_samples
 
 REPO = Path(__file__).resolve().parents[1]
 

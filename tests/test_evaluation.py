@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from tests.tiny import CheckpointingProbe, make_tiny_model
+from trl_retmask.checkpointing import ARG, is_checkpointing
 from trl_retmask.evaluation import (
     CATEGORIES,
     LongContextEvalCallback,
@@ -283,8 +284,7 @@ def test_callback_logs_during_training(tiny_llama, tiny_tokenizer, tmp_path):
         save_strategy="no",
         use_cpu=True,
         learning_rate=1e-3,
-        activation_checkpointing=True,
-        activation_checkpointing_kwargs={"use_reentrant": True},
+        **{ARG: True, ARG + "_kwargs": {"use_reentrant": True}},  # transformers' own name (5.23 renamed it)
     )
     trainer = Trainer(model=tiny_llama, args=args, train_dataset=data, processing_class=tiny_tokenizer)
     callback = LongContextEvalCallback(
@@ -295,7 +295,7 @@ def test_callback_logs_during_training(tiny_llama, tiny_tokenizer, tmp_path):
     trainer.add_callback(probe)
     trainer.train()
     assert probe.seen == {0: (True, {"use_reentrant": True}), 1: (True, {"use_reentrant": True})}
-    assert tiny_llama.is_activation_checkpointing  # after the evaluation at the last step too
+    assert is_checkpointing(tiny_llama)  # after the evaluation at the last step too
     logged = [h for h in trainer.state.log_history if "longctx/recall/128" in h]
     assert [h["step"] for h in logged] == [0, 2]
     expected = {

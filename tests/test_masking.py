@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM
 
 from tests.tiny import TINY_ARCHS, make_tiny_model
 from trl_retmask import export_masked_model, head_layout, mask_heads, validate_heads
-from trl_retmask.masking import attention_modules
+from trl_retmask.layout import attention_modules
 
 HEADS = [(0, 1), (1, 0), (1, 3), (2, 2)]  # 4 query heads per layer over 2 KV heads: masks both heads of a KV group
 

@@ -9,22 +9,24 @@ import torch
 from tests.tiny import HAYSTACK, NEEDLE, OTHER_NEEDLE, VOCAB, make_tiny_model, make_tiny_tokenizer
 from trl_retmask.masking import mask_heads
 from trl_retmask.niah import (
-    PROMPT_TEMPLATE,
-    _locate_needle,
     accuracy_grid,
-    build_niah_sample,
-    build_niah_samples,
     evaluate_niah,
-    format_prompt,
     generate_answer,
     is_correct,
-    load_haystack,
-    load_haystacks,
-    load_needles,
     plot_accuracy_grid,
     rouge1_recall,
     run_niah_samples,
     score_answer,
+)
+from trl_retmask.niah_samples import (
+    PROMPT_TEMPLATE,
+    _locate_needle,
+    build_niah_sample,
+    build_niah_samples,
+    format_prompt,
+    load_haystack,
+    load_haystacks,
+    load_needles,
 )
 
 # A needle whose question repeats its lead-in ("the best thing to do in the city"); the answer part follows it.

@@ -212,7 +212,7 @@ def read(paths):
 
 
 def detection_texts():
-    from trl_retmask.niah import load_haystack
+    from trl_retmask.niah_samples import load_haystack
 
     return [load_haystack()] + read(sorted((DATA / "haystack").glob("*.txt")))
 

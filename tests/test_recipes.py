@@ -136,19 +136,30 @@ def _frames(frame):
         frame = frame.f_back
 
 
+def _module_function(module: str, source: str, **names):
+    """A function whose frames belong to `module` (what `deprecations_recorded` reads), e.g. a TRL caller."""
+    namespace = {"__name__": module, "warnings": warnings, **names}
+    exec(source, namespace)
+    return namespace["f"]
+
+
 def test_deprecations_recorded_tells_trls_own_from_trls_callees(monkeypatch, tmp_path):
     from trl import DPOConfig
-    from trl.models.utils import disable_gradient_checkpointing
 
-    model = make_tiny_model("llama")
-    model.gradient_checkpointing_enable()
+    # TRL calling a renamed transformers API (TRL 1.16 reads `is_gradient_checkpointing`, deprecated since
+    # transformers 5.23): transformers warns, but the call is TRL's business, not recorded.
+    renamed = _module_function("transformers.modeling_utils", "def f():\n    warnings.warn('renamed', FutureWarning)")
+    trl_caller = _module_function("trl.models.utils", "def f():\n    callee()", callee=renamed)
     with deprecations_recorded(monkeypatch) as found:
         DPOConfig(str(tmp_path), truncation_mode="keep_end", report_to="none", use_cpu=True)  # TRL's own deprecation
         warnings.warn("old name", FutureWarning, stacklevel=1)  # ours (the test module)
-        with pytest.warns(FutureWarning, match="is_gradient_checkpointing"), disable_gradient_checkpointing(model):
-            pass  # TRL reads transformers' renamed property: TRL's business, not recorded
-    assert len(found) == 2 and "keep_end" in found[0] and found[0].startswith("FutureWarning from trl.")
+        with pytest.warns(FutureWarning, match="renamed"):
+            trl_caller()
+        with pytest.warns(FutureWarning, match="renamed"):
+            renamed()  # called by us: recorded
+    assert len(found) == 3 and "keep_end" in found[0] and found[0].startswith("FutureWarning from trl.")
     assert found[1] == "FutureWarning from tests.test_recipes: old name"
+    assert found[2] == "FutureWarning from transformers.modeling_utils: renamed"
 
 
 def test_every_recipe_has_its_yaml_beside_it():

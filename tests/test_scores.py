@@ -185,8 +185,9 @@ def test_save_pretrained_from_pretrained_directory(tmp_path):
 # ------------------------------------------------------------------------------------------ selection arguments
 def test_selection_arguments_and_select_heads(tmp_path):
     from tests.tiny import make_tiny_model
-    from trl_retmask.heads import HeadSelectionArguments, select_heads
+    from trl_retmask.heads import HeadSelectionArguments
     from trl_retmask.scores import resolve_head_scores
+    from trl_retmask.selection import select_heads
 
     model = make_tiny_model("llama")  # 3 layers x 4 heads
     path = HeadScores(GRID).save(tmp_path / "s.json")
@@ -399,8 +400,9 @@ def test_plot_boxes_the_given_heads(tmp_path, monkeypatch):
 
 
 def test_selection_arguments_forms(tmp_path):
-    from trl_retmask.heads import HeadSelectionArguments, select_heads
+    from trl_retmask.heads import HeadSelectionArguments
     from trl_retmask.scores import resolve_head_scores
+    from trl_retmask.selection import select_heads
 
     path = HeadScores(GRID).save(tmp_path / "s.json")
     args = HeadSelectionArguments(
@@ -456,8 +458,9 @@ def test_error_messages_in_full(tmp_path):
     """Each refusal's whole text (the problem and the fix), so that no part of a message is lost unnoticed."""
     from types import SimpleNamespace
 
-    from trl_retmask.heads import HeadSelectionArguments, select_heads
+    from trl_retmask.heads import HeadSelectionArguments
     from trl_retmask.scores import bundled_models, resolve_head_scores
+    from trl_retmask.selection import select_heads
 
     bundled = "Llama-3.1-8B-Instruct, Olmo-3-7B-Think, Qwen3-8B, SmolLM2-135M-Instruct"
     assert ", ".join(bundled_models()) == bundled

@@ -87,14 +87,14 @@ EXPORTS = {
     "DEFAULT_MODEL": "models",
     "load_model_and_tokenizer": "models",
     "export_masked_model": "masking",
-    "head_layout": "masking",
+    "head_layout": "layout",
     "mask_heads": "masking",
     "validate_heads": "heads",
     "STRATEGIES": "heads",
     "HeadScores": "scores",
     "HeadSelectionArguments": "heads",
     "resolve_head_scores": "scores",
-    "select_heads": "heads",
+    "select_heads": "selection",
     "RetMaskConfig": "config",
     "RetMaskTrainer": "trainer",
     "generate_pairs": "pairs",
@@ -443,7 +443,7 @@ def test_train_pipeline_detects_heads_and_runs_niah_before_and_after(tmp_path, m
 
     from trl_retmask import detect_retrieval_heads
     from trl_retmask.generation import model_window
-    from trl_retmask.niah import build_niah_samples
+    from trl_retmask.niah_samples import build_niah_samples
     from trl_retmask.scripts.train import main, parse_args
 
     model_dir = save_tiny_model(tmp_path / "model")
@@ -672,7 +672,7 @@ def test_niah_stage_selects_heads_from_scores_and_limits_needles(capsys, tmp_pat
     from trl_retmask import evaluate_niah
     from trl_retmask.cli import main as cli_main
     from trl_retmask.models import load_model_and_tokenizer
-    from trl_retmask.niah import load_needles
+    from trl_retmask.niah_samples import load_needles
 
     model_dir = save_tiny_model(tmp_path / "model")
     scores = HeadScores(

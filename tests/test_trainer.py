@@ -16,7 +16,7 @@ from tests.test_pairs import HEADS, CountingGenerate, independent
 from tests.tiny import PREFS, CheckpointingProbe, make_tiny_model
 from trl_retmask import HeadScores
 from trl_retmask.config import RetMaskConfig
-from trl_retmask.heads import select_heads
+from trl_retmask.selection import select_heads
 from trl_retmask.trainer import RetMaskTrainer
 from trl_retmask.truncation import truncate_prompt
 

@@ -6,6 +6,8 @@ import torch
 from datasets import Dataset
 from transformers import AutoConfig, AutoModelForCausalLM, TrainerCallback
 
+from trl_retmask.checkpointing import is_checkpointing
+
 # Every family whose attention `mask_heads` must serve. All use 4 query heads over 2 KV heads (GQA).
 TINY_ARCHS = ["llama", "qwen2", "qwen3", "mistral", "olmo2", "olmo3", "gemma2", "gemma3_text", "phi3"]
 
@@ -127,4 +129,4 @@ class CheckpointingProbe(TrainerCallback):
 
     def on_step_begin(self, args, state, control, model=None, **kw):
         func = model.model.layers[0]._gradient_checkpointing_func
-        self.seen[state.global_step] = (model.is_activation_checkpointing, getattr(func, "keywords", None))
+        self.seen[state.global_step] = (is_checkpointing(model), getattr(func, "keywords", None))

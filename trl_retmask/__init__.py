@@ -11,14 +11,14 @@ _LAZY = {
     "DEFAULT_MODEL": "models",
     "load_model_and_tokenizer": "models",
     "export_masked_model": "masking",
-    "head_layout": "masking",
+    "head_layout": "layout",
     "mask_heads": "masking",
     "validate_heads": "heads",
     "STRATEGIES": "heads",
     "HeadScores": "scores",
     "HeadSelectionArguments": "heads",
     "resolve_head_scores": "scores",
-    "select_heads": "heads",
+    "select_heads": "selection",
     "RetMaskConfig": "config",
     "RetMaskTrainer": "trainer",
     "generate_pairs": "pairs",
@@ -47,10 +47,12 @@ if TYPE_CHECKING:  # pragma: no cover
     from .config import RetMaskConfig  # noqa: F401
     from .detection import detect_retrieval_heads  # noqa: F401
     from .evaluation import LongContextEvalCallback, evaluate_long_context  # noqa: F401
-    from .heads import STRATEGIES, HeadSelectionArguments, select_heads, validate_heads  # noqa: F401
-    from .masking import export_masked_model, head_layout, mask_heads  # noqa: F401
+    from .heads import STRATEGIES, HeadSelectionArguments, validate_heads  # noqa: F401
+    from .layout import head_layout  # noqa: F401
+    from .masking import export_masked_model, mask_heads  # noqa: F401
     from .models import DEFAULT_MODEL, load_model_and_tokenizer  # noqa: F401
     from .niah import evaluate_niah  # noqa: F401
     from .pairs import generate_pairs  # noqa: F401
     from .scores import HeadScores, resolve_head_scores  # noqa: F401
+    from .selection import select_heads  # noqa: F401
     from .trainer import RetMaskTrainer  # noqa: F401

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from trl import DPOConfig
 
+from .checkpointing import RENAMED, TWINS
 from .generation import GENERATION_BACKENDS
 from .generation.vllm import VLLMSettings, require_vllm
 from .heads import HeadSelectionArguments
@@ -197,14 +198,39 @@ class RetMaskConfig(RedactedArguments, HeadSelectionArguments, DPOConfig):
     > override either way (docs/training.md has the measured step times).
     """
 
-    _VALID_DICT_FIELDS = DPOConfig._VALID_DICT_FIELDS + ["generation_kwargs"]
+    _VALID_DICT_FIELDS = DPOConfig._VALID_DICT_FIELDS + [
+        name
+        for name in ("generation_kwargs", "activation_checkpointing_kwargs", "gradient_checkpointing_kwargs")
+        if name not in DPOConfig._VALID_DICT_FIELDS
+    ]
 
+    # Checkpointing under both of transformers' names (checkpointing.py): `activation_checkpointing` (transformers
+    # >= 5.23) and `gradient_checkpointing` (the authors' flag, transformers < 5.23), either accepted on any release.
+    activation_checkpointing: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Enable activation checkpointing (alias: gradient_checkpointing). Defaults to True on a GPU and "
+            "False on a CPU, where memory is rarely the limit.",
+            "nargs": "?",
+            "const": True,
+        },
+    )
+    activation_checkpointing_kwargs: dict[str, Any] | str | None = field(
+        default=None,
+        metadata={
+            "help": "Keyword arguments of checkpointing (e.g. `use_reentrant`); alias: gradient_checkpointing_kwargs."
+        },
+    )
     gradient_checkpointing: bool | None = field(
         default=None,
         metadata={
-            "help": "Enable gradient checkpointing. Defaults to True on a GPU and False on a CPU, where memory is "
-            "rarely the limit."
+            "help": "Alias of activation_checkpointing (the authors' flag; transformers < 5.23's name).",
+            "nargs": "?",
+            "const": True,
         },
+    )
+    gradient_checkpointing_kwargs: dict[str, Any] | str | None = field(
+        default=None, metadata={"help": "Alias of activation_checkpointing_kwargs."}
     )
 
     # DPO sequences
@@ -388,6 +414,7 @@ class RetMaskConfig(RedactedArguments, HeadSelectionArguments, DPOConfig):
                 "RetMask masks heads: set `mask_threshold` or `mask_top_k` (a selection from scores), or `heads`."
             )
         DPOConfig.__post_init__(self)
+        self._pair_checkpointing_names()
         if isinstance(self.generation_kwargs, str):  # DPOConfig parsed it from JSON (CLI)
             raise ValueError(f"`generation_kwargs` must be a JSON object, got {self.generation_kwargs!r}.")
         if self.generation_kwargs is not None and not isinstance(self.generation_kwargs, dict):
@@ -440,7 +467,6 @@ class RetMaskConfig(RedactedArguments, HeadSelectionArguments, DPOConfig):
 
     def _resolve_device_defaults(self):
         """TRL's bf16 + gradient checkpointing on a GPU; fp32 without checkpointing on a CPU, loudly."""
-        # transformers 5 renamed gradient_checkpointing to activation_checkpointing; either set explicitly wins.
         ckpt = self.activation_checkpointing
         if ckpt is None:
             ckpt = self.gradient_checkpointing
@@ -450,7 +476,7 @@ class RetMaskConfig(RedactedArguments, HeadSelectionArguments, DPOConfig):
                 self.bf16 = False
                 chosen.append("bf16=False (fp32)")
             if ckpt is None:
-                self.activation_checkpointing = ckpt = False
+                ckpt = False
                 chosen.append("gradient_checkpointing=False")
             if chosen:
                 warnings.warn(
@@ -461,7 +487,30 @@ class RetMaskConfig(RedactedArguments, HeadSelectionArguments, DPOConfig):
                     stacklevel=4,
                 )
         elif ckpt is None:
-            self.activation_checkpointing = True
+            ckpt = True
+        # Both names hold the resolved values before transformers' own __post_init__, which then has no deprecated
+        # name to warn about (>= 5.23) or reads its only name (< 5.23).
+        kwargs = self.activation_checkpointing_kwargs
+        if kwargs is None:
+            kwargs = self.gradient_checkpointing_kwargs
+        self.activation_checkpointing = self.gradient_checkpointing = ckpt
+        self.activation_checkpointing_kwargs = self.gradient_checkpointing_kwargs = kwargs
+
+    def _pair_checkpointing_names(self):
+        """From here on the two names are one setting: writing either writes both (`__setattr__`), and the kwargs are
+        one dict. TRL 1.16 forces `use_reentrant=True` for PEFT + ZeRO-3 by writing `gradient_checkpointing_kwargs`
+        after this `__post_init__` (trl/trainer/dpo_trainer.py:699-713), which transformers >= 5.23 copies to
+        `activation_checkpointing_kwargs`, the name its Trainer reads, only inside `__post_init__`
+        (transformers/training_args.py:1533-1543 in 5.25): without the pairing TRL's setting would be lost."""
+        real = "activation_checkpointing" if RENAMED else "gradient_checkpointing"
+        for name in (real, real + "_kwargs"):
+            object.__setattr__(self, TWINS[name], getattr(self, name))
+        object.__setattr__(self, "_checkpointing_paired", True)
+
+    def __setattr__(self, name, value):
+        super().__setattr__(name, value)
+        if name in TWINS and self.__dict__.get("_checkpointing_paired"):
+            super().__setattr__(TWINS[name], value)
 
     @property
     def online(self) -> bool:

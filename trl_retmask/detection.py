@@ -27,19 +27,16 @@ import torch
 from trl_retmask.distributed import process_state
 from trl_retmask.fingerprints import fingerprint, model_fingerprint
 from trl_retmask.generation import model_window
-from trl_retmask.masking import attention_modules, head_layout
+from trl_retmask.layout import attention_modules, head_layout
 from trl_retmask.niah import (
-    NIAHSample,
     accuracy_grid,
-    build_niah_samples,
     generate_answer,
     niah_generation_config,
     plot_accuracy_grid,
     run_niah_samples,
-    samples_fingerprint,
-    samples_info,
     score_answer,
 )
+from trl_retmask.niah_samples import NIAHSample, build_niah_samples, samples_fingerprint, samples_info
 from trl_retmask.scores import HEAD_SCORES_FILE, HeadScores
 from trl_retmask.store import write_json
 

@@ -13,6 +13,8 @@ from accelerate import PartialState
 from accelerate.utils import broadcast_object_list
 from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 
+from .checkpointing import checkpointing_kwargs, enable_checkpointing, is_checkpointing
+
 __all__ = [
     "end_processes",
     "from_main_process",
@@ -52,16 +54,16 @@ def unwrapped_for_generation(trainer):
     from trl.models.utils import unwrap_model_for_generation
 
     unwrapped = trainer.accelerator.unwrap_model(trainer.model_wrapped)
-    was_on = unwrapped.is_activation_checkpointing
-    kwargs = trainer.args.activation_checkpointing_kwargs
+    was_on = is_checkpointing(unwrapped)
+    kwargs = checkpointing_kwargs(trainer.args)
     try:
         with unwrap_model_for_generation(
             trainer.model_wrapped, trainer.accelerator, gradient_checkpointing_kwargs=kwargs
         ) as model:
             yield model
     finally:
-        if was_on and not unwrapped.is_activation_checkpointing:
-            unwrapped.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        if was_on and not is_checkpointing(unwrapped):
+            enable_checkpointing(unwrapped, kwargs)
 
 
 @contextmanager

@@ -2,8 +2,9 @@
 
 A head is `(layer, head)`, 0-based, the head being a query head. It is written `"L-H"` everywhere it is saved or
 printed (the score-file key, `retmask.json`, the stages' output, `--heads 3-1,14-6`); a list of heads is a list of
-`"L-H"`. `HeadSelectionArguments` says which heads to mask (explicit `heads`, or a selection from retrieval scores)
-and `select_heads` turns it into heads once per run; the result is handed down, never selected again.
+`"L-H"`. `HeadSelectionArguments` says which heads to mask (explicit `heads`, or a selection from retrieval scores);
+`selection.select_heads` turns it into heads once per run. This module sits below the scores and masking: it reads a
+model's layout from `layout` and nothing above it.
 """
 
 from __future__ import annotations
@@ -13,12 +14,10 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from numbers import Integral
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from .layout import head_layout
 from .validation import check_choice, check_int, check_number, check_seed
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .scores import HeadScores
 
 __all__ = [
     "STRATEGIES",
@@ -28,7 +27,6 @@ __all__ = [
     "format_heads",
     "parse_head",
     "parse_heads",
-    "select_heads",
     "validate_heads",
 ]
 
@@ -83,8 +81,6 @@ def parse_heads(text) -> list[Head] | None:
 
 def validate_heads(model_or_config, heads: Iterable) -> list[Head]:
     """Normalise heads to a sorted list of (layer, head) ints; ValueError if any lies outside the model."""
-    from .masking import head_layout
-
     num_layers, num_heads, _ = head_layout(model_or_config)
     out = sorted({parse_head(h) for h in heads})
     bad = [(l, h) for l, h in out if not (0 <= l < num_layers and 0 <= h < num_heads)]
@@ -96,7 +92,7 @@ def validate_heads(model_or_config, heads: Iterable) -> list[Head]:
     return out
 
 
-# -------------------------------------------------------------------------------------------------- selection
+# ------------------------------------------------------------------------------------------- what to mask
 @dataclass
 class HeadSelectionArguments:
     r"""
@@ -190,19 +186,3 @@ class HeadSelectionArguments:
             "strategy": self.mask_strategy,
             "seed": self.mask_seed,
         }
-
-
-def select_heads(args: HeadSelectionArguments, model, scores=None) -> tuple[list[Head], HeadScores | None]:
-    """The heads to mask and the scores they come from, checked against `model`: `args.heads` when given (no
-    scores), else `scores` (else `args.head_scores`, else the model's own) resolved and selected with
-    `args.selection`. The one selection path: run it once per run and hand its result down."""
-    from .scores import resolve_head_scores
-
-    if args.heads:
-        if scores is not None:
-            raise ValueError("Give either `heads` or head scores to select from, not both.")
-        return validate_heads(model, args.heads), None
-    if not args.masks:
-        raise ValueError("Set `heads`, `mask_threshold` or `mask_top_k` to choose the heads to mask.")
-    scores = resolve_head_scores(scores if scores is not None else args.head_scores, model)
-    return scores.select(**args.selection), scores

@@ -2,7 +2,7 @@
 
 File format (shared with the original retrieval-head tools): one JSON object on one line,
 ``{"LAYER-HEAD": [score per sample, ...], ...}`` covering every head of the model. A head's retrieval score is the
-mean of its list. `heads.HeadSelectionArguments` + `heads.select_heads` pick the heads to mask from them.
+mean of its list. `heads.HeadSelectionArguments` + `selection.select_heads` pick the heads to mask from them.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import numpy as np
 
 from .atomic import write_text
 from .heads import STRATEGIES, format_head, format_heads, parse_head
-from .masking import head_layout
+from .layout import head_layout
 from .validation import check_int, check_number
 
 HEAD_SCORES_FILE = "retmask_head_scores.json"

@@ -31,13 +31,14 @@ from .atomic import atomic_directory, atomic_path
 from .config import RetMaskConfig
 from .distributed import from_main_process, gathered_for_generation, process_state, unwrapped_for_generation
 from .generation.vllm import close_engine
-from .heads import format_head, format_heads, select_heads, validate_heads
+from .heads import format_head, format_heads, validate_heads
 from .liger import apply_liger_kernels
 from .locks import directory_lock
 from .model_card import PAPER, retmask_section, write_retmask_files
 from .models import hub_id_of, resolve_model_path
 from .pairs import PairStats, complete_prompt_dataset, is_prompt_only
 from .scores import HeadScores, resolve_head_scores
+from .selection import select_heads
 from .shared_disk import check_shared_directory
 from .truncation import TruncatingCollator, trl_truncation_off, truncate_prompt
 

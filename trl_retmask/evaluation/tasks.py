@@ -21,7 +21,7 @@ import weakref
 from pathlib import Path
 
 from ..chat import encode_rendered, render_user_prompt
-from ..niah import load_haystack
+from ..niah_samples import load_haystack
 
 SUITE_TEXT_DIR = Path(__file__).resolve().parent.parent / "data" / "eval" / "suite"
 """The suite's filler text (disjoint from the detection haystack and from the training prompts)."""

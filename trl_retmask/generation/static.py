@@ -30,7 +30,8 @@ import torch
 from torch import nn
 from transformers.generation.configuration_utils import CompileConfig
 
-from ..masking import attention_modules, head_feature_masks, head_layout
+from ..layout import attention_modules, head_layout
+from ..masking import head_feature_masks
 from ..validation import check_int
 from .batch import GenerateBackend, model_device
 

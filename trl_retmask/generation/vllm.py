@@ -39,7 +39,8 @@ import torch
 
 from ..distributed import process_state, return_freed_memory
 from ..fingerprints import fingerprint
-from ..masking import head_feature_masks, head_layout
+from ..layout import head_layout
+from ..masking import head_feature_masks
 from ..validation import check_bool, check_choice, check_int, check_number
 from .batch import GenerateBackend, eos_ids, model_device
 from .window import model_window

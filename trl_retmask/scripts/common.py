@@ -9,11 +9,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..distributed import process_state
-from ..heads import HeadSelectionArguments, select_heads
+from ..heads import HeadSelectionArguments
 from ..locks import check_directory
 from ..models import DEFAULT_MODEL, load_model_and_tokenizer
 from ..prompts import check_dataset_name
 from ..scores import resolve_head_scores
+from ..selection import select_heads
 from ..validation import check_int, check_number
 from . import STAGES
 
@@ -99,7 +100,7 @@ class NiahGridArguments(OverwriteArguments):
         check_output_dir("output_dir", self.output_dir)
 
     def load_needles(self):
-        from ..niah import load_needles
+        from ..niah_samples import load_needles
 
         needles = load_needles(self.needles)
         return needles[: self.num_needles] if self.num_needles else needles

@@ -30,8 +30,9 @@ from typing import Any
 from ..atomic import write_text
 from ..detection import AUTHORS_CONTEXT_LENGTHS, AUTHORS_DEPTHS
 from ..distributed import limit_cpu_training_memory, process_state
-from ..heads import format_heads, select_heads
+from ..heads import format_heads
 from ..models import load_model_and_tokenizer, model_init_kwargs
+from ..selection import select_heads
 from ..validation import check_int
 from . import config_argv, load_yaml, run_stage
 from .common import OverwriteArguments, PromptDataArguments, check_list, check_output_dir, stage_parser
