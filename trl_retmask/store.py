@@ -138,36 +138,49 @@ class ResultStore:
         `complete(records)` says whether the stored records already hold every item: then nothing is locked or
         written. Otherwise the main process locks the directory (a busy one is refused) before it checks, and reads
         under the lock. The main process's records are every process's."""
-        error, records, writing = None, {}, False
+        error, writing = None, False
         if self.state.is_main_process:
             try:
                 check_directory(self.dir, "output directory")
                 if not self._finished(verify, complete):
                     self._hold.enter_context(directory_lock(self.dir))
-                    self._check_fingerprint()
                     writing = True
-                for path in self._rank_files():
-                    records.update({k: v for k, v in self._read(path, verify).items() if k not in records})
-                self._repair_files()
-            except ValueError as e:
-                error = e
-            except OSError as e:
-                error = ValueError(
-                    f"Cannot write the {self.name} records in {self.dir} ({e.strerror or e}); make it "
-                    "writable or use another directory."
-                )
-        # Every process fails alike (none waits forever) and resumes the same records: no rank reads its own disk.
-        error, records, writing = from_main_process((error, records, writing))
+            except (ValueError, OSError) as e:
+                error = self._error(e)
+        error, writing = from_main_process((error, writing))  # every process fails alike, none waits forever
         try:
             if error is not None:
                 raise error
-            if writing:  # before anyone appends; a collective, as the broadcast above
+            if writing:  # every process appends its own file here: one disk for all, before anything is changed
                 fix = "turn the pair cache off (`cache_pairs=False`, `--cache_pairs False`)" if self.cache else ""
                 check_shared_directory(self.dir, f"{self.name} directory", fix)
+            records = {}
+            if self.state.is_main_process:
+                try:
+                    if writing:
+                        self._check_fingerprint()
+                    for path in self._rank_files():
+                        records.update({k: v for k, v in self._read(path, verify).items() if k not in records})
+                    self._repair_files()
+                except (ValueError, OSError) as e:
+                    error = self._error(e)
+            # The main process's records are every process's: all agree on what is done, none reads its own disk.
+            error, records = from_main_process((error, records))
+            if error is not None:
+                raise error
         except ValueError:
             self._hold.close()
             raise
         return records
+
+    def _error(self, e: Exception) -> ValueError:
+        """A refusal as is; an OS error as the one line a user can act on."""
+        if isinstance(e, ValueError):
+            return e
+        return ValueError(
+            f"Cannot write the {self.name} records in {self.dir} ({getattr(e, 'strerror', None) or e}); make it "
+            "writable or use another directory."
+        )
 
     def _finished(self, verify, complete) -> bool:
         """The directory holds this fingerprint's records, undamaged, and `complete` says they are all there."""
