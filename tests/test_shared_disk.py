@@ -288,3 +288,31 @@ def test_train_on_private_disks_stops_both_processes_before_loading_the_model(tm
     assert f"The `output_dir` {disk / 'out'} is not on a disk shared by all 2 processes" in line
     assert "--niah_eval False" in line
     assert not any("Loading weights" in err for _, _, err in results)
+
+
+HOLD = """
+import sys, time
+from trl_retmask.locks import directory_lock
+with directory_lock(sys.argv[1]):
+    print("held", flush=True)
+    time.sleep(600)
+"""
+
+
+def test_the_trainers_saved_pairs_in_a_busy_cache_stop_both_processes_with_one_line(tmp_path):
+    """Rank 0 saved the pairs inside `main_process_first`: refused there (another run holds the cache), it raised
+    before the barrier and rank 1 waited in it for good."""
+    script = tmp_path / "saved.py"
+    script.write_text(SAVED_PAIRS_SCRIPT.format(repo=str(REPO)))
+    cache = tmp_path / "pairs"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD, str(cache)], cwd=REPO, stdout=subprocess.PIPE, text=True, env=worker_env()
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        results = run_two_nodes([sys.executable, script, cache], tmp_path)
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    line = assert_both_stop_with_one_line(results, "train")
+    assert f"{cache} is in use by another run (pid {holder.pid} on " in line
