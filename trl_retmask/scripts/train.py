@@ -35,7 +35,7 @@ from ..models import load_model_and_tokenizer, model_init_kwargs
 from ..selection import select_heads
 from ..validation import check_int
 from . import config_argv, load_yaml, run_stage
-from .common import OverwriteArguments, PromptDataArguments, check_list, check_output_dir, stage_parser
+from .common import OverwriteArguments, PromptDataArguments, check_list, check_one_disk, check_output_dir, stage_parser
 
 RECIPE_DIRS = (Path(__file__).resolve().parents[1] / "recipes", Path(__file__).resolve().parents[2] / "recipes")
 """Where recipe YAMLs are found: inside the installed package (the wheel maps `recipes/` there), then the checkout."""
@@ -292,22 +292,6 @@ def resolve_heads(script_args, training_args, model, tokenizer):
     return select_heads(training_args, model, detected)
 
 
-def check_shared_dirs(script_args, training_args) -> None:
-    """The directories every process writes or reads back (the stores of detection and NIAH in `output_dir`, the
-    pair cache) are one disk for all processes, before the model loads (`shared_disk.check_shared_directory`)."""
-    from ..shared_disk import check_shared_directory
-
-    detects = script_args.detect_heads and not training_args.head_scores and not training_args.heads
-    if script_args.niah_eval or detects:
-        check_shared_directory(training_args.output_dir, "`output_dir`", "pass --niah_eval False --detect_heads False")
-    if training_args.cache_pairs or training_args.precompute_ref_log_probs:
-        check_shared_directory(
-            training_args.pairs_dir,
-            "pair cache (`pairs_cache_dir`)",
-            "pass --cache_pairs False (and leave --precompute_ref_log_probs off)",
-        )
-
-
 def niah_accuracy(script_args, model, tokenizer, heads=None, output_dir=None) -> dict:
     """NIAH accuracy of `model` (optionally with `heads` masked) on the evaluation grid, in a fresh `output_dir`."""
     from ..niah import evaluate_niah, named_grid
@@ -393,7 +377,7 @@ def main(script_args: TrainScriptArguments, training_args, model_args) -> dict:
     from ..prompts import load_prompts
 
     t0 = time.time()
-    check_shared_dirs(script_args, training_args)  # a multi-node job without a shared disk stops here, in seconds
+    check_one_disk(script_args, training_args)  # a multi-node job without a shared disk stops here, in seconds
     limit_cpu_training_memory(training_args.device)  # freed activations go back to the OS
     model, tokenizer = load_model(model_args, training_args)
     # Prompts before detection and NIAH: a dataset without usable user turns must fail in seconds, not hours.
