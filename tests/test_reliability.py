@@ -4,6 +4,7 @@ writes in place, has no lock or checks late."""
 import errno
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -217,6 +218,73 @@ def test_a_second_writer_is_refused_naming_the_first_and_a_killed_one_does_not_b
             pass
 
 
+WRITE_SLOWLY = textwrap.dedent("""
+    import sys, time
+    from trl_retmask.scripts import run_stage
+    from trl_retmask.store import run_resumable
+
+    class Item:
+        def __init__(self, i):
+            self.i, self.key = i, f"item{i}"
+
+    def slow(item):
+        if item.i == 3:
+            print("three done", flush=True)
+            time.sleep(600)
+        return {"value": item.i ** 2}
+
+    items = [Item(i) for i in range(7)]
+    sys.exit(run_stage("niah", lambda: run_resumable(items, slow, sys.argv[1], name="t", fingerprint="f")))
+""")
+
+
+def _setpriv_drops_dac() -> bool:
+    if os.geteuid() != 0 or not shutil.which("setpriv"):
+        return False
+    probe = subprocess.run(["setpriv", *NO_DAC, "true"], capture_output=True, timeout=30)
+    return probe.returncode == 0
+
+
+NO_DAC = ["--bounding-set=-dac_override,-dac_read_search,-fowner"]  # root that file permissions stop
+
+
+@pytest.mark.skipif(not _setpriv_drops_dac(), reason="needs root and setpriv (util-linux) to drop DAC overrides")
+def test_a_lock_that_cannot_be_taken_refuses_the_run(tmp_path):
+    """A lock file another account left in a shared directory (not ours to open for writing) meant no lock at all:
+    `directory_lock` took EACCES for "read-only directory" and yielded, then both runs wrote their records there
+    (duplicates). Each run now refuses with one line, and nothing is written."""
+    lock = tmp_path / LOCK_NAME
+    lock.write_text("")
+    os.chown(lock, 65534, 65534)  # nobody's, mode 0644: readable, not writable by us
+    lock.chmod(0o644)
+    runs = [
+        subprocess.Popen(
+            ["setpriv", *NO_DAC, sys.executable, "-c", WRITE_SLOWLY, str(tmp_path)],
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
+        for _ in range(2)
+    ]
+    try:
+        outcomes = [run.communicate(timeout=120) for run in runs]
+    except subprocess.TimeoutExpired:
+        pytest.fail("a run went on writing without the lock")
+    finally:
+        for run in runs:
+            if run.poll() is None:
+                os.killpg(run.pid, signal.SIGKILL)
+                run.wait()
+    for run, (out, err) in zip(runs, outcomes):
+        lines = [line for line in err.splitlines() if line.startswith("trl-retmask niah: error:")]
+        assert run.returncode == 2 and len(lines) == 1 and "Traceback" not in err, err[-3000:]
+        assert f"Cannot lock {tmp_path} for writing" in lines[0] and "Permission denied" in lines[0]
+        assert "three done" not in out
+    assert not list(tmp_path.glob("t.*"))  # no records, no meta file
+
+
 def test_a_directory_that_is_a_file_is_named_as_such(tmp_path):
     (tmp_path / "f").write_text("x")
     with pytest.raises(ValueError, match="is a file, not a directory"):
@@ -350,7 +418,7 @@ def test_a_damaged_saved_dataset_of_the_pair_cache_is_saved_again(damage, tiny_t
             raise OSError(errno.ENOSPC, "No space left on device")
 
         monkeypatch.setattr(Dataset, "save_to_disk", save_to_disk)
-        with pytest.raises(OSError, match="No space"):
+        with pytest.raises(ValueError, match=r"Cannot save the pairs in .*\(No space left on device\)"):
             build()
         monkeypatch.setattr(Dataset, "save_to_disk", real)
         assert not list(pairs_folder.glob("dataset-*")) and not list(pairs_folder.glob(".dataset-*"))
@@ -579,3 +647,100 @@ def test_a_second_pairs_run_on_one_cache_is_refused_and_resumes_after_a_kill(tin
     again = generate_pairs(model, tiny_tokenizer, prompts, [(0, 1), (2, 3)], **kw)
     assert (again.chosen, again.rejected) == (first.chosen, first.rejected)
     assert again.stats.batches_generated == 1 and len(records.read_text().splitlines()) == 4
+
+
+# ----------------------------------------------------------------------------------------- interrupted overwrite
+EVAL_UNTIL_KILLED = textwrap.dedent("""
+    import sys, time
+    import trl_retmask.evaluation.suite as suite
+    from trl_retmask.cli import main
+
+    real, calls = suite.generate_batch, []
+
+    def two_then_wait(*args, **kwargs):
+        if len(calls) == 2:  # two records stored (each is appended once its batch returns)
+            print("two stored", flush=True)
+            time.sleep(600)
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    suite.generate_batch = two_then_wait
+    sys.exit(main(sys.argv[1:]))
+""")
+
+
+def test_an_interrupted_eval_overwrite_leaves_no_old_results_beside_new_records(tiny, tmp_path, capsys):
+    """`eval --eval_seed 1 --overwrite True` over a finished seed-0 directory, killed (-9) after 2 records, left
+    seed 0's `tiny.json`/`tiny.png` beside seed 1's partial records: a result that no record set supports. The old
+    run is now discarded whole before the new one writes; the interrupted one then resumes to seed 1's result."""
+    out = tmp_path / "eval"
+    argv = ["eval", "--model_name_or_path", str(tiny["model"]), "--lengths", "128", "--categories", "rerank"]
+    argv += ["--n_per_task", "4", "--batch_size", "1", "--output_dir", str(out), "--name", "tiny"]
+    assert main(argv) == 0
+    assert json.loads((out / "tiny.json").read_text())["config"]["seed"] == 0 and (out / "tiny.png").is_file()
+    capsys.readouterr()
+    run = subprocess.Popen(
+        [sys.executable, "-c", EVAL_UNTIL_KILLED, *argv, "--eval_seed", "1", "--overwrite", "True"],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        assert run.stdout.readline().strip() == "two stored"
+    finally:
+        os.killpg(run.pid, signal.SIGKILL)
+        run.wait()
+    assert not (out / "tiny.json").exists() and not (out / "tiny.png").exists()
+    assert len((out / "tiny.generations.rank0.jsonl").read_text().splitlines()) == 2
+    # the directory is seed 1's alone: a run without the seed is refused in one line, the seed-1 run resumes
+    assert "holds tiny.generations results of another run" in _user_error(capsys, argv)
+    assert main([*argv, "--eval_seed", "1"]) == 0
+    assert json.loads((out / "tiny.json").read_text())["config"]["seed"] == 1 and (out / "tiny.png").is_file()
+    keys = [json.loads(line)["key"] for line in (out / "tiny.generations.rank0.jsonl").read_text().splitlines()]
+    assert len(keys) == len(set(keys)) == 4  # the 2 kept records were not redone
+
+
+def test_an_interrupted_detection_overwrite_leaves_no_old_scores(tiny_tokenizer, hay_dir, monkeypatch, tmp_path):
+    """The same for detection: an overwrite cut short left the old run's `retmask_head_scores.json` (which
+    `--head_scores DIR` reads), `head_scores.json`, its plots and summary beside the new records."""
+    from tests.test_detection import OTHER, _forced_detect
+    from tests.tiny import make_tiny_model
+    from trl_retmask.detection import DETECTION_OUTPUTS
+
+    model = make_tiny_model("qwen2")
+    out = tmp_path / "detect"
+    _forced_detect(model, tiny_tokenizer, hay_dir, out, monkeypatch).save_pretrained(out)  # as the stages do
+    assert all((out / name).is_file() for name in DETECTION_OUTPUTS)
+    with pytest.raises(KeyboardInterrupt):
+        _forced_detect(
+            model, tiny_tokenizer, hay_dir, out, monkeypatch, needles=(OTHER,), overwrite=True, calls=[], fail_after=2
+        )
+    assert [name for name in DETECTION_OUTPUTS if (out / name).exists()] == []
+    assert len((out / "detect.rank0.jsonl").read_text().splitlines()) == 2
+
+
+def test_an_interrupted_niah_overwrite_leaves_no_old_accuracy(tiny_tokenizer, hay_dir, monkeypatch, tmp_path):
+    import trl_retmask.niah as niah
+    from tests.test_niah import NEEDLE, _answer_needle
+    from tests.tiny import make_tiny_model
+    from trl_retmask.niah import evaluate_niah
+
+    monkeypatch.setattr(niah, "generate_answer", _answer_needle)
+    model = make_tiny_model("llama")
+    kw = dict(needles=[NEEDLE], context_lengths=[60], depths=[0, 50, 100], max_new_tokens=4, haystack_dir=hay_dir)
+    evaluate_niah(model, tiny_tokenizer, output_dir=tmp_path, **kw)
+    assert (tmp_path / "niah_summary.json").is_file() and (tmp_path / "niah_grid.png").is_file()
+    calls = []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return _answer_needle(*args, **kwargs)
+
+    monkeypatch.setattr(niah, "generate_answer", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate_niah(model, tiny_tokenizer, heads=[(0, 1)], output_dir=tmp_path, overwrite=True, **kw)
+    assert not (tmp_path / "niah_summary.json").exists() and not (tmp_path / "niah_grid.png").exists()
+    assert len((tmp_path / "niah.rank0.jsonl").read_text().splitlines()) == 1

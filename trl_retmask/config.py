@@ -18,6 +18,7 @@ from .generation import GENERATION_BACKENDS
 from .generation.vllm import VLLMSettings, require_vllm
 from .heads import HeadSelectionArguments
 from .liger import check_liger
+from .redaction import RedactedArguments
 from .truncation import SIDES
 from .validation import check_bool, check_choice, check_int, check_number, check_seed
 
@@ -74,8 +75,8 @@ def check_finite_fields(config) -> None:
             raise ValueError(f"`{f.name}` must be a finite number, got {value!r}.")
 
 
-@dataclass
-class RetMaskConfig(HeadSelectionArguments, DPOConfig):
+@dataclass(repr=False)  # RedactedArguments' repr: no `hub_token`
+class RetMaskConfig(RedactedArguments, HeadSelectionArguments, DPOConfig):
     r"""
     Configuration class for the [`RetMaskTrainer`].
 

@@ -37,13 +37,16 @@ from trl_retmask.niah import (
     score_answer,
 )
 from trl_retmask.niah_samples import NIAHSample, build_niah_samples, samples_fingerprint, samples_info
-from trl_retmask.scores import HeadScores
+from trl_retmask.scores import HEAD_SCORES_FILE, HeadScores
 from trl_retmask.store import write_json
 
 AUTHORS_CONTEXT_LENGTHS = tuple(int(x) for x in np.round(np.linspace(0, 5000, 20)))
 """`np.round(np.linspace(0, 5000, 20))`: the RetMask authors' lengths (`--s 0 --e 5000`), 0 to 5000 tokens."""
 AUTHORS_DEPTHS = tuple(int(x) for x in np.round(np.linspace(0, 100, 10)))
 """`np.round(np.linspace(0, 100, 10))`: their needle depths in percent, 0 to 100."""
+DETECTION_OUTPUTS = ("head_scores.json", "head_scores.png", "sparsity.json", "niah_grid.png", HEAD_SCORES_FILE)
+"""The files made from detection's records in its `output_dir` (the stages add `retmask_head_scores.json`): an
+overwrite removes them with the old records, so an interrupted one never leaves another model's scores there."""
 
 DETECTION_PRESETS = {
     "authors": {
@@ -283,6 +286,7 @@ def detect_retrieval_heads(
             overwrite=overwrite,
             fields=("response", "rouge1_recall", "correct", "scores"),
             verify=lambda s, r: isinstance(r["scores"], list) and len(r["scores"]) == num_layers * num_heads,
+            outputs=DETECTION_OUTPUTS,
             desc="Retrieval-head detection",
         )
 

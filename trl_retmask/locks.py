@@ -2,12 +2,14 @@
 
 A run that writes resumable records into a directory holds `<dir>/.trl_retmask.lock` (filelock's `flock` lock) for
 as long as it writes: a second run on the same directory is refused at once with a one-line error naming the run
-that holds it (pid, host, start time and command line, from the side file `.trl_retmask.lock.owner`), instead of both
-generating everything and appending duplicates. The operating system releases the lock when its process dies, so a
-run killed with `kill -9` never blocks the next one. The lock is reentrant within a process (a stage that holds its
-output directory may open stores in it). Under `accelerate launch` only the main process takes it; the other ranks
-follow the main process as they always do. A directory this process cannot write is not locked: nothing is written
-there, and a complete result is read as is.
+that holds it (pid, host, start time and stage, from the side file `.trl_retmask.lock.owner`; never the command
+line, which can hold a token), instead of both generating everything and appending duplicates. The operating system
+releases the lock when its process dies, so a run killed with `kill -9` never blocks the next one. The lock is
+reentrant within a process (a stage that holds its output directory may open stores in it). Under `accelerate
+launch` only the main process takes it; the other ranks follow the main process as they always do. Only a run that
+will write takes the lock (a complete result is read without it), so a lock that cannot be taken (a read-only
+directory, a lock file this process may not open) refuses the run with one line: a writer without the lock could
+append duplicates beside another run's.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from pathlib import Path
 from filelock import FileLock, Timeout
 
 from .atomic import write_text
+from .scripts import STAGES  # the CLI's light module (no torch): the stage names
 
 LOCK_NAME = ".trl_retmask.lock"
 OWNER_NAME = ".trl_retmask.lock.owner"
@@ -44,11 +47,19 @@ def check_directory(path, name: str = "output_dir") -> Path:
     return path
 
 
+def run_name() -> str:
+    """What this process runs, without any value a user passed (a value can be a secret, e.g. `--hub_token`): the
+    program's file name, and the `trl-retmask` stage when the first argument names one."""
+    program = os.path.basename(sys.argv[0] or "python") if sys.argv else "python"
+    stage = sys.argv[1] if len(sys.argv) > 1 and sys.argv[1] in STAGES else None
+    return f"{program} {stage}" if stage else program
+
+
 def _owner_text(directory: Path) -> str:
     try:
         owner = json.loads((directory / OWNER_NAME).read_text(encoding="utf-8"))
         started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(owner["started"]))
-        return f"pid {owner['pid']} on {owner['host']}, started {started}: {owner['command']}"
+        return f"pid {int(owner['pid'])} on {owner['host']}, started {started}: {owner['stage']}"
     except (OSError, ValueError, KeyError, TypeError):
         return "another process"
 
@@ -59,8 +70,9 @@ class DirectoryBusyError(ValueError):
 
 @contextmanager
 def directory_lock(directory, *, main_process: bool = True) -> Iterator[None]:
-    """Hold `directory` (created if needed) for the body; refused with `DirectoryBusyError` when another run holds it.
-    `main_process=False` (the other ranks of a distributed run) takes nothing."""
+    """Hold `directory` (created if needed) for the body, which writes there; refused with `DirectoryBusyError` when
+    another run holds it, and with a `ValueError` when the lock cannot be taken at all (read-only directory, lock file
+    not ours to open). `main_process=False` (the other ranks of a distributed run) takes nothing."""
     directory = check_directory(directory, "directory")
     if not main_process:
         yield
@@ -77,8 +89,11 @@ def directory_lock(directory, *, main_process: bool = True) -> Iterator[None]:
     except OSError as e:
         if e.errno not in _READ_ONLY:
             raise
-        yield  # read-only: this run writes nothing here
-        return
+        raise ValueError(
+            f"Cannot lock {directory} for writing: {directory / LOCK_NAME} cannot be created or opened "
+            f"({e.strerror or e}); a run writes there only while it holds that lock. Make the directory and the lock "
+            "file writable (or remove a lock file no live run uses), or use another directory."
+        ) from None
     try:
         if lock.lock_counter == 1:
             try:
@@ -89,7 +104,7 @@ def directory_lock(directory, *, main_process: bool = True) -> Iterator[None]:
                             "pid": os.getpid(),
                             "host": socket.gethostname(),
                             "started": time.time(),
-                            "command": " ".join([os.path.basename(sys.argv[0] or "python"), *sys.argv[1:]])[:300],
+                            "stage": run_name(),
                         }
                     ),
                 )
@@ -105,4 +120,4 @@ def directory_lock(directory, *, main_process: bool = True) -> Iterator[None]:
         lock.release()
 
 
-__all__ = ["DirectoryBusyError", "LOCK_NAME", "OWNER_NAME", "check_directory", "directory_lock"]
+__all__ = ["DirectoryBusyError", "LOCK_NAME", "OWNER_NAME", "check_directory", "directory_lock", "run_name"]

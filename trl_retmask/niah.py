@@ -88,9 +88,11 @@ def run_niah_samples(
     fields: Sequence[str] = ("response", "rouge1_recall", "correct"),
     verify: Callable[[NIAHSample, dict], bool] | None = None,
     desc: str = "NIAH",
+    outputs: Sequence[str] = (),
 ) -> list[dict]:
     """`run_resumable` over NIAH samples: each record holds the sample's grid cell, `fn(sample)`, and is reused on
-    resume only if it names this sample's cell and prompt length and has `fields` (and passes `verify`)."""
+    resume only if it names this sample's cell and prompt length and has `fields` (and passes `verify`); `outputs`:
+    the files made from the records (see `run_resumable`)."""
 
     def cell(s: NIAHSample) -> dict:
         return {
@@ -116,6 +118,7 @@ def run_niah_samples(
         verify=valid,
         info=info,
         overwrite=overwrite,
+        outputs=outputs,
         desc=desc,
     )
 
@@ -205,7 +208,15 @@ def evaluate_niah(
         )
     info = {**samples_info(model, samples), "heads": format_heads(heads), "max_new_tokens": max_new_tokens}
     records = run_niah_samples(
-        samples, answer, output_dir, name="niah", fingerprint=fp, info=info, overwrite=overwrite, desc="NIAH eval"
+        samples,
+        answer,
+        output_dir,
+        name="niah",
+        fingerprint=fp,
+        info=info,
+        overwrite=overwrite,
+        outputs=("niah_summary.json", "niah_grid.png"),
+        desc="NIAH eval",
     )
     grid = accuracy_grid(records)
     accuracy = sum(r["correct"] for r in records) / max(len(records), 1)

@@ -18,6 +18,7 @@ from .atomic import write_text, writing_to
 from .distributed import from_main_process, process_state
 from .fingerprints import _canonical
 from .locks import check_directory, directory_lock
+from .shared_disk import check_shared_directory
 
 logger = logging.getLogger(__name__)
 
@@ -44,12 +45,15 @@ class ResultStore:
     """The records of one resumable output: `<dir>/<name>.meta.json` holds the fingerprint of everything the
     records depend on, and each process appends a line per finished item to `<dir>/<name>.rank<i>.jsonl`.
 
-    `open()` (every process) checks the fingerprint: another one is refused, or its records deleted with
-    `overwrite=True`; never reused. It then reads the records: a line cut short by a kill is dropped, and an
-    unreadable line, an unknown key or a record that fails `verify` is named in a warning and dropped, so that item
-    is redone. Nothing is written, and nothing locked, when the directory is complete and unchanged (a read-only
-    copy works); otherwise the main process holds the directory's lock (`locks.directory_lock`) until `close()`, so
-    a second run on it is refused instead of appending duplicates.
+    `open()` (every process) checks the fingerprint: another one is refused, or its run discarded with
+    `overwrite=True` (first `outputs`, the files made from its records, then the records): never reused, never left
+    beside the new run's records. The main process then reads the records and hands them to every process (all
+    agree on what is done): a line cut short by a kill is dropped, and an unreadable line, an unknown key or a
+    record that fails `verify` is named in a warning and dropped, so that item is redone. Nothing is written, and
+    nothing locked, when the directory is complete and unchanged (a read-only copy works); otherwise the main
+    process holds the directory's lock (`locks.directory_lock`) until `close()`, so a second run on it is refused
+    instead of appending duplicates, and every process must see the main process's directory (one disk:
+    `shared_disk.check_shared_directory`), since each appends its own file there.
 
     `cache=True`: the directory is named after the fingerprint (the pair cache), so a missing or unreadable meta file,
     or another fingerprint, is damage, not another run's work: the records are discarded with a warning and redone,
@@ -65,9 +69,11 @@ class ResultStore:
         info: dict | None = None,
         overwrite: bool = False,
         cache: bool = False,
+        outputs: Sequence[str] = (),
     ):
         self.dir, self.name, self.fingerprint = Path(output_dir), name, fingerprint
         self.info, self.overwrite, self.cache = _canonical(info or {}), overwrite, cache
+        self.outputs = tuple(outputs)
         self.state = process_state()
         self._file = None
         self._repair: dict[Path, list[str]] = {}
@@ -98,7 +104,8 @@ class ResultStore:
                 UserWarning,
                 stacklevel=3,
             )
-        if stored is not None or files:
+        discard = stored is not None or bool(files)
+        if discard:
             if not self.overwrite and not self.cache:
                 if not isinstance(stored, dict) or "fingerprint" not in stored:
                     why = f"{self.meta_path.name} is missing or unreadable"
@@ -113,8 +120,10 @@ class ResultStore:
                     "directory, or pass overwrite=True (`--overwrite True` on the command line) to "
                     "discard them and redo the work."
                 )
-            for path in files:
-                path.unlink()
+        if discard or self.overwrite:  # the old run's results first: a kill from here on leaves no mixed directory
+            for path in [self.dir / name for name in self.outputs] + files:
+                if path.is_file() or path.is_symlink():
+                    path.unlink()
         self.dir.mkdir(parents=True, exist_ok=True)
         write_json(self.meta_path, {"fingerprint": self.fingerprint, "name": self.name, "info": self.info})
 
@@ -128,31 +137,50 @@ class ResultStore:
 
         `complete(records)` says whether the stored records already hold every item: then nothing is locked or
         written. Otherwise the main process locks the directory (a busy one is refused) before it checks, and reads
-        under the lock."""
-        error = None
+        under the lock. The main process's records are every process's."""
+        error, writing = None, False
         if self.state.is_main_process:
             try:
                 check_directory(self.dir, "output directory")
                 if not self._finished(verify, complete):
                     self._hold.enter_context(directory_lock(self.dir))
-                    self._check_fingerprint()
-            except ValueError as e:
-                error = e
-            except OSError as e:
-                error = ValueError(
-                    f"Cannot write the {self.name} records in {self.dir} ({e.strerror or e}); make it "
-                    "writable or use another directory."
-                )
-        error = from_main_process(error)  # every process fails alike, none waits forever
-        if error is not None:
+                    writing = True
+            except (ValueError, OSError) as e:
+                error = self._error(e)
+        error, writing = from_main_process((error, writing))  # every process fails alike, none waits forever
+        try:
+            if error is not None:
+                raise error
+            if writing:  # every process appends its own file here: one disk for all, before anything is changed
+                fix = "turn the pair cache off (`cache_pairs=False`, `--cache_pairs False`)" if self.cache else ""
+                check_shared_directory(self.dir, f"{self.name} directory", fix)
+            records = {}
+            if self.state.is_main_process:
+                try:
+                    if writing:
+                        self._check_fingerprint()
+                    for path in self._rank_files():
+                        records.update({k: v for k, v in self._read(path, verify).items() if k not in records})
+                    self._repair_files()
+                except (ValueError, OSError) as e:
+                    error = self._error(e)
+            # The main process's records are every process's: all agree on what is done, none reads its own disk.
+            error, records = from_main_process((error, records))
+            if error is not None:
+                raise error
+        except ValueError:
             self._hold.close()
-            raise error
-        records: dict[str, dict] = {}
-        for path in self._rank_files():
-            records.update({k: v for k, v in self._read(path, verify).items() if k not in records})
-        self.state.wait_for_everyone()  # all have read before anyone appends
-        self._repair_own_files()
+            raise
         return records
+
+    def _error(self, e: Exception) -> ValueError:
+        """A refusal as is; an OS error as the one line a user can act on."""
+        if isinstance(e, ValueError):
+            return e
+        return ValueError(
+            f"Cannot write the {self.name} records in {self.dir} ({getattr(e, 'strerror', None) or e}); make it "
+            "writable or use another directory."
+        )
 
     def _finished(self, verify, complete) -> bool:
         """The directory holds this fingerprint's records, undamaged, and `complete` says they are all there."""
@@ -210,13 +238,10 @@ class ResultStore:
             self._repair[path] = good
         return records
 
-    def _repair_own_files(self) -> None:
-        """Rewrite this process's damaged files with their good lines only, so appends start on a clean line."""
+    def _repair_files(self) -> None:
+        """Main process, under the lock: rewrite damaged files with their good lines only, so appends start on a
+        clean line (before any process appends)."""
         for path, good in self._repair.items():
-            suffix = path.name[len(self.name) + len(".rank") : -len(".jsonl")]
-            owner = int(suffix) % self.state.num_processes if suffix.isdigit() else 0
-            if owner != self.state.process_index:
-                continue
             try:
                 write_text(path, "".join(line + "\n" for line in good))
             except OSError as e:
@@ -260,6 +285,7 @@ def run_resumable(
     info: dict | None = None,
     overwrite: bool = False,
     cache: bool = False,
+    outputs: Sequence[str] = (),
     desc: str | None = None,
     show_progress: bool = True,
 ) -> list[dict]:
@@ -270,7 +296,8 @@ def run_resumable(
     without redoing or losing a finished item, with any number of processes; `fingerprint` must cover everything
     the records depend on (see `ResultStore` for what is refused and what is redone); `verify(item, record)`
     checks a stored record before it is reused; `info` (a few readable settings) is stored beside the fingerprint
-    to name what changed when a directory is refused; `cache`: see `ResultStore`.
+    to name what changed when a directory is refused; `cache`: see `ResultStore`; `outputs`: the names of the files
+    the caller makes from the records in `output_dir` (results, plots), removed with the records they were made from.
     """
     keys = [key(item) for item in items]
     if len(set(keys)) != len(keys):
@@ -278,7 +305,7 @@ def run_resumable(
     by_key = dict(zip(keys, items))
     state = process_state()
     store = (
-        ResultStore(output_dir, name, fingerprint, info=info, overwrite=overwrite, cache=cache)
+        ResultStore(output_dir, name, fingerprint, info=info, overwrite=overwrite, cache=cache, outputs=outputs)
         if output_dir is not None
         else None
     )

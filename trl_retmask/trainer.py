@@ -46,6 +46,7 @@ from .models import hub_id_of, resolve_model_path
 from .pairs import PairStats, complete_prompt_dataset, is_prompt_only
 from .scores import HeadScores, resolve_head_scores
 from .selection import select_heads
+from .shared_disk import check_shared_directory
 from .truncation import TruncatingCollator, trl_truncation_off, truncate_prompt
 from .validation import check_pair_columns
 
@@ -352,15 +353,28 @@ class RetMaskTrainer(DPOTrainer):
         other ranks fail with FileNotFoundError. Saved under the pair cache (shared like `output_dir`), all ranks
         read rank 0's copy. The copy is saved into a temporary directory renamed into place once complete, and a
         stored copy is reused only when it reads back whole (an older run cut short by a full disk left one whose
-        `dataset_info.json` or `.arrow` file is damaged): anything else is saved again."""
+        `dataset_info.json` or `.arrow` file is damaged): anything else is saved again. Every process must see
+        that directory (one disk), and a failure to save it (a busy directory, a full disk) stops every process
+        with the main process's line, none left waiting."""
         state = process_state()
+        check_shared_directory(args.pairs_dir, "pair cache (`pairs_cache_dir`)", "turn `precompute_ref_log_probs` off")
         path = Path(args.pairs_dir) / f"dataset-{from_main_process(dataset._fingerprint)}"
-        with state.main_process_first():
-            if state.is_main_process and _saved_dataset(path, len(dataset)) is None:
-                if path.exists():
-                    logger.warning("The saved pairs in %s do not read back whole; saving them again.", path)
+        error = None
+        if state.is_main_process and _saved_dataset(path, len(dataset)) is None:
+            if path.exists():
+                logger.warning("The saved pairs in %s do not read back whole; saving them again.", path)
+            try:
                 with directory_lock(path.parent), atomic_directory(path) as tmp:
                     dataset.save_to_disk(str(tmp))
+            except ValueError as e:
+                error = e
+            except OSError as e:
+                error = ValueError(
+                    f"Cannot save the pairs in {path} ({e.strerror or e}); free space or use another `pairs_cache_dir`."
+                )
+        error = from_main_process(error)  # the others wait here until the main process has saved (or failed)
+        if error is not None:
+            raise error
         saved = _saved_dataset(path, len(dataset))
         if saved is None:
             raise ValueError(f"The pairs saved in {path} do not read back; delete that directory and rerun.")

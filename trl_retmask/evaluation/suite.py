@@ -48,13 +48,15 @@ def generate_suite(
     overwrite: bool = False,
     backend="generate",
     vllm=None,
+    outputs=(),
 ) -> list[str]:
     """Completions for suite samples, batched per (task, length) so each batch shares a generation budget.
 
     `max_new_tokens` caps every task's budget (for quick slices; answers cut short score lower). The batches are
     shared across accelerate processes and gathered; with `output_dir` they are stored as they finish in
     `<name>.rank<i>.jsonl` there, and a rerun (or an interrupted run) reuses them: the same model, samples and
-    settings only (another run's directory is refused unless `overwrite=True`).
+    settings only (another run's directory is refused unless `overwrite=True`, which first removes the old run's
+    records and the files named in `outputs`, made from them).
 
     `backend`: how the greedy answers are decoded, a name of `GENERATION_BACKENDS` or a backend (`"vllm"`: the
     process's colocated engine, the heads masked inside it; `vllm`: its `VLLMSettings` or their fields). The
@@ -128,6 +130,7 @@ def generate_suite(
                 "max_new_tokens": max_new_tokens,
             },
             overwrite=overwrite,
+            outputs=outputs,
             desc="long-context suite",
             show_progress=progress,
         )
@@ -219,6 +222,7 @@ def evaluate_long_context(
         overwrite=overwrite,
         backend=generation_backend,
         vllm=vllm,
+        outputs=(f"{name}.json", f"{name}.png"),  # an overwrite never leaves the old results beside new records
     )
     result = score_suite(samples, outputs)
     result["per_sample"] = [

@@ -15,6 +15,7 @@ from ..models import DEFAULT_MODEL, load_model_and_tokenizer
 from ..prompts import check_dataset_name
 from ..scores import resolve_head_scores
 from ..selection import select_heads
+from ..shared_disk import check_shared_directory
 from ..validation import check_int, check_number
 from . import STAGES
 
@@ -251,6 +252,20 @@ def check_output_dir(name: str, path, *, read_only_ok: bool = True) -> Path | No
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
     """The module docstring as written (its command examples), and every field's default."""
+
+
+def check_one_disk(script_args, training_args) -> None:
+    """`train`: the directories every process writes or reads back (the stores of detection and NIAH in
+    `output_dir`, the pair cache) are one disk for all processes, before the model loads."""
+    detects = script_args.detect_heads and not training_args.head_scores and not training_args.heads
+    if script_args.niah_eval or detects:
+        check_shared_directory(training_args.output_dir, "`output_dir`", "pass --niah_eval False --detect_heads False")
+    if training_args.cache_pairs or training_args.precompute_ref_log_probs:
+        check_shared_directory(
+            training_args.pairs_dir,
+            "pair cache (`pairs_cache_dir`)",
+            "pass --cache_pairs False (and leave --precompute_ref_log_probs off)",
+        )
 
 
 def stage_parser(

@@ -40,7 +40,7 @@ from ..models import load_model_and_tokenizer, model_init_kwargs
 from ..selection import select_heads
 from ..validation import check_int
 from . import config_argv, load_yaml, run_stage
-from .common import OverwriteArguments, PromptDataArguments, check_list, check_output_dir, stage_parser
+from .common import OverwriteArguments, PromptDataArguments, check_list, check_one_disk, check_output_dir, stage_parser
 
 RECIPE_DIRS = (Path(__file__).resolve().parents[1] / "recipes", Path(__file__).resolve().parents[2] / "recipes")
 """Where recipe YAMLs are found: inside the installed package (the wheel maps `recipes/` there), then the checkout."""
@@ -397,6 +397,7 @@ def main(script_args: TrainScriptArguments, training_args, model_args) -> dict:
     from ..prompts import load_prompts
 
     t0 = time.time()
+    check_one_disk(script_args, training_args)  # a multi-node job without a shared disk stops here, in seconds
     limit_cpu_training_memory(training_args.device)  # freed activations go back to the OS
     model, tokenizer = load_model(model_args, training_args)
     # Prompts before detection and NIAH: a dataset without usable user turns must fail in seconds, not hours.
