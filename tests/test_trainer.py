@@ -1217,7 +1217,10 @@ def test_dataset_shapes_and_cache_location(tmp_path):
     _check_columns("x", ds)
     _check_columns("x", Dataset.from_dict({"chosen": ["a"], "rejected": ["b"]}))
     _check_columns("x", IterableDataset.from_generator(lambda: iter([{"prompt": "a"}])))
-    for columns in ({"chosen": ["a"]}, {"rejected": ["a"]}, {"question": ["a"]}):
+    for present, missing in (("chosen", "rejected"), ("rejected", "chosen")):  # half a pair: named as such
+        with pytest.raises(ValueError, match=f"has a `{present}` column but no `{missing}` column"):
+            _check_columns("x", Dataset.from_dict({present: ["a"]}))
+    for columns in ({"question": ["a"]},):
         with pytest.raises(ValueError) as error:
             _check_columns("x", Dataset.from_dict(columns))
         assert str(error.value) == (
