@@ -1154,12 +1154,12 @@ def test_truncate_prompt_boundaries():
 def test_online_regeneration_schedule():
     from types import SimpleNamespace
 
-    from trl_retmask.trainer import _OnlineRegeneration
+    from trl_retmask.trainer_callbacks import OnlineRegeneration
 
     calls = []
     trainer = SimpleNamespace(regenerate_train_pairs=calls.append)
     every2 = SimpleNamespace(regenerate_pairs_steps=2, regenerate_pairs_each_epoch=False)
-    cb = _OnlineRegeneration(trainer)
+    cb = OnlineRegeneration(trainer)
     for step in range(1, 7):
         cb.on_step_end(every2, SimpleNamespace(global_step=step, max_steps=6), None)
     assert calls == [2, 4]  # not at the last step: nothing would train on those pairs
@@ -1167,21 +1167,21 @@ def test_online_regeneration_schedule():
     never = SimpleNamespace(regenerate_pairs_steps=None, regenerate_pairs_each_epoch=False)
     cb.on_step_end(never, SimpleNamespace(global_step=2, max_steps=6), None)
     epochs = SimpleNamespace(regenerate_pairs_steps=None, regenerate_pairs_each_epoch=True)
-    cb = _OnlineRegeneration(trainer)
+    cb = OnlineRegeneration(trainer)
     for step in (0, 3, 6):  # epochs begin at steps 0, 3, 6: the first has fresh pairs already
         cb.on_epoch_begin(epochs, SimpleNamespace(global_step=step), None)
     assert calls == [3, 6]
     calls.clear()
-    cb = _OnlineRegeneration(trainer)
+    cb = OnlineRegeneration(trainer)
     for step in (0, 3):
         cb.on_epoch_begin(never, SimpleNamespace(global_step=step), None)
     assert calls == [] and cb.epochs_begun == 2
 
 
 def test_online_pairs_view_keeps_its_length():
-    from trl_retmask.trainer import _OnlinePairs
+    from trl_retmask.trainer_callbacks import OnlinePairs
 
-    view = _OnlinePairs(["a", "b", "c"])
+    view = OnlinePairs(["a", "b", "c"])
     assert len(view) == 3 and [view[i] for i in range(3)] == ["a", "b", "c"]
     view.current = ["x", "y"]  # a regeneration that kept fewer pairs
     assert len(view) == 3 and [view[i] for i in range(3)] == ["x", "y", "x"]
@@ -1191,11 +1191,11 @@ def test_pair_statistics_callback_logs_each_split_once():
     from types import SimpleNamespace
 
     from trl_retmask.pairs import PairStats
-    from trl_retmask.trainer import _LogPairStats
+    from trl_retmask.trainer_callbacks import LogPairStats
 
     logged = []
     trainer = SimpleNamespace(pair_stats={}, log=logged.append)
-    cb = _LogPairStats(trainer)
+    cb = LogPairStats(trainer)
     cb.on_train_begin(None, None, None)
     assert logged == [] and not cb.logged  # nothing yet: a later call may still log
     trainer.pair_stats = {"train": PairStats(kept=3), "eval": PairStats(kept=1)}
@@ -1209,20 +1209,20 @@ def test_dataset_shapes_and_cache_location(tmp_path):
 
     from datasets import IterableDataset
 
-    from trl_retmask.trainer import _check_columns, _eval_splits
+    from trl_retmask.trainer_data import check_columns, eval_splits
 
     ds = prompts()
-    assert _eval_splits(None) == {} and _eval_splits(ds) == {"eval_dataset": ds}
-    assert _eval_splits({"a": ds}) == {"a": ds}
-    _check_columns("x", ds)
-    _check_columns("x", Dataset.from_dict({"chosen": ["a"], "rejected": ["b"]}))
-    _check_columns("x", IterableDataset.from_generator(lambda: iter([{"prompt": "a"}])))
+    assert eval_splits(None) == {} and eval_splits(ds) == {"eval_dataset": ds}
+    assert eval_splits({"a": ds}) == {"a": ds}
+    check_columns("x", ds)
+    check_columns("x", Dataset.from_dict({"chosen": ["a"], "rejected": ["b"]}))
+    check_columns("x", IterableDataset.from_generator(lambda: iter([{"prompt": "a"}])))
     for present, missing in (("chosen", "rejected"), ("rejected", "chosen")):  # half a pair: named as such
         with pytest.raises(ValueError, match=f"has a `{present}` column but no `{missing}` column"):
-            _check_columns("x", Dataset.from_dict({present: ["a"]}))
+            check_columns("x", Dataset.from_dict({present: ["a"]}))
     for columns in ({"question": ["a"]},):
         with pytest.raises(ValueError) as error:
-            _check_columns("x", Dataset.from_dict(columns))
+            check_columns("x", Dataset.from_dict(columns))
         assert str(error.value) == (
             f"`x` has columns {list(columns)}, but RetMask needs a `prompt` column (prompts to complete with pairs) or "
             "`chosen`/`rejected` columns (preference pairs). Rename the prompt column, e.g. "

@@ -352,60 +352,16 @@ class HeadScores:
         return sorted(random.Random(seed).sample(pool, len(retrieval)))
 
     def sparsity(self) -> dict[str, float]:
-        """How concentrated retrieval is; the paper finds RetMask gains grow with it.
+        """How concentrated retrieval is (`sparsity.retrieval_sparsity`); the paper finds RetMask gains grow with it."""
+        from .sparsity import retrieval_sparsity
 
-        gini: Gini coefficient of the per-head means (0 = even, ->1 = all in one head). entropy: Shannon
-        entropy of the normalised means divided by log(n) (1 = even). top_X_mass: share of the total score held
-        by the top X% of heads. n_above_0.1: heads with mean >= 0.1.
-        """
-        x = np.sort(np.clip(self.to_array().ravel(), 0.0, None))
-        n, total = x.size, float(x.sum())
-        out = {
-            "n_heads": n,
-            "max": float(x[-1]),
-            "mean": float(x.mean()),
-            "n_above_0.1": int((x >= 0.1).sum()),
-            "n_above_0.05": int((x >= 0.05).sum()),
-        }
-        if total <= 0:
-            return {
-                **out,
-                "gini": 0.0,
-                "entropy": float("nan"),
-                "top_1pct_mass": float("nan"),
-                "top_5pct_mass": float("nan"),
-            }
-        ranks = np.arange(1, n + 1)
-        gini = float(((2 * ranks - n - 1) * x).sum() / (n * total))
-        p = x[x > 0] / total
-        entropy = float(-(p * np.log(p)).sum() / np.log(n)) if n > 1 else 0.0
-        top = {f"top_{pct}pct_mass": float(x[-max(1, math.ceil(n * pct / 100)) :].sum() / total) for pct in (1, 5)}
-        return {**out, "gini": gini, "entropy": entropy, **top}
+        return retrieval_sparsity(self.to_array())
 
-    # -------------------------------------------------------------------------------------------- plotting
     def plot(self, path, heads=None, title: str | None = None):
         """Save a layers x heads heatmap of mean scores as PNG, with `heads` (e.g. the selection) boxed."""
-        from matplotlib.patches import Rectangle
+        from .plotting import head_heatmap
 
-        from .plotting import new_figure, save_figure
-
-        arr = self.to_array()
-        fig, ax = new_figure(figsize=(max(4.0, 0.28 * self.num_heads + 2), max(3.0, 0.22 * self.num_layers + 1.5)))
-        im = ax.imshow(arr, aspect="auto", cmap="viridis", origin="lower", interpolation="nearest")
-        fig.colorbar(im, ax=ax, label="mean retrieval score")
-        for l, h in heads or []:
-            ax.add_patch(Rectangle((h - 0.5, l - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=1.5))
-        s = self.sparsity()
-        ax.set_xlabel("head")
-        ax.set_ylabel("layer")
-        ax.set_title(
-            title
-            or f"Retrieval scores (gini {s['gini']:.2f}, {s['n_above_0.1']} heads >= 0.1"
-            + (f", {len(heads)} selected" if heads else "")
-            + ")",
-            fontsize=9,
-        )
-        return save_figure(fig, path)
+        return head_heatmap(self.to_array(), path, heads=heads, title=title)
 
 
 def bundled_path(model_id_or_path) -> Path | None:

@@ -12,10 +12,9 @@ import logging
 import os
 from pathlib import Path
 
-import torch
 from accelerate.utils import is_peft_model
 from datasets import Dataset
-from transformers import AutoTokenizer, PreTrainedTokenizerBase, TrainerCallback, is_wandb_available
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, is_wandb_available
 from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 from transformers.trainer_pt_utils import LengthGroupedSampler
 from trl import DPOTrainer
@@ -47,60 +46,14 @@ from .pairs import PairStats, complete_prompt_dataset, is_prompt_only
 from .scores import HeadScores, resolve_head_scores
 from .selection import select_heads
 from .shared_disk import check_shared_directory
+from .trainer_callbacks import LogPairStats, OnlinePairs, OnlineRegeneration
+from .trainer_data import check_columns, eval_splits, saved_dataset
 from .truncation import TruncatingCollator, trl_truncation_off, truncate_prompt
-from .validation import check_pair_columns
 
 if is_wandb_available():
     import wandb
 
 logger = logging.getLogger(__name__)
-
-
-class _LogPairStats(TrainerCallback):
-    """Sends the pair statistics to every logger (W&B, TensorBoard, ...) once they are set up."""
-
-    def __init__(self, trainer: RetMaskTrainer):
-        self.trainer = trainer
-        self.logged = False
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        if not self.logged and self.trainer.pair_stats:
-            self.logged = True
-            logs = {}
-            for split, stats in self.trainer.pair_stats.items():
-                logs.update(stats.to_logs(prefix=f"pairs/{split}/"))
-            self.trainer.log(logs)
-
-
-class _OnlinePairs(torch.utils.data.Dataset):
-    """Fixed-length view of the current training pairs: the dataloader keeps its sampler while regenerations swap
-    the rows underneath (index i reads row i mod the current row count)."""
-
-    def __init__(self, dataset):
-        self.current, self.length = dataset, len(dataset)
-
-    def __len__(self):
-        return self.length
-
-    def __getitem__(self, i):
-        return self.current[i % len(self.current)]
-
-
-class _OnlineRegeneration(TrainerCallback):
-    """Regenerates the training pairs from the current policy every N steps and/or at each new epoch."""
-
-    def __init__(self, trainer: RetMaskTrainer):
-        self.trainer, self.epochs_begun = trainer, 0
-
-    def on_step_end(self, args, state, control, **kwargs):
-        n = args.regenerate_pairs_steps
-        if n and state.global_step % n == 0 and state.global_step < state.max_steps:
-            self.trainer.regenerate_train_pairs(state.global_step)
-
-    def on_epoch_begin(self, args, state, control, **kwargs):
-        self.epochs_begun += 1
-        if args.regenerate_pairs_each_epoch and self.epochs_begun > 1:
-            self.trainer.regenerate_train_pairs(state.global_step)
 
 
 class RetMaskTrainer(DPOTrainer):
@@ -155,8 +108,8 @@ class RetMaskTrainer(DPOTrainer):
             )
         if train_dataset is None:
             raise ValueError("`train_dataset` is required: prompts (`{'prompt': ...}`) or preference pairs.")
-        for split, dataset in {"train_dataset": train_dataset, **_eval_splits(eval_dataset)}.items():
-            _check_columns(split, dataset)
+        for split, dataset in {"train_dataset": train_dataset, **eval_splits(eval_dataset)}.items():
+            check_columns(split, dataset)
         if args.online and not is_prompt_only(train_dataset):
             raise ValueError(
                 "Online RetMask regenerates pairs from prompts: `train_dataset` must be prompt-only "
@@ -209,7 +162,7 @@ class RetMaskTrainer(DPOTrainer):
         self._train_prompts = train_dataset if args.online else None
 
         # Pairs (train, then eval) from the initial policy.
-        splits = {"train": train_dataset, **_eval_splits(eval_dataset)}
+        splits = {"train": train_dataset, **eval_splits(eval_dataset)}
         needs_pairs = any(is_prompt_only(d) for d in splits.values())
         if needs_pairs:
             if getattr(model, "hf_device_map", None) is None and not is_deepspeed_zero3_enabled():
@@ -254,10 +207,10 @@ class RetMaskTrainer(DPOTrainer):
                 peft_config=peft_config,
             )
         self._release_precompute_engine()
-        self.add_callback(_LogPairStats(self))
+        self.add_callback(LogPairStats(self))
         if args.online:
-            self.train_dataset = _OnlinePairs(self.train_dataset)
-            self.add_callback(_OnlineRegeneration(self))
+            self.train_dataset = OnlinePairs(self.train_dataset)
+            self.add_callback(OnlineRegeneration(self))
 
     def _release_precompute_engine(self) -> None:
         """Under DeepSpeed, TRL precomputes reference log-probs through an inference engine around the policy itself
@@ -360,7 +313,7 @@ class RetMaskTrainer(DPOTrainer):
         check_shared_directory(args.pairs_dir, "pair cache (`pairs_cache_dir`)", "turn `precompute_ref_log_probs` off")
         path = Path(args.pairs_dir) / f"dataset-{from_main_process(dataset._fingerprint)}"
         error = None
-        if state.is_main_process and _saved_dataset(path, len(dataset)) is None:
+        if state.is_main_process and saved_dataset(path, len(dataset)) is None:
             if path.exists():
                 logger.warning("The saved pairs in %s do not read back whole; saving them again.", path)
             try:
@@ -375,7 +328,7 @@ class RetMaskTrainer(DPOTrainer):
         error = from_main_process(error)  # the others wait here until the main process has saved (or failed)
         if error is not None:
             raise error
-        saved = _saved_dataset(path, len(dataset))
+        saved = saved_dataset(path, len(dataset))
         if saved is None:
             raise ValueError(f"The pairs saved in {path} do not read back; delete that directory and rerun.")
         return saved
@@ -473,40 +426,3 @@ class RetMaskTrainer(DPOTrainer):
             super().save_model(output_dir, _internal_call=_internal_call)
         if saving:
             self._write_card(target)  # titled after the directory
-
-
-def _saved_dataset(path: Path, num_rows: int) -> Dataset | None:
-    """The dataset saved at `path` when every file it needs reads back (metadata and every row of every `.arrow`
-    file, `num_rows` of them), else None."""
-    from datasets import load_from_disk
-
-    if not (path / "state.json").is_file():
-        return None
-    try:
-        dataset = load_from_disk(str(path))
-        if not isinstance(dataset, Dataset) or len(dataset) != num_rows:
-            return None
-        dataset.data.table.validate(full=True)  # reads the memory-mapped columns to their last byte
-        return dataset
-    except Exception:  # noqa: BLE001 - JSONDecodeError, ArrowInvalid, FileNotFoundError, ...: a damaged copy
-        return None
-
-
-def _eval_splits(eval_dataset) -> dict:
-    if eval_dataset is None:
-        return {}
-    return eval_dataset if isinstance(eval_dataset, dict) else {"eval_dataset": eval_dataset}
-
-
-def _check_columns(name: str, dataset) -> None:
-    """A prompt column (prompt-only data) or chosen/rejected (preference data; TRL extracts a shared prompt)."""
-    columns = getattr(dataset, "column_names", None)
-    if columns is None:
-        columns = list(next(iter(dataset)).keys())
-    check_pair_columns(f"`{name}`", columns)
-    if "prompt" not in columns and not {"chosen", "rejected"} <= set(columns):
-        raise ValueError(
-            f"`{name}` has columns {list(columns)}, but RetMask needs a `prompt` column (prompts to complete with "
-            "pairs) or `chosen`/`rejected` columns (preference pairs). Rename the prompt column, e.g. "
-            "`dataset.rename_column('question', 'prompt')`."
-        )
