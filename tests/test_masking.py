@@ -3,6 +3,7 @@ of the masked heads are zeroed by hand (the paper's ablation)."""
 
 import copy
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -342,3 +343,22 @@ def test_parse_head_accepts_exactly_two_non_negative_ints():
     for bad in ((1, 2, 3), (1,), (1.5, 2), (2, 1.0), (True, 1), (1, False), (-1, 0), (0, -1), "1-2-3", "-1-2", 5, None):
         with pytest.raises(ValueError, match=r"Malformed head key .*: expected 'LAYER-HEAD' \(e.g. '12-3'\) or a"):
             parse_head(bad)
+
+
+def test_an_interrupted_export_overwrite_leaves_the_old_export_whole(tmp_path, monkeypatch):
+    """`export --overwrite` replaces the directory whole: a save that dies half-way (a kill, a full disk) leaves the
+    old export as it was, with no new shard beside its files (issue 28's class: results of two runs mixed)."""
+    model = make_tiny_model("llama")
+    out = tmp_path / "masked"
+    export_masked_model(model, HEADS, out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def dies_half_way(self, save_directory, **kwargs):
+        (Path(save_directory) / "model-00001-of-00002.safetensors").write_bytes(b"half of the new checkpoint")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(type(model), "save_pretrained", dies_half_way)
+    with pytest.raises(KeyboardInterrupt):
+        export_masked_model(model, [(0, 1)], out, overwrite=True)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir()] == ["masked"]  # nothing left beside it either

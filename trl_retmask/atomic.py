@@ -176,8 +176,8 @@ def write_text(path, text: str, *, overwrite: bool = True, encoding: str = "utf-
 @contextmanager
 def atomic_directory(path, *, overwrite: bool = True) -> Iterator[Path]:
     """A temporary directory for the body to fill; it replaces the directory `path` when the body returns (an old
-    `path`, e.g. a damaged copy, is removed first) and is removed when the body raises. Without `overwrite`, only a
-    missing or empty `path` is replaced (`FileExistsError` otherwise)."""
+    `path`, e.g. a damaged copy, is moved aside, then removed) and is removed when the body raises. Without
+    `overwrite`, only a missing or empty `path` is replaced (`FileExistsError` otherwise)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temporary_sibling(path)
@@ -187,14 +187,18 @@ def atomic_directory(path, *, overwrite: bool = True) -> Iterator[Path]:
         with writing_to(path, within=tmp):
             yield tmp
             ordinary_modes(tmp)
+        old = None
         if overwrite and os.path.lexists(path):
-            _remove(path)
+            old = temporary_sibling(path)
+            os.rename(path, old)  # aside first: a kill from here on leaves the old run or the new one, never a mix
         try:
             os.rename(tmp, path)  # replaces an empty directory only
         except OSError as e:
             if e.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR):
                 raise FileExistsError(errno.EEXIST, "already exists", str(path)) from None
             raise
+        if old is not None:
+            _remove(old)
     finally:
         if os.path.lexists(tmp):
             _remove(tmp)

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .atomic import atomic_directory, ordinary_modes_of_new_files, write_text
+from .atomic import atomic_directory, write_text
 from .heads import format_heads, validate_heads
 from .layout import SUPPORTED, attention_modules, head_layout  # the latter two also imported from here, as before
 
@@ -125,10 +125,9 @@ def export_masked_model(
     targets = head_feature_masks(model, heads)
     source = getattr(getattr(model, "config", None), "_name_or_path", None)
     save_dir = check_export_dir(save_dir, overwrite, source=source)
-    # A new checkpoint is whole or absent (written aside, renamed into place); one replaced in a non-empty directory
-    # (`overwrite`) is written in place, where `save_pretrained` removes the old shards it replaces.
-    fresh = not save_dir.is_dir() or not any(save_dir.iterdir())
-    with atomic_directory(save_dir, overwrite=False) if fresh else ordinary_modes_of_new_files(save_dir) as target:
+    # Whole or absent, a replaced one too (`overwrite`): written aside, then renamed over the old directory, so a
+    # kill never leaves old shards beside new ones.
+    with atomic_directory(save_dir, overwrite=True) as target:
         saved = []
         try:
             for o_proj, drop in targets.items():
