@@ -199,8 +199,8 @@ def test_export_writes_every_file_with_the_same_mode(capsys, tiny, tmp_path):
 
 
 def test_writes_into_an_existing_directory_get_ordinary_modes_and_leave_other_files(capsys, tiny, tmp_path):
-    """`export --overwrite True` into a non-empty directory and the trainer's `save_model` write through
-    `save_pretrained` in place: the files they write get the ordinary mode, a private file already there keeps its."""
+    """`export --overwrite True` replaces a non-empty directory whole (its files all get the ordinary mode); the
+    trainer's `save_model` writes through `save_pretrained` in place: the files it writes get the ordinary mode."""
     from tests.tiny import PREFS
     from trl_retmask import RetMaskConfig, RetMaskTrainer
 
@@ -223,7 +223,7 @@ def test_writes_into_an_existing_directory_get_ordinary_modes_and_leave_other_fi
     finally:
         os.umask(old)
     modes = {p.name: oct(stat.S_IMODE(p.stat().st_mode)) for p in target.iterdir()}
-    assert modes.pop("notes.txt") == "0o600" and "model.safetensors" in modes and set(modes.values()) == {"0o644"}
+    assert "notes.txt" not in modes and "model.safetensors" in modes and set(modes.values()) == {"0o644"}, modes
     modes = {p.name: oct(stat.S_IMODE(p.stat().st_mode)) for p in (tmp_path / "trained").iterdir()}
     assert "model.safetensors" in modes and set(modes.values()) == {"0o644"}, modes
 
