@@ -56,7 +56,7 @@ GREEDY = dict(temperature=0.0, max_new_tokens=12, show_progress=False)
 def engine_model(smollm2):
     """The embedded model and its tokenizer, with vLLM required (skipped without it locally, failing in CI)."""
     if not vllm_available():
-        skip_unless_ci(f"vLLM is not installed ({INSTALL_HINT})")
+        skip_unless_ci(f"vLLM is not installed ({INSTALL_HINT})", "vllm")
     return smollm2
 
 
@@ -436,7 +436,7 @@ def test_cpu_kv_cache_holds_the_largest_batch_in_whole_blocks(smollm2, monkeypat
 
 def test_cpu_head_sizes_are_vllms():
     if not vllm_available():
-        skip_unless_ci("vLLM is not installed")
+        skip_unless_ci("vLLM is not installed", "vllm")
     from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
 
     from trl_retmask.generation.vllm import CPU_HEAD_SIZES
@@ -446,7 +446,7 @@ def test_cpu_head_sizes_are_vllms():
 
 def test_sampling_params_follow_the_generation_config(smollm2):
     if not vllm_available():
-        skip_unless_ci("vLLM is not installed")
+        skip_unless_ci("vLLM is not installed", "vllm")
     from vllm import SamplingParams
 
     from trl_retmask.generation.seeded import RowSampling
