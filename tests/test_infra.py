@@ -1,7 +1,10 @@
 """The suite's own rules (tests/conftest.py), run in an inner pytest session: `gpu` tests skip without CUDA, and a
-missing embedded model skips its tests locally but fails them in CI. The tree also passes `ruff check`."""
+missing embedded model skips its tests locally but fails them in CI (a dependency the run leaves out skips with the
+reason). The tree passes `ruff check`; `pip check` is clean but for the two known exceptions; the known warnings of
+dependencies are filtered where they are issued, and nothing else is."""
 
 import re
+import warnings
 
 import pytest
 import torch
@@ -11,6 +14,7 @@ import trl_retmask.models
 HOOKS = "from tests.conftest import pytest_collection_modifyitems, smollm2  # noqa: F401\n"
 INNER = """
 import re
+import warnings
 
 import pytest
 
@@ -160,3 +164,86 @@ def test_pip_check_filter_passes_only_the_known_lines():
         "trl 1.16.0 requires accelerate, which is not installed.",
     ]
     assert unexpected_pip_check_lines(known + "\n".join(others)) == others
+
+
+def _recorded(emit) -> list[str]:
+    from trl_retmask._warnings import filter_dependency_noise
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        filter_dependency_noise()
+        emit()
+    return [f"{w.category.__name__}: {w.message}" for w in seen]
+
+
+def test_vllms_reduce_op_deprecation_is_filtered_at_its_source():
+    """vLLM's kernel registration (the real function) touches torch's deprecated `reduce_op`: filtered."""
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is None:
+        pytest.skip("vLLM is not installed")
+    from vllm.triton_utils.dispatcher import _rebind_kernels
+
+    with warnings.catch_warnings(record=True) as unfiltered:
+        warnings.simplefilter("always")
+        _rebind_kernels([])
+    assert any("reduce_op" in str(w.message) for w in unfiltered)  # the warning is real without the filter
+    assert _recorded(lambda: _rebind_kernels([])) == []
+
+
+def test_trls_renamed_checkpointing_calls_are_filtered_at_their_source():
+    from trl.models.utils import disable_gradient_checkpointing
+
+    from tests.tiny import make_tiny_model
+    from trl_retmask.checkpointing import RENAMED, enable_checkpointing
+
+    model = make_tiny_model("llama")
+    enable_checkpointing(model, None)
+
+    def trl_call():
+        with disable_gradient_checkpointing(model):
+            pass
+
+    if RENAMED:  # transformers >= 5.23 deprecates the names TRL 1.16 calls: the warnings are real there
+        with warnings.catch_warnings(record=True) as unfiltered:
+            warnings.simplefilter("always")
+            trl_call()
+        assert sum("gradient_checkpointing" in str(w.message) for w in unfiltered) == 3
+    assert _recorded(trl_call) == []
+
+
+def test_the_filters_are_narrow():
+    """Another module's warning of the same text, another transformers deprecation and our own use of `reduce_op`
+    all still show."""
+    import torch
+
+    def others():
+        warnings.warn_explicit(
+            "`torch.distributed.reduce_op` is deprecated", FutureWarning, "user.py", 1, module="user_code"
+        )
+        warnings.warn_explicit(
+            "`is_gradient_checkpointing` is deprecated and will be removed in v6.", FutureWarning, "a.py", 1, module="a"
+        )
+        warnings.warn_explicit(
+            "`other_method` is deprecated and will be removed in v6.",
+            FutureWarning,
+            "modeling_utils.py",
+            1,
+            module="transformers.modeling_utils",
+        )
+        torch.distributed.reduce_op.SUM  # noqa: B018 - the deprecated object, used here
+
+    assert len(_recorded(others)) == 4
+
+
+def test_importing_the_package_installs_the_filters():
+    import subprocess
+    import sys
+
+    code = "import warnings, trl_retmask; print(sum(f[0] == 'ignore' and f[3] is not None for f in warnings.filters))"
+    plain = "import warnings; print(sum(f[0] == 'ignore' and f[3] is not None for f in warnings.filters))"
+    counts = [
+        int(subprocess.run([sys.executable, "-c", c], capture_output=True, text=True, check=True).stdout)
+        for c in (plain, code)
+    ]
+    assert counts[1] - counts[0] == 2
