@@ -636,3 +636,20 @@ def test_the_32k_command_of_the_docs_reaches_its_max_length(tmp_path):
         _, args, _ = parse_args(["--use_cpu", "True", "--output_dir", str(tmp_path), *argv], recipe="llama31")
     assert args.max_length == 32768 and args.max_prompt_length + args.max_new_tokens >= args.max_length
     assert _unreachable(found) == []
+
+
+def test_no_pinned_memory_without_an_accelerator(tmp_path):
+    """TRL's DataLoaders pin memory by default; on a CPU torch warns at each one ("no accelerator is found").
+    transformers turns pinning off for `use_cpu=True` only, not on a machine that has no accelerator at all."""
+    import torch
+
+    from trl_retmask.config import accelerator_available
+
+    if accelerator_available():
+        pytest.skip("needs a machine without an accelerator")
+    args = RetMaskConfig(str(tmp_path), mask_top_k=2)
+    assert args.dataloader_pin_memory is False
+    with warnings.catch_warnings(record=True) as found:
+        warnings.simplefilter("always")
+        list(torch.utils.data.DataLoader(range(4), batch_size=2, pin_memory=args.dataloader_pin_memory))
+    assert [str(w.message) for w in found if "pin_memory" in str(w.message)] == []

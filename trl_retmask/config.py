@@ -478,6 +478,8 @@ class RetMaskConfig(HeadSelectionArguments, DPOConfig):
             if ckpt is None:
                 ckpt = False
                 chosen.append("gradient_checkpointing=False")
+            # Pinned memory only speeds copies to an accelerator; without one torch warns at every DataLoader.
+            self.dataloader_pin_memory = False
             if chosen:
                 warnings.warn(
                     f"No GPU found: RetMaskConfig uses CPU settings {', '.join(chosen)} instead of TRL's GPU defaults "
