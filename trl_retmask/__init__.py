@@ -3,7 +3,11 @@
 from importlib import import_module
 from typing import TYPE_CHECKING
 
+from ._warnings import filter_dependency_noise
+
 __version__ = "0.1.0"
+
+filter_dependency_noise()  # known warnings of dependencies, each filtered where it is issued (_warnings.py)
 
 # Every public name imports on first use: `import trl_retmask` (and so `trl-retmask --help`) loads neither torch nor
 # TRL; `from trl_retmask import RetMaskTrainer` imports only what that name needs.

@@ -421,6 +421,7 @@ class RetMaskConfig(RedactedArguments, HeadSelectionArguments, DPOConfig):
             raise ValueError(f"`generation_kwargs` must be a dict, got {type(self.generation_kwargs).__name__}.")
         check_generation_kwargs(self.generation_kwargs or {}, self)
         check_finite_fields(self)
+        self._warn_unreachable_max_length()
         if self.online and (self.fsdp or os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true")):
             raise ValueError(
                 "Online RetMask (`regenerate_pairs_steps` / `regenerate_pairs_each_epoch`) cannot run "
@@ -484,6 +485,8 @@ class RetMaskConfig(RedactedArguments, HeadSelectionArguments, DPOConfig):
             if ckpt is None:
                 ckpt = False
                 chosen.append("gradient_checkpointing=False")
+            # Pinned memory only speeds copies to an accelerator; without one torch warns at every DataLoader.
+            self.dataloader_pin_memory = False
             if chosen:
                 warnings.warn(
                     f"No GPU found: RetMaskConfig uses CPU settings {', '.join(chosen)} instead of TRL's GPU defaults "
@@ -501,6 +504,23 @@ class RetMaskConfig(RedactedArguments, HeadSelectionArguments, DPOConfig):
             kwargs = self.gradient_checkpointing_kwargs
         self.activation_checkpointing = self.gradient_checkpointing = ckpt
         self.activation_checkpointing_kwargs = self.gradient_checkpointing_kwargs = kwargs
+
+    def _warn_unreachable_max_length(self):
+        """A `max_length` raised above DPOConfig's default that prompts cut to `max_prompt_length` plus responses of
+        `max_new_tokens` cannot fill: long documents would lose all but their last `max_prompt_length` tokens."""
+        default = DPOConfig.__dataclass_fields__["max_length"].default
+        if self.max_length is None or self.max_prompt_length is None or self.max_length <= default:
+            return
+        longest = self.max_prompt_length + self.max_new_tokens
+        if longest < self.max_length:
+            warnings.warn(
+                f"max_length={self.max_length} cannot be reached: prompts are cut to their last "
+                f"max_prompt_length={self.max_prompt_length} tokens and responses to max_new_tokens="
+                f"{self.max_new_tokens}, at most {longest} tokens; set --max_prompt_length "
+                f"{self.max_length - self.max_new_tokens} (max_length - max_new_tokens) to train on long prompts.",
+                UserWarning,
+                stacklevel=4,
+            )
 
     def _pair_checkpointing_names(self):
         """From here on the two names are one setting: writing either writes both (`__setattr__`), and the kwargs are

