@@ -576,7 +576,7 @@ def test_eval_stage_checks_its_backend_before_loading(tmp_path, monkeypatch, cap
 # ----------------------------------------------------------------------------------------- issue 30 / issue 28
 def _require_vllm():
     if not vllm_available():
-        skip_unless_ci("vLLM is not installed")
+        skip_unless_ci("vLLM is not installed", "vllm")
 
 
 def test_the_engine_runs_vllms_v1_runner_whose_loader_takes_the_seeded_sampler(monkeypatch, caplog):
