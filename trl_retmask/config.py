@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from trl import DPOConfig
 
-from .checkpointing import RENAMED, TWINS
+from .checkpointing import ARG, TWINS
 from .generation import GENERATION_BACKENDS
 from .generation.vllm import VLLMSettings, require_vllm
 from .heads import HeadSelectionArguments
@@ -528,8 +528,7 @@ class RetMaskConfig(RedactedArguments, HeadSelectionArguments, DPOConfig):
         after this `__post_init__` (trl/trainer/dpo_trainer.py:699-713), which transformers >= 5.23 copies to
         `activation_checkpointing_kwargs`, the name its Trainer reads, only inside `__post_init__`
         (transformers/training_args.py:1533-1543 in 5.25): without the pairing TRL's setting would be lost."""
-        real = "activation_checkpointing" if RENAMED else "gradient_checkpointing"
-        for name in (real, real + "_kwargs"):
+        for name in (ARG, ARG + "_kwargs"):  # the installed transformers' own names (checkpointing.ARG)
             object.__setattr__(self, TWINS[name], getattr(self, name))
         object.__setattr__(self, "_checkpointing_paired", True)
 
