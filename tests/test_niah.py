@@ -75,6 +75,9 @@ def test_bad_data_files(tmp_path):
     bad.write_text(json.dumps(NEEDLE) + "\n{not json\n")
     with pytest.raises(ValueError, match=r"n.jsonl:2 is not valid JSON"):
         load_needles(bad)
+    bad.write_bytes(json.dumps(NEEDLE).encode() + b"\n\xff\xfe latin-1 \xe9\n")  # the error named no file
+    with pytest.raises(ValueError, match=r"^Needle file .*n\.jsonl is not UTF-8 text \(.*\); save it as UTF-8"):
+        load_needles(bad)
 
 
 def test_large_haystack_is_read_only_as_far_as_needed(tiny_tokenizer, tmp_path):

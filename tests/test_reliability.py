@@ -359,6 +359,25 @@ def test_several_config_files_merge_in_order(tmp_path):
     assert not list(Path(os.environ.get("TMPDIR", "/tmp")).glob("trl_retmask_config_*"))  # removed after parsing
 
 
+def test_several_config_files_are_merged_in_memory_never_on_disk(tmp_path, monkeypatch):
+    """The merged file was a temporary file: with a `hub_token` in a config it put the secret on disk, where a
+    kill -9 during parsing (or a long parse) left it."""
+    import tempfile
+
+    from trl_retmask.scripts import config_argv
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    a, b = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    a.write_text(yaml.safe_dump({"hub_token": "hf_secret_in_a_config", "mask_top_k": 5}))
+    b.write_text(yaml.safe_dump({"mask_top_k": 6}))
+    with config_argv(["--config", str(a), "--config", str(b)]) as argv:
+        merged = Path(argv[argv.index("--config") + 1])
+        assert yaml.safe_load(merged.read_text()) == {"hub_token": "hf_secret_in_a_config", "mask_top_k": 6}
+        written = [f for f in (tmp_path / "tmp").rglob("*") if f.is_file()]
+        assert not written and str(merged).startswith("/proc/self/fd/"), written
+
+
 def test_several_config_files_reach_train(tmp_path):
     from trl_retmask.scripts.train import parse_args
 

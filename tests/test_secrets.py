@@ -61,13 +61,17 @@ def test_the_lock_names_its_holder_without_the_command_line(tmp_path):
 
 def test_the_stage_is_named_when_the_cli_runs_it(tmp_path, monkeypatch):
     from trl_retmask.locks import run_name
+    from trl_retmask.scripts import run_stage
 
+    names = []
     monkeypatch.setattr(sys, "argv", ["/usr/bin/trl-retmask", "pairs", "--hub_token", SECRET])
-    assert run_name() == "trl-retmask pairs"
+    assert run_stage("pairs", lambda: names.append(run_name())) == 0
     monkeypatch.setattr(sys, "argv", ["recipes/llama31.py", "--hub_token", SECRET])
-    assert run_name() == "llama31.py"
-    monkeypatch.setattr(sys, "argv", ["trl-retmask", SECRET.lower()])  # a first argument that is no stage
-    assert run_name() == "trl-retmask"
+    assert run_stage("train", lambda: names.append(run_name())) == 0  # a recipe runs the train stage
+    names.append(run_name())  # outside a stage: the program only
+    monkeypatch.setattr(sys, "argv", ["trl-retmask", SECRET.lower()])  # a first argument that is a value
+    names.append(run_name())
+    assert names == ["trl-retmask pairs", "llama31.py train", "llama31.py", "trl-retmask"]
 
 
 @pytest.mark.slow

@@ -70,7 +70,10 @@ def main():
     assert out == EXPECTED, out
     print(json.dumps({{"rank": process_state().process_index, "calls": calls}}), flush=True)
 
-sys.exit(run_stage("store", main))
+code = run_stage("store", main)
+import torch.distributed as dist
+print("process group left:", not dist.is_initialized(), flush=True)
+sys.exit(code)
 """
 
 SAVED_PAIRS_SCRIPT = """
@@ -87,7 +90,10 @@ def main():
     assert saved["chosen"] == ["x", "y"] and saved.cache_files, saved
     print("saved pairs ok", flush=True)
 
-sys.exit(run_stage("train", main))
+code = run_stage("train", main)
+import torch.distributed as dist
+print("process group left:", not dist.is_initialized(), flush=True)
+sys.exit(code)
 """
 
 
@@ -148,11 +154,16 @@ def _texts(logs):
     return texts
 
 
-def assert_both_stop_with_one_line(results, stage: str) -> str:
-    """Every rank exits 2 with the same single `trl-retmask STAGE: error:` line and no traceback."""
+def assert_both_stop_with_one_line(results, stage: str, reports_group: bool = True) -> str:
+    """Every rank exits 2 with the same single `trl-retmask STAGE: error:` line and no traceback, having left the
+    process group before exiting: a rank that left it to interpreter exit aborted there in about one run out of
+    four (exit -6, "terminate called without an active exception": a gloo worker thread asked for the GIL while
+    Python finalized), failing CI although the one line was printed. `reports_group`: the script prints whether it
+    left (the test scripts here; the CLI does not)."""
     lines = []
     for code, out, err in results:
         errors = [line for line in err.splitlines() if line.startswith(f"trl-retmask {stage}: error:")]
+        assert not reports_group or "process group left: True" in out, (code, out, err[-3000:])
         assert code == 2 and len(errors) == 1 and "Traceback" not in err, (code, out, err[-3000:])
         lines.append(errors[0])
     assert lines[0] == lines[1]
@@ -284,7 +295,7 @@ def test_train_on_private_disks_stops_both_processes_before_loading_the_model(tm
         "4",
     ]
     results = run_two_nodes([sys.executable, "-m", "trl_retmask.cli", *argv], tmp_path, private=disk)
-    line = assert_both_stop_with_one_line(results, "train")
+    line = assert_both_stop_with_one_line(results, "train", reports_group=False)
     assert f"The `output_dir` {disk / 'out'} is not on a disk shared by all 2 processes" in line
     assert "--niah_eval False" in line
     assert not any("Loading weights" in err for _, _, err in results)

@@ -141,6 +141,15 @@ def test_no_import_circle_among_the_package_modules():
     assert graph["trl_retmask.heads"] <= {"trl_retmask.layout", "trl_retmask.validation"}
 
 
+def test_the_library_modules_import_nothing_from_the_cli():
+    """The command line sits on top: `locks` imported `scripts` (for the stage names) so a lock's owner record could
+    name the stage; the stage is now handed down by `run_stage` (`locks.running_stage`)."""
+    cli = {m for m in import_graph() if m == "trl_retmask.cli" or m.startswith("trl_retmask.scripts")}
+    upward = {m: deps & cli for m, deps in import_graph().items() if m not in cli and deps & cli}
+    assert upward == {}
+    assert "trl_retmask.locks" in import_graph()["trl_retmask.scripts"]  # the direction the stage travels
+
+
 def test_moved_names_still_import_from_their_old_modules():
     """Callers written before the split keep working: `masking` re-exports the layout, `niah` the sample builder."""
     from trl_retmask import layout, masking, niah, niah_samples

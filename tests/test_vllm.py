@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import gc
 import json
+import os
 import re
 import weakref
 from pathlib import Path
@@ -592,7 +593,7 @@ def test_the_engine_runs_vllms_v1_runner_whose_loader_takes_the_seeded_sampler(m
     from vllm.v1.sample.logits_processor import validate_logits_processors_parameters
     from vllm.v1.worker.gpu.sample.logits_processor import build_custom_logits_processors_params_validator
 
-    from trl_retmask.generation.vllm_engine import _apply_engine_environment
+    from trl_retmask.generation.vllm_engine import engine_environment
     from trl_retmask.generation.vllm_sampler import EXTRA_ARG, SeededSampler
 
     with pytest.raises(ValueError, match="not a subclass of vllm.v1.worker.gpu.sample.logits_processor"):
@@ -606,10 +607,13 @@ def test_the_engine_runs_vllms_v1_runner_whose_loader_takes_the_seeded_sampler(m
     envs.disable_envs_cache()
     assert v2(config), "vLLM's default on CUDA with Triton is V2"
     monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "1")
-    with caplog.at_level("WARNING"):
-        _apply_engine_environment()
+    monkeypatch.delenv("VLLM_ENABLE_V1_MULTIPROCESSING", raising=False)
+    with caplog.at_level("WARNING"), engine_environment({"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}):
+        assert envs.VLLM_USE_V2_MODEL_RUNNER is False and not v2(config)
+        assert envs.VLLM_ENABLE_V1_MULTIPROCESSING is False
     assert "VLLM_USE_V2_MODEL_RUNNER=1 replaced by 0" in caplog.text
-    assert envs.VLLM_USE_V2_MODEL_RUNNER is False and not v2(config)
+    # the user's environment comes back once the engine is built (it was left at 0 for the rest of the process)
+    assert os.environ["VLLM_USE_V2_MODEL_RUNNER"] == "1" and "VLLM_ENABLE_V1_MULTIPROCESSING" not in os.environ
     validate_logits_processors_parameters([SeededSampler], SamplingParams(extra_args={EXTRA_ARG: {"seed": 1}}))
 
 
@@ -624,8 +628,10 @@ def test_a_built_engine_runs_the_v1_runner_and_swaps_weights_in_place(engine_mod
 
     model, tokenizer = engine_model
     backend = VLLMBackend()
+    user = {k: os.environ.get(k) for k in ("VLLM_USE_V2_MODEL_RUNNER", "VLLM_ENABLE_V1_MULTIPROCESSING")}
     engine = backend.engine(model)
     assert engine.llm.llm_engine.vllm_config.use_v2_model_runner is False
+    assert {k: os.environ.get(k) for k in user} == user  # what the engine needed was set only while it was built
     name = next(iter(o_proj_names(model)))
 
     def storage(worker):

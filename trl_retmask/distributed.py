@@ -18,6 +18,7 @@ from .checkpointing import checkpointing_kwargs, enable_checkpointing, is_checkp
 
 __all__ = [
     "end_processes",
+    "leave_process_group",
     "from_main_process",
     "gathered_for_generation",
     "limit_cpu_training_memory",
@@ -129,6 +130,19 @@ def end_processes() -> None:
         state = process_state()
         state.wait_for_everyone()
         state.destroy_process_group()
+
+
+def leave_process_group() -> None:
+    """Tear down this process's side of the process group now, without waiting for the others: the way out of a
+    stage that failed (its other processes may have failed too, or may never reach a barrier).
+
+    Left to interpreter exit, the group's gloo worker threads can still be finishing a collective's Python-held work
+    while Python finalizes; a thread that then asks for the GIL is ended by Python with a forced unwind through
+    C++ that cannot unwind, and the process aborts ("terminate called without an active exception", exit -6) after
+    printing its one-line error (torch's `destroy_process_group` waits for that work, see its comment). No-op
+    without a process group."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 _M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter (malloc.h)

@@ -27,7 +27,6 @@ from pathlib import Path
 from filelock import FileLock, Timeout
 
 from .atomic import write_text
-from .scripts import STAGES  # the CLI's light module (no torch): the stage names
 
 LOCK_NAME = ".trl_retmask.lock"
 OWNER_NAME = ".trl_retmask.lock.owner"
@@ -47,12 +46,27 @@ def check_directory(path, name: str = "output_dir") -> Path:
     return path
 
 
+_running_stage: str | None = None
+"""The `trl-retmask` stage this process runs (set by `scripts.run_stage` through `running_stage`), if any."""
+
+
+@contextmanager
+def running_stage(stage: str) -> Iterator[None]:
+    """Name `stage` in the owner records of the locks taken meanwhile. Handed down by the CLI (`run_stage`), so this
+    module needs nothing from the CLI's."""
+    global _running_stage
+    previous, _running_stage = _running_stage, stage
+    try:
+        yield
+    finally:
+        _running_stage = previous
+
+
 def run_name() -> str:
     """What this process runs, without any value a user passed (a value can be a secret, e.g. `--hub_token`): the
-    program's file name, and the `trl-retmask` stage when the first argument names one."""
+    program's file name, and the `trl-retmask` stage it runs (`running_stage`), if any."""
     program = os.path.basename(sys.argv[0] or "python") if sys.argv else "python"
-    stage = sys.argv[1] if len(sys.argv) > 1 and sys.argv[1] in STAGES else None
-    return f"{program} {stage}" if stage else program
+    return f"{program} {_running_stage}" if _running_stage else program
 
 
 def _owner_text(directory: Path) -> str:
@@ -120,4 +134,12 @@ def directory_lock(directory, *, main_process: bool = True) -> Iterator[None]:
         lock.release()
 
 
-__all__ = ["DirectoryBusyError", "LOCK_NAME", "OWNER_NAME", "check_directory", "directory_lock", "run_name"]
+__all__ = [
+    "DirectoryBusyError",
+    "LOCK_NAME",
+    "OWNER_NAME",
+    "check_directory",
+    "directory_lock",
+    "run_name",
+    "running_stage",
+]

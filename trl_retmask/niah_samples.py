@@ -67,8 +67,12 @@ def load_needles(path=None) -> list[dict]:
     path = Path(path) if path is not None else DEFAULT_NEEDLES
     if not path.is_file():
         raise ValueError(f"Needle file {path} does not exist; pass a JSONL file of needle/question/real_needle.")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"Needle file {path} is not UTF-8 text ({e}); save it as UTF-8 JSONL.") from None
     needles = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for lineno, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:

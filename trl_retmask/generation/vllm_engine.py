@@ -6,7 +6,7 @@ while the model's config and the settings stay the same (`engine_for`). Built as
 process, `max_num_batched_tokens=4096` on CUDA (vLLM's memory profiler is misled by its larger default), the
 checkpoint's dtype on CUDA (TRL loads the engine from the checkpoint: `dtype="auto"`); on a CPU the parameters' dtype
 (fp32 there, where greedy pairs equal `generate`'s exactly). vLLM's V1 model runner always
-(`VLLM_USE_V2_MODEL_RUNNER=0`, see `ENGINE_ENVIRONMENT`).
+(`VLLM_USE_V2_MODEL_RUNNER=0` while it is built, see `ENGINE_ENVIRONMENT`).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import shutil
 import socket
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -150,18 +150,31 @@ def remove_stale_engine_dirs(root: str | os.PathLike | None = None) -> list[str]
     return removed
 
 
-def _apply_engine_environment() -> None:
-    """`ENGINE_ENVIRONMENT` in `os.environ`, and vLLM's cache of its variables dropped so it reads them again."""
-    changed = {k: v for k, v in ENGINE_ENVIRONMENT.items() if os.environ.get(k) != v}
-    if "VLLM_USE_V2_MODEL_RUNNER" in changed and "VLLM_USE_V2_MODEL_RUNNER" in os.environ:
-        logger.warning(
-            "VLLM_USE_V2_MODEL_RUNNER=%s replaced by 0: pair generation needs vLLM's V1 model runner.",
-            os.environ["VLLM_USE_V2_MODEL_RUNNER"],
-        )
-    os.environ.update(ENGINE_ENVIRONMENT)
+@contextlib.contextmanager
+def engine_environment(extra: dict[str, str] | None = None) -> Iterator[None]:
+    """`ENGINE_ENVIRONMENT` (and `extra`) in `os.environ` while an engine is built, with vLLM's cache of its variables
+    dropped so it reads them again; the user's values come back afterwards (a TRL vLLM engine built later in the same
+    process gets its own defaults). The engine keeps what it read: its core caches vLLM's variables at start-up
+    (`vllm/v1/engine/core.py:252`, `enable_envs_cache`)."""
     from vllm import envs
 
+    values = {**(extra or {}), **ENGINE_ENVIRONMENT}
+    saved = {k: os.environ.get(k) for k in values}
+    if saved["VLLM_USE_V2_MODEL_RUNNER"] not in (None, ENGINE_ENVIRONMENT["VLLM_USE_V2_MODEL_RUNNER"]):
+        logger.warning(
+            "VLLM_USE_V2_MODEL_RUNNER=%s replaced by 0 for this engine: pair generation needs vLLM's V1 model runner.",
+            saved["VLLM_USE_V2_MODEL_RUNNER"],
+        )
+    os.environ.update(values)
     envs.disable_envs_cache()
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def empty_device_cache(device: torch.device) -> None:
@@ -191,15 +204,14 @@ class _Engine:
         state = process_state()
         kwargs = {}
         if state.num_processes > 1:  # one engine per rank on its own device, as TRL's colocate mode
-            os.environ.update(
-                RANK=str(state.process_index),
-                LOCAL_RANK=str(state.local_process_index),
-                WORLD_SIZE=str(state.num_processes),
-            )
+            environment = {
+                "RANK": str(state.process_index),
+                "LOCAL_RANK": str(state.local_process_index),
+                "WORLD_SIZE": str(state.num_processes),
+            }
             kwargs["distributed_executor_backend"] = "external_launcher"
         else:
-            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # in-process: tensors reach the worker by reference
-        _apply_engine_environment()
+            environment = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}  # in-process: tensors reach the worker by reference
         self.kv_tokens = None  # the tokens its CPU KV cache was sized for, where this package sized it
         if device.type == "cpu" and not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
             self.kv_tokens = cpu_kv_cache_tokens(model, settings.max_model_length, tokens)
@@ -209,21 +221,22 @@ class _Engine:
         self.window = engine_window(model, settings, longest, device.type)
         eager = device.type != "cuda" if settings.enforce_eager is None else settings.enforce_eager
         empty_device_cache(device)
-        self.llm = LLM(
-            model=self._dir.name,
-            skip_tokenizer_init=True,
-            load_format="dummy",
-            dtype=engine_dtype(model, device.type),
-            tensor_parallel_size=settings.tensor_parallel_size,
-            gpu_memory_utilization=settings.gpu_memory_utilization,
-            max_model_len=self.window,
-            enable_sleep_mode=settings.enable_sleep_mode,
-            model_impl=settings.model_impl,
-            seed=state.process_index,
-            enforce_eager=eager,
-            logits_processors=[SeededSampler],
-            **kwargs,
-        )
+        with engine_environment(environment):
+            self.llm = LLM(
+                model=self._dir.name,
+                skip_tokenizer_init=True,
+                load_format="dummy",
+                dtype=engine_dtype(model, device.type),
+                tensor_parallel_size=settings.tensor_parallel_size,
+                gpu_memory_utilization=settings.gpu_memory_utilization,
+                max_model_len=self.window,
+                enable_sleep_mode=settings.enable_sleep_mode,
+                model_impl=settings.model_impl,
+                seed=state.process_index,
+                enforce_eager=eager,
+                logits_processors=[SeededSampler],
+                **kwargs,
+            )
         self.enable_sleep_mode = settings.enable_sleep_mode
         # Hooks see every step only without CUDA graphs, and reach the runner only when it lives in this process
         self.masks_requests = eager and settings.tensor_parallel_size == 1

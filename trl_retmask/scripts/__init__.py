@@ -52,16 +52,23 @@ def write_failure_message(failure: OSError) -> str:
 def run_stage(stage: str, fn, *args) -> int:
     """Run `fn(*args)`; a user error prints `trl-retmask <stage>: error: <message>` and returns 2 (argparse's code).
     A write that fails for a reason the user fixes (full disk, read-only place: `atomic.write_failure`) is one too.
-    After a success under `accelerate launch`, every process waits for the others and leaves the process group."""
+    After a success under `accelerate launch`, every process waits for the others and leaves the process group;
+    after a failure it leaves at once (`leave_process_group`: the others may never reach a barrier)."""
     from ..atomic import write_failure
+    from ..locks import running_stage
 
     try:
-        fn(*args)
+        with running_stage(stage):
+            fn(*args)
         if "torch" in sys.modules:  # a stage that ran no torch started no process group
             from ..distributed import end_processes
 
             end_processes()
     except Exception as error:
+        if "torch" in sys.modules:
+            from ..distributed import leave_process_group
+
+            leave_process_group()
         failure = write_failure(error)
         if (failure is None and not is_user_error(error)) or os.environ.get(TRACEBACK_ENV, "") in ("1", "true"):
             raise
@@ -114,7 +121,7 @@ def load_yaml(path, what: str = "Config file"):
 def config_argv(argv) -> Iterator[list[str]]:
     """`argv` for TRL's parser, which reads one `--config FILE` with no limits: every file is checked first
     (`load_yaml`), and several are merged in the order given (a later file's values win, `env` mappings merged
-    alike) into one temporary file, removed after parsing."""
+    alike) into one file held in memory (a temporary file, removed after parsing, where the OS has no `memfd`)."""
     argv, rest, files = list(argv), [], []
     i = 0
     while i < len(argv):
@@ -144,8 +151,19 @@ def config_argv(argv) -> Iterator[list[str]]:
         merged.update(config)
         if env:
             merged["env"] = env
+    text = yaml.safe_dump(merged)
+    if hasattr(os, "memfd_create") and Path("/proc/self/fd").is_dir():
+        # In memory, never on disk: the merged values may hold a secret (`hub_token`), and a file would outlive a
+        # kill -9. The parser opens `/proc/self/fd/N` like any path.
+        fd = os.memfd_create("trl_retmask_config.yaml")
+        try:
+            os.write(fd, text.encode("utf-8"))
+            yield rest + ["--config", f"/proc/self/fd/{fd}"]
+        finally:
+            os.close(fd)
+        return
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", prefix="trl_retmask_config_", encoding="utf-8") as f:
-        yaml.safe_dump(merged, f)
+        f.write(text)
         f.flush()
         yield rest + ["--config", f.name]
 
