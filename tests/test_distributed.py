@@ -207,3 +207,28 @@ def test_niah_eval_and_the_long_context_callback_are_refused_under_fsdp(tmp_path
     tokenizer = make_tiny_tokenizer(tmp_path / "tok")
     with pytest.raises(ValueError, match=r"^LongContextEvalCallback cannot run under FSDP: .*`trl-retmask eval`"):
         LongContextEvalCallback(SimpleNamespace(is_fsdp_enabled=True, processing_class=tokenizer))
+
+
+def test_a_failed_stage_leaves_a_gloo_group_and_leaves_an_nccl_group_to_its_destructor(tmp_path, monkeypatch):
+    """`run_stage`'s failure path tears a gloo group down before exit (left to interpreter exit, its worker threads
+    aborted the process in about one run in four: tests/test_shared_disk.py); an NCCL group is not flushed there
+    (its `shutdown()` waits on the other ranks, which may never come), its destructor aborts it at exit."""
+    import torch.distributed as dist
+
+    from trl_retmask.scripts import run_stage
+
+    def fail():
+        raise ValueError("bad input")
+
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    for backend, left in (("gloo", True), ("nccl", False)):
+        dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+        try:
+            if backend == "nccl":  # no NCCL on a CPU: the group reports it as its backend
+                monkeypatch.setattr(dist, "get_backend", lambda group=None: "nccl")
+            assert run_stage("pairs", fail) == 2
+            assert dist.is_initialized() is not left, backend
+        finally:
+            monkeypatch.undo()
+            if dist.is_initialized():
+                dist.destroy_process_group()

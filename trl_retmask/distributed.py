@@ -133,16 +133,19 @@ def end_processes() -> None:
 
 
 def leave_process_group() -> None:
-    """Tear down this process's side of the process group now, without waiting for the others: the way out of a
+    """Tear down this process's side of a gloo process group now, without waiting for the others: the way out of a
     stage that failed (its other processes may have failed too, or may never reach a barrier).
 
     Left to interpreter exit, the group's gloo worker threads can still be finishing a collective's Python-held work
     while Python finalizes; a thread that then asks for the GIL is ended by Python with a forced unwind through
     C++ that cannot unwind, and the process aborts ("terminate called without an active exception", exit -6) after
-    printing its one-line error (torch's `destroy_process_group` waits for that work, see its comment). No-op
-    without a process group."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    printing its one-line error (torch's `destroy_process_group` waits for that work, see its comment there). Gloo's
+    teardown is local (it joins its own threads, as its destructor would at exit). NCCL's is not: its `shutdown()`
+    flushes the communicators, which waits on the other ranks; at exit its destructor aborts them instead, so an NCCL
+    group is left to it. No-op without a process group."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized() and "nccl" not in str(dist.get_backend()).lower():
+        dist.destroy_process_group()
 
 
 _M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter (malloc.h)
