@@ -62,6 +62,14 @@ def recording_build_trainer(script_args, training_args, model_args, model=None, 
     record["pair_stats"] = trainer.pair_stats["train"].to_dict()
     record["masked_heads"] = [list(h) for h in trainer.masked_heads]
     recording_build_trainer.trainer = trainer
+    if os.environ.get("RETMASK_TEST_EVALUATE_FIRST"):  # a new eval dataset before training: reference log-probs
+        from datasets import Dataset  # are precomputed for it through a new engine around the policy
+
+        metrics = trainer.evaluate(eval_dataset=Dataset.from_list(record["pairs"][:2]))
+        record["evaluate_first"] = {
+            "eval_loss": metrics["eval_loss"],
+            "precompute_engine_left": getattr(trainer, "_precompute_engine", None) is not None,
+        }
     return trainer
 
 

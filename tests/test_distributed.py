@@ -61,7 +61,11 @@ def test_worker_env_keeps_the_parents_import_path(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_two_process_recipe_run_shares_pairs_and_trains(tmp_path):
+def test_two_process_recipe_run_shares_pairs_and_trains(tmp_path, monkeypatch):
+    """...and an `evaluate` on a new in-memory dataset before training (the recipe precomputes reference log-probs)
+    works on both ranks: TRL caches those log-probs beside the dataset's files, which an in-memory dataset has in a
+    temporary directory of its own on each process, and rank 1 failed to open rank 0's file (FileNotFoundError)."""
+    monkeypatch.setenv("RETMASK_TEST_EVALUATE_FIRST", "1")
     model_dir = save_tiny_model(tmp_path / "model")
     data = write_chat_log(tmp_path / "prompts.jsonl", n=len(PROMPT_TEXTS))
     scores = write_head_scores(tmp_path / "scores.json")
@@ -95,6 +99,9 @@ def test_two_process_recipe_run_shares_pairs_and_trains(tmp_path):
     assert all(r["world_size"] == 2 and r["num_processes"] == 2 for r in ranks)
     assert all(r["backend"] == "gloo" and r["device"].startswith("cpu") for r in ranks)
     assert all(r["process_group_ended"] for r in ranks)  # the CLI left the group: no abort at interpreter exit
+    assert all(not r["evaluate_first"]["precompute_engine_left"] for r in ranks)
+    assert ranks[0]["evaluate_first"]["eval_loss"] == ranks[1]["evaluate_first"]["eval_loss"]
+    assert math.isfinite(ranks[0]["evaluate_first"]["eval_loss"])
 
     # Shares: each process generated its own prompts (chosen + rejected call each), none twice, together all of them.
     shares = [Counter(r["generated_prompts"]) for r in ranks]

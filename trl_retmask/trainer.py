@@ -206,27 +206,43 @@ class RetMaskTrainer(DPOTrainer):
                 quantization_config=quantization_config,
                 peft_config=peft_config,
             )
-        self._release_precompute_engine()
         self.add_callback(LogPairStats(self))
         if args.online:
             self.train_dataset = OnlinePairs(self.train_dataset)
             self.add_callback(OnlineRegeneration(self))
 
-    def _release_precompute_engine(self) -> None:
-        """Under DeepSpeed, TRL precomputes reference log-probs through an inference engine around the policy itself
-        (trl/trainer/dpo_trainer.py:1198-1201) and keeps it: under ZeRO-3 its module hooks stay on the policy beside
-        the training engine's, and the first training step fails in DeepSpeed's parameter trace ("pop from an empty
-        deque"). The log-probs are computed by now, so the engine is destroyed (its hooks removed); TRL builds a new
-        one if a later `evaluate` needs it."""
-        engine = getattr(self, "_precompute_engine", None)
-        if engine is not None:
-            engine.destroy()
-            self._precompute_engine = None
+    def _precompute_ref_logps(self, *args, **kwargs):
+        """TRL's precompute pass, without the inference engine it builds around the policy under DeepSpeed
+        (trl/trainer/dpo_trainer.py:1198-1201) and keeps for later passes: under ZeRO-3 that engine's module hooks
+        stay on the policy beside those of the engine that then trains or evaluates it, and its first forward fails
+        in DeepSpeed's parameter trace ("pop from an empty deque"). The pass has its log-probs by the end, so the
+        engine is destroyed (its hooks removed) after each pass; a later pass (the eval split, `evaluate` on a new
+        dataset) builds its own."""
+        try:
+            return super()._precompute_ref_logps(*args, **kwargs)
+        finally:
+            engine = getattr(self, "_precompute_engine", None)
+            if engine is not None:
+                engine.destroy()
+                self._precompute_engine = None
 
-    def evaluate(self, *args, **kwargs):
-        """TRL's `evaluate`, whose preparation of a new eval dataset keeps every row (the collator truncates)."""
+    def evaluate(self, eval_dataset=None, *args, **kwargs):
+        """TRL's `evaluate`, whose preparation of a new eval dataset keeps every row (the collator truncates). With
+        precomputed reference log-probs, a new in-memory dataset is first saved where every process reads it
+        (`_on_shared_disk`: TRL's cache of its log-probs was found by rank 0 only)."""
+        if self.args.precompute_ref_log_probs and eval_dataset is not None and not isinstance(eval_dataset, str):
+            if isinstance(eval_dataset, dict):
+                eval_dataset = {k: self._readable_by_all(d) for k, d in eval_dataset.items()}
+            else:
+                eval_dataset = self._readable_by_all(eval_dataset)
         with trl_truncation_off(self.args):
-            return super().evaluate(*args, **kwargs)
+            return super().evaluate(eval_dataset, *args, **kwargs)
+
+    def _readable_by_all(self, dataset):
+        """`dataset` itself where it is file-backed (or not a map-style `Dataset`), else saved on the shared disk."""
+        if not isinstance(dataset, Dataset) or dataset.cache_files:
+            return dataset
+        return self._on_shared_disk(dataset, self.args)
 
     @staticmethod
     def _truncating_collator(data_collator, model, tokenizer, args: RetMaskConfig) -> TruncatingCollator:
