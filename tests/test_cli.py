@@ -153,6 +153,15 @@ def test_heads_summary_selection_heatmap_into_a_directory(capsys, tmp_path):
     assert list(out["top"])[0] == f"{best[0]}-{best[1]}"
 
 
+def test_heads_heatmap_into_a_new_directory_named_with_a_trailing_slash(capsys, tmp_path):
+    """`--plot plots.v2/` (not there yet; its name has a suffix): the slash names a directory. The name-length check
+    handed on a `Path`, which drops the slash, and the heatmap went to a file `plots.v2`."""
+    plot = str(tmp_path / "plots.v2") + "/"
+    out = _run_json(capsys, ["heads", "--head_scores", str(LLAMA_SCORES), "--mask_top_k", "8", "--plot", plot])
+    assert out["heatmap"] == str(tmp_path / "plots.v2" / "heads.png")
+    assert (tmp_path / "plots.v2" / "heads.png").read_bytes()[:4] == b"\x89PNG"
+
+
 def test_heads_random_control_avoids_retrieval_heads(capsys):
     out = _run_json(
         capsys,

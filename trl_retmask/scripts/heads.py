@@ -52,7 +52,8 @@ class HeadsScriptArguments(OverwriteArguments):
         if self.show < 0:
             raise ValueError(f"`show` must be >= 0, got {self.show}.")
         if self.plot is not None:
-            self.plot = str(heatmap_path(check_name_length("plot", self.plot)))
+            check_name_length("plot", self.plot)
+            self.plot = str(heatmap_path(self.plot))  # given as written: a trailing slash names a directory
             check_writable_file("plot", self.plot, self.overwrite, example=HEATMAP_NAME)
             check_image_format(self.plot)
         if self.save_heads is not None:
