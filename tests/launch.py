@@ -95,7 +95,7 @@ def deepspeed_cpu_state():
     return PartialState(backend="gloo")
 
 
-def _free_port() -> int:
+def free_port() -> int:
     import socket
 
     with socket.socket() as s:
@@ -103,17 +103,21 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _deepspeed_env() -> dict[str, str]:
-    """Workers' environment; DeepSpeed's compiled CPU ops in a directory of this torch's own (torch's default,
+def deepspeed_extensions_dir() -> str:
+    """Where DeepSpeed's compiled CPU ops go: a directory of this torch's own (torch's default,
     ~/.cache/torch_extensions/py311_cpu, is shared by every environment of one Python: another torch rebuilding there
-    would hold its lock while the launch waits)."""
+    would hold its lock while the launch waits), unless TORCH_EXTENSIONS_DIR names one."""
     import torch
 
-    extensions = os.environ.get("TORCH_EXTENSIONS_DIR") or str(
+    return os.environ.get("TORCH_EXTENSIONS_DIR") or str(
         Path.home() / ".cache" / "torch_extensions" / f"trl_retmask-torch-{torch.__version__}"
     )
+
+
+def _deepspeed_env() -> dict[str, str]:
+    """Workers' environment, DeepSpeed's compiled CPU ops in `deepspeed_extensions_dir()`."""
     return worker_env(
-        TORCH_EXTENSIONS_DIR=extensions,
+        TORCH_EXTENSIONS_DIR=deepspeed_extensions_dir(),
         OMP_NUM_THREADS="1",
         HF_HUB_OFFLINE="1",
         HF_DATASETS_OFFLINE="1",
@@ -146,7 +150,7 @@ def launch_two_deepspeed_cpu_processes(script, *args, cwd=None, timeout: int = 2
         "--master_addr",
         "127.0.0.1",
         "--master_port",
-        str(_free_port()),
+        str(free_port()),
         str(script),
         *map(str, args),
     ]

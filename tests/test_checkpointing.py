@@ -107,18 +107,12 @@ def test_trls_reentrant_checkpointing_for_peft_zero3_reaches_the_trainer(tmp_pat
     import os
     import subprocess
     import sys
-    from pathlib import Path
 
     pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (pip install 'trl_retmask[deepspeed]')")
-    import torch
+    from tests.launch import deepspeed_extensions_dir, worker_env
 
-    from tests.launch import worker_env
-
-    extensions = os.environ.get("TORCH_EXTENSIONS_DIR") or str(
-        Path.home() / ".cache" / "torch_extensions" / f"trl_retmask-torch-{torch.__version__}"
-    )  # DeepSpeed's compiled CPU ops, per torch (as tests/test_deepspeed.py keeps them)
     env = worker_env(
-        TORCH_EXTENSIONS_DIR=extensions,
+        TORCH_EXTENSIONS_DIR=deepspeed_extensions_dir(),
         DS_ACCELERATOR="cpu",
         ACCELERATE_USE_CPU="true",
         CUDA_VISIBLE_DEVICES="",

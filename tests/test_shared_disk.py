@@ -7,7 +7,6 @@ import json
 import os
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,10 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.launch import worker_env
+from tests.launch import REPO, free_port, worker_env
 from trl_retmask.store import run_resumable
 
-REPO = Path(__file__).resolve().parents[1]
 DEADLINE = 240  # seconds for both processes together: a hang fails the test instead of blocking it
 
 
@@ -97,17 +95,11 @@ sys.exit(code)
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_two_nodes(cmd, tmp_path, private=None, seed_rank0=None, deadline=DEADLINE):
     """Run `cmd` as ranks 0 and 1 of a 2-process gloo job (one process per "node"); with `private`, each in its own
     mount namespace with a fresh tmpfs over that path (rank 0's filled from `seed_rank0`). Returns
     [(returncode, stdout, stderr)] per rank; a process still running at the deadline fails the test (all killed)."""
-    port, procs, logs = _free_port(), [], []
+    port, procs, logs = free_port(), [], []
     for rank in (0, 1):
         env = worker_env(
             RANK=str(rank),

@@ -145,11 +145,9 @@ record["history"] = trainer.pair_stats_history
 record["zero3_hooks"] = steps.hooks  # DeepSpeed's module hooks at the start of each step
 record["longctx"] = longctx.history
 record["longctx_samples"] = len(longctx.samples)
-record["persistent"] = sum(bool(getattr(p, "ds_persist", False)) for p in model.parameters())
 record["global_step"] = trainer.state.global_step
 record["losses"] = [h["loss"] for h in trainer.state.log_history if "loss" in h]
 record["cache_files"] = sorted(str(p.relative_to(out_dir)) for p in Path(args.pairs_dir).rglob("*.meta.json"))
-report_dir.mkdir(parents=True, exist_ok=True)
 (report_dir / f"rank{rank}.json").write_text(json.dumps(record))
 torch.distributed.barrier()
 torch.distributed.destroy_process_group()
