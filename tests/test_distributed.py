@@ -216,26 +216,35 @@ def test_niah_eval_and_the_long_context_callback_are_refused_under_fsdp(tmp_path
         LongContextEvalCallback(SimpleNamespace(is_fsdp_enabled=True, processing_class=tokenizer))
 
 
-def test_a_failed_stage_leaves_a_gloo_group_and_leaves_an_nccl_group_to_its_destructor(tmp_path, monkeypatch):
+def test_a_failed_stage_leaves_a_gloo_group_and_leaves_an_nccl_group_to_its_destructor(tmp_path):
     """`run_stage`'s failure path tears a gloo group down before exit (left to interpreter exit, its worker threads
     aborted the process in about one run in four: tests/test_shared_disk.py); an NCCL group is not flushed there
-    (its `shutdown()` waits on the other ranks, which may never come), its destructor aborts it at exit."""
-    import torch.distributed as dist
+    (its `shutdown()` waits on the other ranks, which may never come), its destructor aborts it at exit. In a fresh
+    process: the group is the process's own."""
+    script = f"""
+import json, sys
+sys.path.insert(0, {str(REPO)!r})
+import torch.distributed as dist
+from trl_retmask.scripts import run_stage
 
-    from trl_retmask.scripts import run_stage
+def fail():
+    raise ValueError("bad input")
 
-    def fail():
-        raise ValueError("bad input")
-
-    store = dist.FileStore(str(tmp_path / "store"), 1)
-    for backend, left in (("gloo", True), ("nccl", False)):
-        dist.init_process_group("gloo", store=store, rank=0, world_size=1)
-        try:
-            if backend == "nccl":  # no NCCL on a CPU: the group reports it as its backend
-                monkeypatch.setattr(dist, "get_backend", lambda group=None: "nccl")
-            assert run_stage("pairs", fail) == 2
-            assert dist.is_initialized() is not left, backend
-        finally:
-            monkeypatch.undo()
-            if dist.is_initialized():
-                dist.destroy_process_group()
+left = {{}}
+for backend in ("gloo", "nccl"):
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    real = dist.get_backend
+    if backend == "nccl":  # no NCCL on a CPU: the group reports it as its backend
+        dist.get_backend = lambda group=None: "nccl"
+    code = run_stage("pairs", fail)
+    dist.get_backend = real
+    left[backend] = [code, not dist.is_initialized()]
+    if dist.is_initialized():
+        dist.destroy_process_group()
+print(json.dumps(left))
+"""
+    proc = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=worker_env(), cwd=tmp_path
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == {"gloo": [2, True], "nccl": [2, False]}
