@@ -211,38 +211,31 @@ class RetMaskTrainer(DPOTrainer):
             self.train_dataset = OnlinePairs(self.train_dataset)
             self.add_callback(OnlineRegeneration(self))
 
-    def _precompute_ref_logps(self, *args, **kwargs):
-        """TRL's precompute pass, without the inference engine it builds around the policy under DeepSpeed
-        (trl/trainer/dpo_trainer.py:1198-1201) and keeps for later passes: under ZeRO-3 that engine's module hooks
-        stay on the policy beside those of the engine that then trains or evaluates it, and its first forward fails
-        in DeepSpeed's parameter trace ("pop from an empty deque"). The pass has its log-probs by the end, so the
-        engine is destroyed (its hooks removed) after each pass; a later pass (the eval split, `evaluate` on a new
-        dataset) builds its own."""
+    def _precompute_ref_logps(self, dataset, name, batch_size):
+        """TRL's precompute pass (every one: the splits given to `__init__`, a new dataset given to `evaluate`), on a
+        dataset every process reads and without the inference engine TRL builds for it.
+
+        TRL caches the log-probs beside the dataset's own files, written by rank 0 (trl/trainer/dpo_trainer.py:
+        1175-1240); an in-memory dataset keeps those in a temporary directory of each process, so the other ranks
+        failed to open rank 0's file: such a dataset is first saved on the shared disk (`_on_shared_disk`).
+        Under DeepSpeed TRL wraps the policy in an inference engine (:1198-1201) and keeps it for later passes:
+        under ZeRO-3 its module hooks stay on the policy beside those of the engine that then trains or evaluates
+        it, and that engine's first forward fails in DeepSpeed's parameter trace ("pop from an empty deque"). The
+        pass has its log-probs by the end, so the engine is destroyed (its hooks removed) after each pass."""
+        if isinstance(dataset, Dataset) and not dataset.cache_files:
+            dataset = self._on_shared_disk(dataset, self.args)
         try:
-            return super()._precompute_ref_logps(*args, **kwargs)
+            return super()._precompute_ref_logps(dataset, name, batch_size)
         finally:
             engine = getattr(self, "_precompute_engine", None)
             if engine is not None:
                 engine.destroy()
                 self._precompute_engine = None
 
-    def evaluate(self, eval_dataset=None, *args, **kwargs):
-        """TRL's `evaluate`, whose preparation of a new eval dataset keeps every row (the collator truncates). With
-        precomputed reference log-probs, a new in-memory dataset is first saved where every process reads it
-        (`_on_shared_disk`: TRL's cache of its log-probs was found by rank 0 only)."""
-        if self.args.precompute_ref_log_probs and eval_dataset is not None and not isinstance(eval_dataset, str):
-            if isinstance(eval_dataset, dict):
-                eval_dataset = {k: self._readable_by_all(d) for k, d in eval_dataset.items()}
-            else:
-                eval_dataset = self._readable_by_all(eval_dataset)
+    def evaluate(self, *args, **kwargs):
+        """TRL's `evaluate`, whose preparation of a new eval dataset keeps every row (the collator truncates)."""
         with trl_truncation_off(self.args):
-            return super().evaluate(eval_dataset, *args, **kwargs)
-
-    def _readable_by_all(self, dataset):
-        """`dataset` itself where it is file-backed (or not a map-style `Dataset`), else saved on the shared disk."""
-        if not isinstance(dataset, Dataset) or dataset.cache_files:
-            return dataset
-        return self._on_shared_disk(dataset, self.args)
+            return super().evaluate(*args, **kwargs)
 
     @staticmethod
     def _truncating_collator(data_collator, model, tokenizer, args: RetMaskConfig) -> TruncatingCollator:
@@ -328,8 +321,8 @@ class RetMaskTrainer(DPOTrainer):
         state = process_state()
         check_shared_directory(args.pairs_dir, "pair cache (`pairs_cache_dir`)", "turn `precompute_ref_log_probs` off")
         path = Path(args.pairs_dir) / f"dataset-{from_main_process(dataset._fingerprint)}"
-        error = None
-        if state.is_main_process and saved_dataset(path, len(dataset)) is None:
+        saved, error = None, None
+        if state.is_main_process and (saved := saved_dataset(path, len(dataset))) is None:
             if path.exists():
                 logger.warning("The saved pairs in %s do not read back whole; saving them again.", path)
             try:
@@ -344,7 +337,8 @@ class RetMaskTrainer(DPOTrainer):
         error = from_main_process(error)  # the others wait here until the main process has saved (or failed)
         if error is not None:
             raise error
-        saved = saved_dataset(path, len(dataset))
+        if saved is None:  # just saved, or another process: read back (the main process read a reused copy whole)
+            saved = saved_dataset(path, len(dataset))
         if saved is None:
             raise ValueError(f"The pairs saved in {path} do not read back; delete that directory and rerun.")
         return saved
@@ -362,7 +356,7 @@ class RetMaskTrainer(DPOTrainer):
             logger.warning("Online RetMask at step %d kept the previous pairs: %s", step, e)
             return
         finally:
-            release_engine_for_training(online=True)  # training resumes: on CUDA the engine's memory is its
+            release_engine_for_training(online=True)  # training resumes: on CUDA it needs the engine's memory
         with trl_truncation_off(self.args):
             self.train_dataset.current = self._prepare_dataset(dataset, self.processing_class, self.args, "train")
         self.pair_stats["train"] = stats
