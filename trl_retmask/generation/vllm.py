@@ -39,16 +39,8 @@ from ..fingerprints import fingerprint
 from ..layout import head_layout
 from ..masking import head_feature_masks
 from .batch import GenerateBackend, eos_ids, model_device
-from .vllm_engine import (
-    CPU_BLOCK_SIZE,
-    VLLMSettings,
-    _Engine,
-    close_engine,
-    cpu_kv_cache_bytes,
-    cpu_kv_cache_tokens,
-    engine_for,
-    kv_block_tokens,
-)
+from .vllm_engine import VLLMSettings, _Engine, close_engine, engine_for
+from .vllm_sizing import CPU_BLOCK_SIZE, cpu_kv_cache_bytes, cpu_kv_cache_tokens, kv_block_tokens
 
 logger = logging.getLogger(__name__)
 

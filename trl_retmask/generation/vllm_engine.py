@@ -29,16 +29,7 @@ from ..distributed import process_state, return_freed_memory
 from ..fingerprints import fingerprint
 from ..validation import check_bool, check_choice, check_int, check_number
 from .batch import model_device
-from .vllm_sizing import (  # noqa: F401 - vllm.py and the tests read the sizing from here too
-    CPU_BLOCK_SIZE,
-    CPU_KV_CACHE_WINDOWS,
-    CUDA_WINDOW_STEP,
-    cpu_kv_cache_bytes,
-    cpu_kv_cache_tokens,
-    engine_dtype,
-    engine_window,
-    kv_block_tokens,
-)
+from .vllm_sizing import cpu_kv_cache_bytes, cpu_kv_cache_tokens, engine_dtype, engine_window
 
 logger = logging.getLogger(__name__)
 
@@ -189,7 +180,7 @@ def empty_device_cache(device: torch.device) -> None:
 class _Engine:
     """The process's colocated `vllm.LLM`, built from a model's config (dummy weights until pushed)."""
 
-    def __init__(self, model, settings: VLLMSettings, key: str, tokens: int = 0, longest: int = 0):
+    def __init__(self, model, settings: VLLMSettings, key: str, dtype: str, tokens: int = 0, longest: int = 0):
         from vllm import LLM
 
         from .vllm_sampler import SeededSampler
@@ -226,7 +217,7 @@ class _Engine:
                 model=self._dir.name,
                 skip_tokenizer_init=True,
                 load_format="dummy",
-                dtype=engine_dtype(model, device.type),
+                dtype=dtype,
                 tensor_parallel_size=settings.tensor_parallel_size,
                 gpu_memory_utilization=settings.gpu_memory_utilization,
                 max_model_len=self.window,
@@ -237,7 +228,6 @@ class _Engine:
                 logits_processors=[SeededSampler],
                 **kwargs,
             )
-        self.enable_sleep_mode = settings.enable_sleep_mode
         # Hooks see every step only without CUDA graphs, and reach the runner only when it lives in this process
         self.masks_requests = eager and settings.tensor_parallel_size == 1
 
@@ -291,6 +281,15 @@ class _Engine:
         self._dir.cleanup()
 
 
+def _layerwise():
+    """vLLM's layer-wise reload module (`reload_weights`), None in versions without one."""
+    try:
+        from vllm.model_executor.model_loader.reload import layerwise
+    except ImportError:
+        return None
+    return layerwise
+
+
 class _DropFailedLoads(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         return "Failed to load weights" not in str(record.msg)
@@ -301,9 +300,8 @@ def _quiet_partial_reload():
     """vLLM's "<Layer>: Failed to load weights" warnings dropped for the duration: a partial reload names only the
     masked `o_proj`s, and vLLM puts every other layer's current weights back (`_place_kernel_tensors`), warning once
     per such layer and swap (a screen of warnings per pair batch)."""
-    try:
-        from vllm.model_executor.model_loader.reload import layerwise
-    except ImportError:
+    layerwise = _layerwise()
+    if layerwise is None:
         yield
         return
     drop = _DropFailedLoads()
@@ -344,9 +342,8 @@ def _release_reload_state() -> None:
     recorded parameters' `weight_loader`s are bound to the layer, so the value keeps its own key alive and the engine's
     weights are never freed (0.7 GiB on the embedded model, measured; it raised the main command's training peak by
     as much). One engine per process: once it is closed, nothing else in the process has entries there."""
-    try:
-        from vllm.model_executor.model_loader.reload import layerwise
-    except ImportError:  # vLLM versions without layer-wise reload keep no such state
+    layerwise = _layerwise()
+    if layerwise is None:  # vLLM versions without layer-wise reload keep no such state
         return
     info = getattr(layerwise, "LAYERWISE_INFO", None)
     if info is not None:
@@ -368,7 +365,8 @@ def engine_for(model, settings: VLLMSettings, tokens: int = 0, longest: int = 0)
         if not k.startswith("_") and k not in ("transformers_version", "use_cache")
     }
     device = model_device(model)
-    key = fingerprint(config=config, settings=settings, device=str(device), dtype=engine_dtype(model, device.type))
+    dtype = engine_dtype(model, device.type)
+    key = fingerprint(config=config, settings=settings, device=str(device), dtype=dtype)
     if _ENGINE is not None and _ENGINE.key != key:
         changed = sorted(k for k in set(config) | set(_ENGINE.config) if config.get(k) != _ENGINE.config.get(k))
         logger.warning(
@@ -385,13 +383,8 @@ def engine_for(model, settings: VLLMSettings, tokens: int = 0, longest: int = 0)
         logger.info("Rebuilding the vLLM engine for rows of %d tokens (its window: %d).", longest, _ENGINE.window)
         close_engine()
     if _ENGINE is None:
-        _ENGINE = _Engine(model, settings, key, tokens, longest)
+        _ENGINE = _Engine(model, settings, key, dtype, tokens, longest)
         _ENGINE.config = config
-    return _ENGINE
-
-
-def current_engine() -> _Engine | None:
-    """The process's engine, None when none is built."""
     return _ENGINE
 
 
@@ -418,18 +411,11 @@ def release_engine_for_training(online: bool) -> None:
 
 
 __all__ = [
-    "CPU_BLOCK_SIZE",
     "ENGINE_ENVIRONMENT",
     "VLLMSettings",
     "close_engine",
-    "cpu_kv_cache_bytes",
-    "cpu_kv_cache_tokens",
-    "current_engine",
-    "engine_dtype",
     "engine_for",
-    "engine_window",
     "keeps_engine_through_training",
-    "kv_block_tokens",
     "release_engine_for_training",
     "remove_stale_engine_dirs",
 ]
