@@ -846,11 +846,12 @@ def test_a_vllm_window_without_room_for_the_responses_is_refused_by_the_config(t
 
 
 @pytest.mark.real_model
-@pytest.mark.parametrize("stage", ["pairs", "eval"])
+@pytest.mark.parametrize("stage", ["pairs", "eval", "train"])
 def test_vllm_stages_exit_without_a_traceback(engine_model, tmp_path, stage):
-    """`trl-retmask pairs` / `eval` with `--generation_backend vllm` close their engine before the interpreter exits:
-    vLLM's own shutdown at exit ran after the job's process group was gone and printed 15 lines of
-    "ValueError: Invalid process group specified" after a successful run (exit 0)."""
+    """`trl-retmask pairs` / `eval` / `train` with `--generation_backend vllm` close their engine before the
+    interpreter exits (`run_stage`, before the process group goes): vLLM's own shutdown at exit ran after the job's
+    process group was gone and printed 15 lines of "ValueError: Invalid process group specified" after a successful
+    run (exit 0). `train` online on a CPU keeps its engine through training, and still printed them."""
     import os
     import subprocess
     import sys
@@ -863,6 +864,13 @@ def test_vllm_stages_exit_without_a_traceback(engine_model, tmp_path, stage):
         # 60 of 270 heads masked: the answers differ from the first tokens, so pairs are kept (0 kept is refused)
         cmd += ["--output_dir", str(tmp_path / "run"), "--max_new_tokens", "8", "--mask_top_k", "60"]
         cmd += ["--pairs_cache_dir", str(tmp_path / "cache")]
+    elif stage == "train":
+        prompts = tmp_path / "p.jsonl"
+        prompts.write_text("".join(json.dumps({"prompt": c}) + "\n" for c in CHATS[:2]))
+        cmd += ["--recipe", "smollm2", "--dataset_name", str(prompts), "--output_dir", str(tmp_path / "run")]
+        cmd += ["--max_steps", "1", "--regenerate_pairs_steps", "1", "--precompute_ref_log_probs", "False"]
+        cmd += ["--niah_eval", "False", "--max_new_tokens", "8", "--mask_top_k", "60", "--temperature", "0"]
+        cmd += ["--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "1", "--report_to", "none"]
     else:
         cmd += ["--lengths", "256", "--n_per_task", "1", "--categories", "recall", "--output_dir", str(tmp_path)]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
@@ -871,5 +879,7 @@ def test_vllm_stages_exit_without_a_traceback(engine_model, tmp_path, stage):
     assert "Traceback" not in done.stderr and "Invalid process group" not in done.stderr, done.stderr[-3000:]
     if stage == "pairs":
         assert json.loads(done.stdout[done.stdout.index("{") :])["prompts"] == 2
+    elif stage == "train":
+        assert (tmp_path / "run" / "model.safetensors").is_file()
     else:
         assert (tmp_path / "smollm2-135m-instruct.json").is_file()

@@ -63,11 +63,13 @@ def run_stage(stage: str, fn, *args) -> int:
         if "torch" in sys.modules:  # a stage that ran no torch started no process group
             from ..distributed import end_processes
 
+            _close_vllm_engine()
             end_processes()
     except Exception as error:
         if "torch" in sys.modules:
             from ..distributed import leave_process_group
 
+            _close_vllm_engine()
             leave_process_group()
         failure = write_failure(error)
         if (failure is None and not is_user_error(error)) or os.environ.get(TRACEBACK_ENV, "") in ("1", "true"):
@@ -76,6 +78,15 @@ def run_stage(stage: str, fn, *args) -> int:
         print(f"trl-retmask {stage}: error: {message}", file=sys.stderr)
         return 2
     return 0
+
+
+def _close_vllm_engine() -> None:
+    """Close the process's vLLM engine, if a stage built one, before the process group goes: left to vLLM's shutdown
+    at interpreter exit, it destroys the group again and prints a traceback ("Invalid process group specified") after
+    a clean run (`pairs`, `eval`, and `train` when its engine stays through training: online on a CPU)."""
+    engines = sys.modules.get("trl_retmask.generation.vllm_engine")  # never imported here: none was built
+    if engines is not None:
+        engines.close_engine()
 
 
 # ------------------------------------------------------------------------------------------- parsing guards

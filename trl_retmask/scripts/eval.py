@@ -114,7 +114,6 @@ def check_result_files(output_dir, name: str, overwrite: bool = False) -> None:
 
 def main(script_args: EvalScriptArguments, selection: HeadSelectionArguments, model_args) -> dict:
     from ..evaluation import evaluate_long_context, format_table
-    from ..generation.vllm_engine import close_engine
 
     scores = scores_before_loading(selection, model_args)
     model, tokenizer = load_model(model_args, script_args.trust_remote_code)
@@ -122,23 +121,20 @@ def main(script_args: EvalScriptArguments, selection: HeadSelectionArguments, mo
     name = script_args.name or Path(str(model_args.model_name_or_path).rstrip("/")).name
     check_file_name("name", name, script_args.output_dir)
     check_result_files(script_args.output_dir, name, script_args.overwrite)
-    try:
-        result = evaluate_long_context(
-            model,
-            tokenizer,
-            lengths=script_args.lengths,
-            categories=script_args.categories,
-            n_per_task=script_args.n_per_task,
-            heads=heads,
-            seed=script_args.eval_seed,
-            batch_size=script_args.batch_size,
-            output_dir=script_args.output_dir,
-            name=name,
-            overwrite=script_args.overwrite,
-            generation_backend=script_args.generation_backend,
-        )
-    finally:
-        close_engine()  # now, not in vLLM's shutdown at interpreter exit (a traceback once the job's group is gone)
+    result = evaluate_long_context(
+        model,
+        tokenizer,
+        lengths=script_args.lengths,
+        categories=script_args.categories,
+        n_per_task=script_args.n_per_task,
+        heads=heads,
+        seed=script_args.eval_seed,
+        batch_size=script_args.batch_size,
+        output_dir=script_args.output_dir,
+        name=name,
+        overwrite=script_args.overwrite,
+        generation_backend=script_args.generation_backend,
+    )
     if process_state().is_main_process:
         print(format_table({name: result}))
         if heads:

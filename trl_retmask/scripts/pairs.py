@@ -53,7 +53,6 @@ class PairsScriptArguments(PromptDataArguments, OverwriteArguments):
 
 
 def main(script_args: PairsScriptArguments, training_args, model_args) -> dict:
-    from ..generation.vllm_engine import close_engine
     from ..pairs import generate_pairs
     from ..prompts import load_prompts
 
@@ -63,12 +62,9 @@ def main(script_args: PairsScriptArguments, training_args, model_args) -> dict:
     model, tokenizer = load_model(model_args, training_args.trust_remote_code)
     heads = stage_heads(training_args, model, scores)
     prompts = load_prompts(script_args, tokenizer=tokenizer)
-    try:
-        pairs = generate_pairs(  # the trainer's own settings and cache (RetMaskConfig.pair_generation_kwargs)
-            model, tokenizer, prompts["prompt"], heads, **training_args.pair_generation_kwargs
-        )
-    finally:
-        close_engine()  # now, not in vLLM's shutdown at interpreter exit (a traceback once the job's group is gone)
+    pairs = generate_pairs(  # the trainer's own settings and cache (RetMaskConfig.pair_generation_kwargs)
+        model, tokenizer, prompts["prompt"], heads, **training_args.pair_generation_kwargs
+    )
     pairs.stats.check_kept("the prompts")  # as the trainer: no empty output file
     result = {"output": script_args.output, "masked_heads": format_heads(heads), **pairs.stats.to_dict()}
     if process_state().is_main_process:
