@@ -254,11 +254,15 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
     """The module docstring as written (its command examples), and every field's default."""
 
 
+def detects_heads(script_args, training_args) -> bool:
+    """`train` detects the heads itself: `--detect_heads` and neither `--heads` nor `--head_scores` given."""
+    return bool(script_args.detect_heads and not training_args.head_scores and not training_args.heads)
+
+
 def check_one_disk(script_args, training_args) -> None:
     """`train`: the directories every process writes or reads back (the stores of detection and NIAH in
     `output_dir`, the pair cache) are one disk for all processes, before the model loads."""
-    detects = script_args.detect_heads and not training_args.head_scores and not training_args.heads
-    if script_args.niah_eval or detects:
+    if script_args.niah_eval or detects_heads(script_args, training_args):
         check_shared_directory(training_args.output_dir, "`output_dir`", "pass --niah_eval False --detect_heads False")
     if training_args.cache_pairs or training_args.precompute_ref_log_probs:
         check_shared_directory(

@@ -40,7 +40,15 @@ from ..models import load_model_and_tokenizer, model_init_kwargs
 from ..selection import select_heads
 from ..validation import check_int
 from . import config_argv, run_stage
-from .common import OverwriteArguments, PromptDataArguments, check_list, check_one_disk, check_output_dir, stage_parser
+from .common import (
+    OverwriteArguments,
+    PromptDataArguments,
+    check_list,
+    check_one_disk,
+    check_output_dir,
+    detects_heads,
+    stage_parser,
+)
 from .recipe_files import (  # noqa: F401 - recipes/*.py and scripts import them from here
     RECIPE_DIRS,
     accelerate_config_path,
@@ -270,7 +278,7 @@ def resolve_heads(script_args, training_args, model, tokenizer):
     """(heads, scores), once per run: `--heads`, else the selection from `--head_scores`, else from detection when
     `--detect_heads`, else from the model's bundled scores (`select_heads`). The trainer takes both as they are."""
     detected = None
-    if script_args.detect_heads and not training_args.head_scores and not training_args.heads:
+    if detects_heads(script_args, training_args):
         with gathered_for_generation(model):  # ZeRO-3 partitioned it at load: full weights for decoding
             detected = detect_heads(script_args, training_args, model, tokenizer)
     return select_heads(training_args, model, detected)
