@@ -89,6 +89,30 @@ def test_a_directory_is_replaced_whole_or_kept(tmp_path):
     assert sorted(p.name for p in target.iterdir()) == ["data.arrow"]
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="renameat2(RENAME_EXCHANGE) is Linux's")
+def test_a_replaced_directory_is_never_missing_between_its_two_moves(tmp_path, monkeypatch):
+    """The old copy was moved aside, then the new one in: a kill between the two renames left nothing at the path
+    (the old copy under a hidden name). On Linux the two are swapped in one step: any separate rename is a "kill"
+    here, and the path holds the new copy, nothing else left beside it."""
+    from trl_retmask.atomic import _exchange
+
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    if not _exchange(tmp_path / "a", tmp_path / "b"):
+        pytest.skip("this file system cannot swap two paths in one step")
+    (tmp_path / "a").rmdir(), (tmp_path / "b").rmdir()
+    target = tmp_path / "ds"
+    target.mkdir()
+    (target / "state.json").write_text("old")
+
+    def killed(*args):
+        raise RuntimeError("killed between the two renames")
+
+    monkeypatch.setattr(os, "rename", killed)
+    with atomic_directory(target) as tmp:
+        (tmp / "state.json").write_text("new")
+    assert (target / "state.json").read_text() == "new" and [p.name for p in tmp_path.iterdir()] == ["ds"]
+
+
 def test_figures_and_score_files_are_whole_or_absent(tmp_path, monkeypatch):
     from matplotlib.figure import Figure
 

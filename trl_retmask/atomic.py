@@ -11,11 +11,13 @@ that write through their own temporary files (safetensors: Rust's `tempfile`) wo
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
 import re
 import shutil
 import stat
+import sys
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -173,10 +175,31 @@ def write_text(path, text: str, *, overwrite: bool = True, encoding: str = "utf-
     return path
 
 
+_AT_FDCWD, _RENAME_EXCHANGE = -100, 2  # linux/fcntl.h, linux/fs.h
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two existing paths in one step (Linux `renameat2(RENAME_EXCHANGE)`); False where the system or the file
+    system cannot, and the caller moves them one at a time."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):  # a libc without it (glibc < 2.28, musl < 1.2.3)
+        return False
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
 @contextmanager
 def atomic_directory(path, *, overwrite: bool = True) -> Iterator[Path]:
     """A temporary directory for the body to fill; it replaces the directory `path` when the body returns (an old
-    `path`, e.g. a damaged copy, is moved aside, then removed) and is removed when the body raises. Without
+    `path`, e.g. a damaged copy, is swapped out in one step where Linux can, else moved aside, then removed) and is
+    removed when the body raises. Without
     `overwrite`, only a missing or empty `path` is replaced (`FileExistsError` otherwise)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -187,10 +210,12 @@ def atomic_directory(path, *, overwrite: bool = True) -> Iterator[Path]:
         with writing_to(path, within=tmp):
             yield tmp
             ordinary_modes(tmp)
+        if overwrite and os.path.lexists(path) and _exchange(tmp, path):
+            return  # swapped in one step: a kill leaves the old copy or the new one at `path`; `tmp` has the old now
         old = None
         if overwrite and os.path.lexists(path):
             old = temporary_sibling(path)
-            os.rename(path, old)  # aside first: a kill from here on leaves the old run or the new one, never a mix
+            os.rename(path, old)  # aside first: never a mix of the two (a kill before the next rename leaves neither)
         try:
             os.rename(tmp, path)  # replaces an empty directory only
         except OSError as e:
