@@ -57,15 +57,15 @@ class RowSampling:
 
 def _penalise(logits: torch.Tensor, rows: Sequence[RowSampling], seen: Sequence[Sequence[int]]) -> None:
     """transformers' / vLLM's repetition penalty, in place on every row at once: each row's seen tokens' positive
-    logits divided by its penalty, negative ones multiplied. One host tensor of all rows' ids per step."""
-    penalty = torch.tensor([r.repetition_penalty for r in rows], dtype=logits.dtype)
-    lengths = torch.tensor([len(s) for s in seen])
-    ids = torch.tensor(list(chain.from_iterable(seen)), dtype=torch.long)
-    hit = torch.zeros(logits.shape, dtype=torch.bool, device=logits.device)
-    if ids.numel():
-        hit[torch.repeat_interleave(torch.arange(len(rows)), lengths).to(logits.device), ids.to(logits.device)] = True
-    p = penalty.to(logits.device).unsqueeze(1)
-    logits.copy_(torch.where(hit, torch.where(logits > 0, logits / p, logits * p), logits))
+    logits divided by its penalty, negative ones multiplied. One host tensor of all rows' ids per step, and only the
+    seen positions touched (a token seen twice is written twice with the same value)."""
+    ids = torch.tensor(list(chain.from_iterable(seen)), dtype=torch.long, device=logits.device)
+    if not ids.numel():
+        return
+    penalty = torch.tensor([r.repetition_penalty for r in rows], dtype=logits.dtype, device=logits.device)
+    row = torch.repeat_interleave(torch.arange(len(rows), device=logits.device), torch.tensor([len(s) for s in seen]))
+    p, value = penalty[row], logits[row, ids]
+    logits[row, ids] = torch.where(value > 0, value / p, value * p)
 
 
 def sample_rows(
