@@ -79,16 +79,6 @@ def generate_suite(
         for j in range(0, len(idx), batch_size)
     ]
 
-    decoder = make_backend(backend, model, vllm)  # a static backend hooks the model: closed below
-    try:
-        window = decoder.window(model)  # the model's, or the vLLM engine's where shorter
-        for _, idx, budget in batches:  # every batch fits, before the first is generated
-            check_window([len(ids[i]) for i in idx], budget, *window, what="sample", fix="pass shorter `lengths`")
-    except ValueError:
-        if decoder is not backend:
-            decoder.close()
-        raise
-
     def run(batch) -> dict:
         _, idx, budget = batch
         new = generate_batch(
@@ -96,19 +86,23 @@ def generate_suite(
         )
         return {"indices": idx, "outputs": tokenizer.batch_decode(new, skip_special_tokens=True)}
 
-    fp = ""
-    if output_dir is not None:
-        fp = fingerprint(
-            kind="suite",
-            model=model_fingerprint(model),
-            generation=make_generation_config(model, 1),
-            heads=heads,
-            batches=[[b[1], b[2]] for b in batches],
-            prompt_ids=ids,
-            **({"backend": decoder.name} if decoder.name != "generate" else {}),  # older stores stay valid
-            **decoder.cache_key(),  # the engine's settings (vLLM): they can change a token too
-        )
+    decoder = make_backend(backend, model, vllm)  # a static backend hooks the model: closed below
     try:
+        window = decoder.window(model)  # the model's, or the vLLM engine's where shorter
+        for _, idx, budget in batches:  # every batch fits, before the first is generated
+            check_window([len(ids[i]) for i in idx], budget, *window, what="sample", fix="pass shorter `lengths`")
+        fp = ""
+        if output_dir is not None:
+            fp = fingerprint(
+                kind="suite",
+                model=model_fingerprint(model),
+                generation=make_generation_config(model, 1),
+                heads=heads,
+                batches=[[b[1], b[2]] for b in batches],
+                prompt_ids=ids,
+                **({"backend": decoder.name} if decoder.name != "generate" else {}),  # older stores stay valid
+                **decoder.cache_key(),  # the engine's settings (vLLM): they can change a token too
+            )
         decoder.prepare(model)  # every process, before the batches are shared out
         records = run_resumable(
             batches,
